@@ -1,0 +1,40 @@
+"""Shared fixtures: an in-process server on 127.0.0.1:0 and sample apps."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from trioserve import Config, Server, serve
+
+BASE_CONFIG = Config(port=0, lifespan="off", access_log=False)
+
+
+async def hello_app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"Hello, world!"})
+
+
+@asynccontextmanager
+async def run_server(app: Any, **options: Any) -> AsyncIterator[Server]:
+    """Run ``app`` with ``BASE_CONFIG`` overridden by ``options``; hard-stop on exit."""
+    config = dataclasses.replace(BASE_CONFIG, **options)
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(serve, app, config)
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def server_factory() -> Callable[..., Any]:
+    return run_server

@@ -1,0 +1,34 @@
+"""trioserve: an ASGI server on trio, h11 and wsproto.
+
+Public API (everything else is internal and may change):
+
+* :class:`Config` — every option, validated once;
+* :func:`serve` — ``await nursery.start(trioserve.serve, app, config)``;
+* :class:`Server` — the handle ``serve`` gives to ``task_status.started``;
+* :func:`run` — ``trioserve.run("main:app", port=8000)``, what the CLI calls;
+* :class:`ClientDisconnected`, :class:`LifespanError` (alias ``StartupFailed``);
+* :mod:`trioserve.testing` — run an app on a real socket inside a test.
+
+General layout (each layer imports only from layers below it)::
+
+    0 vocabulary      asgi_types, errors
+    1 configuration   config, app_loading
+    2 sans-IO core    http_messages, ws_messages
+    3 trio I/O        server_state ← app_call ← ws_connection ← http_connection ← server;
+                      lifespan, listeners
+    4 process level   logs, runner, supervisor, worker, cli
+    testing           config + server only
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import Config as Config
+from .errors import ClientDisconnected as ClientDisconnected
+from .errors import ConfigError as ConfigError
+from .errors import LifespanError as LifespanError
+from .errors import StartupFailed as StartupFailed
+from .runner import run as run
+from .server import Server as Server
+from .server import serve as serve

@@ -1,0 +1,318 @@
+"""Config: every server option, validated once, never mutated (layer 1, stdlib only).
+
+``Config`` is the single place options are described: each field carries its CLI help in
+``metadata`` and ``cli.py`` builds its click options from these fields, so the option list is
+written once (uvicorn writes it four times). The CLI, :func:`trioserve.run` and the worker
+processes all construct ``Config(...)``, so there is one validator.
+
+No I/O happens here: binding sockets, reading ``--env-file`` / ``--log-config`` and importing
+the app belong to ``listeners``, ``logs`` and ``app_loading``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from .errors import ConfigError
+
+LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LifespanMode = Literal["auto", "on", "off"]
+WSMode = Literal["auto", "wsproto", "none"]
+AppLoop = Literal["trio", "asyncio"]
+HTTPImpl = Literal["h11"]
+
+SERVER_NAME: Final = "trioserve"
+
+
+def _opt(
+    help: str,
+    *,
+    flag: str | None = None,
+    multiple: bool = False,
+    choices: tuple[str, ...] | None = None,
+    envvar: tuple[str, ...] = (),
+    metavar: str | None = None,
+) -> dict[str, Any]:
+    """CLI description of a Config field (consumed by ``cli.py``)."""
+    return {
+        "help": help,
+        "flag": flag,
+        "multiple": multiple,
+        "choices": choices,
+        "envvar": envvar,
+        "metavar": metavar,
+    }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    """Validated server configuration.
+
+    Field names follow uvicorn's where the meaning is the same. Times are float seconds,
+    sizes are bytes. Construct with keywords; ``dataclasses.replace(config, port=0)``
+    re-validates.
+
+    Raises:
+        ConfigError: naming the field and the bad value.
+    """
+
+    # -- where to listen -------------------------------------------------------------
+    host: str = field(default="127.0.0.1", metadata=_opt("Bind socket to this host."))
+    port: int = field(default=8000, metadata=_opt("Bind socket to this port (0: a free port)."))
+    uds: str | None = field(default=None, metadata=_opt("Bind to a UNIX domain socket."))
+    fd: int | None = field(default=None, metadata=_opt("Bind to socket from this file descriptor."))
+    backlog: int = field(default=2048, metadata=_opt("Maximum number of pending connections."))
+    # -- the application ----------------------------------------------------------------
+    app_dir: str = field(
+        default=".",
+        metadata=_opt("Look for APP in this directory, by adding it to the PYTHONPATH."),
+    )
+    factory: bool = field(
+        default=False,
+        metadata=_opt("Treat APP as an application factory, i.e. a () -> <ASGI app> callable."),
+    )
+    root_path: str = field(
+        default="", metadata=_opt("Set the ASGI 'root_path' for apps mounted below a path.")
+    )
+    lifespan: LifespanMode = field(
+        default="auto", metadata=_opt("Lifespan implementation.", choices=("auto", "on", "off"))
+    )
+    app_loop: AppLoop = field(
+        default="trio",
+        metadata=_opt(
+            "Event loop the app runs on: trio natively, or asyncio through trio-asyncio.",
+            choices=("trio", "asyncio"),
+        ),
+    )
+    http: HTTPImpl = field(
+        default="h11", metadata=_opt("HTTP protocol implementation.", choices=("h11",))
+    )
+    env_file: str | None = field(default=None, metadata=_opt("Environment configuration file."))
+    # -- logging -----------------------------------------------------------------------
+    log_level: LogLevel | None = field(
+        default=None, metadata=_opt("Log level. [default: info]", choices=LOG_LEVELS)
+    )
+    access_log: bool = field(
+        default=True, metadata=_opt("Enable/Disable access log.", flag="--access-log/--no-access-log")
+    )
+    log_config: str | None = field(
+        default=None, metadata=_opt("Logging configuration file (.json, .yaml or .ini).")
+    )
+    # -- response headers --------------------------------------------------------------
+    server_header: bool = field(
+        default=True,
+        metadata=_opt("Enable/Disable default Server header.", flag="--server-header/--no-server-header"),
+    )
+    date_header: bool = field(
+        default=True,
+        metadata=_opt("Enable/Disable default Date header.", flag="--date-header/--no-date-header"),
+    )
+    headers: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata=_opt(
+            "Specify custom default HTTP response headers as a Name:Value pair.",
+            flag="--header",
+            multiple=True,
+            metavar="NAME:VALUE",
+        ),
+    )
+    # -- limits and timeouts -----------------------------------------------------------
+    timeout_keep_alive: float = field(
+        default=5.0, metadata=_opt("Close Keep-Alive connections if no new request in this time.")
+    )
+    timeout_request_header: float = field(
+        default=10.0,
+        metadata=_opt("Drop a client that has not sent a complete request head in this time."),
+    )
+    timeout_graceful_shutdown: float | None = field(
+        default=None,
+        metadata=_opt(
+            "Maximum seconds to wait for in-flight requests on shutdown (default: no limit)."
+        ),
+    )
+    limit_concurrency: int | None = field(
+        default=None,
+        metadata=_opt("Maximum number of concurrent requests before answering HTTP 503."),
+    )
+    limit_max_requests: int | None = field(
+        default=None, metadata=_opt("Maximum number of requests to serve before terminating.")
+    )
+    limit_max_requests_jitter: int = field(
+        default=0,
+        metadata=_opt("Up to this many extra requests added randomly to --limit-max-requests."),
+    )
+    h11_max_incomplete_event_size: int = field(
+        default=16 * 1024,
+        metadata=_opt("Maximum size of a request head in bytes (431 beyond it)."),
+    )
+    # -- WebSocket ------------------------------------------------------------------------
+    ws: WSMode = field(
+        default="auto",
+        metadata=_opt("WebSocket protocol implementation.", choices=("auto", "wsproto", "none")),
+    )
+    ws_max_size: int = field(
+        default=16 * 1024 * 1024, metadata=_opt("WebSocket max size message in bytes.")
+    )
+    ws_max_queue: int = field(
+        default=32, metadata=_opt("The maximum length of the WebSocket message queue.")
+    )
+    ws_ping_interval: float | None = field(
+        default=20.0, metadata=_opt("WebSocket ping interval in seconds.")
+    )
+    ws_ping_timeout: float | None = field(
+        default=20.0, metadata=_opt("WebSocket ping timeout in seconds.")
+    )
+    ws_per_message_deflate: bool = field(
+        default=True,
+        metadata=_opt("WebSocket per-message-deflate compression.", flag="--ws-per-message-deflate"),
+    )
+    # -- processes ------------------------------------------------------------------------
+    workers: int = field(
+        default=1,
+        metadata=_opt(
+            "Number of worker processes.", envvar=("TRIOSERVE_WORKERS", "WEB_CONCURRENCY")
+        ),
+    )
+    timeout_worker_healthcheck: float = field(
+        default=30.0,
+        metadata=_opt("Replace a worker whose event loop is blocked for longer than this."),
+    )
+    reload: bool = field(default=False, metadata=_opt("Enable auto-reload."))
+    reload_dirs: tuple[str, ...] = field(
+        default=(),
+        metadata=_opt("Set reload directories explicitly.", flag="--reload-dir", multiple=True),
+    )
+    reload_includes: tuple[str, ...] = field(
+        default=(),
+        metadata=_opt("Set glob patterns to include while watching.", flag="--reload-include",
+                      multiple=True),
+    )
+    reload_excludes: tuple[str, ...] = field(
+        default=(),
+        metadata=_opt("Set glob patterns to exclude while watching.", flag="--reload-exclude",
+                      multiple=True),
+    )
+    reload_delay: float = field(
+        default=0.25, metadata=_opt("Delay between previous and next check if reloading.")
+    )
+
+    def __post_init__(self) -> None:
+        # Coerce list-like values (JSON round-trips turn tuples into lists) without mutating
+        # semantics: the object is still frozen afterwards.
+        for name in ("headers", "reload_dirs", "reload_includes", "reload_excludes"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(
+            self, "headers", tuple(_parse_header(h) for h in self.headers)
+        )
+        _check_range("port", self.port, 0, 65535)
+        _check_range("backlog", self.backlog, 1, 2**31 - 1)
+        _check_range("workers", self.workers, 1, 4096)
+        _check_range("h11_max_incomplete_event_size", self.h11_max_incomplete_event_size, 1024,
+                     2**31 - 1)
+        _check_range("ws_max_size", self.ws_max_size, 1, 2**63 - 1)
+        _check_range("ws_max_queue", self.ws_max_queue, 1, 2**31 - 1)
+        _check_range("limit_max_requests_jitter", self.limit_max_requests_jitter, 0, 2**31 - 1)
+        for name in ("limit_concurrency", "limit_max_requests"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_range(name, value, 1, 2**63 - 1)
+        for name in ("timeout_keep_alive", "timeout_request_header", "timeout_worker_healthcheck",
+                     "reload_delay"):
+            _check_positive(name, getattr(self, name))
+        for name in ("timeout_graceful_shutdown", "ws_ping_interval", "ws_ping_timeout"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive(name, value, allow_zero=True)
+        _check_choice("lifespan", self.lifespan, ("auto", "on", "off"))
+        _check_choice("ws", self.ws, ("auto", "wsproto", "none"))
+        _check_choice("app_loop", self.app_loop, ("trio", "asyncio"))
+        _check_choice("http", self.http, ("h11",))
+        if self.log_level is not None:
+            _check_choice("log_level", self.log_level, LOG_LEVELS)
+        if self.uds is not None and self.fd is not None:
+            raise ConfigError("--uds and --fd are mutually exclusive")
+        if self.fd is not None and self.fd < 0:
+            raise ConfigError(f"fd must be a non-negative file descriptor, got {self.fd}")
+        if self.reload and self.workers > 1:
+            raise ConfigError("--reload and --workers are mutually exclusive")
+        if self.root_path and not self.root_path.startswith("/"):
+            raise ConfigError(f"root_path must start with '/', got {self.root_path!r}")
+        if self.root_path.endswith("/"):
+            object.__setattr__(self, "root_path", self.root_path.rstrip("/"))
+        if not self.host:
+            raise ConfigError("host must not be empty")
+
+    # -- derived values (pure) ------------------------------------------------------------
+
+    @property
+    def bind_host(self) -> str:
+        """The host without IPv6 brackets (``[::1]`` → ``::1``)."""
+        host = self.host
+        if host.startswith("[") and host.endswith("]"):
+            return host[1:-1]
+        return host
+
+    @property
+    def default_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Encoded ``--header`` values plus the Server header, Date excluded (it changes)."""
+        out: list[tuple[bytes, bytes]] = []
+        if self.server_header:
+            out.append((b"server", SERVER_NAME.encode()))
+        for name, value in self.headers:
+            out.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        return tuple(out)
+
+    @property
+    def effective_log_level(self) -> LogLevel:
+        return self.log_level or "info"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Field values as JSON-able primitives (for worker processes)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _parse_header(value: object) -> tuple[str, str]:
+    if isinstance(value, str):
+        name, sep, rest = value.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"header must be NAME:VALUE, got {value!r}")
+        return name.strip(), rest.strip()
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        name, val = value
+        if isinstance(name, str) and isinstance(val, str) and name:
+            return name, val
+    raise ConfigError(f"header must be NAME:VALUE or a (name, value) pair, got {value!r}")
+
+
+def _check_range(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IPv4/IPv6 literal (no DNS needed)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

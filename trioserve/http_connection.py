@@ -1,0 +1,528 @@
+"""The task that serves one accepted connection over HTTP/1.1 (layer 3).
+
+One :class:`HTTPConnection` per accepted stream owns that stream and its
+``h11.Connection``. Its task reads request heads; each request starts exactly one app-call
+task (:class:`RequestCycle`) in the connection's own nursery and the connection task then
+waits for *response complete*, not for the app to return, so the next pipelined or
+keep-alive request is read while Starlette's ``BackgroundTasks`` still run.
+
+Ownership of the stream (one reader, one writer, no locks):
+
+* between requests the connection task is the only reader and writer;
+* while a response is in progress the app call is the only writer, and its ``receive()``
+  reads from the socket on demand (backpressure for free; EOF becomes
+  ``http.disconnect``). When the response completes, a read still pending in
+  ``receive()`` is cancelled (a cancelled ``receive_some`` had no effect) before the
+  connection task reads again.
+
+Timeouts use one cancel scope per connection whose deadline is moved: keep-alive while
+idle, ``--timeout-request-header`` once a head has begun, infinity while the app responds.
+trio's resource errors are translated in :meth:`HTTPConnection.receive_bytes` and
+:meth:`HTTPConnection.write` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Final
+
+import h11
+import trio
+
+from .app_call import call_app
+from .errors import AppProtocolError, ClientDisconnected
+from .http_messages import (
+    ResponseWriter,
+    build_http_scope,
+    error_response,
+    is_websocket_upgrade,
+)
+from .server_state import ServerState, access_logger
+
+logger = logging.getLogger(__name__)
+
+RECEIVE_SIZE: Final = 64 * 1024
+# Bytes of pipelined requests buffered while a response is in progress; beyond this we
+# stop reading (the client's TCP window then pushes back).
+MAX_PIPELINE_BUFFER: Final = 256 * 1024
+# An unread request body is drained (so the connection can be reused) up to this size.
+MAX_DISCARD_BODY: Final = 1024 * 1024
+# Lingering close: after an error response, read and discard for at most this long so
+# the kernel does not reset the connection under the client's feet (RFC 9112 §9.6).
+LINGER_TIMEOUT: Final = 1.0
+
+_DISCONNECT: Final = {"type": "http.disconnect"}
+
+
+class HTTPConnection:
+    """One client connection speaking HTTP/1.1.
+
+    Args:
+        stream: the accepted stream; this object closes it.
+        state: the per-server shared state.
+        client: the peer address for the scope, or None (UNIX sockets).
+        server: the local address for the scope.
+        scheme: ``"http"`` or ``"https"``.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        state: ServerState,
+        *,
+        client: tuple[str, int] | None,
+        server: tuple[str, int | None] | None,
+        scheme: str = "http",
+    ) -> None:
+        self.stream = stream
+        self.state = state
+        self.client = client
+        self.server = server
+        self.scheme = scheme
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=state.config.h11_max_incomplete_event_size
+        )
+        self.peer = f"{client[0]}:{client[1]}" if client else "unix"
+        self.peer_gone = False
+        self.broken = False  # a write was interrupted: never reuse, never linger
+        self.linger = False  # close with a lingering read (we may have unread input)
+        self.closing = False  # drain requested: finish the current response, then close
+        self.idle = False
+        self._timeout_scope: trio.CancelScope | None = None
+        self._upgraded_to: Any = None
+
+    # -- stream boundary: trio resource errors are translated here only ----------------
+
+    async def receive_bytes(self) -> bytes:
+        """Read some bytes; b"" when the peer closed or the connection broke."""
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            # EOF counts as "client gone", as in uvicorn: a half-closed client gets
+            # http.disconnect and no further responses.
+            self.peer_gone = True
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Write ``data`` completely.
+
+        Raises:
+            ClientDisconnected: the peer is gone (the connection will be closed).
+        """
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.peer_gone = True
+            self.broken = True
+            self.h11.send_failed()
+            raise ClientDisconnected(f"{self.peer} disconnected") from exc
+        except BaseException:
+            # Cancelled mid-write: part of the data may be on the wire (h11 must know).
+            self.broken = True
+            self.h11.send_failed()
+            raise
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else after the current response."""
+        self.closing = True
+        if self._upgraded_to is not None:
+            self._upgraded_to.drain()
+        elif self.idle and self._timeout_scope is not None:
+            self._timeout_scope.cancel()
+
+    async def run(self) -> None:
+        """Serve requests until the connection ends; returns once all app calls returned.
+
+        Cancellation: closes the stream forcefully; nothing outlives this call.
+        """
+        self.state.connections.add(self)
+        try:
+            async with trio.open_nursery() as app_calls:
+                await self._serve_requests(app_calls)
+        finally:
+            self.state.connections.discard(self)
+            await self._close()
+
+    async def _close(self) -> None:
+        if self.linger and not self.broken and trio.current_effective_deadline() != -math.inf:
+            with trio.move_on_after(LINGER_TIMEOUT):
+                try:
+                    await self.stream.send_eof()
+                    discarded = 0
+                    while discarded < MAX_DISCARD_BODY:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        if not data:
+                            break
+                        discarded += len(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        await trio.aclose_forcefully(self.stream)
+
+    # -- the request loop -----------------------------------------------------------------
+
+    async def _serve_requests(self, app_calls: trio.Nursery) -> None:
+        config = self.state.config
+        conn = self.h11
+        with trio.CancelScope() as timeout:
+            self._timeout_scope = timeout
+            while True:
+                request = await self._read_head(timeout, config.timeout_keep_alive,
+                                                config.timeout_request_header)
+                if request is None:
+                    return
+                timeout.deadline = math.inf
+                if not await self._handle_request(request, app_calls):
+                    return
+                conn.start_next_cycle()
+        # Reached only when the timeout scope fired (keep-alive, slow head or drain).
+        if self.idle:
+            logger.debug("%s - closing idle keep-alive connection", self.peer)
+        else:
+            logger.info("%s - request head not received in time, closing", self.peer)
+
+    async def _read_head(
+        self, timeout: trio.CancelScope, keep_alive: float, header_timeout: float
+    ) -> h11.Request | None:
+        """Return the next request, or None when the connection should end."""
+        conn = self.h11
+        timeout.deadline = trio.current_time() + keep_alive
+        head_started = False
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._reject(exc)
+                return None
+            if event is h11.NEED_DATA:
+                if not head_started:
+                    if conn.trailing_data[0]:
+                        head_started = True
+                        timeout.deadline = trio.current_time() + header_timeout
+                    else:
+                        self.idle = True
+                        if self.closing:
+                            return None
+                data = await self.receive_bytes()
+                self.idle = False
+                conn.receive_data(data)
+                if data and not head_started:
+                    head_started = True
+                    timeout.deadline = trio.current_time() + header_timeout
+                continue
+            if isinstance(event, h11.Request):
+                return event
+            # ConnectionClosed (clean EOF between requests) or PAUSED after an error.
+            return None
+
+    async def _reject(self, exc: h11.RemoteProtocolError) -> None:
+        """Answer a malformed request head with its status hint and close (peer's fault)."""
+        status = exc.error_status_hint
+        logger.info("%s - invalid HTTP request: %s (%d)", self.peer, exc, status)
+        data = error_response(self.h11, status, self.state.response_headers())
+        self.linger = True
+        if data and not self.peer_gone:
+            try:
+                await self.write(data)
+            except ClientDisconnected:
+                pass
+
+    async def _handle_request(self, request: h11.Request, app_calls: trio.Nursery) -> bool:
+        """Run one request to response completion; True if the connection can be reused."""
+        state = self.state
+        config = state.config
+        if config.ws != "none" and is_websocket_upgrade(request):
+            return await self._upgrade(request, app_calls)
+        limit = config.limit_concurrency
+        if limit is not None and state.active_requests >= limit:
+            logger.warning("%s - concurrency limit %d reached, answering 503", self.peer, limit)
+            self.linger = True
+            data = error_response(self.h11, 503, state.response_headers(), method=request.method)
+            try:
+                await self.write(data)
+            except ClientDisconnected:
+                pass
+            return False
+        state.count_request()
+        scope = build_http_scope(
+            request,
+            scheme=self.scheme,
+            client=self.client,
+            server=self.server,
+            root_path=config.root_path,
+            state=state.lifespan_state,
+        )
+        cycle = RequestCycle(self, request, scope)
+        app_calls.start_soon(cycle.run)
+        await cycle.response_done.wait()
+        if cycle.reading is not None:
+            # The app still awaits receive() on the socket: take the reader role back.
+            cycle.reading.cancel()
+            await cycle.reader_idle.wait()
+        if cycle.aborted or self.peer_gone or self.closing or self.broken:
+            return False
+        return await self._finish_request_body()
+
+    async def _finish_request_body(self) -> bool:
+        """Make the connection reusable: consume an unread request body (bounded)."""
+        conn = self.h11
+        if conn.our_state is not h11.DONE:
+            return False
+        if conn.their_state is h11.SEND_BODY:
+            if conn.they_are_waiting_for_100_continue:
+                # We never sent 100, so the client may never send the body (RFC 9110 §10.1.1).
+                return False
+            discarded = 0
+            with trio.move_on_after(self.state.config.timeout_keep_alive):
+                while conn.their_state is h11.SEND_BODY and discarded <= MAX_DISCARD_BODY:
+                    try:
+                        event = conn.next_event()
+                    except h11.RemoteProtocolError:
+                        return False
+                    if event is h11.NEED_DATA:
+                        data = await self.receive_bytes()
+                        if not data:
+                            return False
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Data):
+                        discarded += len(event.data)
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    async def _upgrade(self, request: h11.Request, app_calls: trio.Nursery) -> bool:
+        from .ws_connection import WebSocketConnection  # only when a client asks
+
+        ws = WebSocketConnection(self, request)
+        self._upgraded_to = ws
+        await ws.run()
+        return False
+
+
+class RequestCycle:
+    """One request/response: the app-call task with its ``receive`` and ``send``.
+
+    The app call is the only per-request task. It may outlive its response (Starlette's
+    BackgroundTasks); once the response is complete its ``receive()`` answers
+    ``http.disconnect`` and further ``send()`` calls raise :class:`AppProtocolError`.
+    """
+
+    __slots__ = (
+        "conn", "request", "scope", "writer", "response_done", "aborted", "body_done",
+        "disconnected", "reading", "reader_idle", "peer_error", "_pending", "_expect_100",
+        "_continue_write", "_start_time",
+    )
+
+    def __init__(self, conn: HTTPConnection, request: h11.Request, scope: dict[str, Any]) -> None:
+        self.conn = conn
+        self.request = request
+        self.scope = scope
+        self.writer = ResponseWriter(conn.h11, request.method, conn.state.response_headers())
+        self.response_done = trio.Event()
+        self.aborted = False
+        self.body_done = False
+        self.disconnected = False
+        self.reading: trio.CancelScope | None = None
+        self.reader_idle = trio.Event()
+        self.peer_error: h11.RemoteProtocolError | None = None
+        self._pending: Any = None
+        self._expect_100 = conn.h11.they_are_waiting_for_100_continue
+        self._continue_write: trio.Event | None = None
+        self._start_time = time.perf_counter() if conn.state.access_log_enabled() else 0.0
+
+    # -- the app call task -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Call the app, then make sure the response ends one way or another."""
+        conn = self.conn
+        state = conn.state
+        state.active_requests += 1
+        try:
+            exc = await call_app(state.app, self.scope, self.receive, self.send)
+            if exc is not None:
+                state.report_app_error(exc)
+            if self.response_done.is_set():
+                return
+            writer = self.writer
+            if not writer.started:
+                if exc is None and self.peer_error is None and not conn.peer_gone:
+                    logger.error("ASGI callable returned without starting response")
+                await self._send_error(self.peer_error.error_status_hint if self.peer_error
+                                       else 500)
+            else:
+                if exc is None and not conn.peer_gone:
+                    logger.error("ASGI callable returned without completing response")
+                self._finish(aborted=True)
+        finally:
+            state.active_requests -= 1
+            if not self.response_done.is_set():
+                self._finish(aborted=True)
+
+    async def _send_error(self, status: int) -> None:
+        conn = self.conn
+        data = error_response(conn.h11, status, conn.state.response_headers(),
+                              method=self.request.method)
+        self.writer.status = status
+        conn.linger = True
+        aborted = True
+        if data and not conn.peer_gone:
+            try:
+                await conn.write(data)
+                aborted = False
+            except ClientDisconnected:
+                pass
+        self._finish(aborted=aborted)
+
+    def _finish(self, *, aborted: bool) -> None:
+        self.aborted = aborted
+        self.response_done.set()
+        if self._start_time:
+            request = self.request
+            status = self.writer.status
+            access_logger.info(
+                '%s - "%s %s HTTP/%s" %s %.1fms',
+                self.conn.peer,
+                request.method.decode("ascii"),
+                request.target.decode("latin-1"),
+                request.http_version.decode("ascii"),
+                status if status is not None and not aborted else f"{status or '-'} (aborted)",
+                (time.perf_counter() - self._start_time) * 1000,
+            )
+
+    # -- send -----------------------------------------------------------------------------
+
+    async def send(self, message: Any) -> None:
+        """The app's ``send``: validate, then write (the head leaves with the first body)."""
+        try:
+            message_type = message["type"]
+        except (TypeError, KeyError, IndexError):
+            raise AppProtocolError(f"ASGI message must be a dict with a 'type', got {message!r}")\
+                from None
+        conn = self.conn
+        if conn.peer_gone or conn.broken:
+            raise ClientDisconnected(f"{conn.peer} disconnected")
+        if self.response_done.is_set():
+            raise AppProtocolError(f"{message_type!r} sent after the response completed")
+        if message_type == "http.response.body":
+            data = self.writer.body(message)
+            if data:
+                if self._continue_write is not None:
+                    await self._continue_write.wait()
+                try:
+                    await conn.write(data)
+                except ClientDisconnected:
+                    self._finish(aborted=True)
+                    raise
+            if self.writer.complete:
+                self._finish(aborted=False)
+        elif message_type == "http.response.start":
+            self.writer.start(message, close=conn.closing)
+        else:
+            raise AppProtocolError(f"unexpected ASGI message type {message_type!r} for http")
+
+    # -- receive --------------------------------------------------------------------------
+
+    async def receive(self) -> dict[str, Any]:
+        """The app's ``receive``: request body pieces, then ``http.disconnect``."""
+        if self.disconnected or self.response_done.is_set() or self.conn.peer_gone:
+            return _DISCONNECT
+        if self.reading is not None:
+            # Another task of this app is already reading: wait for it, then report.
+            await self.reader_idle.wait()
+            return _DISCONNECT if self.disconnected or self.response_done.is_set() \
+                else await self.receive()
+        if not self.body_done:
+            return await self._receive_body()
+        return await self._wait_for_disconnect()
+
+    async def _read(self) -> bytes | None:
+        """Read as the app's reader; None when the response completed meanwhile."""
+        self.reader_idle = trio.Event()
+        with trio.CancelScope() as scope:
+            self.reading = scope
+            try:
+                return await self.conn.receive_bytes()
+            finally:
+                self.reading = None
+                self.reader_idle.set()
+        return None
+
+    async def _receive_body(self) -> dict[str, Any]:
+        conn = self.conn
+        h11_conn = conn.h11
+        if self._expect_100:
+            self._expect_100 = False
+            if not self.writer.started and h11_conn.they_are_waiting_for_100_continue:
+                # RFC 9110 §10.1.1: send 100 only once the app asks for the body.
+                self._continue_write = trio.Event()
+                try:
+                    await conn.write(h11_conn.send(h11.InformationalResponse(
+                        status_code=100, headers=[])) or b"")
+                except ClientDisconnected:
+                    self.disconnected = True
+                    return _DISCONNECT
+                finally:
+                    self._continue_write.set()
+                    self._continue_write = None
+        while True:
+            event = self._pending
+            self._pending = None
+            if event is None:
+                try:
+                    event = h11_conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    return self._peer_error(exc)
+            if isinstance(event, h11.RemoteProtocolError):
+                return self._peer_error(event)
+            if event is h11.NEED_DATA:
+                data = await self._read()
+                if not data:  # peer gone, EOF, or the response completed meanwhile
+                    self.disconnected = True
+                    return _DISCONNECT
+                h11_conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Data):
+                # Peek so a body that is complete in the buffer ends with more_body=False.
+                try:
+                    following = h11_conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    following = exc
+                if isinstance(following, h11.EndOfMessage):
+                    self.body_done = True
+                    return {"type": "http.request", "body": event.data, "more_body": False}
+                if following is not h11.NEED_DATA:
+                    self._pending = following
+                return {"type": "http.request", "body": event.data, "more_body": True}
+            if isinstance(event, h11.EndOfMessage):
+                self.body_done = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            # ConnectionClosed / PAUSED cannot precede EndOfMessage; treat as a disconnect.
+            self.disconnected = True
+            return _DISCONNECT
+
+    def _peer_error(self, exc: h11.RemoteProtocolError) -> dict[str, Any]:
+        logger.info("%s - invalid request body: %s", self.conn.peer, exc)
+        self.peer_error = exc
+        self.disconnected = True
+        self.conn.linger = True
+        self.conn.closing = True
+        return _DISCONNECT
+
+    async def _wait_for_disconnect(self) -> dict[str, Any]:
+        """Body fully received: block until the client leaves or the response completes."""
+        h11_conn = self.conn.h11
+        while not self.response_done.is_set():
+            if len(h11_conn.trailing_data[0]) > MAX_PIPELINE_BUFFER:
+                await self.response_done.wait()
+                break
+            data = await self._read()
+            if data is None:
+                break
+            if not data:
+                self.disconnected = True
+                break
+            h11_conn.receive_data(data)  # pipelined bytes: kept for the next cycle
+        return _DISCONNECT

@@ -1,0 +1,298 @@
+"""HTTP/1.1 <-> ASGI translation, decided without I/O (layer 2: h11, never trio).
+
+Theory of operation
+-------------------
+``http_connection`` owns the socket and the ``h11.Connection``; this module holds
+everything about a request/response pair that can be decided without awaiting:
+
+* :func:`build_http_scope` turns an ``h11.Request`` into the ASGI ``http`` scope.
+* :class:`ResponseWriter` is the response state machine. The app's ``http.response.start``
+  is validated and *held*; the head leaves together with the first body chunk, and a
+  complete small body (``more_body=False``) leaves as one byte string, so a hello-world
+  response is a single ``send_all``::
+
+      WAITING ──start──► STARTED ──body(more)──► STREAMING ──body(last)──► COMPLETE
+         │                  └────────body(last)───────────────────────────►┘
+         └── anything but start: AppProtocolError
+
+  Bodies are dropped (never sent) for HEAD requests and 204/304 responses
+  (RFC 9110 §9.3.2, §15.3.5, §15.4.5); h11 keeps the framing honest.
+* :func:`error_response` renders the plain 4xx/5xx responses trioserve sends itself.
+
+Messages from the app are untrusted: every field is type-checked here and violations raise
+:class:`~trioserve.errors.AppProtocolError` (never ``KeyError`` or ``TypeError``).
+"""
+
+from __future__ import annotations
+
+import enum
+from http import HTTPStatus
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+from urllib.parse import unquote
+
+import h11
+
+from .errors import AppProtocolError
+
+ASGI_VERSION: Final = {"version": "3.0", "spec_version": "2.4"}
+_EMPTY_BODY_STATUSES: Final = frozenset({204, 304})
+_CLOSE_HEADER: Final = (b"connection", b"close")
+
+REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+
+def build_http_scope(
+    request: h11.Request,
+    *,
+    scheme: str,
+    client: tuple[str, int] | None,
+    server: tuple[str, int | None] | None,
+    root_path: str,
+    state: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Build the ASGI ``http`` connection scope for ``request``.
+
+    ``path`` is percent-decoded UTF-8 and, like ``raw_path``, includes ``root_path``
+    (the ASGI spec's clarification, followed by uvicorn). ``headers`` keeps order and
+    duplicates; h11 has already lower-cased the names.
+    """
+    raw_path, query_string = split_target(request.target)
+    path = unquote(raw_path.decode("latin-1"), encoding="utf-8", errors="surrogateescape")
+    if root_path:
+        path = root_path + path
+        raw_path = root_path.encode("utf-8") + raw_path
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": ASGI_VERSION,
+        "http_version": "1.1" if request.http_version == b"1.1" else "1.0",
+        "method": request.method.decode("ascii"),
+        "scheme": scheme,
+        "path": path,
+        "raw_path": raw_path,
+        "query_string": query_string,
+        "root_path": root_path,
+        "headers": list(request.headers),
+        "client": client,
+        "server": server,
+        "extensions": {},
+    }
+    if state is not None:
+        scope["state"] = state.copy()
+    return scope
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """Split a request-target into (path, query) (RFC 9112 §3.2).
+
+    Absolute-form targets (``http://host/p?q``) are reduced to their path; the
+    asterisk-form ``*`` is kept as the path.
+    """
+    if target[:1] != b"/" and b"://" in target:
+        after_scheme = target.split(b"://", 1)[1]
+        slash = after_scheme.find(b"/")
+        target = after_scheme[slash:] if slash >= 0 else b"/"
+    path, _, query = target.partition(b"?")
+    return path, query
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case), or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def is_websocket_upgrade(request: h11.Request) -> bool:
+    """Whether the request asks to switch to WebSocket (RFC 6455 §4.1)."""
+    upgrade = False
+    connection_upgrade = False
+    for key, value in request.headers:
+        if key == b"upgrade":
+            upgrade = upgrade or b"websocket" in value.lower()
+        elif key == b"connection":
+            connection_upgrade = connection_upgrade or any(
+                token.strip() == b"upgrade" for token in value.lower().split(b",")
+            )
+    return upgrade and connection_upgrade
+
+
+def validate_headers(raw: object) -> list[tuple[bytes, bytes]]:
+    """Check an app-provided header list: an iterable of ``[bytes, bytes]`` pairs."""
+    if raw is None:
+        return []
+    if isinstance(raw, (bytes, str, Mapping)) or not isinstance(raw, Iterable):
+        raise AppProtocolError(f"'headers' must be an iterable of [name, value] pairs, got {raw!r}")
+    out: list[tuple[bytes, bytes]] = []
+    for pair in raw:
+        try:
+            name, value = pair
+        except (TypeError, ValueError):
+            raise AppProtocolError(f"header must be a [name, value] pair, got {pair!r}") from None
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            raise AppProtocolError(f"header name and value must be bytes, got {pair!r}")
+        out.append((name, value))
+    return out
+
+
+def parse_body(message: Mapping[str, object]) -> tuple[bytes, bool]:
+    """Validate an ``http.response.body`` message → (body, more_body)."""
+    body = message.get("body", b"")
+    more_body = message.get("more_body", False)
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise AppProtocolError(f"'body' must be bytes, got {type(body).__name__}")
+    if not isinstance(more_body, bool):
+        raise AppProtocolError(f"'more_body' must be a bool, got {more_body!r}")
+    return bytes(body), more_body
+
+
+class ResponseState(enum.Enum):
+    WAITING = "waiting"
+    STARTED = "started"
+    STREAMING = "streaming"
+    COMPLETE = "complete"
+
+
+class ResponseWriter:
+    """The response half of one request/response cycle (see module docstring).
+
+    Args:
+        conn: the connection's ``h11.Connection``; only its sans-IO ``send`` is used.
+        method: the request method (HEAD responses carry no body).
+        default_headers: encoded headers added unless the app sets the same name.
+    """
+
+    __slots__ = (
+        "_conn", "_headers", "_framed", "_no_body", "_default_headers", "state", "status"
+    )
+
+    def __init__(
+        self,
+        conn: h11.Connection,
+        method: bytes,
+        default_headers: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
+        self._conn = conn
+        self._no_body = method == b"HEAD"
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._framed = False
+        self._default_headers = default_headers
+        self.state = ResponseState.WAITING
+        self.status: int | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the head has been handed to h11 (some bytes may be on the wire)."""
+        return self.state is ResponseState.STREAMING or self.state is ResponseState.COMPLETE
+
+    @property
+    def complete(self) -> bool:
+        return self.state is ResponseState.COMPLETE
+
+    def start(self, message: Mapping[str, object], *, close: bool = False) -> None:
+        """Validate and hold ``http.response.start``; nothing is written yet.
+
+        Until the first body message the head is only held, so an app that fails between
+        ``start`` and its first body still gets a clean 500.
+
+        Args:
+            message: the app's message (type already checked by the caller).
+            close: add ``Connection: close`` (the server is draining).
+
+        Raises:
+            AppProtocolError: wrong state, bad status or bad headers.
+        """
+        if self.state is not ResponseState.WAITING:
+            raise AppProtocolError("'http.response.start' sent twice")
+        status = message.get("status")
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise AppProtocolError(f"'status' must be an int, got {status!r}")
+        if not 200 <= status <= 999:
+            raise AppProtocolError(f"'status' must be a final status 200-999, got {status}")
+        headers = validate_headers(message.get("headers"))
+        names = {name.lower() for name, _ in headers}
+        if self._default_headers:
+            headers.extend(h for h in self._default_headers if h[0] not in names)
+        if close:
+            headers.append(_CLOSE_HEADER)
+        if status in _EMPTY_BODY_STATUSES:
+            self._no_body = True
+        self._headers = headers
+        self._framed = b"content-length" in names or b"transfer-encoding" in names
+        self.status = status
+        self.state = ResponseState.STARTED
+
+    def _head(self, body: bytes, more_body: bool) -> h11.Response:
+        headers = self._headers
+        if not more_body and not self._framed and not self._no_body:
+            # A complete body in one message: declare its length instead of chunking.
+            headers.append((b"content-length", str(len(body)).encode("ascii")))
+        try:
+            return h11.Response(
+                status_code=self.status, headers=headers, reason=REASONS.get(self.status, b"")
+            )
+        except h11.LocalProtocolError as exc:
+            raise AppProtocolError(f"invalid response head: {exc}") from None
+
+    def body(self, message: Mapping[str, object]) -> bytes:
+        """Apply ``http.response.body`` and return the bytes to write (maybe empty).
+
+        Raises:
+            AppProtocolError: body before start or after the end, bad field types, or a
+                body that contradicts the declared Content-Length.
+        """
+        if self.state is ResponseState.WAITING:
+            raise AppProtocolError("'http.response.body' sent before 'http.response.start'")
+        if self.state is ResponseState.COMPLETE:
+            raise AppProtocolError("'http.response.body' sent after the response completed")
+        body, more_body = parse_body(message)
+        conn = self._conn
+        out = b""
+        if self.state is ResponseState.STARTED:
+            head = self._head(body, more_body)  # may raise before anything is written
+            self.state = ResponseState.STREAMING
+        else:
+            head = None
+        try:
+            if head is not None:
+                out = conn.send(head) or b""
+            if body and not self._no_body:
+                out += conn.send(h11.Data(data=body)) or b""
+            if not more_body:
+                out += conn.send(h11.EndOfMessage()) or b""
+                self.state = ResponseState.COMPLETE
+        except h11.LocalProtocolError as exc:
+            raise AppProtocolError(f"invalid response body: {exc}") from None
+        return out
+
+
+def error_response(
+    conn: h11.Connection,
+    status: int,
+    default_headers: tuple[tuple[bytes, bytes], ...],
+    *,
+    method: bytes = b"GET",
+) -> bytes:
+    """Render a plain-text error response that closes the connection.
+
+    Returns b"" when h11 can no longer send a response (the head already left).
+    """
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return b""
+    reason = REASONS.get(status, b"Error")
+    body = reason + b"\n"
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        _CLOSE_HEADER,
+        *default_headers,
+    ]
+    try:
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
+        if method != b"HEAD":
+            out += conn.send(h11.Data(data=body)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+    except h11.LocalProtocolError:
+        return b""
+    return out

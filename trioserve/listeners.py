@@ -1,0 +1,118 @@
+"""Bind or adopt listening sockets and wrap them as trio listeners (layer 3).
+
+TCP (IPv4, IPv6 literals with or without brackets, host names), UNIX domain sockets
+(``--uds``) and an inherited file descriptor (``--fd``). Binding errors are the operator's:
+they surface as ``OSError`` with the address in the message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+import trio
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class BoundSocket:
+    """A listening socket and how to describe it."""
+
+    sock: socket.socket
+    url: str
+    address: tuple[str, int] | str
+
+
+def bind_sockets(config: Config) -> list[BoundSocket]:
+    """Create the listening sockets for ``config`` (blocking stdlib calls, done once).
+
+    Raises:
+        OSError: the address is in use, not available, or the fd is not a socket.
+    """
+    if config.fd is not None:
+        sock = socket.socket(fileno=config.fd)
+        return [describe(sock)]
+    if config.uds is not None:
+        return [describe(bind_unix(config.uds, config.backlog))]
+    return [describe(bind_tcp(config.bind_host, config.port, config.backlog))]
+
+
+def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
+    """Bind and listen on ``host:port`` (the first address ``host`` resolves to)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"cannot resolve host {host!r}: {exc.strerror}") from None
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]" if ":" in host else host
+        raise OSError(exc.errno, f"cannot bind to {shown}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def bind_unix(path: str, backlog: int) -> socket.socket:
+    """Bind a UNIX socket at ``path``, replacing a stale socket file (never a regular file)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot bind to unix socket {path}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def describe(sock: socket.socket) -> BoundSocket:
+    """The URL and address of a bound socket (the real port when bound to port 0)."""
+    if sock.family == socket.AF_UNIX:
+        path = sock.getsockname()
+        if isinstance(path, bytes):
+            path = path.decode()
+        return BoundSocket(sock, f"unix:{path}", str(path))
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
+    return BoundSocket(sock, f"http://{shown}:{port}", (host, port))
+
+
+def to_listener(bound: BoundSocket) -> trio.SocketListener:
+    """Wrap a bound socket; trio sets TCP_NODELAY on every accepted stream."""
+    return trio.SocketListener(trio.socket.from_stdlib_socket(bound.sock))
+
+
+def peer_addresses(
+    stream: trio.SocketStream,
+) -> tuple[tuple[str, int] | None, tuple[str, int | None] | None]:
+    """(client, server) for the ASGI scope; for UNIX sockets client is None and server
+    is ``(path, None)`` as the ASGI spec says."""
+    sock = stream.socket
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        if isinstance(name, bytes):
+            name = name.decode()
+        return None, (str(name), None)
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        peer = None
+    local = sock.getsockname()
+    client = (peer[0], peer[1]) if peer else None
+    return client, (local[0], local[1])

@@ -1,0 +1,98 @@
+"""Per-server shared state, created by ``serve()`` and passed down (layer 3, bottom).
+
+There are no module globals in trioserve: everything several connections share (the
+config, the app, lifespan state, the set of live connections, counters for
+``--limit-concurrency`` / ``--limit-max-requests``, the cached ``Date`` header) lives in
+one :class:`ServerState` per ``serve()`` call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any, Protocol
+
+from .asgi_types import ASGIApp
+from .config import Config
+
+access_logger = logging.getLogger("trioserve.access")
+
+
+class Drainable(Protocol):
+    """A live connection that can be asked to finish up (HTTP or WebSocket)."""
+
+    def drain(self) -> None: ...
+
+
+class ServerState:
+    """What the connections of one server share.
+
+    Attributes:
+        config: the validated configuration.
+        app: the ASGI 3 application.
+        lifespan_state: the dict lifespan startup filled in (copied into every scope).
+        connections: live connections, so a drain can reach the idle ones at once.
+        draining: set once a graceful shutdown has begun.
+        active_requests: app calls currently running (``--limit-concurrency``).
+        total_requests: requests accepted so far (``--limit-max-requests``).
+    """
+
+    __slots__ = (
+        "config", "app", "lifespan_state", "connections", "draining", "active_requests",
+        "total_requests", "max_requests", "on_max_requests", "on_app_error", "default_headers",
+        "_date_second", "_date_value", "access_log",
+    )
+
+    def __init__(
+        self,
+        config: Config,
+        app: ASGIApp,
+        *,
+        max_requests: int | None = None,
+        on_max_requests: Callable[[], None] | None = None,
+        on_app_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.app = app
+        self.lifespan_state: dict[str, Any] | None = None
+        self.connections: set[Drainable] = set()
+        self.draining = False
+        self.active_requests = 0
+        self.total_requests = 0
+        self.max_requests = max_requests
+        self.on_max_requests = on_max_requests
+        self.on_app_error = on_app_error
+        self.default_headers = config.default_headers
+        self._date_second = -1
+        self._date_value = b""
+        self.access_log = config.access_log
+
+    def response_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Default headers for a response starting now (Date cached once a second)."""
+        if not self.config.date_header:
+            return self.default_headers
+        now = time.time()
+        second = int(now)
+        if second != self._date_second:
+            self._date_second = second
+            self._date_value = formatdate(now, usegmt=True).encode("ascii")
+        return ((b"date", self._date_value), *self.default_headers)
+
+    def access_log_enabled(self) -> bool:
+        return self.access_log and access_logger.isEnabledFor(logging.INFO)
+
+    def count_request(self) -> None:
+        """Count a request; past ``--limit-max-requests`` ask the server to drain."""
+        self.total_requests += 1
+        if (
+            self.max_requests is not None
+            and self.total_requests == self.max_requests
+            and self.on_max_requests is not None
+        ):
+            self.on_max_requests()
+
+    def report_app_error(self, exc: BaseException) -> None:
+        if self.on_app_error is not None:
+            self.on_app_error(exc)
