@@ -18,6 +18,7 @@ run: venv
 	$(VENV)/bin/trioserve fastapi_app:app --app-dir examples --host 127.0.0.1 --port 8000
 
 test: venv
+	sh scripts/install-nginx.sh
 	$(PY) -m pytest
 
 lint: venv
@@ -28,6 +29,12 @@ lint: venv
 fmt: venv
 	$(VENV)/bin/ruff format trioserve tests examples
 	$(VENV)/bin/ruff check --fix trioserve tests examples
+
+# Benchmarks against the peers (bench/bench.py; BENCH_ARGS=--quick for a smoke run).
+bench: venv
+	$(PY) -m pip install --quiet -e '.[bench]'
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

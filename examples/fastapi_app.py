@@ -1,5 +1,8 @@
 """The example app `make run` serves: JSON routes, streaming, a WebSocket and a lifespan.
 
+Also a background task, a dependency with ``yield`` and a file response: what the
+end-to-end test (tests/test_fastapi_example.py) checks against a real trioserve.
+
 Run it with ``trioserve fastapi_app:app --app-dir examples`` (what ``make run`` does).
 """
 
@@ -7,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import BackgroundTasks, FastAPI, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import StreamingResponse
+from fastapi import BackgroundTasks, Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, StreamingResponse
 
 
 @asynccontextmanager
@@ -43,7 +46,7 @@ async def stream(n: int = 5) -> StreamingResponse:
     async def numbers() -> AsyncIterator[bytes]:
         for i in range(n):
             yield f"chunk {i}\n".encode()
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
     return StreamingResponse(numbers(), media_type="text/plain")
 
@@ -51,8 +54,33 @@ async def stream(n: int = 5) -> StreamingResponse:
 @app.post("/background")
 async def background(request: Request, tasks: BackgroundTasks) -> dict[str, str]:
     log: list[str] = request.state.log
-    tasks.add_task(log.append, "done")
+    tasks.add_task(log.append, "background task done")  # runs after the response is sent
     return {"status": "scheduled"}
+
+
+@app.get("/log")
+async def read_log(request: Request) -> list[str]:
+    return list(request.state.log)
+
+
+async def session(request: Request) -> AsyncIterator[dict[str, Any]]:
+    """A dependency with ``yield``: the code after it runs once the request is done."""
+    log: list[str] = request.state.log
+    log.append("session opened")
+    try:
+        yield {"user": "alice"}
+    finally:
+        log.append("session closed")
+
+
+@app.get("/me")
+async def me(current: Annotated[dict[str, Any], Depends(session)]) -> dict[str, Any]:
+    return current
+
+
+@app.get("/source")
+async def source() -> FileResponse:
+    return FileResponse(__file__, media_type="text/x-python")
 
 
 @app.websocket("/ws")

@@ -14,8 +14,8 @@ General layout (each layer imports only from layers below it)::
     0 vocabulary      asgi_types, errors
     1 configuration   config, app_loading
     2 sans-IO core    http_messages, ws_messages
-    3 trio I/O        server_state ← app_call ← ws_connection ← http_connection ← server;
-                      lifespan, listeners
+    3 trio I/O        server_state, asyncio_bridge ← app_call ← ws_connection
+                      ← http_connection ← server; lifespan, listeners
     4 process level   logs, runner, supervisor, worker, cli
     testing           config + server only
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from typing import Any, cast
 
@@ -39,15 +40,22 @@ def import_from_string(import_str: str) -> Any:
             module_str == exc.name or module_str.startswith(exc.name + ".")
         ):
             raise
-        raise AppLoadError(f'Could not import module "{module_str}".') from None
+        detail = "" if exc.name == module_str else f' (no module named "{exc.name}")'
+        raise AppLoadError(f'Could not import module "{module_str}"{detail}.') from None
     instance: Any = module
-    try:
-        for attr in attrs_str.split("."):
+    path = module_str
+    for attr in attrs_str.split("."):
+        try:
             instance = getattr(instance, attr)
-    except AttributeError:
-        raise AppLoadError(
-            f'Attribute "{attrs_str}" not found in module "{module_str}".'
-        ) from None
+        except AttributeError:
+            if path == module_str:
+                raise AppLoadError(
+                    f'Attribute "{attr}" not found in module "{module_str}".'
+                ) from None
+            raise AppLoadError(
+                f'Attribute "{attr}" not found in "{path}" (looking up "{import_str}").'
+            ) from None
+        path = f"{path}:{attr}" if path == module_str else f"{path}.{attr}"
     return instance
 
 
@@ -63,8 +71,11 @@ def load_app(app: str | Any, config: Config) -> ASGIApp:
             result is not callable.
     """
     if isinstance(app, str):
-        if config.app_dir and config.app_dir not in sys.path:
-            sys.path.insert(0, config.app_dir)
+        # Absolute, so the directory meant is the one at load time (the default ".": the
+        # current directory, so `trioserve main:app` works where main.py is).
+        app_dir = os.path.abspath(config.app_dir)
+        if app_dir not in sys.path:
+            sys.path.insert(0, app_dir)
         loaded = import_from_string(app)
     else:
         loaded = app
@@ -72,9 +83,15 @@ def load_app(app: str | Any, config: Config) -> ASGIApp:
         if not callable(loaded):
             raise AppLoadError(f"Factory {app!r} is not callable.")
         try:
-            loaded = loaded()
+            inspect.signature(loaded).bind()
         except TypeError as exc:
-            raise AppLoadError(f"Error calling the app factory: {exc}") from exc
+            raise AppLoadError(
+                f"Factory {app!r} cannot be called without arguments: {exc}."
+            ) from None
+        except ValueError:
+            pass  # no signature available (a builtin): just call it
+        # Errors raised by the factory itself are the user's: they keep their traceback.
+        loaded = loaded()
     if not callable(loaded):
         raise AppLoadError(f"Application {app!r} is not callable (got {type(loaded).__name__}).")
     if is_asgi2(loaded):
@@ -83,13 +100,27 @@ def load_app(app: str | Any, config: Config) -> ASGIApp:
 
 
 def is_asgi2(app: Any) -> bool:
-    """Whether ``app`` follows the ASGI 2 double-callable style ``app(scope)(receive, send)``."""
+    """Whether ``app`` follows the ASGI 2 double-callable style ``app(scope)(receive, send)``.
+
+    A class is ASGI 2 unless its instances are awaitable (``App(scope, receive, send)``).
+    A coroutine function (or an object whose ``__call__`` is one) is ASGI 3. Otherwise the
+    signature decides: one positional parameter (``scope``) means ASGI 2; a plain function
+    taking three that returns a coroutine (some middleware wrappers) is ASGI 3.
+    """
     if inspect.isclass(app):
         return not hasattr(app, "__await__")
-    if inspect.isfunction(app) or inspect.ismethod(app):
-        return not inspect.iscoroutinefunction(app)
     call = getattr(app, "__call__", None)  # noqa: B004 - we need the bound method itself
-    return not inspect.iscoroutinefunction(call)
+    if inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(call):
+        return False
+    try:
+        parameters = inspect.signature(app).parameters.values()
+    except (TypeError, ValueError):
+        return True  # no signature: uvicorn's rule (not a coroutine function: ASGI 2)
+    kinds = [p.kind for p in parameters if p.default is inspect.Parameter.empty]
+    if inspect.Parameter.VAR_POSITIONAL in (p.kind for p in parameters):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(kind in positional for kind in kinds) == 1
 
 
 def asgi2_adapter(app: Any) -> ASGIApp:

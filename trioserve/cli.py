@@ -32,8 +32,8 @@ def _param_type(field: dataclasses.Field[Any], hints: dict[str, Any]) -> Any:
         return click.Choice(choices)
     hint = hints[field.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args and (typing.get_origin(hint) in (typing.Union, types.UnionType)) \
-        else hint
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    base = args[0] if args and is_union else hint
     if base is bool:
         return bool
     if base is int:
@@ -50,27 +50,43 @@ def _options() -> list[Callable[[Any], Any]]:
         meta = field.metadata
         name = field.name
         flag = meta.get("flag") or "--" + name.replace("_", "-")
-        envvar = list(meta.get("envvar") or ()) or [f"TRIOSERVE_{name.upper()}"]
+        default = field.default
+        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
         kwargs: dict[str, Any] = {
             "help": meta.get("help"),
-            "envvar": envvar,
+            # TRIOSERVE_<OPTION> first (it wins), then conventional names (WEB_CONCURRENCY).
+            "envvar": list(dict.fromkeys([*_envvars(name, flag), *(meta.get("envvar") or ())])),
             "show_envvar": True,
-            "default": field.default if not meta.get("multiple") else (),
-            "show_default": field.default not in (None, (), ""),
+            "default": default if not meta.get("multiple") else (),
+            "show_default": default not in (None, (), ""),
         }
         ptype = _param_type(field, hints)
         if meta.get("multiple"):
             kwargs["multiple"] = True
             kwargs["type"] = str
-        elif ptype is bool:
+        elif ptype is bool and ("/" in flag or default is False):
             kwargs["is_flag"] = True
             kwargs["type"] = bool
+        elif ptype is bool:
+            # On by default with no --no-... form: take a value, as uvicorn does
+            # (--ws-per-message-deflate false).
+            kwargs["type"] = click.BOOL
         else:
             kwargs["type"] = ptype
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         decorators.append(click.option(flag, name, **kwargs))
     return decorators
+
+
+def _envvars(name: str, flag: str) -> list[str]:
+    """``TRIOSERVE_<FIELD>`` and, where the flag differs (``--header``), ``TRIOSERVE_<FLAG>``."""
+    names = [f"TRIOSERVE_{name.upper()}"]
+    flag_name = "TRIOSERVE_" + flag.split("/")[0].lstrip("-").replace("-", "_").upper()
+    if flag_name not in names:
+        names.append(flag_name)
+    return names
 
 
 def _command(func: Callable[..., Any]) -> click.Command:
@@ -99,8 +115,9 @@ def _main(app: str, **options: Any) -> None:
     except AppLoadError as exc:
         click.echo(f"Error loading ASGI app. {exc}", err=True)
         sys.exit(EXIT_RUNTIME)
-    except LifespanError as exc:
-        click.echo(f"Error: {exc}", err=True)
+    except LifespanError:
+        # The app's error has been logged once, with its traceback, by the lifespan module.
+        click.echo("Application startup failed. Exiting.", err=True)
         sys.exit(EXIT_STARTUP)
     except OSError as exc:
         click.echo(f"Error: {exc.strerror or exc}", err=True)

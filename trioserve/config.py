@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from .access_format import compile_access_format
 from .errors import ConfigError
 
 LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 LifespanMode = Literal["auto", "on", "off"]
 WSMode = Literal["auto", "wsproto", "none"]
+# No "auto": guessing from the app's imports is process-global (sys.modules), misses lazy
+# imports and cannot tell an optional aiohttp from a required asyncpg; the app_call hint
+# names --app-loop asyncio when an app fails for want of asyncio.
 AppLoop = Literal["trio", "asyncio"]
 HTTPImpl = Literal["h11"]
+LogFormat = Literal["text", "json"]
 
 SERVER_NAME: Final = "trioserve"
 
@@ -84,7 +91,8 @@ class Config:
     app_loop: AppLoop = field(
         default="trio",
         metadata=_opt(
-            "Event loop the app runs on: trio natively, or asyncio through trio-asyncio.",
+            "Event loop the app runs on: trio natively, or asyncio through trio-asyncio "
+            "(for apps using asyncio-only libraries; pip install 'trioserve[asyncio]').",
             choices=("trio", "asyncio"),
         ),
     )
@@ -101,6 +109,65 @@ class Config:
     )
     log_config: str | None = field(
         default=None, metadata=_opt("Logging configuration file (.json, .yaml or .ini).")
+    )
+    access_log_format: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Access line template with {field} placeholders: client, method, path, query, "
+            "target, http_version, status, bytes, duration, duration_ms, request_id, "
+            "{header:NAME} (see README). [default: uvicorn-like line]"
+        ),
+    )
+    log_format: LogFormat = field(
+        default="text",
+        metadata=_opt("Log line format: text, or json (one JSON object per line).",
+                      choices=("text", "json")),
+    )
+    use_colors: bool | None = field(
+        default=None,
+        metadata=_opt("Enable/Disable colorized logging (default: only on a TTY).",
+                      flag="--use-colors/--no-use-colors"),
+    )
+    # -- proxies and TLS -------------------------------------------------------------------
+    proxy_headers: bool = field(
+        default=True,
+        metadata=_opt(
+            "Enable/Disable X-Forwarded-For, X-Forwarded-Proto and Forwarded to set the "
+            "client address and scheme (only from --forwarded-allow-ips peers).",
+            flag="--proxy-headers/--no-proxy-headers",
+        ),
+    )
+    forwarded_allow_ips: str = field(
+        default="127.0.0.1",
+        metadata=_opt(
+            "Comma-separated IPs and CIDR networks to trust with proxy headers; '*' trusts "
+            "all, 'unix:' trusts UNIX-socket peers.",
+            envvar=("FORWARDED_ALLOW_IPS",),
+        ),
+    )
+    proxy_protocol: bool = field(
+        default=False,
+        metadata=_opt("Require a PROXY protocol v1/v2 header on every connection.",
+                      flag="--proxy-protocol/--no-proxy-protocol"),
+    )
+    ssl_keyfile: str | None = field(default=None, metadata=_opt("SSL key file."))
+    ssl_certfile: str | None = field(default=None, metadata=_opt("SSL certificate file."))
+    ssl_keyfile_password: str | None = field(
+        default=None, metadata=_opt("SSL keyfile password.")
+    )
+    ssl_cert_reqs: int = field(
+        default=0,
+        metadata=_opt(
+            "Whether client certificate is required (0 none, 1 optional, 2 required; "
+            "see stdlib ssl.CERT_*)."
+        ),
+    )
+    ssl_ca_certs: str | None = field(
+        default=None, metadata=_opt("CA certificates file for client certificates.")
+    )
+    ssl_ciphers: str | None = field(
+        default=None,
+        metadata=_opt("Ciphers to use (OpenSSL cipher list). [default: OpenSSL's]"),
     )
     # -- response headers --------------------------------------------------------------
     server_header: bool = field(
@@ -210,6 +277,7 @@ class Config:
         object.__setattr__(
             self, "headers", tuple(_parse_header(h) for h in self.headers)
         )
+        _check_simple_types(self)
         _check_range("port", self.port, 0, 65535)
         _check_range("backlog", self.backlog, 1, 2**31 - 1)
         _check_range("workers", self.workers, 1, 4096)
@@ -233,6 +301,8 @@ class Config:
         _check_choice("ws", self.ws, ("auto", "wsproto", "none"))
         _check_choice("app_loop", self.app_loop, ("trio", "asyncio"))
         _check_choice("http", self.http, ("h11",))
+        _check_choice("log_format", self.log_format, ("text", "json"))
+        self._check_edge()
         if self.log_level is not None:
             _check_choice("log_level", self.log_level, LOG_LEVELS)
         if self.uds is not None and self.fd is not None:
@@ -247,6 +317,36 @@ class Config:
             object.__setattr__(self, "root_path", self.root_path.rstrip("/"))
         if not self.host:
             raise ConfigError("host must not be empty")
+
+    def _check_edge(self) -> None:
+        """Proxy, TLS and access-format options (files are checked at startup, by tls.py)."""
+        for entry in self.forwarded_allow_ips.split(","):
+            entry = entry.strip()
+            if entry in ("", "*", "unix:"):
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"forwarded_allow_ips: {entry!r} is not an IP address, a CIDR network, "
+                    "'*' or 'unix:'"
+                ) from None
+        _check_range("ssl_cert_reqs", self.ssl_cert_reqs, 0, 2)
+        if self.ssl_certfile is None:
+            for name in ("ssl_keyfile", "ssl_keyfile_password", "ssl_ca_certs", "ssl_ciphers"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"--{name.replace('_', '-')} needs --ssl-certfile")
+            if self.ssl_cert_reqs:
+                raise ConfigError("--ssl-cert-reqs needs --ssl-certfile")
+        if self.ssl_cert_reqs and self.ssl_ca_certs is None:
+            raise ConfigError("--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs to verify clients")
+        if self.access_log_format is not None:
+            compile_access_format(self.access_log_format)
+
+    @property
+    def is_ssl(self) -> bool:
+        """Whether connections speak TLS."""
+        return self.ssl_certfile is not None
 
     # -- derived values (pure) ------------------------------------------------------------
 
@@ -277,17 +377,53 @@ class Config:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+# Annotations (strings, as every module uses ``from __future__ import annotations``) whose
+# values are checked generically: new fields of these types are validated for free.
+_SIMPLE_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "bool": (bool,),
+    "bool | None": (bool, type(None)),
+}
+# RFC 9110 §5.6.2 token characters.
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _check_simple_types(config: Config) -> None:
+    for f in dataclasses.fields(config):
+        allowed = _SIMPLE_TYPES.get(f.type) if isinstance(f.type, str) else None
+        value = getattr(config, f.name)
+        if allowed is None or isinstance(value, allowed):
+            continue
+        kind = "True or False" if bool in allowed else "a string"
+        if type(None) in allowed:
+            kind += " or None"
+        raise ConfigError(f"{f.name} must be {kind}, got {value!r}")
+
+
 def _parse_header(value: object) -> tuple[str, str]:
     if isinstance(value, str):
         name, sep, rest = value.partition(":")
         if not sep or not name.strip():
             raise ConfigError(f"header must be NAME:VALUE, got {value!r}")
-        return name.strip(), rest.strip()
+        return _check_header(name.strip(), rest.strip())
     if isinstance(value, (tuple, list)) and len(value) == 2:
         name, val = value
         if isinstance(name, str) and isinstance(val, str) and name:
-            return name, val
+            return _check_header(name, val)
     raise ConfigError(f"header must be NAME:VALUE or a (name, value) pair, got {value!r}")
+
+
+def _check_header(name: str, value: str) -> tuple[str, str]:
+    if not _TOKEN.fullmatch(name):
+        raise ConfigError(f"header name must be a token, got {name!r}")
+    if any(c in value for c in "\r\n\0"):
+        raise ConfigError(f"header value must not contain CR, LF or NUL, got {value!r}")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(f"header value must be latin-1, got {value!r}") from None
+    return name, value
 
 
 def _check_range(name: str, value: object, low: int, high: int) -> None:
@@ -300,7 +436,7 @@ def _check_range(name: str, value: object, low: int, high: int) -> None:
 def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
+    if value < 0 or (value == 0 and not allow_zero) or math.isnan(value):
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 

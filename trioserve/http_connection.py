@@ -36,10 +36,13 @@ from .errors import AppProtocolError, ClientDisconnected
 from .http_messages import (
     ResponseWriter,
     build_http_scope,
+    check_request,
     error_response,
+    head_has_obs_fold,
     is_websocket_upgrade,
 )
-from .server_state import ServerState, access_logger
+from .proxy_headers import TrustedHosts, apply_proxy_headers
+from .server_state import ServerState, log_access
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class HTTPConnection:
 
     def __init__(
         self,
-        stream: trio.abc.HalfCloseableStream,
+        stream: trio.abc.Stream,
         state: ServerState,
         *,
         client: tuple[str, int] | None,
@@ -92,19 +95,34 @@ class HTTPConnection:
         self.idle = False
         self._timeout_scope: trio.CancelScope | None = None
         self._upgraded_to: Any = None
+        # obs-fold screening (see _read_head): set when received bytes may fold a header line.
+        self._fold_suspect = False
+        self._ends_with_lf = False
+        # Per-connection scope facts, set by transport.PreparedConnection.attach().
+        self.tls_extension: dict[str, Any] | None = None
+        self.trusted_proxies: TrustedHosts | None = None
+        self.completes_scope = False
 
     # -- stream boundary: trio resource errors are translated here only ----------------
 
     async def receive_bytes(self) -> bytes:
         """Read some bytes; b"" when the peer closed or the connection broke."""
+        data: bytes
         try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            # trio's streams return bytes; the abstract signature also allows bytearray.
+            data = await self.stream.receive_some(RECEIVE_SIZE)  # type: ignore[assignment]
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:
             # EOF counts as "client gone", as in uvicorn: a half-closed client gets
             # http.disconnect and no further responses.
             self.peer_gone = True
+            return data
+        # Cheap pre-screen for obs-fold (LF followed by SP/HT, maybe across two reads); the
+        # exact check runs in _read_head only when this fired.
+        if b"\n " in data or b"\n\t" in data or (self._ends_with_lf and data[0] in b" \t"):
+            self._fold_suspect = True
+        self._ends_with_lf = data[-1] == 10
         return data
 
     async def write(self, data: bytes) -> None:
@@ -129,12 +147,37 @@ class HTTPConnection:
     # -- lifecycle ------------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Graceful shutdown: close now if idle, else after the current response."""
+        """Graceful shutdown: close now if idle, else after the current response.
+
+        A connection that has not sent its first request yet is not idle: it was accepted,
+        so its request (likely already on the way) is answered, with ``Connection: close``.
+        Closing it would fail a request the client had every right to send (a worker
+        recycled by ``--limit-max-requests`` under load). Its wait stays bounded by the
+        keep-alive / request-head timeouts and the graceful-shutdown deadline.
+        """
         self.closing = True
         if self._upgraded_to is not None:
             self._upgraded_to.drain()
-        elif self.idle and self._timeout_scope is not None:
+        elif self.idle and not self._fresh and self._timeout_scope is not None:
             self._timeout_scope.cancel()
+
+    @property
+    def _fresh(self) -> bool:
+        """No request has been received on this connection yet."""
+        return self.h11.their_http_version is None
+
+    def complete_scope(self, scope: dict[str, Any]) -> None:
+        """Add this connection's edge facts to a new ``http`` or ``websocket`` scope.
+
+        The TLS extension (computed once per connection, shared by its scopes) and, only
+        when the direct peer is a trusted proxy, client and scheme from its forwarding
+        headers. Callers skip the call when ``completes_scope`` is False (plain HTTP from
+        an untrusted peer, or ``--no-proxy-headers``).
+        """
+        if self.tls_extension is not None:
+            scope["extensions"]["tls"] = self.tls_extension
+        if self.trusted_proxies is not None:
+            apply_proxy_headers(scope, self.trusted_proxies)
 
     async def run(self) -> None:
         """Serve requests until the connection ends; returns once all app calls returned.
@@ -150,19 +193,23 @@ class HTTPConnection:
             await self._close()
 
     async def _close(self) -> None:
-        if self.linger and not self.broken and trio.current_effective_deadline() != -math.inf:
-            with trio.move_on_after(LINGER_TIMEOUT):
-                try:
-                    await self.stream.send_eof()
-                    discarded = 0
-                    while discarded < MAX_DISCARD_BODY:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
-                        if not data:
-                            break
-                        discarded += len(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-        await trio.aclose_forcefully(self.stream)
+        try:
+            if self.linger and not self.broken and trio.current_effective_deadline() != -math.inf:
+                with trio.move_on_after(LINGER_TIMEOUT):
+                    try:
+                        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                            await self.stream.send_eof()  # (TLS streams cannot half-close)
+                        discarded = 0
+                        while discarded < MAX_DISCARD_BODY:
+                            data = await self.stream.receive_some(RECEIVE_SIZE)
+                            if not data:
+                                break
+                            discarded += len(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+        finally:
+            # Also when a hard stop cancels the lingering read: the socket must not leak.
+            await trio.aclose_forcefully(self.stream)
 
     # -- the request loop -----------------------------------------------------------------
 
@@ -176,7 +223,8 @@ class HTTPConnection:
                                                 config.timeout_request_header)
                 if request is None:
                     return
-                timeout.deadline = math.inf
+                if timeout.deadline != math.inf:
+                    timeout.deadline = math.inf
                 if not await self._handle_request(request, app_calls):
                     return
                 conn.start_next_cycle()
@@ -191,46 +239,63 @@ class HTTPConnection:
     ) -> h11.Request | None:
         """Return the next request, or None when the connection should end."""
         conn = self.h11
-        timeout.deadline = trio.current_time() + keep_alive
-        head_started = False
+        # Deadlines are armed only right before a read that has to wait: a pipelined head
+        # already in the buffer, or a head that arrives whole in one read, moves none
+        # (each move costs a deadline-heap update).
+        head_deadline: float | None = None  # set once the first bytes of the head arrived
         while True:
+            if self._fold_suspect:
+                buffered = conn.trailing_data[0]
+                if head_has_obs_fold(buffered):
+                    await self._reject(400, "obs-fold in request head")
+                    return None
+                # Keep screening while the suspicious bytes lie beyond this head.
+                self._fold_suspect = b"\n " in buffered or b"\n\t" in buffered
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                await self._reject(exc)
+                await self._reject(exc.error_status_hint, str(exc))
                 return None
             if event is h11.NEED_DATA:
-                if not head_started:
-                    if conn.trailing_data[0]:
-                        head_started = True
-                        timeout.deadline = trio.current_time() + header_timeout
-                    else:
-                        self.idle = True
-                        if self.closing:
-                            return None
+                if head_deadline is None and conn.trailing_data[0]:
+                    head_deadline = trio.current_time() + header_timeout
+                if head_deadline is None:
+                    self.idle = True
+                    if self.closing and not self._fresh:
+                        return None
+                    timeout.deadline = trio.current_time() + keep_alive
+                elif timeout.deadline != head_deadline:
+                    timeout.deadline = head_deadline
                 data = await self.receive_bytes()
                 self.idle = False
                 conn.receive_data(data)
-                if data and not head_started:
-                    head_started = True
-                    timeout.deadline = trio.current_time() + header_timeout
+                if data and head_deadline is None:
+                    head_deadline = trio.current_time() + header_timeout
                 continue
             if isinstance(event, h11.Request):
+                problem = check_request(
+                    event, max_head_size=self.state.config.h11_max_incomplete_event_size
+                )
+                if problem is not None:
+                    await self._reject(*problem, method=event.method)
+                    return None
                 return event
             # ConnectionClosed (clean EOF between requests) or PAUSED after an error.
             return None
 
-    async def _reject(self, exc: h11.RemoteProtocolError) -> None:
-        """Answer a malformed request head with its status hint and close (peer's fault)."""
-        status = exc.error_status_hint
-        logger.info("%s - invalid HTTP request: %s (%d)", self.peer, exc, status)
-        data = error_response(self.h11, status, self.state.response_headers())
+    async def _reject(self, status: int, reason: str, *, method: bytes = b"GET") -> None:
+        """Answer a malformed request head with ``status`` and close (peer's fault)."""
+        logger.info("%s - invalid HTTP request: %s (%d)", self.peer, reason, status)
+        data = error_response(self.h11, status, self.state.response_headers(), method=method)
         self.linger = True
         if data and not self.peer_gone:
-            try:
-                await self.write(data)
-            except ClientDisconnected:
-                pass
+            # Bounded by the head timeout (the connection's deadline may not be armed when
+            # the whole head arrived in one read).
+            with trio.move_on_after(self.state.config.timeout_request_header):
+                try:
+                    await self.write(data)
+                except ClientDisconnected:
+                    pass
 
     async def _handle_request(self, request: h11.Request, app_calls: trio.Nursery) -> bool:
         """Run one request to response completion; True if the connection can be reused."""
@@ -257,6 +322,8 @@ class HTTPConnection:
             root_path=config.root_path,
             state=state.lifespan_state,
         )
+        if self.completes_scope:
+            self.complete_scope(scope)
         cycle = RequestCycle(self, request, scope)
         app_calls.start_soon(cycle.run)
         await cycle.response_done.wait()
@@ -266,6 +333,11 @@ class HTTPConnection:
             await cycle.reader_idle.wait()
         if cycle.aborted or self.peer_gone or self.closing or self.broken:
             return False
+        if cycle.expect_100:
+            # We never sent 100 (the app did not read), so the client may or may not send
+            # the body (RFC 9110 §10.1.1): the connection cannot be reused.
+            self.linger = True
+            return False
         return await self._finish_request_body()
 
     async def _finish_request_body(self) -> bool:
@@ -273,11 +345,21 @@ class HTTPConnection:
         conn = self.h11
         if conn.our_state is not h11.DONE:
             return False
-        if conn.their_state is h11.SEND_BODY:
-            if conn.they_are_waiting_for_100_continue:
-                # We never sent 100, so the client may never send the body (RFC 9110 §10.1.1).
+        discarded = 0
+        # What is already buffered (for a bodiless GET: just its EndOfMessage) is consumed
+        # without arming a timeout; the bounded wait below is for bodies still in flight.
+        while conn.their_state is h11.SEND_BODY:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
                 return False
-            discarded = 0
+            if event is h11.NEED_DATA:
+                break
+            if isinstance(event, h11.Data):
+                discarded += len(event.data)
+                if discarded > MAX_DISCARD_BODY:
+                    return False
+        if conn.their_state is h11.SEND_BODY:
             with trio.move_on_after(self.state.config.timeout_keep_alive):
                 while conn.their_state is h11.SEND_BODY and discarded <= MAX_DISCARD_BODY:
                     try:
@@ -312,7 +394,7 @@ class RequestCycle:
 
     __slots__ = (
         "conn", "request", "scope", "writer", "response_done", "aborted", "body_done",
-        "disconnected", "reading", "reader_idle", "peer_error", "_pending", "_expect_100",
+        "disconnected", "reading", "reader_idle", "peer_error", "_pending", "expect_100",
         "_continue_write", "_start_time",
     )
 
@@ -329,7 +411,8 @@ class RequestCycle:
         self.reader_idle = trio.Event()
         self.peer_error: h11.RemoteProtocolError | None = None
         self._pending: Any = None
-        self._expect_100 = conn.h11.they_are_waiting_for_100_continue
+        # The client waits for 100 before sending its body; True until the app reads.
+        self.expect_100 = conn.h11.they_are_waiting_for_100_continue
         self._continue_write: trio.Event | None = None
         self._start_time = time.perf_counter() if conn.state.access_log_enabled() else 0.0
 
@@ -380,17 +463,8 @@ class RequestCycle:
         self.aborted = aborted
         self.response_done.set()
         if self._start_time:
-            request = self.request
-            status = self.writer.status
-            access_logger.info(
-                '%s - "%s %s HTTP/%s" %s %.1fms',
-                self.conn.peer,
-                request.method.decode("ascii"),
-                request.target.decode("latin-1"),
-                request.http_version.decode("ascii"),
-                status if status is not None and not aborted else f"{status or '-'} (aborted)",
-                (time.perf_counter() - self._start_time) * 1000,
-            )
+            log_access(self.conn.state, self.scope, self.writer.status, self.writer.body_bytes,
+                       time.perf_counter() - self._start_time, aborted=aborted)
 
     # -- send -----------------------------------------------------------------------------
 
@@ -419,7 +493,9 @@ class RequestCycle:
             if self.writer.complete:
                 self._finish(aborted=False)
         elif message_type == "http.response.start":
-            self.writer.start(message, close=conn.closing)
+            # Answering before asking for an expected body: tell the client this connection
+            # ends, so it need not send the body (RFC 9110 §10.1.1).
+            self.writer.start(message, close=conn.closing or self.expect_100)
         else:
             raise AppProtocolError(f"unexpected ASGI message type {message_type!r} for http")
 
@@ -453,14 +529,14 @@ class RequestCycle:
     async def _receive_body(self) -> dict[str, Any]:
         conn = self.conn
         h11_conn = conn.h11
-        if self._expect_100:
-            self._expect_100 = False
+        if self.expect_100:
+            self.expect_100 = False
             if not self.writer.started and h11_conn.they_are_waiting_for_100_continue:
                 # RFC 9110 §10.1.1: send 100 only once the app asks for the body.
                 self._continue_write = trio.Event()
                 try:
                     await conn.write(h11_conn.send(h11.InformationalResponse(
-                        status_code=100, headers=[])) or b"")
+                        status_code=100, headers=[], reason=b"Continue")) or b"")
                 except ClientDisconnected:
                     self.disconnected = True
                     return _DISCONNECT
@@ -486,6 +562,7 @@ class RequestCycle:
                 continue
             if isinstance(event, h11.Data):
                 # Peek so a body that is complete in the buffer ends with more_body=False.
+                following: object
                 try:
                     following = h11_conn.next_event()
                 except h11.RemoteProtocolError as exc:

@@ -26,8 +26,9 @@ Messages from the app are untrusted: every field is type-checked here and violat
 from __future__ import annotations
 
 import enum
-from http import HTTPStatus
+import re
 from collections.abc import Iterable, Mapping
+from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -90,10 +91,67 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     """
     if target[:1] != b"/" and b"://" in target:
         after_scheme = target.split(b"://", 1)[1]
-        slash = after_scheme.find(b"/")
-        target = after_scheme[slash:] if slash >= 0 else b"/"
+        # The authority ends at the first "/" or "?" (RFC 3986 §3.2); an empty path is "/".
+        end = len(after_scheme)
+        for delimiter in (b"/", b"?"):
+            found = after_scheme.find(delimiter)
+            if 0 <= found < end:
+                end = found
+        target = after_scheme[end:]
+        if target[:1] != b"/":
+            target = b"/" + target
     path, _, query = target.partition(b"?")
     return path, query
+
+
+# h11 accepts these requests, but each is a request-smuggling vector when a proxy in front
+# of us reads the framing differently.
+_HEAD_END: Final = re.compile(rb"\n\r?\n")  # the blank line ending a head, as h11 finds it
+_OBS_FOLD: Final = re.compile(rb"\n[ \t]")
+
+
+def check_request(request: h11.Request, *, max_head_size: int) -> tuple[int, str] | None:
+    """Reject what h11 lets through: return ``(status, reason)`` or None when acceptable.
+
+    * Content-Length together with Transfer-Encoding (RFC 9112 §6.3: "ought to be handled as
+      an error"; h11 silently prefers chunked), and Transfer-Encoding in an HTTP/1.0 request
+      (RFC 9112 §6.1: "MUST treat the message as if the framing is faulty").
+    * A major version other than 1 (RFC 9110 §15.6.6: 505).
+    * A head larger than ``max_head_size``: h11 only bounds heads that arrive in several
+      reads (``max_incomplete_event_size``), so one large read must be bounded here.
+    """
+    version = request.http_version
+    if version[:1] != b"1":
+        return 505, f"unsupported HTTP version {version.decode('ascii', 'replace')}"
+    size = len(request.method) + len(request.target) + 12
+    content_length = transfer_encoding = False
+    for name, value in request.headers:
+        size += len(name) + len(value) + 4
+        if name == b"content-length":
+            content_length = True
+        elif name == b"transfer-encoding":
+            transfer_encoding = True
+    if size > max_head_size:
+        return 431, f"request head larger than {max_head_size} bytes"
+    if transfer_encoding:
+        if content_length:
+            return 400, "both Content-Length and Transfer-Encoding"
+        if version == b"1.0":
+            return 400, "Transfer-Encoding in an HTTP/1.0 request"
+    return None
+
+
+def head_has_obs_fold(buffer: bytes) -> bool:
+    """Whether the (possibly incomplete) request head at the start of ``buffer`` folds a line.
+
+    h11 unfolds obs-fold silently; RFC 9112 §5.2 lets a server reject it with 400 instead,
+    which is the safe choice when the head passes through other parsers (request smuggling).
+    """
+    fold = _OBS_FOLD.search(buffer)
+    if fold is None:
+        return False
+    end = _HEAD_END.search(buffer)
+    return end is None or fold.start() < end.start()
 
 
 def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -164,7 +222,8 @@ class ResponseWriter:
     """
 
     __slots__ = (
-        "_conn", "_headers", "_framed", "_no_body", "_default_headers", "state", "status"
+        "_conn", "_headers", "_framed", "_no_body", "_default_headers", "state", "status",
+        "body_bytes",
     )
 
     def __init__(
@@ -180,6 +239,7 @@ class ResponseWriter:
         self._default_headers = default_headers
         self.state = ResponseState.WAITING
         self.status: int | None = None
+        self.body_bytes = 0  # response body bytes handed to h11 (for the access log)
 
     @property
     def started(self) -> bool:
@@ -225,12 +285,16 @@ class ResponseWriter:
 
     def _head(self, body: bytes, more_body: bool) -> h11.Response:
         headers = self._headers
-        if not more_body and not self._framed and not self._no_body:
-            # A complete body in one message: declare its length instead of chunking.
+        if not more_body and not self._framed and (body or not self._no_body) \
+                and self.status not in _EMPTY_BODY_STATUSES:
+            # A complete body in one message: declare its length instead of chunking. For
+            # HEAD that is the length a GET would have had (RFC 9110 §9.3.2).
             headers.append((b"content-length", str(len(body)).encode("ascii")))
+        status = self.status
+        assert status is not None  # set by start() before any body
         try:
             return h11.Response(
-                status_code=self.status, headers=headers, reason=REASONS.get(self.status, b"")
+                status_code=status, headers=headers, reason=REASONS.get(status, b"")
             )
         except h11.LocalProtocolError as exc:
             raise AppProtocolError(f"invalid response head: {exc}") from None
@@ -258,6 +322,7 @@ class ResponseWriter:
             if head is not None:
                 out = conn.send(head) or b""
             if body and not self._no_body:
+                self.body_bytes += len(body)
                 out += conn.send(h11.Data(data=body)) or b""
             if not more_body:
                 out += conn.send(h11.EndOfMessage()) or b""

@@ -12,10 +12,16 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 
 from .config import Config
+
+# What an in-memory connection (transport="memory" in trioserve.testing) looks like.
+MEMORY_URL: Final = "http://testserver"
+MEMORY_CLIENT: Final = ("testclient", 50000)
+MEMORY_SERVER: Final = ("testserver", 80)
 
 
 @dataclass(frozen=True)
@@ -34,11 +40,32 @@ def bind_sockets(config: Config) -> list[BoundSocket]:
         OSError: the address is in use, not available, or the fd is not a socket.
     """
     if config.fd is not None:
-        sock = socket.socket(fileno=config.fd)
-        return [describe(sock)]
+        return [describe(adopt_fd(config.fd, config.backlog))]
     if config.uds is not None:
         return [describe(bind_unix(config.uds, config.backlog))]
     return [describe(bind_tcp(config.bind_host, config.port, config.backlog))]
+
+
+def adopt_fd(fd: int, backlog: int) -> socket.socket:
+    """Listen on an inherited socket (bound by a parent process or a process manager).
+
+    Raises:
+        OSError: ``fd`` is not open, not a socket, or not a stream socket.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot use fd {fd}: {exc.strerror}") from None
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()  # not ours to close
+        raise OSError(f"cannot use fd {fd}: not a stream socket")
+    try:
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.detach()
+        raise OSError(exc.errno, f"cannot listen on fd {fd}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
 
 
 def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
@@ -99,10 +126,12 @@ def to_listener(bound: BoundSocket) -> trio.SocketListener:
 
 
 def peer_addresses(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
 ) -> tuple[tuple[str, int] | None, tuple[str, int | None] | None]:
     """(client, server) for the ASGI scope; for UNIX sockets client is None and server
-    is ``(path, None)`` as the ASGI spec says."""
+    is ``(path, None)`` as the ASGI spec says; fixed names for in-memory connections."""
+    if not isinstance(stream, trio.SocketStream):
+        return MEMORY_CLIENT, MEMORY_SERVER
     sock = stream.socket
     if sock.family == socket.AF_UNIX:
         name = sock.getsockname()
@@ -116,3 +145,38 @@ def peer_addresses(
     local = sock.getsockname()
     client = (peer[0], peer[1]) if peer else None
     return client, (local[0], local[1])
+
+
+class MemoryListener(trio.abc.Listener[trio.abc.HalfCloseableStream]):
+    """A listener with no socket: :meth:`connect` hands it one end of a memory stream pair.
+
+    It lets the real connection code run over ``trio.testing`` memory streams (the
+    in-memory mode of ``trioserve.testing``). After :meth:`aclose`, :meth:`connect` raises
+    ``ConnectionRefusedError`` like a closed port.
+    """
+
+    url: Final = MEMORY_URL
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[trio.abc.HalfCloseableStream](0)
+
+    async def connect(self) -> trio.abc.HalfCloseableStream:
+        """Open a connection; returns the client's end once the server has accepted it."""
+        from trio.testing import memory_stream_pair  # only tests need it
+
+        client, server = memory_stream_pair()
+        try:
+            await self._send.send(server)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ConnectionRefusedError("in-memory server is not accepting") from None
+        return client
+
+    async def accept(self) -> trio.abc.HalfCloseableStream:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:  # pragma: no cover - the send side is never closed
+            raise trio.ClosedResourceError from None
+
+    async def aclose(self) -> None:
+        self._receive.close()
+        await trio.lowlevel.checkpoint()

@@ -20,18 +20,28 @@ import errno
 import logging
 import os
 import random
+import socket
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import trio
 
 from .asgi_types import ASGIApp
+from .asyncio_bridge import open_app_loop
 from .config import Config
+from .errors import ClientDisconnected
 from .http_connection import HTTPConnection
 from .lifespan import lifespan
-from .listeners import BoundSocket, bind_sockets, peer_addresses, to_listener
+from .listeners import (
+    BoundSocket,
+    MemoryListener,
+    bind_sockets,
+    peer_addresses,
+    to_listener,
+)
 from .server_state import ServerState
+from .transport import prepare_connection
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -49,15 +59,29 @@ class Server:
     """Handle to a running server, given by ``task_status.started()``.
 
     Attributes:
-        urls: one URL per listening socket (``http://127.0.0.1:8000``, ``unix:/path``).
-        addresses: the bound addresses; for TCP ``(host, port)`` with the real port.
+        urls: one URL per listening socket (``http://127.0.0.1:8000``, ``unix:/path``);
+            ``http://testserver`` for an in-memory server.
+        addresses: the bound addresses; for TCP ``(host, port)`` with the real port
+            (empty for an in-memory server).
+        sockets: the listening sockets (closed when ``serve()`` returns).
         config: the configuration the server runs with.
     """
 
-    def __init__(self, config: Config, bound: list[BoundSocket]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        bound: list[BoundSocket],
+        *,
+        memory: MemoryListener | None = None,
+    ) -> None:
         self.config = config
-        self.urls: list[str] = [b.url for b in bound]
+        self.urls: list[str] = [b.url for b in bound] if memory is None else [memory.url]
+        if config.is_ssl:
+            self.urls = [url.replace("http://", "https://", 1) for url in self.urls]
         self.addresses: list[tuple[str, int] | str] = [b.address for b in bound]
+        self.sockets: list[socket.socket] = [b.sock for b in bound]
+        self._memory = memory
+        self._grace = config.timeout_graceful_shutdown
         self._drain = trio.Event()
         self._stopped = trio.Event()
 
@@ -69,23 +93,58 @@ class Server:
     @property
     def port(self) -> int:
         """The TCP port of the first listener."""
+        if not self.addresses:
+            raise AttributeError("an in-memory server has no port")
         address = self.addresses[0]
         if isinstance(address, str):
             raise AttributeError("a UNIX socket server has no port")
         return address[1]
 
-    def shutdown_nowait(self) -> None:
-        """Ask for a graceful drain and return at once."""
-        self._drain.set()
+    def shutdown_nowait(self, *, grace: float | None = None) -> None:
+        """Ask for a graceful drain (what SIGTERM does) and return at once.
 
-    async def shutdown(self) -> None:
-        """Drain gracefully and wait until ``serve()`` has finished (lifespan shutdown too)."""
-        self._drain.set()
+        Args:
+            grace: seconds in-flight connections get before they are cancelled; None
+                keeps ``timeout_graceful_shutdown``, ``math.inf`` waits as long as needed.
+                Only the first request for a drain sets it.
+        """
+        if not self._drain.is_set():
+            if grace is not None:
+                self._grace = grace
+            self._drain.set()
+
+    async def shutdown(self, *, grace: float | None = None) -> None:
+        """Drain gracefully and wait until ``serve()`` has finished (lifespan shutdown too).
+
+        Args:
+            grace: as for :meth:`shutdown_nowait`.
+        """
+        self.shutdown_nowait(grace=grace)
         await self._stopped.wait()
 
     @property
     def draining(self) -> bool:
         return self._drain.is_set()
+
+    async def wait_draining(self) -> None:
+        """Return once a graceful drain has been requested (signal, trigger, max requests)."""
+        await self._drain.wait()
+
+    async def open_stream(self) -> trio.abc.HalfCloseableStream:
+        """Open a client connection to this server (a memory stream when in-memory).
+
+        Raises:
+            OSError: the server does not accept connections (any more).
+        """
+        if self._memory is not None:
+            return await self._memory.connect()
+        address = self.addresses[0]
+        if isinstance(address, str):
+            return await trio.open_unix_socket(address)
+        host, port = address
+        # A wildcard address is not something to connect to: use the loopback instead.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        return await trio.open_tcp_stream(host, port)
 
 
 async def serve(
@@ -124,30 +183,67 @@ async def serve(
         A prompt hard stop: connections are closed forcefully; lifespan shutdown still
         runs, shielded and bounded by ``timeout_graceful_shutdown`` (5 s if unset).
     """
+    await _serve(app, config, None, shutdown_trigger, task_status, on_app_error)
+
+
+async def serve_in_memory(
+    app: ASGIApp,
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    on_app_error: Callable[[BaseException], None] | None = None,
+) -> None:
+    """Like :func:`serve`, but with no socket: clients connect with ``server.open_stream()``.
+
+    The same connection code (HTTP/1.1, WebSocket, timeouts, drain) runs over
+    ``trio.testing`` memory streams; ``trioserve.testing`` uses this for
+    ``transport="memory"``. ``config``'s binding options are ignored.
+    """
+    await _serve(app, config, MemoryListener(), shutdown_trigger, task_status, on_app_error)
+
+
+async def _serve(
+    app: ASGIApp,
+    config: Config,
+    memory: MemoryListener | None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None,
+    task_status: trio.TaskStatus[Server],
+    on_app_error: Callable[[BaseException], None] | None,
+) -> None:
     server: Server | None = None
     limit = config.limit_max_requests
     if limit is not None and config.limit_max_requests_jitter:
         limit += random.randint(0, config.limit_max_requests_jitter)
-    state = ServerState(config, app, max_requests=limit, on_app_error=on_app_error)
+    state = ServerState(
+        config, app, max_requests=limit, on_app_error=_app_errors_only(on_app_error)
+    )
     bound: list[BoundSocket] = []
     try:
-        async with lifespan(app, config, shutdown_timeout=config.timeout_graceful_shutdown) \
-                as lifespan_state:
+        # --app-loop asyncio: the app (lifespan, http, websocket) is called through the
+        # bridge; the loop outlives every app call.
+        async with open_app_loop(app, config) as state.app, lifespan(
+            state.app, config, shutdown_timeout=config.timeout_graceful_shutdown
+        ) as lifespan_state:
             state.lifespan_state = lifespan_state
-            bound = bind_sockets(config)
-            listeners = [to_listener(b) for b in bound]
-            server = Server(config, bound)
+            listeners: list[trio.abc.Listener[Any]]
+            if memory is None:
+                bound = bind_sockets(config)
+                listeners = [to_listener(b) for b in bound]
+            else:
+                listeners = [memory]
+            server = Server(config, bound, memory=memory)
             state.on_max_requests = _max_requests_reached(server)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(_accept_all, listeners, connections, state, accepting)
                 if shutdown_trigger is not None:
-                    connections.start_soon(_wait_trigger, shutdown_trigger, server, accepting)
+                    connections.start_soon(_wait_trigger, shutdown_trigger, server)
                 for url in server.urls:
                     logger.debug("listening on %s", url)
                 task_status.started(server)
                 await server._drain.wait()
-                await _drain(state, connections, accepting, listeners)
+                await _drain(state, connections, accepting, listeners, server._grace)
     finally:
         for b in bound:
             b.sock.close()
@@ -156,6 +252,20 @@ async def serve(
                     os.unlink(b.address)
         if server is not None:
             server._stopped.set()
+
+
+def _app_errors_only(
+    on_app_error: Callable[[BaseException], None] | None,
+) -> Callable[[BaseException], None] | None:
+    """Filter out ClientDisconnected: the peer left, the app did nothing wrong."""
+    if on_app_error is None:
+        return None
+
+    def report(exc: BaseException) -> None:
+        if not isinstance(exc, ClientDisconnected):
+            on_app_error(exc)
+
+    return report
 
 
 def _max_requests_reached(server: Server) -> Callable[[], None]:
@@ -170,9 +280,10 @@ async def _drain(
     state: ServerState,
     connections: trio.Nursery,
     accepting: trio.CancelScope,
-    listeners: list[trio.SocketListener],
+    listeners: list[trio.abc.Listener[Any]],
+    grace: float | None,
 ) -> None:
-    """Stop accepting, close idle connections, bound the rest by the graceful timeout."""
+    """Stop accepting, close idle connections, bound the rest by ``grace`` seconds."""
     logger.info("Shutting down")
     state.draining = True
     accepting.cancel()
@@ -180,23 +291,27 @@ async def _drain(
         await trio.aclose_forcefully(listener)
     for conn in list(state.connections):
         conn.drain()
-    grace = state.config.timeout_graceful_shutdown
     if grace is not None:
         connections.cancel_scope.deadline = trio.current_time() + grace
     if state.connections:
         logger.info("Waiting for %d connection(s) to close.", len(state.connections))
 
 
-async def _wait_trigger(
-    trigger: Callable[[], Awaitable[object]], server: Server, accepting: trio.CancelScope
-) -> None:
-    with accepting:  # ends with the accept loops
+async def _wait_trigger(trigger: Callable[[], Awaitable[object]], server: Server) -> None:
+    """Drain when ``trigger()`` returns; stop waiting for it once a drain has begun."""
+
+    async def fire() -> None:
         await trigger()
         server.shutdown_nowait()
 
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fire)
+        await server._drain.wait()
+        nursery.cancel_scope.cancel()
+
 
 async def _accept_all(
-    listeners: list[trio.SocketListener],
+    listeners: list[trio.abc.Listener[Any]],
     connections: trio.Nursery,
     state: ServerState,
     accepting: trio.CancelScope,
@@ -208,7 +323,7 @@ async def _accept_all(
 
 
 async def _accept_loop(
-    listener: trio.SocketListener, connections: trio.Nursery, state: ServerState
+    listener: trio.abc.Listener[Any], connections: trio.Nursery, state: ServerState
 ) -> None:
     while True:
         try:
@@ -224,14 +339,19 @@ async def _accept_loop(
         connections.start_soon(serve_connection, stream, state)
 
 
-async def serve_connection(stream: trio.SocketStream, state: ServerState) -> None:
+async def serve_connection(stream: trio.abc.HalfCloseableStream, state: ServerState) -> None:
     """Serve one accepted stream; a bug here is logged and costs only this connection."""
     try:
         client, server = peer_addresses(stream)
     except OSError:  # the peer is already gone
         await trio.aclose_forcefully(stream)
         return
-    conn = HTTPConnection(stream, state, client=client, server=server)
+    prepared = await prepare_connection(stream, client, server, state.edge)
+    if prepared is None:  # no valid PROXY header, or the TLS handshake failed
+        return
+    conn = HTTPConnection(prepared.stream, state, client=prepared.client,
+                          server=prepared.server, scheme=prepared.scheme)
+    prepared.attach(conn)
     if state.draining:
         conn.closing = True
     try:

@@ -14,10 +14,52 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any, Protocol
 
+from .access_format import access_fields, compile_access_format
 from .asgi_types import ASGIApp
 from .config import Config
+from .transport import EdgeSettings
 
 access_logger = logging.getLogger("trioserve.access")
+
+
+def log_access(
+    state: ServerState,
+    scope: dict[str, Any],
+    status: int | None,
+    body_bytes: int,
+    duration: float,
+    *,
+    aborted: bool = False,
+) -> None:
+    """Emit the access line of one request on ``trioserve.access`` (http and websocket).
+
+    The line follows ``--access-log-format`` (rendered here, so any handler or formatter
+    from ``--log-config`` shows it); the record also carries the raw facts as attributes
+    (``asgi_scope``, ``status_code``, ``body_bytes``, ``duration``, ``aborted``) for the
+    JSON formatter. Call only when ``state.access_log_enabled()``.
+    """
+    extra = {"asgi_scope": scope, "status_code": status, "body_bytes": body_bytes,
+             "duration": duration, "aborted": aborted}
+    template = state.access_template
+    if template is not None:
+        fields = access_fields(scope, status, body_bytes, duration)
+        access_logger.info("%s", template.render(fields, scope["headers"]), extra=extra)
+        return
+    client = scope.get("client")
+    query = scope.get("query_string")
+    target = scope.get("raw_path", b"").decode("latin-1")
+    if query:
+        target += "?" + query.decode("latin-1")
+    access_logger.info(
+        '%s - "%s %s HTTP/%s" %s %.1fms',
+        f"{client[0]}:{client[1]}" if client else "-",
+        scope.get("method", "GET"),
+        target,
+        scope.get("http_version", "1.1"),
+        status if status is not None and not aborted else f"{status or '-'} (aborted)",
+        duration * 1000,
+        extra=extra,
+    )
 
 
 class Drainable(Protocol):
@@ -42,7 +84,7 @@ class ServerState:
     __slots__ = (
         "config", "app", "lifespan_state", "connections", "draining", "active_requests",
         "total_requests", "max_requests", "on_max_requests", "on_app_error", "default_headers",
-        "_date_second", "_date_value", "access_log",
+        "_date_second", "_date_value", "access_log", "edge", "access_template",
     )
 
     def __init__(
@@ -68,6 +110,12 @@ class ServerState:
         self._date_second = -1
         self._date_value = b""
         self.access_log = config.access_log
+        # TLS context, trusted proxies, PROXY protocol (reads the TLS files: ConfigError).
+        self.edge = EdgeSettings(config)
+        self.access_template = (
+            compile_access_format(config.access_log_format)
+            if config.access_log_format is not None else None
+        )
 
     def response_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """Default headers for a response starting now (Date cached once a second)."""

@@ -1,0 +1,1 @@
+"""Applications served during the benchmarks (bench-only, not part of trioserve)."""

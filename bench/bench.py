@@ -1,0 +1,749 @@
+"""trioserve against its peers: throughput, latency, CPU and memory (bench-only).
+
+Usage::
+
+    make bench                      # installs the bench extra and wrk, then runs this
+    python bench/bench.py           # 3 interleaved rounds of 3 s per scenario
+    python bench/bench.py --quick   # 1 round of 2 s (smoke)
+    python bench/bench.py --servers trioserve,uvicorn-h11 --scenarios hello,json
+
+How it measures:
+
+* Each (scenario, round, server) starts a fresh server process pinned to CPU 0
+  (``taskset -c 0``), waits until it accepts connections, warms it up, then runs the load
+  pinned to CPU 1: ``wrk`` for HTTP scenarios, ``bench/ws_load.py`` for WebSocket echo, and
+  1,000 idle keep-alive connections for the memory scenario.
+* Servers are interleaved round by round (A B C A B C ...), so ratios to hypercorn-trio and
+  uvicorn-h11 are taken per round, side by side, and their median is reported: the machine
+  may be shared, absolute numbers drift, ratios much less.
+* Server CPU is the process tree's user+system time during the load divided by its wall
+  time; RSS is the tree's largest process (and the total) right after the load.
+
+The pure parts (parsing wrk's output, aggregating rounds, rendering the tables) are
+unit-tested in ``tests/test_bench_smoke.py``; no timing threshold is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_PATH = BENCH_DIR / "RESULTS.md"
+SERVER_CPU = "0"
+LOAD_CPU = "1"
+CONNECTIONS = 50
+IDLE_CONNECTIONS = 1000
+KEEP_ALIVE = "60"  # long enough for the idle-connection scenario
+RAW_APP = "apps.asgi_app:app"
+FASTAPI_APP = "apps.fastapi_app:app"
+REFERENCES = ("hypercorn-trio", "uvicorn-h11")
+
+ECHO_LUA = """wrk.method = "POST"
+wrk.body = string.rep("x", 65536)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
+
+
+# -- scenarios and servers ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # "wrk", "ws" or "idle"
+    title: str
+    path: str = "/"
+    app: str = RAW_APP
+    wrk_args: tuple[str, ...] = ()
+    lua: str | None = None
+    unit: str = "req/s"
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("hello", "wrk", "raw ASGI hello world, keep-alive"),
+        Scenario(
+            "close",
+            "wrk",
+            "hello world with Connection: close",
+            wrk_args=("-H", "Connection: close"),
+        ),
+        Scenario("json", "wrk", "FastAPI JSON endpoint", path="/json", app=FASTAPI_APP),
+        Scenario("echo64k", "wrk", "64 KiB POST echoed back", path="/echo", lua=ECHO_LUA),
+        Scenario("stream1m", "wrk", "1 MiB response streamed in 16 KiB chunks", path="/stream"),
+        Scenario("ws", "ws", "WebSocket echo round trips (50 connections)", unit="msg/s"),
+        Scenario(
+            "idle",
+            "idle",
+            f"{IDLE_CONNECTIONS} idle keep-alive connections (memory)",
+            unit="KiB/conn",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    description: str
+    scenarios: frozenset[str] | None = None  # None: all
+
+    def command(self, app: str, port: int) -> list[str]:
+        py = sys.executable
+        bindir = Path(py).parent
+        p = str(port)
+        if self.name in ("trioserve", "trioserve-accesslog"):
+            log = (
+                ["--access-log", "--log-level", "info"]
+                if self.name.endswith("accesslog")
+                else ["--no-access-log", "--log-level", "warning"]
+            )
+            return [
+                py,
+                "-m",
+                "trioserve",
+                app,
+                "--app-dir",
+                str(BENCH_DIR),
+                "--port",
+                p,
+                "--timeout-keep-alive",
+                KEEP_ALIVE,
+                *log,
+            ]
+        if self.name == "hypercorn-trio":
+            return [
+                str(bindir / "hypercorn"),
+                "-k",
+                "trio",
+                "--bind",
+                f"127.0.0.1:{p}",
+                "--keep-alive",
+                KEEP_ALIVE,
+                "--log-level",
+                "warning",
+                app,
+            ]
+        if self.name == "uvicorn-h11":
+            return [
+                str(bindir / "uvicorn"),
+                app,
+                "--port",
+                p,
+                "--http",
+                "h11",
+                "--loop",
+                "asyncio",
+                "--ws",
+                "wsproto",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--timeout-keep-alive",
+                KEEP_ALIVE,
+            ]
+        if self.name == "uvicorn-httptools":
+            return [
+                str(bindir / "uvicorn"),
+                app,
+                "--port",
+                p,
+                "--http",
+                "httptools",
+                "--loop",
+                "uvloop",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--timeout-keep-alive",
+                KEEP_ALIVE,
+            ]
+        if self.name == "trio-h11-min":
+            return [py, str(BENCH_DIR / "apps" / "trio_h11_min.py"), p]
+        raise ValueError(self.name)
+
+
+SERVERS: dict[str, ServerSpec] = {
+    s.name: s
+    for s in (
+        ServerSpec("trioserve", "trioserve, access log off"),
+        ServerSpec("hypercorn-trio", "hypercorn -k trio"),
+        ServerSpec("uvicorn-h11", "uvicorn --http h11 --loop asyncio --ws wsproto"),
+        ServerSpec("uvicorn-httptools", "uvicorn --http httptools --loop uvloop (context)"),
+        ServerSpec("trioserve-accesslog", "trioserve, access log on (to a file)"),
+        ServerSpec(
+            "trio-h11-min",
+            "bare trio + h11 loop, no ASGI (bench/apps/trio_h11_min.py)",
+            frozenset({"hello", "close", "idle"}),
+        ),
+    )
+}
+
+
+# -- one measurement ------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One (scenario, round, server) measurement."""
+
+    rate: float | None  # req/s, msg/s, or KiB per idle connection; None: not available
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int = 0
+    cpu_percent: float | None = None
+    rss_mib: float | None = None  # largest process of the tree
+    rss_total_mib: float | None = None
+    fresh_rss_mib: float | None = None  # idle scenario: before any connection
+    note: str = ""
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _duration_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not match:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def parse_wrk(output: str) -> Sample:
+    """Parse ``wrk --latency`` output into a :class:`Sample` (rate, p50, p99, errors).
+
+    Errors are socket errors (connect, read, write, timeout) plus non-2xx/3xx responses.
+    """
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    if rate is None:
+        raise ValueError("no 'Requests/sec' line in wrk output")
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
+    errors = 0
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if sock:
+        errors += sum(int(n) for n in sock.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return Sample(
+        rate=float(rate.group(1)),
+        p50_ms=_duration_ms(p50.group(1)) if p50 else None,
+        p99_ms=_duration_ms(p99.group(1)) if p99 else None,
+        errors=errors,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def _cpu_seconds(pids: Iterable[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mib(pids: Iterable[int]) -> tuple[float, float]:
+    """(largest, total) VmRSS of ``pids`` in MiB."""
+    sizes = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes.append(int(line.split()[1]) / 1024)
+    return (max(sizes), sum(sizes)) if sizes else (0.0, 0.0)
+
+
+@contextlib.contextmanager
+def running_server(spec: ServerSpec, app: str, log_path: Path) -> Iterator[tuple[int, int]]:
+    """Start ``spec`` on a free port pinned to the server CPU; yield (port, pid)."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(BENCH_DIR))
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, *spec.command(app, port)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{spec.name} exited with {proc.returncode}; see {log_path}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{spec.name} did not listen; see {log_path}") from None
+                time.sleep(0.05)
+        yield port, proc.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        time.sleep(0.2)  # let children of the group leave too
+
+
+def _wrk(scenario: Scenario, port: int, seconds: float, lua_path: Path | None) -> str:
+    cmd = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "wrk",
+        "-t1",
+        f"-c{CONNECTIONS}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        *scenario.wrk_args,
+    ]
+    if lua_path is not None:
+        cmd += ["-s", str(lua_path)]
+    cmd.append(f"http://127.0.0.1:{port}{scenario.path}")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _ws(port: int, seconds: float) -> dict[str, float]:
+    cmd = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        sys.executable,
+        str(BENCH_DIR / "ws_load.py"),
+        "--port",
+        str(port),
+        "--conns",
+        str(CONNECTIONS),
+        "--duration",
+        str(seconds),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
+def _idle_connections(port: int, count: int) -> list[socket.socket]:
+    """Open ``count`` connections, each served one request and then left idle."""
+    import h11  # the venv has it: trioserve depends on it
+
+    request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(sock)
+            sock.sendall(request)
+            client = h11.Connection(h11.CLIENT)
+            client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            client.send(h11.EndOfMessage())
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ConnectionError("server closed an idle connection")
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def measure(
+    spec: ServerSpec, scenario: Scenario, seconds: float, warmup: float, workdir: Path
+) -> Sample:
+    """Start ``spec``, load it with ``scenario`` and return the sample."""
+    if spec.scenarios is not None and scenario.name not in spec.scenarios:
+        return Sample(rate=None, note="-")
+    lua_path = None
+    if scenario.lua is not None:
+        lua_path = workdir / f"{scenario.name}.lua"
+        lua_path.write_text(scenario.lua)
+    log_path = workdir / f"{spec.name}.log"
+    with running_server(spec, scenario.app, log_path) as (port, pid):
+        if scenario.kind == "idle":
+            time.sleep(0.5)
+            pids = _tree(pid)
+            fresh, fresh_total = _rss_mib(pids)
+            socks = _idle_connections(port, IDLE_CONNECTIONS)
+            try:
+                time.sleep(0.5)
+                largest, total = _rss_mib(_tree(pid))
+            finally:
+                for sock in socks:
+                    sock.close()
+            per_conn_kib = (total - fresh_total) * 1024 / IDLE_CONNECTIONS
+            return Sample(
+                rate=per_conn_kib, rss_mib=largest, rss_total_mib=total, fresh_rss_mib=fresh
+            )
+        if scenario.kind == "ws":
+            try:
+                _ws(port, min(warmup, 1.0))
+            except (RuntimeError, ValueError) as exc:
+                return Sample(rate=None, note=f"n/a ({exc})")
+        elif warmup > 0:
+            _wrk(scenario, port, warmup, lua_path)
+        pids = _tree(pid)
+        cpu0, t0 = _cpu_seconds(pids), time.monotonic()
+        if scenario.kind == "ws":
+            result = _ws(port, seconds)
+            sample = Sample(
+                rate=result["rate"],
+                p50_ms=result["p50_ms"],
+                p99_ms=result["p99_ms"],
+                errors=int(result["errors"]),
+            )
+        else:
+            sample = parse_wrk(_wrk(scenario, port, seconds, lua_path))
+        pids = _tree(pid)
+        sample.cpu_percent = 100 * (_cpu_seconds(pids) - cpu0) / (time.monotonic() - t0)
+        sample.rss_mib, sample.rss_total_mib = _rss_mib(pids)
+        return sample
+
+
+# -- aggregation and tables (pure) ----------------------------------------------------------
+
+
+@dataclass
+class Row:
+    server: str
+    rate: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    errors: int
+    cpu_percent: float | None
+    rss_mib: float | None
+    rss_total_mib: float | None
+    fresh_rss_mib: float | None
+    ratios: dict[str, float | None] = field(default_factory=dict)
+    note: str = ""
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def aggregate(
+    samples: dict[str, list[Sample]],
+    references: Sequence[str] = REFERENCES,
+    *,
+    higher_is_better: bool = True,
+) -> list[Row]:
+    """Medians over rounds; ratios to each reference paired round by round, then median.
+
+    ``samples[server][i]`` is round ``i``. For lower-is-better metrics (memory per
+    connection) the ratio is still ``server / reference``.
+    """
+    del higher_is_better  # the ratio's direction is explained in the table's caption
+    rows = []
+    for server, rounds in samples.items():
+        ratios: dict[str, float | None] = {}
+        for ref in references:
+            ref_rounds = samples.get(ref)
+            paired = []
+            if ref_rounds is not None:
+                for mine, theirs in zip(rounds, ref_rounds, strict=False):
+                    if mine.rate is not None and theirs.rate:
+                        paired.append(mine.rate / theirs.rate)
+            ratios[ref] = statistics.median(paired) if paired else None
+        notes = {s.note for s in rounds if s.note}
+        rows.append(
+            Row(
+                server=server,
+                rate=_median(s.rate for s in rounds),
+                p50_ms=_median(s.p50_ms for s in rounds),
+                p99_ms=_median(s.p99_ms for s in rounds),
+                errors=sum(s.errors for s in rounds),
+                cpu_percent=_median(s.cpu_percent for s in rounds),
+                rss_mib=_median(s.rss_mib for s in rounds),
+                rss_total_mib=_median(s.rss_total_mib for s in rounds),
+                fresh_rss_mib=_median(s.fresh_rss_mib for s in rounds),
+                ratios=ratios,
+                note="; ".join(sorted(notes)),
+            )
+        )
+    return rows
+
+
+def _fmt(value: float | None, spec: str = ",.0f", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def render_scenario(scenario: Scenario, rows: Sequence[Row]) -> str:
+    """One markdown table for one scenario."""
+    refs = [r for r in REFERENCES if any(row.server == r for row in rows)]
+    lines = [f"### {scenario.name}: {scenario.title}", ""]
+    if scenario.kind == "idle":
+        header = ["server", "KiB per idle conn", "fresh RSS MiB", "RSS with conns MiB (total)"]
+        header += [f"x {r}" for r in refs]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            cells = [
+                row.server,
+                _fmt(row.rate, ".1f", row.note or "-"),
+                _fmt(row.fresh_rss_mib, ".1f"),
+                f"{_fmt(row.rss_mib, '.1f')} ({_fmt(row.rss_total_mib, '.1f')})",
+            ]
+            cells += [_fmt(row.ratios.get(r), ".2f") for r in refs]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Ratios are memory per connection relative to the reference (lower is better).",
+        ]
+        return "\n".join(lines)
+    header = [
+        "server",
+        f"{scenario.unit} (median)",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "server CPU %",
+        "RSS MiB (total)",
+    ]
+    header += [f"x {r}" for r in refs]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            row.server,
+            _fmt(row.rate, ",.0f", row.note or "-"),
+            _fmt(row.p50_ms, ".2f"),
+            _fmt(row.p99_ms, ".2f"),
+            str(row.errors) if row.rate is not None else "-",
+            _fmt(row.cpu_percent, ".0f"),
+            f"{_fmt(row.rss_mib, '.1f')} ({_fmt(row.rss_total_mib, '.1f')})"
+            if row.rss_mib is not None
+            else "-",
+        ]
+        cells += [_fmt(row.ratios.get(r), ".2f") for r in refs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_overview(scenarios: Sequence[Scenario], results: dict[str, list[Row]]) -> str:
+    """Overview: median rate per scenario, then ratios to each reference."""
+    names = [s.name for s in scenarios if s.name in results]
+    servers: list[str] = []
+    for name in names:
+        for row in results[name]:
+            if row.server not in servers:
+                servers.append(row.server)
+    by = {(name, row.server): row for name in names for row in results[name]}
+
+    def table(title: str, cell: Callable[[Row | None, Scenario], str]) -> list[str]:
+        out = [
+            f"#### {title}",
+            "",
+            "| server | " + " | ".join(names) + " |",
+            "|" + "---|" * (len(names) + 1),
+        ]
+        for server in servers:
+            cells = [cell(by.get((n, server)), SCENARIOS[n]) for n in names]
+            out.append(f"| {server} | " + " | ".join(cells) + " |")
+        return [*out, ""]
+
+    def rate(row: Row | None, scenario: Scenario) -> str:
+        if row is None or row.rate is None:
+            return "n/a" if row is not None and row.note.startswith("n/a") else "-"
+        return _fmt(row.rate, ".1f" if scenario.kind == "idle" else ",.0f")
+
+    lines = table("Median (req/s; ws: msg/s; idle: KiB per connection, lower is better)", rate)
+    for ref in REFERENCES:
+        lines += table(
+            f"Ratio to {ref} (paired per round, median)",
+            lambda row, _s, ref=ref: "-" if row is None else _fmt(row.ratios.get(ref), ".2f"),
+        )
+    return "\n".join(lines)
+
+
+# -- environment ----------------------------------------------------------------------------
+
+
+def machine_info() -> list[str]:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kib / 1024 / 1024:.0f} GiB RAM"
+    versions = []
+    for dist in (
+        "trioserve",
+        "trio",
+        "h11",
+        "wsproto",
+        "uvicorn",
+        "hypercorn",
+        "httptools",
+        "uvloop",
+        "fastapi",
+        "starlette",
+        "pydantic",
+    ):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist} (missing)")
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    wrk_line = (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else "?"
+    load = os.getloadavg()
+    return [
+        f"- Machine: {platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}){mem}.",
+        f"- Python {platform.python_version()}; " + ", ".join(versions) + ".",
+        f"- Load generator: {wrk_line.strip()}; WebSocket: bench/ws_load.py.",
+        f"- Load average when the run ended: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
+    ]
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def run(
+    servers: Sequence[str], scenarios: Sequence[str], rounds: int, seconds: float, warmup: float
+) -> tuple[str, dict[str, list[Row]]]:
+    results: dict[str, list[Row]] = {}
+    sections = []
+    workdir = Path(tempfile.gettempdir()) / "trioserve-bench"  # server logs stay for a look
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir()
+    for scenario_name in scenarios:
+        scenario = SCENARIOS[scenario_name]
+        samples: dict[str, list[Sample]] = {name: [] for name in servers}
+        for round_no in range(rounds):
+            for name in servers:
+                try:
+                    sample = measure(SERVERS[name], scenario, seconds, warmup, workdir)
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                    sample = Sample(rate=None, note=f"failed: {exc}")
+                samples[name].append(sample)
+                print(
+                    f"[{scenario.name} round {round_no + 1}/{rounds}] {name}: "
+                    f"{_fmt(sample.rate, ',.1f', sample.note or '-')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        rows = aggregate(samples)
+        results[scenario.name] = rows
+        sections.append(render_scenario(scenario, rows))
+    used = [SCENARIOS[s] for s in scenarios]
+    report = "\n\n".join([render_overview(used, results), *sections])
+    return report, results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark trioserve against its peers.")
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s (smoke use)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--duration", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument(
+        "--output",
+        default=None,
+        help=f"markdown file (default: {RESULTS_PATH.name} unless --quick)",
+    )
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
+    seconds = args.duration or (2.0 if args.quick else 3.0)
+    warmup = 1.0
+    servers = [s for s in args.servers.split(",") if s]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in servers if s not in SERVERS] + [
+        s for s in scenarios if s not in SCENARIOS
+    ]
+    if unknown:
+        parser.error(f"unknown server or scenario: {', '.join(unknown)}")
+    if shutil.which("wrk") is None or shutil.which("taskset") is None:
+        parser.error("wrk and taskset are required (make bench installs wrk)")
+    if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
+        parser.error("needs 2 CPUs: the server runs on CPU 0, the load on CPU 1")
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {int(LOAD_CPU)})  # this harness and its clients stay off CPU 0
+    started = datetime.datetime.now(datetime.timezone.utc)
+    report, _ = run(servers, scenarios, rounds, seconds, warmup)
+    header = [
+        "# trioserve benchmark results",
+        "",
+        f"Generated by `{' '.join(['python bench/bench.py', *(argv or sys.argv[1:])])}` "
+        f"on {started:%Y-%m-%d %H:%M} UTC: {rounds} interleaved round(s) of {seconds:g} s per "
+        f"server and scenario, {CONNECTIONS} connections, server pinned to CPU {SERVER_CPU}, "
+        f"load to CPU {LOAD_CPU}. Ratios are paired per round, then the median is taken.",
+        "",
+        *machine_info(),
+        "",
+    ]
+    text = "\n".join(header) + "\n" + report + "\n"
+    print(text)
+    output = args.output or (None if args.quick else str(RESULTS_PATH))
+    if output:
+        Path(output).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,561 @@
+"""--app-loop asyncio: asyncio-bound apps on the trio server through trio-asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import sniffio
+import trio
+import trio.testing
+import trio_asyncio
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from wire import Client, connect, header, read_until_eof
+
+from trioserve import Config, Server, serve
+from trioserve.testing import WebSocketClosed, running
+
+# -- the asyncio-bound FastAPI app ----------------------------------------------------------
+
+
+async def echo_handler(stream: trio.SocketStream) -> None:
+    """A trio echo server: what an asyncio client library would talk to."""
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            async for data in stream:
+                await stream.send_all(data)
+
+
+@contextlib.asynccontextmanager
+async def open_echo_server() -> AsyncIterator[int]:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, echo_handler, 0, host="127.0.0.1"))
+        try:
+            yield listeners[0].socket.getsockname()[1]
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def make_asyncio_app(
+    echo_port: int = 0,
+    ws_events: list[str] | None = None,
+    ws_done: trio.Event | None = None,
+) -> FastAPI:
+    """A FastAPI app that only works on an asyncio event loop."""
+    ws_events = [] if ws_events is None else ws_events
+    ws_done = trio.Event() if ws_done is None else ws_done
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        # asyncio objects made at startup and used by every request: they must all live
+        # on the one loop the server keeps open.
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        counter = asyncio.create_task(count_forever(queue))
+        yield {"queue": queue, "startup_loop": asyncio.get_running_loop()}
+        counter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await counter
+
+    async def count_forever(queue: asyncio.Queue[int]) -> None:
+        n = 0
+        while True:
+            n += 1
+            await queue.put(n)
+            await asyncio.sleep(0.001)
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/info")
+    async def info(request: Request) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        return {
+            "library": sniffio.current_async_library(),
+            "loop": type(loop).__name__,
+            "same_loop_as_startup": loop is request.state.startup_loop,
+            "in_task": asyncio.current_task() is not None,
+        }
+
+    @app.get("/work")
+    async def work(request: Request) -> dict[str, Any]:
+        await asyncio.sleep(0.001)
+        local: asyncio.Queue[str] = asyncio.Queue()
+        await local.put("queued")
+        from_startup = await request.state.queue.get()
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", echo_port)
+            try:
+                writer.write(b"ping over asyncio")
+                await writer.drain()
+                echoed = await reader.readexactly(len(b"ping over asyncio"))
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        timed_out = False
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(10)
+        except TimeoutError:
+            timed_out = True
+        return {
+            "queue": await local.get(),
+            "from_startup": from_startup > 0,
+            "echo": echoed.decode(),
+            "timed_out": timed_out,
+        }
+
+    @app.get("/sync")
+    def sync_endpoint() -> dict[str, str]:
+        # FastAPI runs `def` endpoints in anyio's thread pool, on its asyncio backend.
+        return {"thread": "ok"}
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        # Messages go through an asyncio.Queue to an asyncio task that echoes them back.
+        await websocket.accept()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def echo() -> None:
+            while (text := await queue.get()) is not None:
+                async with asyncio.timeout(5):
+                    await asyncio.sleep(0.001)
+                await websocket.send_text(f"{sniffio.current_async_library()}: {text}")
+
+        task = asyncio.create_task(echo())
+        try:
+            while True:
+                text = await websocket.receive_text()
+                if text == "fail":
+                    raise ValueError("boom in websocket")
+                await queue.put(text)
+        except WebSocketDisconnect:
+            await queue.put(None)
+            await task
+            ws_events.append("disconnected")
+            ws_done.set()
+
+    @app.get("/fail")
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("boom on asyncio")
+
+    return app
+
+
+async def get_json(client: Client, target: str) -> tuple[int, Any]:
+    response, body = await client.request("GET", target)
+    return response.status_code, json.loads(body) if body.startswith(b"{") else body
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+async def test_fastapi_app_runs_on_asyncio_loop_over_http() -> None:
+    with trio.fail_after(20):
+        async with (
+            open_echo_server() as echo_port,
+            running(make_asyncio_app(echo_port), app_loop="asyncio") as server,
+        ):
+            stream = await connect(("127.0.0.1", server.port))
+            async with stream:
+                client = Client(stream)
+                assert await get_json(client, "/info") == (
+                    200,
+                    {
+                        "library": "asyncio",
+                        "loop": "TrioEventLoop",
+                        "same_loop_as_startup": True,
+                        "in_task": True,
+                    },
+                )
+                # Twice on one keep-alive connection: each call is its own asyncio task.
+                for _ in range(2):
+                    assert await get_json(client, "/work") == (
+                        200,
+                        {
+                            "queue": "queued",
+                            "from_startup": True,
+                            "echo": "ping over asyncio",
+                            "timed_out": True,
+                        },
+                    )
+                assert await get_json(client, "/sync") == (200, {"thread": "ok"})
+
+
+async def test_same_app_on_trio_loop_fails_with_a_hint(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "trioserve")
+    with trio.fail_after(10):
+        async with running(
+            make_asyncio_app(), app_loop="trio", lifespan="off", raise_app_exceptions=False
+        ) as server:
+            stream = await connect(("127.0.0.1", server.port))
+            async with stream:
+                status, _ = await get_json(Client(stream), "/work")
+    assert status == 500
+    hints = [r for r in caplog.records if "--app-loop asyncio" in r.getMessage()]
+    assert len(hints) == 1
+    assert hints[0].levelno == logging.WARNING
+    assert "no running event loop" in hints[0].getMessage()
+    assert "\n" not in hints[0].getMessage()
+
+
+async def test_asyncio_lifespan_failure_under_trio_loop_is_hinted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """lifespan=auto would call this "lifespan unsupported"; the hint names the cause."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            asyncio.get_running_loop()  # e.g. creating an asyncpg pool
+        else:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    caplog.set_level(logging.INFO, "trioserve")
+    with trio.fail_after(10):
+        async with running(app, lifespan="auto"):
+            pass
+    assert any("--app-loop asyncio" in r.getMessage() for r in caplog.records)
+
+
+async def test_unrelated_app_error_gets_no_hint(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "trioserve")
+    with trio.fail_after(10):
+        async with running(
+            make_asyncio_app(), app_loop="asyncio", raise_app_exceptions=False
+        ) as server:
+            stream = await connect(("127.0.0.1", server.port))
+            async with stream:
+                client = Client(stream)
+                response, _ = await client.request("GET", "/fail")
+                assert response.status_code == 500
+                # The server goes on serving after an asyncio-side exception.
+                status, body = await get_json(client, "/info")
+                assert status == 200
+                assert body["library"] == "asyncio"
+    # The app's own exception object reaches the server, as on trio.
+    assert [type(e) for e in server.app_exceptions] == [ValueError]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
+    assert isinstance(errors[0].exc_info[1], ValueError)
+    assert not any("--app-loop" in r.getMessage() for r in caplog.records)
+
+
+async def test_app_cancelling_its_own_task_is_an_app_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio.CancelledError is a BaseException: it must not escape into the server."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(1)
+
+    caplog.set_level(logging.ERROR, "trioserve")
+    with trio.fail_after(10):
+        async with running(
+            app, app_loop="asyncio", lifespan="off", raise_app_exceptions=False
+        ) as server:
+            for _ in range(2):
+                stream = await connect(("127.0.0.1", server.port))
+                async with stream:
+                    response, _ = await Client(stream).request("GET", "/")
+                    assert response.status_code == 500
+    assert sum(r.getMessage() == "Exception in ASGI application" for r in caplog.records) == 2
+
+
+# -- WebSocket -------------------------------------------------------------------------------
+
+
+async def test_fastapi_websocket_on_asyncio_loop() -> None:
+    events: list[str] = []
+    done = trio.Event()
+    with trio.fail_after(10):
+        async with running(
+            make_asyncio_app(ws_events=events, ws_done=done), app_loop="asyncio"
+        ) as server:
+            async with server.websocket("/ws") as ws:
+                for text in ("one", "two"):
+                    await ws.send_text(text)
+                    assert await ws.receive_text() == f"asyncio: {text}"
+            # The client's close reaches the app as WebSocketDisconnect, in asyncio.
+            await done.wait()
+    assert events == ["disconnected"]
+
+
+async def test_asyncio_exception_in_websocket_closes_1011() -> None:
+    with trio.fail_after(10):
+        async with (
+            running(make_asyncio_app(), app_loop="asyncio", raise_app_exceptions=False) as server,
+            server.websocket("/ws") as ws,
+        ):
+            await ws.send_text("fail")
+            with pytest.raises(WebSocketClosed) as closed:
+                await ws.receive()
+            assert closed.value.code == 1011
+    assert [type(e) for e in server.app_exceptions] == [ValueError]
+
+
+# -- cancellation across the bridge ------------------------------------------------------------
+
+
+async def test_client_disconnect_reaches_the_asyncio_task() -> None:
+    """http.disconnect crosses trio → asyncio; the app's cancellation stays in asyncio."""
+    events: list[str] = []
+    work_cancelled = trio.Event()
+
+    async def long_work() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            events.append("work cancelled")
+            work_cancelled.set()
+            raise
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        assert (await receive())["type"] == "http.request"
+        work = asyncio.create_task(long_work())
+        listener = asyncio.create_task(receive())  # receive() is a real coroutine
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"working", "more_body": True})
+        done, _ = await asyncio.wait({work, listener}, return_when=asyncio.FIRST_COMPLETED)
+        assert listener in done
+        events.append(listener.result()["type"])
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+
+    with trio.fail_after(10):
+        async with running(app, app_loop="asyncio", lifespan="off") as server:
+            stream = await connect(("127.0.0.1", server.port))
+            client = Client(stream)
+            await client.send_raw(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            response = await client.next_event()
+            assert response.status_code == 200
+            assert (await client.next_event()).data == b"working"
+            await stream.aclose()
+            await work_cancelled.wait()
+    assert events == ["http.disconnect", "work cancelled"]
+
+
+async def test_graceful_shutdown_deadline_cancels_the_asyncio_task(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """trio → asyncio: the drain deadline cancels the app's asyncio task and waits for it."""
+    started = trio.Event()
+    events: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            await asyncio.sleep(0.5)  # asyncio cleanup still runs before serve() returns
+            events.append("cleanup done")
+            raise
+
+    async with running(
+        app, app_loop="asyncio", lifespan="off", timeout_graceful_shutdown=2.0
+    ) as server:
+        stream = await connect(("127.0.0.1", server.port))
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            await started.wait()
+            before = trio.current_time()
+            await server.drain()
+            assert 2.0 <= trio.current_time() - before < 3.0
+            assert events == ["cancelled", "cleanup done"]
+            assert await read_until_eof(stream) == b""
+
+
+async def test_asyncio_timeout_on_receive_leaves_connection_usable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """asyncio → trio: a cancelled receive() had no effect; the next request is served."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                message = await receive()
+            body = b"got " + message["body"]
+        except TimeoutError:
+            body = b"timed out"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async with running(app, app_loop="asyncio", lifespan="off") as server:
+        stream = await connect(("127.0.0.1", server.port))
+        async with stream:
+            client = Client(stream)
+            conn = client.conn
+            await client.send_raw(
+                conn.send(
+                    h11.Request(
+                        method="POST", target="/", headers=[("host", "x"), ("content-length", "5")]
+                    )
+                )
+            )
+            response, body = await client.read_response()
+            assert (response.status_code, body) == (200, b"timed out")
+            # The body arrives late: the server drains it and reuses the connection.
+            await client.send_raw(
+                conn.send(h11.Data(data=b"hello")) + conn.send(h11.EndOfMessage())
+            )
+            conn.start_next_cycle()
+            response, body = await client.request("POST", "/", body=b"abc")
+            assert (response.status_code, body) == (200, b"got abc")
+
+
+# -- lifespan, embedding, process ------------------------------------------------------------
+
+
+async def test_lifespan_state_and_shutdown_through_the_bridge() -> None:
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        lock = asyncio.Lock()  # loop-bound once used
+        async with lock:
+            events.append(f"startup on {sniffio.current_async_library()}")
+        yield {"lock": lock, "loop": asyncio.get_running_loop()}
+        async with lock:
+            await asyncio.sleep(0.01)
+            events.append(f"shutdown on {sniffio.current_async_library()}")
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/")
+    async def root(request: Request) -> dict[str, bool]:
+        async with request.state.lock:
+            return {"same_loop": asyncio.get_running_loop() is request.state.loop}
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            config = Config(port=0, app_loop="asyncio", lifespan="on", access_log=False)
+            server: Server = await nursery.start(serve, app, config)
+            stream = await connect(("127.0.0.1", server.port))
+            async with stream:
+                assert await get_json(Client(stream), "/") == (200, {"same_loop": True})
+            await server.shutdown()
+    assert events == ["startup on asyncio", "shutdown on asyncio"]
+
+
+async def test_embedding_reuses_an_already_open_loop() -> None:
+    seen: list[object] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(asyncio.get_running_loop())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with trio.fail_after(10):
+        async with (
+            trio_asyncio.open_loop() as loop,
+            running(app, app_loop="asyncio", lifespan="off") as server,
+        ):
+            stream = await connect(("127.0.0.1", server.port))
+            async with stream:
+                response, _ = await Client(stream).request()
+                assert response.status_code == 204
+    assert seen == [loop]
+
+
+async def test_trio_loop_is_the_default_and_untouched() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = sniffio.current_async_library().encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    with trio.fail_after(10):
+        async with running(app, lifespan="off") as server:
+            stream = await connect(("127.0.0.1", server.port))
+            async with stream:
+                response, body = await Client(stream).request()
+    assert body == b"trio"
+    assert header(response, b"server") == b"trioserve"
+
+
+CLI_APP = textwrap.dedent("""
+    import asyncio
+    import sniffio
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/")
+    async def root():
+        await asyncio.sleep(0.001)
+        return {"library": sniffio.current_async_library()}
+""")
+
+
+async def test_cli_app_loop_asyncio_subprocess(tmp_path: Path) -> None:
+    (tmp_path / "aioapp.py").write_text(CLI_APP)
+    sock = str(tmp_path / "s.sock")
+    command = [
+        sys.executable,
+        "-m",
+        "trioserve",
+        "aioapp:app",
+        "--app-dir",
+        str(tmp_path),
+        "--uds",
+        sock,
+        "--app-loop",
+        "asyncio",
+        "--no-access-log",
+    ]
+    log = tmp_path / "stderr.log"
+    with trio.fail_after(30), log.open("wb") as stderr:
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process, command, check=False, stdout=subprocess.DEVNULL, stderr=stderr
+                )
+            )
+            try:
+                while not os.path.exists(sock):
+                    assert process.returncode is None, log.read_text()
+                    await trio.sleep(0.05)
+                stream = await connect(sock)
+                async with stream:
+                    response, body = await Client(stream).request()
+                assert response.status_code == 200
+                assert json.loads(body) == {"library": "asyncio"}
+            finally:
+                process.send_signal(signal.SIGTERM)
+    assert process.returncode == 0, log.read_text()

@@ -1,0 +1,145 @@
+"""The benchmark harness's pure parts: wrk output parsing, round aggregation, tables.
+
+No timing is asserted here (or anywhere in the tests): these only check that
+``bench/bench.py`` reads its tools' output and renders what it measured correctly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("trioserve_bench", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while decorating
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:8000/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     3.45ms  512.00us  20.10ms   90.00%
+    Req/Sec    14.50k   300.00    15.00k    80.00%
+  Latency Distribution
+     50%  812.00us
+     75%    3.60ms
+     90%    4.00ms
+     99%    1.20s
+  43500 requests in 3.00s, 5.90MB read
+  Socket errors: connect 1, read 2, write 3, timeout 4
+  Non-2xx or 3xx responses: 5
+Requests/sec:  14500.25
+Transfer/sec:      1.97MB
+"""
+
+
+def test_parse_wrk_reads_rate_percentiles_and_errors() -> None:
+    sample = bench.parse_wrk(WRK_OUTPUT)
+    assert sample.rate == pytest.approx(14500.25)
+    assert sample.p50_ms == pytest.approx(0.812)
+    assert sample.p99_ms == pytest.approx(1200.0)
+    assert sample.errors == 1 + 2 + 3 + 4 + 5
+
+
+def test_parse_wrk_without_errors_counts_zero() -> None:
+    clean = "\n".join(
+        line for line in WRK_OUTPUT.splitlines() if "errors" not in line and "Non-2xx" not in line
+    )
+    assert bench.parse_wrk(clean).errors == 0
+
+
+def test_parse_wrk_rejects_output_without_a_rate() -> None:
+    with pytest.raises(ValueError, match="Requests/sec"):
+        bench.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_aggregate_takes_medians_and_pairs_ratios_per_round() -> None:
+    sample = bench.Sample
+    samples = {
+        "trioserve": [
+            sample(rate=100.0, p99_ms=2.0),
+            sample(rate=300.0, p99_ms=4.0),
+            sample(rate=200.0, p99_ms=3.0, errors=1),
+        ],
+        "hypercorn-trio": [sample(rate=50.0), sample(rate=100.0), sample(rate=100.0)],
+        "uvicorn-h11": [sample(rate=100.0), sample(rate=100.0), sample(rate=400.0)],
+    }
+    rows = {row.server: row for row in bench.aggregate(samples)}
+    mine = rows["trioserve"]
+    assert mine.rate == 200.0
+    assert mine.p99_ms == 3.0
+    assert mine.errors == 1
+    # Per-round ratios to hypercorn: 2.0, 3.0, 2.0 -> median 2.0 (not 200 / 100).
+    assert mine.ratios["hypercorn-trio"] == 2.0
+    # Per-round ratios to uvicorn: 1.0, 3.0, 0.5 -> median 1.0.
+    assert mine.ratios["uvicorn-h11"] == 1.0
+    assert rows["uvicorn-h11"].ratios["uvicorn-h11"] == 1.0
+
+
+def test_aggregate_skips_rounds_without_a_value() -> None:
+    sample = bench.Sample
+    samples = {
+        "trioserve": [sample(rate=None, note="n/a (refused)")],
+        "uvicorn-h11": [sample(rate=10.0)],
+    }
+    rows = {row.server: row for row in bench.aggregate(samples)}
+    assert rows["trioserve"].rate is None
+    assert rows["trioserve"].ratios["uvicorn-h11"] is None
+    assert rows["trioserve"].note == "n/a (refused)"
+
+
+def test_render_tables_show_values_ratios_and_missing_cells() -> None:
+    sample = bench.Sample
+    samples = {
+        "trioserve": [
+            sample(
+                rate=12345.6,
+                p50_ms=1.5,
+                p99_ms=4.25,
+                cpu_percent=99.0,
+                rss_mib=30.0,
+                rss_total_mib=30.0,
+            )
+        ],
+        "uvicorn-h11": [sample(rate=10000.0, p50_ms=2.0, p99_ms=5.0)],
+        "trio-h11-min": [sample(rate=None, note="-")],
+    }
+    rows = bench.aggregate(samples)
+    table = bench.render_scenario(bench.SCENARIOS["hello"], rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("### hello")
+    assert "| trioserve | 12,346 | 1.50 | 4.25 | 0 | 99 | 30.0 (30.0) | 1.23 |" in lines
+    assert "| trio-h11-min | - | - | - | - | - | - | - |" in lines
+    overview = bench.render_overview([bench.SCENARIOS["hello"]], {"hello": rows})
+    assert "| trioserve | 12,346 |" in overview
+    assert "#### Ratio to uvicorn-h11" in overview
+    assert "| trioserve | 1.23 |" in overview
+
+
+def test_render_idle_table_reports_memory_per_connection() -> None:
+    rows = bench.aggregate(
+        {
+            "trioserve": [
+                bench.Sample(rate=6.5, fresh_rss_mib=27.0, rss_mib=33.5, rss_total_mib=33.5)
+            ],
+            "uvicorn-h11": [
+                bench.Sample(rate=6.5, fresh_rss_mib=28.0, rss_mib=34.5, rss_total_mib=34.5)
+            ],
+        }
+    )
+    table = bench.render_scenario(bench.SCENARIOS["idle"], rows)
+    assert "| trioserve | 6.5 | 27.0 | 33.5 (33.5) | 1.00 |" in table
+    assert "lower is better" in table

@@ -1,0 +1,537 @@
+"""The ``trioserve`` command: real subprocess runs, click CliRunner checks, option drift."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import trio
+from click.testing import CliRunner
+from server_process import CLI_APP, clean_env, running_process, started_process
+from wire import Client, connect, header
+
+from trioserve import Config, __version__
+from trioserve.cli import main
+from trioserve.errors import ConfigError
+
+ACCESS_RE = re.compile(r'127\.0\.0\.1:\d+ - "GET /x\?q=1 HTTP/1\.1" 200 \d+\.\dms')
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "cliapp.py").write_text(CLI_APP)
+    return tmp_path
+
+
+def app_args(app_dir: Path, *extra: str, target: str = "cliapp:app") -> list[str]:
+    return [target, "--app-dir", str(app_dir), *extra]
+
+
+async def get(address: tuple[str, int] | str, target: str = "/") -> tuple[Any, bytes]:
+    async with await connect(address) as stream:
+        return await Client(stream).request(target=target)
+
+
+async def stop(server: Any) -> int:
+    server.signal(signal.SIGTERM)
+    return int(await server.finish())
+
+
+# -- startup line, access log, exit code ------------------------------------------------
+
+
+@pytest.mark.parametrize("console_script", [False, True], ids=["python-m", "console-script"])
+async def test_port_zero_prints_the_real_port_and_logs_each_request(
+    app_dir: Path, console_script: bool
+) -> None:
+    async with started_process(
+        app_args(app_dir, "--port", "0"), console_script=console_script
+    ) as server:
+        assert server.port != 0
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        response, body = await get(("127.0.0.1", server.port), "/x?q=1")
+        assert (response.status_code, body) == (200, b"hello")
+        await server.wait_for(ACCESS_RE, which="stdout")
+        assert await stop(server) == 0
+    assert len(ACCESS_RE.findall(server.stdout)) == 1
+    assert "app: shutdown" in server.stderr
+
+
+async def test_no_access_log(app_dir: Path) -> None:
+    async with started_process(app_args(app_dir, "--port", "0", "--no-access-log")) as server:
+        response, _ = await get(("127.0.0.1", server.port), "/x?q=1")
+        assert response.status_code == 200
+        assert await stop(server) == 0
+    assert '"GET' not in server.stdout + server.stderr
+
+
+async def test_log_level_debug_shows_debug_lines(app_dir: Path) -> None:
+    async with started_process(app_args(app_dir, "--port", "0", "--log-level", "debug")) as srv:
+        assert await stop(srv) == 0
+    assert re.search(r"DEBUG: +listening on http://127\.0\.0\.1:\d+", srv.stderr)
+
+
+def free_port(family: socket.AddressFamily = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_connectable(port: int) -> None:
+    with trio.fail_after(15):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+async def test_log_level_warning_hides_info_and_access_lines(app_dir: Path) -> None:
+    port = free_port()
+    async with running_process(
+        app_args(app_dir, "--port", str(port), "--log-level", "warning")
+    ) as server:
+        await wait_connectable(port)
+        response, _ = await get(("127.0.0.1", port), "/x?q=1")
+        assert response.status_code == 200
+        assert await stop(server) == 0
+    assert "INFO" not in server.stderr
+    assert server.stdout == ""
+
+
+LOG_CONFIG_DICT = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"custom": {"format": "CUSTOM %(name)s %(levelname)s %(message)s"}},
+    "handlers": {
+        "err": {
+            "class": "logging.StreamHandler",
+            "formatter": "custom",
+            "stream": "ext://sys.stderr",
+        },
+    },
+    "loggers": {
+        "trioserve": {"handlers": ["err"], "level": "INFO", "propagate": False},
+    },
+}
+LOG_CONFIG_INI = """
+[loggers]
+keys=root,trioserve
+
+[handlers]
+keys=err
+
+[formatters]
+keys=custom
+
+[logger_root]
+level=WARNING
+handlers=
+
+[logger_trioserve]
+level=INFO
+handlers=err
+propagate=0
+qualname=trioserve
+
+[handler_err]
+class=StreamHandler
+formatter=custom
+args=(sys.stderr,)
+
+[formatter_custom]
+format=CUSTOM %(name)s %(levelname)s %(message)s
+"""
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml", ".ini"])
+async def test_log_config_file(app_dir: Path, suffix: str) -> None:
+    path = app_dir / f"logging{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(LOG_CONFIG_DICT))
+    elif suffix == ".yaml":
+        yaml = pytest.importorskip("yaml")  # an extra of [test]; the json case runs anyway
+        path.write_text(yaml.safe_dump(LOG_CONFIG_DICT))
+    else:
+        path.write_text(LOG_CONFIG_INI)
+    async with started_process(
+        app_args(app_dir, "--port", "0", "--log-config", str(path))
+    ) as server:
+        response, _ = await get(("127.0.0.1", server.port), "/x?q=1")
+        assert response.status_code == 200
+        assert await stop(server) == 0
+    assert re.search(r"CUSTOM trioserve\.\S+ INFO trioserve running on", server.stderr)
+    # The access logger is a child of "trioserve": the file's handler formats it too.
+    assert re.search(r"CUSTOM trioserve\.access INFO " + ACCESS_RE.pattern, server.stderr)
+
+
+async def test_env_file_is_loaded_before_the_app(app_dir: Path) -> None:
+    env_file = app_dir / "app.env"
+    env_file.write_text("FROM_ENV_FILE=loaded\n")
+    args = app_args(app_dir, "--port", "0", "--env-file", str(env_file))
+    async with started_process(args) as server:
+        _, body = await get(("127.0.0.1", server.port), "/scope")
+        assert await stop(server) == 0
+    assert json.loads(body)["env"] == "loaded"
+
+
+async def test_header_options(app_dir: Path) -> None:
+    args = app_args(
+        app_dir,
+        "--port",
+        "0",
+        "--header",
+        "X-A: 1",
+        "--header",
+        "x-b:two",
+        "--no-server-header",
+        "--no-date-header",
+    )
+    async with started_process(args) as server:
+        response, _ = await get(("127.0.0.1", server.port))
+        assert await stop(server) == 0
+    assert header(response, b"x-a") == b"1"
+    assert header(response, b"x-b") == b"two"
+    assert header(response, b"server") is None
+    assert header(response, b"date") is None
+
+
+async def test_server_and_date_headers_by_default(app_dir: Path) -> None:
+    async with started_process(app_args(app_dir, "--port", "0")) as server:
+        response, _ = await get(("127.0.0.1", server.port))
+        assert await stop(server) == 0
+    assert header(response, b"server") == b"trioserve"
+    assert header(response, b"date") is not None
+
+
+async def test_root_path(app_dir: Path) -> None:
+    async with started_process(app_args(app_dir, "--port", "0", "--root-path", "/api")) as srv:
+        _, body = await get(("127.0.0.1", srv.port), "/scope")
+        assert await stop(srv) == 0
+    assert json.loads(body)["root_path"] == "/api"
+
+
+async def test_uds(app_dir: Path) -> None:
+    path = str(app_dir / "s.sock")
+    async with started_process(app_args(app_dir, "--uds", path)) as server:
+        assert server.url == f"unix:{path}"
+        response, body = await get(path, "/scope")
+        assert response.status_code == 200
+        assert await stop(server) == 0
+    assert json.loads(body)["server"] == [path, None]
+    assert not Path(path).exists()  # removed on exit
+
+
+async def test_fd_serves_an_inherited_socket(app_dir: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        fd = sock.fileno()
+        args = app_args(app_dir, "--fd", str(fd))
+        async with started_process(args, pass_fds=[fd]) as server:
+            assert server.port == port
+            response, _ = await get(("127.0.0.1", port))
+            assert response.status_code == 200
+            assert await stop(server) == 0
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the backlog")
+async def test_backlog_is_passed_to_listen(app_dir: Path) -> None:
+    async with started_process(app_args(app_dir, "--port", "0", "--backlog", "7")) as server:
+        ss = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{server.port}"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        assert await stop(server) == 0
+    # For a listening socket ss shows the backlog in the Send-Q column.
+    columns = ss.stdout.split()
+    assert (columns[0], columns[2]) == ("LISTEN", "7")
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_ipv6_host(app_dir: Path) -> None:
+    async with started_process(app_args(app_dir, "--host", "::1", "--port", "0")) as server:
+        assert server.url == f"http://[::1]:{server.port}"
+        response, body = await get(("::1", server.port), "/scope")
+        assert await stop(server) == 0
+    assert response.status_code == 200
+    assert json.loads(body)["server"] == ["::1", server.port]
+
+
+async def test_trioserve_environment_variables(app_dir: Path) -> None:
+    env = clean_env(
+        TRIOSERVE_APP="cliapp:app",
+        TRIOSERVE_APP_DIR=str(app_dir),
+        TRIOSERVE_PORT="0",
+        TRIOSERVE_ACCESS_LOG="false",
+        TRIOSERVE_HEADER="X-From-Env:yes",
+        TRIOSERVE_ROOT_PATH="/env",
+    )
+    async with started_process([], env=env) as server:
+        response, body = await get(("127.0.0.1", server.port), "/scope")
+        assert await stop(server) == 0
+    assert header(response, b"x-from-env") == b"yes"
+    assert json.loads(body)["root_path"] == "/env"
+    assert '"GET' not in server.stdout
+
+
+async def test_factory_option(app_dir: Path) -> None:
+    args = app_args(app_dir, "--port", "0", "--factory", target="cliapp:make_app")
+    async with started_process(args) as server:
+        response, _ = await get(("127.0.0.1", server.port))
+        assert await stop(server) == 0
+    assert response.status_code == 200
+
+
+# -- errors: one clear line, a non-zero exit code ---------------------------------------
+
+
+async def run_to_exit(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    async with running_process(args, env=env) as server:
+        code = await server.finish(timeout=15)
+    return code, server.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        pytest.param(
+            "cliapp",
+            'Import string "cliapp" must be in format "<module>:<attribute>".',
+            id="no-colon",
+        ),
+        pytest.param("nosuchmodule:app", 'Could not import module "nosuchmodule".', id="module"),
+        pytest.param(
+            "cliapp:nope", 'Attribute "nope" not found in module "cliapp".', id="attribute"
+        ),
+    ],
+)
+async def test_bad_import_string_exits_1_with_one_line(
+    app_dir: Path, target: str, message: str
+) -> None:
+    code, stderr = await run_to_exit(app_args(app_dir, "--port", "0", target=target))
+    assert code == 1
+    assert stderr.strip() == f"Error loading ASGI app. {message}"
+
+
+async def test_port_in_use_exits_1_with_one_line(app_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, stderr = await run_to_exit(app_args(app_dir, "--port", str(port)))
+    assert code == 1
+    error_lines = [line for line in stderr.splitlines() if line.startswith("Error")]
+    assert error_lines == [f"Error: cannot bind to 127.0.0.1:{port}: Address already in use"]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        pytest.param(
+            ["--uds", "/tmp/x.sock", "--fd", "3"],
+            {},
+            "Error: --uds and --fd are mutually exclusive",
+            id="uds-and-fd",
+        ),
+        pytest.param(
+            ["--port", "70000"],
+            {},
+            "Error: port must be between 0 and 65535, got 70000",
+            id="port-range",
+        ),
+        pytest.param(["--port", "abc"], {}, "'abc' is not a valid integer", id="port-type"),
+        pytest.param(["--lifespan", "maybe"], {}, "'maybe' is not one of", id="choice"),
+        pytest.param(
+            [],
+            {"WEB_CONCURRENCY": "0"},
+            "Error: workers must be between 1 and 4096, got 0",
+            id="web-concurrency",
+        ),
+        pytest.param(
+            [],
+            {"TRIOSERVE_PORT": "-5"},
+            "Error: port must be between 0 and 65535, got -5",
+            id="env-port",
+        ),
+    ],
+)
+async def test_bad_values_exit_2(
+    app_dir: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    code, stderr = await run_to_exit(app_args(app_dir, *args), env=clean_env(**env))
+    assert code == 2
+    assert message in stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr
+
+
+# -- in-process checks with click's CliRunner -------------------------------------------
+
+
+@pytest.fixture
+def runner() -> Iterator[CliRunner]:
+    """A CliRunner; the logging setup a run may install is undone afterwards."""
+    names = ("trioserve", "trioserve.access")
+    saved = [
+        (
+            logging.getLogger(n),
+            logging.getLogger(n).handlers[:],
+            logging.getLogger(n).level,
+            logging.getLogger(n).propagate,
+            logging.getLogger(n).disabled,
+        )
+        for n in names
+    ]
+    yield CliRunner()
+    for logger, handlers, level, propagate, disabled in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.disabled = disabled
+
+
+def test_click_options_match_config_fields() -> None:
+    destinations = {param.name for param in main.params if isinstance(param, click.Option)} - {
+        "version"
+    }
+    assert destinations == {f.name for f in dataclasses.fields(Config)}
+
+
+def test_every_option_reads_a_trioserve_environment_variable() -> None:
+    for param in main.params:
+        if isinstance(param, click.Option) and param.name != "version":
+            envvars = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+            assert f"TRIOSERVE_{str(param.name).upper()}" in envvars, param.name
+
+
+def test_version(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.startswith(f"trioserve {__version__} (Python ")
+
+
+def test_help_lists_uvicorn_flags(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for flag in (
+        "--host",
+        "--port",
+        "--uds",
+        "--fd",
+        "--app-dir",
+        "--factory",
+        "--root-path",
+        "--log-level",
+        "--access-log / --no-access-log",
+        "--log-config",
+        "--env-file",
+        "--lifespan",
+        "--header",
+        "--timeout-graceful-shutdown",
+        "--workers",
+    ):
+        assert flag in result.output, flag
+    assert "WEB_CONCURRENCY" in result.output
+
+
+def test_missing_app_argument_is_a_usage_error(runner: CliRunner) -> None:
+    result = runner.invoke(main, [], env={"TRIOSERVE_APP": None})
+    assert result.exit_code == 2
+    assert "Missing argument 'APP'" in result.output
+
+
+def test_conflicting_options_are_a_usage_error(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["main:app", "--uds", "/tmp/a.sock", "--fd", "3"])
+    assert result.exit_code == 2
+    assert "--uds and --fd are mutually exclusive" in result.output
+
+
+def test_bad_import_string_exit_code(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["nosuchmodule_cli:app", "--app-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert 'Could not import module "nosuchmodule_cli".' in result.output
+
+
+def test_missing_log_config_file_exit_code(runner: CliRunner, tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.json")
+    result = runner.invoke(main, ["main:app", "--log-config", missing])
+    assert result.exit_code == 2
+    assert f"log_config file not found: {missing}" in result.output
+
+
+def test_bool_value_option_takes_false(runner: CliRunner) -> None:
+    # --ws-per-message-deflate is on by default and takes a value, as uvicorn's does.
+    option = next(p for p in main.params if p.name == "ws_per_message_deflate")
+    assert isinstance(option, click.Option)
+    assert not option.is_flag
+    ctx = main.make_context("trioserve", ["main:app", "--ws-per-message-deflate", "false"])
+    assert ctx.params["ws_per_message_deflate"] is False
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "workers"),
+    [
+        pytest.param({}, [], 1, id="default"),
+        pytest.param({"WEB_CONCURRENCY": "3"}, [], 3, id="web-concurrency"),
+        pytest.param(
+            {"WEB_CONCURRENCY": "3", "TRIOSERVE_WORKERS": "2"}, [], 2, id="trioserve-wins"
+        ),
+        pytest.param({"WEB_CONCURRENCY": "3"}, ["--workers", "5"], 5, id="flag-wins"),
+    ],
+)
+def test_workers_from_environment(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], args: list[str], workers: int
+) -> None:
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    monkeypatch.delenv("TRIOSERVE_WORKERS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ctx = main.make_context("trioserve", ["main:app", *args])
+    assert ctx.params["workers"] == workers
+
+
+def test_run_rejects_unknown_options() -> None:
+    import trioserve
+
+    with pytest.raises(ConfigError, match="unknown option\\(s\\): prot"):
+        trioserve.run("main:app", prot=8000)
+
+
+async def test_run_serves_an_app_object(app_dir: Path) -> None:
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import trioserve, cliapp; "
+        "trioserve.run(cliapp.app, port=0, headers=['X-Run: 1'])"
+    )
+    async with started_process(["-c", script, str(app_dir)], python_args=True) as server:
+        response, _ = await get(("127.0.0.1", server.port))
+        assert await stop(server) == 0
+    assert header(response, b"x-run") == b"1"
+    assert "app: shutdown" in server.stderr

@@ -1,0 +1,444 @@
+"""Errors on the wire: app exceptions, invalid app messages, malformed and oversized
+requests, the concurrency limit, and client disconnects (STYLE.md §1.8)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from conftest import hello_app, run_server
+from rawhttp import Recorder, header, parse_responses, receive_until, send
+from wire import Client, connect, read_until_eof
+
+import trioserve
+from trioserve.errors import AppProtocolError
+
+EXACT = {"date_header": False, "server_header": False}
+SECRET = "secret-detail-1234"
+GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+GET_CLOSE = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+ERROR_500 = (
+    b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 22\r\nconnection: close\r\n\r\nInternal Server Error\n"
+)
+
+
+def error_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def fetch(server: trioserve.Server, raw: bytes = GET, *, bytewise: bool = False) -> bytes:
+    async with await connect(server.addresses[0]) as stream:
+        await send(stream, raw, bytewise=bytewise)
+        return await read_until_eof(stream)
+
+
+async def assert_still_serving(server: trioserve.Server) -> None:
+    async with await connect(server.addresses[0]) as stream:
+        response, _ = await Client(stream).request("GET", "/ok")
+    assert response.status_code == 200
+
+
+# -- the app raises ---------------------------------------------------------------------
+
+
+START = {"type": "http.response.start", "status": 200, "headers": []}
+
+
+async def raise_before_start(scope: Any, receive: Any, send_: Any) -> None:
+    raise RuntimeError(SECRET)
+
+
+async def raise_after_held_start(scope: Any, receive: Any, send_: Any) -> None:
+    await send_(START)  # held until the first body: a clean 500 is still possible
+    raise RuntimeError(SECRET)
+
+
+@pytest.mark.parametrize("app", [raise_before_start, raise_after_held_start])
+async def test_app_raising_before_response_gets_500_and_one_logged_traceback(
+    app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server)
+    assert data == ERROR_500
+    assert SECRET.encode() not in data and b"Traceback" not in data
+    [record] = error_records(caplog)
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
+    assert str(record.exc_info[1]) == SECRET
+    assert sum("Traceback" in (r.exc_text or "") or r.exc_info is not None
+               for r in caplog.records) == 1
+
+
+async def test_app_raising_in_exception_group_gets_500_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raise_before_start, scope, receive, send_)
+
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server)
+        await assert_still_serving(server)
+    assert data == ERROR_500
+    assert len(error_records(caplog)) == 1
+
+
+async def test_app_raising_after_response_started_truncates_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_(START)
+        await send_({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError(SECRET)
+
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server, GET + GET)
+        await assert_still_serving(server)
+    # The chunked body never ends and no second response follows: the client can tell.
+    assert data == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\npartial\r\n"
+    [record] = error_records(caplog)
+    assert record.exc_info is not None and str(record.exc_info[1]) == SECRET
+
+
+async def test_app_returning_without_response_gets_500(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        return
+
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server)
+    assert data == ERROR_500
+    [record] = error_records(caplog)
+    assert "without starting response" in record.getMessage()
+
+
+async def test_app_returning_mid_response_truncates(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_({**START, "headers": [(b"content-length", b"10")]})
+        await send_({"type": "http.response.body", "body": b"12345", "more_body": True})
+
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server, GET + GET)
+    assert data == b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345"
+    [record] = error_records(caplog)
+    assert "without completing response" in record.getMessage()
+
+
+# -- invalid messages from the app ------------------------------------------------------
+
+
+BODY = {"type": "http.response.body", "body": b"x"}
+
+INVALID_BEFORE_START = [
+    pytest.param([{"type": "http.response.bogus"}], id="unknown-type"),
+    pytest.param([{"type": "websocket.send", "text": "x"}], id="websocket-type"),
+    pytest.param(["not a dict"], id="not-a-dict"),
+    pytest.param([{"status": 200}], id="no-type"),
+    pytest.param([BODY], id="body-before-start"),
+    pytest.param([{**START, "status": "200"}], id="status-str"),
+    pytest.param([{**START, "status": None}], id="status-none"),
+    pytest.param([{**START, "headers": [("content-type", "text/plain")]}], id="header-str"),
+    pytest.param([{**START, "headers": [(b"x", 1)]}], id="header-value-int"),
+    pytest.param([{**START, "headers": [(b"x\r\ny", b"1")]}, BODY], id="header-crlf"),
+    pytest.param([START, {"type": "http.response.body", "body": "text"}], id="body-str"),
+    pytest.param([START, START], id="start-twice"),
+]
+
+
+@pytest.mark.parametrize("messages", INVALID_BEFORE_START)
+async def test_invalid_message_before_response_is_logged_and_answered_500(
+    messages: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    raised: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        try:
+            for message in messages:
+                await send_(message)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server, GET + GET)
+        await assert_still_serving(server)
+    [exc] = raised
+    assert isinstance(exc, AppProtocolError)
+    [record] = error_records(caplog)
+    assert record.exc_info is not None and record.exc_info[1] is exc
+    assert data == ERROR_500
+
+
+async def test_body_contradicting_content_length_closes_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_({**START, "headers": [(b"content-length", b"3")]})
+        await send_({"type": "http.response.body", "body": b"toolong"})
+
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server, GET + GET)
+        await assert_still_serving(server)
+    # Nothing reached the wire; h11 refused the body, so the connection is just closed.
+    assert data in (b"", ERROR_500)
+    [record] = error_records(caplog)
+    assert isinstance(record.exc_info[1] if record.exc_info else None, AppProtocolError)
+
+
+async def test_invalid_message_after_response_started_closes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_(START)
+        await send_({"type": "http.response.body", "body": b"ab", "more_body": True})
+        await send_({"type": "http.response.body", "body": 42})
+
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server, GET + GET)
+        await assert_still_serving(server)
+    assert data == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n"
+    [record] = error_records(caplog)
+    assert isinstance(record.exc_info[1] if record.exc_info else None, AppProtocolError)
+
+
+async def test_send_after_response_complete_raises_in_the_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    raised: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_(START)
+        await send_({"type": "http.response.body", "body": b"done"})
+        try:
+            await send_({"type": "http.response.body", "body": b"more"})
+        except AppProtocolError as exc:
+            raised.append(exc)
+            raise
+
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server, GET_CLOSE)
+    assert data == b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 4\r\n\r\ndone"
+    assert len(raised) == 1
+    assert len(error_records(caplog)) == 1
+
+
+# -- malformed and oversized requests ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, id="tls"),
+        pytest.param(b"HELLO\r\n\r\n", id="garbage-line"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\nno-colon\r\n\r\n", id="no-colon"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\n: empty-name\r\n\r\n", id="empty-name"),
+        pytest.param(b"\r\n\r\n", id="empty-lines"),
+    ],
+)
+async def test_malformed_request_gets_400_and_server_keeps_serving(
+    raw: bytes, bytewise: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioserve")
+    async with run_server(hello_app, **EXACT) as server:
+        data = await fetch(server, raw, bytewise=bytewise)
+        await assert_still_serving(server)
+    [(response, _)] = parse_responses(data)
+    assert response.status_code == 400
+    assert header(response, b"connection") == b"close"
+    assert error_records(caplog) == []
+    rejected = [r for r in caplog.records if "invalid HTTP request" in r.getMessage()]
+    assert len(rejected) == 1
+    assert rejected[0].levelno == logging.INFO and rejected[0].exc_info is None
+
+
+LIMIT = 4096
+
+
+@pytest.mark.parametrize(
+    ("raw", "bytewise"),
+    [
+        pytest.param(b"GET /" + b"a" * 8000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", False,
+                     id="long-request-line"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 8000 + b"\r\n\r\n", False,
+                     id="long-header-one-write"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-A: 12345678\r\n" * 400 + b"\r\n",
+                     False, id="many-headers-one-write"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-A: 12345678\r\n" * 300, True,
+                     id="many-headers-bytewise-never-ending"),
+        pytest.param(b"GET /" + b"a" * (LIMIT + 10), True, id="request-line-bytewise"),
+    ],
+)
+async def test_oversized_request_head_gets_431(raw: bytes, bytewise: bool) -> None:
+    async with run_server(hello_app, h11_max_incomplete_event_size=LIMIT, **EXACT) as server:
+        data = await fetch(server, raw, bytewise=bytewise)
+        await assert_still_serving(server)
+    [(response, _)] = parse_responses(data)
+    assert response.status_code == 431
+    assert header(response, b"connection") == b"close"
+
+
+async def test_head_just_under_the_limit_is_accepted() -> None:
+    app = Recorder()
+    async with run_server(app, h11_max_incomplete_event_size=LIMIT, **EXACT) as server:
+        raw = b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * (LIMIT - 200) + b"\r\n\r\n"
+        async with await connect(server.addresses[0]) as stream:
+            await stream.send_all(raw)
+            data = await receive_until(stream, b"GET / ")
+    assert parse_responses(data, eof=False)[0][0].status_code == 200
+
+
+# -- --limit-concurrency -------------------------------------------------------------------
+
+
+async def test_limit_concurrency_answers_503_past_the_limit() -> None:
+    release = trio.Event()
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await hello_app(scope, receive, send_)
+
+    async with run_server(app, limit_concurrency=1, **EXACT) as server:
+        async with await connect(server.addresses[0]) as slow:
+            await slow.send_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+            data = await fetch(server, GET)
+            [(response, body)] = parse_responses(data)
+            assert response.status_code == 503
+            assert header(response, b"connection") == b"close"
+            assert body == b"Service Unavailable\n"
+            release.set()
+            data = await receive_until(slow, b"world!")
+            assert parse_responses(data, eof=False)[0][0].status_code == 200
+        await trio.testing.wait_all_tasks_blocked()
+        await assert_still_serving(server)
+
+
+# -- client disconnects ---------------------------------------------------------------------
+
+
+async def test_disconnect_delivered_to_app_awaiting_receive_and_send_raises() -> None:
+    events: list[Any] = []
+    done = trio.Event()
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        events.append(await receive())  # the (empty) body
+        events.append(await receive())  # blocks until the client leaves
+        try:
+            await send_(START)
+            await send_({"type": "http.response.body", "body": b"late"})
+        except OSError as exc:
+            events.append(exc)
+        events.append(await receive())
+        events.append(await receive())
+        done.set()
+
+    async with run_server(app, **EXACT) as server:
+        stream = await connect(server.addresses[0])
+        await stream.send_all(GET)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(events) == 1
+        await stream.aclose()
+        with trio.fail_after(2):
+            await done.wait()
+    assert events[0] == {"type": "http.request", "body": b"", "more_body": False}
+    assert events[1] == {"type": "http.disconnect"}
+    assert isinstance(events[2], trioserve.ClientDisconnected)
+    assert isinstance(events[2], OSError)
+    assert events[3] == events[4] == {"type": "http.disconnect"}
+
+
+async def test_disconnect_delivered_mid_body() -> None:
+    events: list[Any] = []
+    done = trio.Event()
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        while True:
+            message = await receive()
+            events.append(message["type"])
+            if message["type"] == "http.disconnect":
+                break
+        done.set()
+
+    async with run_server(app, **EXACT) as server:
+        stream = await connect(server.addresses[0])
+        await stream.send_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.aclose()
+        with trio.fail_after(2):
+            await done.wait()
+        await assert_still_serving(server)
+    assert events == ["http.request", "http.disconnect"]
+
+
+async def test_streaming_to_a_client_that_left_raises_client_disconnected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    outcome: list[Any] = []
+    done = trio.Event()
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        try:
+            await send_(START)
+            while True:
+                await send_({"type": "http.response.body", "body": b"z" * 65536,
+                             "more_body": True})
+        except trioserve.ClientDisconnected as exc:
+            outcome.append(exc)
+            outcome.append(await receive())
+            raise  # escaping ClientDisconnected is the peer's doing, not an app error
+        finally:
+            done.set()
+
+    async with run_server(app, **EXACT) as server:
+        stream = await connect(server.addresses[0])
+        await stream.send_all(GET)
+        await receive_until(stream, b"zzzz")
+        await stream.aclose()
+        with trio.fail_after(5):
+            await done.wait()
+        await assert_still_serving(server)
+    assert isinstance(outcome[0], trioserve.ClientDisconnected)
+    assert outcome[1] == {"type": "http.disconnect"}
+    assert error_records(caplog) == []
+
+
+async def test_client_gone_before_app_responds_is_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proceed = trio.Event()
+    done = trio.Event()
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        try:
+            await proceed.wait()
+            await hello_app(scope, receive, send_)
+        finally:
+            done.set()
+
+    async with run_server(app, **EXACT) as server:
+        stream = await connect(server.addresses[0])
+        await stream.send_all(GET)
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        proceed.set()
+        with trio.fail_after(2):
+            await done.wait()
+        await assert_still_serving(server)
+    assert error_records(caplog) == []
+
+
+async def test_request_then_eof_is_answered_then_closed() -> None:
+    async with run_server(hello_app, **EXACT) as server:
+        async with await connect(server.addresses[0]) as stream:
+            await stream.send_all(GET)
+            await stream.send_eof()
+            data = await read_until_eof(stream)
+        assert data == (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+                        b"content-length: 13\r\n\r\nHello, world!")
+        await assert_still_serving(server)

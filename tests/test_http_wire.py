@@ -1,0 +1,595 @@
+"""HTTP/1.1 on the wire: raw sockets against an in-process server, exact bytes.
+
+Framing, keep-alive, pipelining (also while an app call still runs), chunked bodies both
+ways, HEAD/204/304, HTTP/1.0, Expect: 100-continue, backpressure in both directions, the
+complete ASGI scope over TCP and UNIX sockets, and request-smuggling vectors. Edge-case
+vectors are sent whole and one byte per write.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+import trio.testing
+from conftest import hello_app, run_server
+from rawhttp import (
+    Recorder,
+    header,
+    parse_responses,
+    readable,
+    receive_until,
+    send,
+)
+from wire import Client, connect, read_until_eof
+
+BYTEWISE = pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+EXACT = {"date_header": False, "server_header": False}  # deterministic response bytes
+
+
+def get(path: str = "/", extra: bytes = b"") -> bytes:
+    return b"GET " + path.encode() + b" HTTP/1.1\r\nHost: t\r\n" + extra + b"\r\n"
+
+
+# -- keep-alive and pipelining -----------------------------------------------------------
+
+
+async def test_keep_alive_serves_many_requests_on_one_connection() -> None:
+    app = Recorder()
+    async with run_server(app) as server, await connect(server.addresses[0]) as stream:
+        client = Client(stream)
+        for i, method in enumerate(["GET", "POST", "PUT", "DELETE", "GET"]):
+            body = f"body{i}".encode() if method in ("POST", "PUT") else b""
+            response, data = await client.request(method, f"/r{i}", body=body)
+            assert response.status_code == 200
+            assert data == f"{method} /r{i} ".encode() + body
+            assert header(response, b"connection") is None
+    ports = {r["scope"]["client"][1] for r in app.requests}
+    assert len(ports) == 1  # one connection
+
+
+@BYTEWISE
+async def test_pipelined_requests_are_answered_in_order(bytewise: bool) -> None:
+    app = Recorder()
+    raw = (
+        get("/1")
+        + b"POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+        + b"POST /3 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\r\n0\r\n\r\n"
+        + b"HEAD /4 HTTP/1.1\r\nHost: t\r\n\r\n"
+        + get("/5", b"Connection: close\r\n")
+    )
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await send(stream, raw, bytewise=bytewise)
+        data = await read_until_eof(stream)
+    responses = parse_responses(data, [b"GET", b"POST", b"POST", b"HEAD", b"GET"])
+    assert [body for _, body in responses] == [
+        b"GET /1 ", b"POST /2 abc", b"POST /3 xy", b"", b"GET /5 "
+    ]
+    assert app.paths == ["/1", "/2", "/3", "/4", "/5"]
+    assert header(responses[3][0], b"content-length") == b"8"  # "HEAD /4 ", as for GET
+    assert header(responses[4][0], b"connection") == b"close"
+
+
+async def test_pipelined_request_answered_while_previous_app_call_still_runs() -> None:
+    release = trio.Event()
+    background_done: list[str] = []
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        await send_({"type": "http.response.body", "body": scope["path"].encode()})
+        if scope["path"] == "/bg":
+            # Like Starlette's BackgroundTasks: work after the response is complete.
+            assert (await receive())["type"] == "http.disconnect"
+            await release.wait()
+            background_done.append(scope["path"])
+
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await stream.send_all(get("/bg") + get("/next"))
+        data = await receive_until(stream, b"/next")
+        assert [b for _, b in parse_responses(data, eof=False)] == [b"/bg", b"/next"]
+        assert background_done == []
+        # Still keep-alive: a third request is served too.
+        await stream.send_all(get("/third"))
+        data = await receive_until(stream, b"/third")
+        assert [b for _, b in parse_responses(data, eof=False)] == [b"/third"]
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert background_done == ["/bg"]
+
+
+async def test_connection_closes_only_after_every_app_call_returned() -> None:
+    release = trio.Event()
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        await send_({"type": "http.response.body", "body": b"done"})
+        await release.wait()
+
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await stream.send_all(get("/", b"Connection: close\r\n"))
+        data = await receive_until(stream, b"done")
+        assert data.endswith(b"\r\n\r\ndone")
+        await trio.testing.wait_all_tasks_blocked()
+        assert not readable(stream)  # no EOF while the app call runs
+        release.set()
+        assert await read_until_eof(stream) == b""
+
+
+# -- framing --------------------------------------------------------------------------
+
+
+@BYTEWISE
+async def test_chunked_request_body_with_extensions_and_trailers(bytewise: bool) -> None:
+    app = Recorder()
+    raw = (
+        b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;name=value\r\nabc\r\n0A\r\n0123456789\r\n1\r\n\n\r\n0\r\nX-Trailer: yes\r\n\r\n"
+        + get("/after", b"Connection: close\r\n")
+    )
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await send(stream, raw, bytewise=bytewise)
+        data = await read_until_eof(stream)
+    responses = parse_responses(data)
+    assert [b for _, b in responses] == [b"POST /c abc0123456789\n", b"GET /after "]
+    assert app.requests[0]["body"] == b"abc0123456789\n"
+
+
+@BYTEWISE
+async def test_content_length_request_body(bytewise: bool) -> None:
+    app = Recorder()
+    raw = b"PUT /cl HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world"
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await send(stream, raw, bytewise=bytewise)
+        data = await read_until_eof(stream)
+    assert data == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+        b"content-length: 18\r\n\r\nPUT /cl hello world"
+    )
+
+
+async def test_single_shot_response_is_one_write_with_content_length() -> None:
+    async with run_server(hello_app, **EXACT) as server, \
+            await connect(server.addresses[0]) as stream:
+        await stream.send_all(get("/"))
+        data = await receive_until(stream, b"world!")
+    assert data == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 13\r\n\r\n"
+        b"Hello, world!"
+    )
+
+
+async def streaming_app(scope: Any, receive: Any, send_: Any) -> None:
+    await send_({"type": "http.response.start", "status": 200,
+                 "headers": [(b"content-type", b"text/plain")]})
+    for piece in (b"abc", b"", b"de"):
+        await send_({"type": "http.response.body", "body": piece, "more_body": True})
+    await send_({"type": "http.response.body", "body": b""})
+
+
+async def test_streamed_response_is_chunked_on_the_wire() -> None:
+    async with run_server(streaming_app, **EXACT) as server, \
+            await connect(server.addresses[0]) as stream:
+        await stream.send_all(get("/") + get("/", b"Connection: close\r\n"))
+        data = await read_until_eof(stream)
+    one = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    assert data.startswith(one)
+    assert [b for _, b in parse_responses(data)] == [b"abcde", b"abcde"]
+
+
+async def test_head_response_has_headers_but_no_body_and_keeps_connection() -> None:
+    app = Recorder()
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await stream.send_all(b"HEAD /h HTTP/1.1\r\nHost: t\r\n\r\n" + get("/g"))
+        data = await receive_until(stream, b"GET /g ")
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 8\r\n\r\n"
+    assert data == head + head.replace(b"8", b"7") + b"GET /g "
+
+
+async def test_head_with_streamed_body_sends_no_body() -> None:
+    async with run_server(streaming_app, **EXACT) as server, \
+            await connect(server.addresses[0]) as stream:
+        await stream.send_all(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n" + get("/"))
+        data = await receive_until(stream, b"0\r\n\r\n")
+    responses = parse_responses(data, [b"HEAD", b"GET"], eof=False)
+    assert [b for _, b in responses] == [b"", b"abcde"]
+    assert b"abc" not in data.split(b"\r\n\r\n", 2)[1]
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_204_and_304_have_no_body_and_no_content_length(status: int) -> None:
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_({"type": "http.response.start", "status": status, "headers": []})
+        await send_({"type": "http.response.body", "body": b"must not be sent"})
+
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await stream.send_all(get("/") + get("/", b"Connection: close\r\n"))
+        data = await read_until_eof(stream)
+    reason = {204: b"No Content", 304: b"Not Modified"}[status]
+    first = b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason)
+    assert data == first + b"HTTP/1.1 %d %s\r\nconnection: close\r\n\r\n" % (status, reason)
+
+
+# -- HTTP/1.0 -------------------------------------------------------------------------
+
+
+async def test_http10_without_keep_alive_gets_framed_response_then_close() -> None:
+    async with run_server(hello_app, **EXACT) as server, \
+            await connect(server.addresses[0]) as stream:
+        await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+        data = await read_until_eof(stream)
+    assert data == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 13\r\n"
+        b"connection: close\r\n\r\nHello, world!"
+    )
+
+
+@BYTEWISE
+async def test_http10_keep_alive_request_is_answered_and_closed(bytewise: bool) -> None:
+    # h11 does not implement HTTP/1.0 keep-alive: the answer is complete, framed by
+    # Content-Length, says "Connection: close", and the server then closes.
+    app = Recorder()
+    raw = b"POST /k HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi"
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await send(stream, raw, bytewise=bytewise)
+        data = await read_until_eof(stream)
+    [(response, body)] = parse_responses(data)
+    assert body == b"POST /k hi"
+    assert header(response, b"content-length") == b"10"
+    assert header(response, b"connection") == b"close"
+    assert app.requests[0]["scope"]["http_version"] == "1.0"
+
+
+async def test_http10_streamed_response_is_close_delimited() -> None:
+    async with run_server(streaming_app, **EXACT) as server, \
+            await connect(server.addresses[0]) as stream:
+        await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+        data = await read_until_eof(stream)
+    assert data == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nabcde"
+    )
+
+
+# -- Expect: 100-continue ---------------------------------------------------------------
+
+
+EXPECT_HEAD = (
+    b"POST /u HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+)
+
+
+async def test_100_continue_is_sent_only_when_the_app_first_awaits_receive() -> None:
+    may_read = trio.Event()
+    app = Recorder()
+
+    async def gated(scope: Any, receive: Any, send_: Any) -> None:
+        await may_read.wait()
+        await app(scope, receive, send_)
+
+    async with run_server(gated, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await stream.send_all(EXPECT_HEAD)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not readable(stream)  # no 100 before the app asks for the body
+        may_read.set()
+        assert await receive_until(stream, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await stream.send_all(b"hello")
+        data = await receive_until(stream, b"hello")
+        [(response, body)] = parse_responses(data, eof=False)
+        assert (response.status_code, body) == (200, b"POST /u hello")
+        assert header(response, b"connection") is None
+        # The connection stays usable.
+        await stream.send_all(get("/again"))
+        data = await receive_until(stream, b"/again ")
+        assert parse_responses(data, eof=False)[0][1] == b"GET /again "
+
+
+async def test_100_continue_not_sent_when_app_answers_without_reading() -> None:
+    async with run_server(hello_app, **EXACT) as server, \
+            await connect(server.addresses[0]) as stream:
+        await stream.send_all(EXPECT_HEAD)
+        with trio.fail_after(2):  # well below the keep-alive timeout
+            data = await read_until_eof(stream)
+    assert data == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+        b"content-length: 13\r\n\r\nHello, world!"
+    )
+
+
+async def test_100_continue_client_sending_body_anyway_still_gets_one_response() -> None:
+    async with run_server(hello_app, **EXACT) as server, \
+            await connect(server.addresses[0]) as stream:
+        await stream.send_all(EXPECT_HEAD + b"hello" + get("/next"))
+        data = await read_until_eof(stream)
+    [(response, body)] = parse_responses(data)
+    assert (response.status_code, body) == (200, b"Hello, world!")
+
+
+# -- backpressure ----------------------------------------------------------------------
+
+
+UPLOAD_SIZE = 64 * 1024 * 1024
+
+
+async def test_request_body_is_streamed_in_pieces_with_backpressure() -> None:
+    proceed = trio.Event()
+    pieces: list[int] = []
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        while True:
+            message = await receive()
+            assert message["type"] == "http.request"
+            pieces.append(len(message["body"]))
+            if len(pieces) == 1:
+                await proceed.wait()
+            if not message["more_body"]:
+                break
+        body = str(sum(pieces)).encode()
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        await send_({"type": "http.response.body", "body": body})
+
+    sent = 0
+    chunk = b"x" * 65536
+
+    async def upload(stream: trio.SocketStream) -> None:
+        nonlocal sent
+        await stream.send_all(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % UPLOAD_SIZE
+        )
+        while sent < UPLOAD_SIZE:
+            await stream.send_all(chunk)
+            sent += len(chunk)
+
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload, stream)
+            await trio.testing.wait_all_tasks_blocked()
+            # The app asked once: the server read no further than that, so the client is
+            # blocked by TCP flow control with most of the upload still unsent.
+            assert len(pieces) == 1
+            assert 0 < pieces[0] <= 65536
+            assert sent < UPLOAD_SIZE // 4
+            proceed.set()
+        data = await receive_until(stream, str(UPLOAD_SIZE).encode())
+    assert parse_responses(data, eof=False)[0][1] == str(UPLOAD_SIZE).encode()
+    assert len(pieces) > 100
+    assert max(pieces) <= 65536
+
+
+async def test_response_is_streamed_with_backpressure_to_a_slow_client() -> None:
+    chunks_total = 1024
+    chunk = b"y" * 65536
+    sent_chunks = 0
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        nonlocal sent_chunks
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(chunks_total):
+            await send_({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent_chunks += 1
+        await send_({"type": "http.response.body", "body": b""})
+
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await stream.send_all(get("/", b"Connection: close\r\n"))
+        await trio.testing.wait_all_tasks_blocked()
+        # The client reads nothing: the app is blocked inside send() long before the end.
+        assert 0 < sent_chunks < chunks_total // 4
+        data = await read_until_eof(stream, limit=2 * chunks_total * len(chunk))
+    assert sent_chunks == chunks_total
+    [(_, body)] = parse_responses(data)
+    assert len(body) == chunks_total * len(chunk)
+
+
+# -- the ASGI scope -------------------------------------------------------------------
+
+
+class ScopeApp:
+    """Lifespan-aware app that records every http scope."""
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send_: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    scope["state"]["db"] = "connection"
+                    await send_({"type": "lifespan.startup.complete"})
+                else:
+                    await send_({"type": "lifespan.shutdown.complete"})
+                    return
+        self.scopes.append(scope)
+        scope["state"]["leak"] = True  # must not reach the next request
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        await send_({"type": "http.response.body", "body": b"ok"})
+
+
+SCOPE_REQUEST = (
+    b"GET /caf%C3%A9/a%20b?x=1&y=%20 HTTP/1.1\r\nHost: example.com\r\nX-Dup: 1\r\n"
+    b"Accept: */*\r\nx-dup: 2\r\n\r\n"
+)
+
+
+def expected_scope(client: Any, server: Any) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/mnt/caf\u00e9/a b",
+        "raw_path": b"/mnt/caf%C3%A9/a%20b",
+        "query_string": b"x=1&y=%20",
+        "root_path": "/mnt",
+        "headers": [(b"host", b"example.com"), (b"x-dup", b"1"), (b"accept", b"*/*"),
+                    (b"x-dup", b"2")],
+        "client": client,
+        "server": server,
+        "state": {"db": "connection"},
+        "extensions": {},
+    }
+
+
+async def test_http_scope_is_complete_and_exact_over_tcp() -> None:
+    app = ScopeApp()
+    async with run_server(app, lifespan="on", root_path="/mnt") as server, \
+            await connect(server.addresses[0]) as stream:
+        await stream.send_all(SCOPE_REQUEST + SCOPE_REQUEST)
+        await receive_until(stream, b"ok" + b"\r\n")
+        data = await receive_until(stream, b"ok")
+        while data.count(b"ok") < 2:
+            data += await receive_until(stream, b"ok")
+        local = stream.socket.getsockname()
+    host, port = server.addresses[0]  # type: ignore[misc]
+    want = expected_scope((local[0], local[1]), (host, port))
+    assert len(app.scopes) == 2
+    first, second = app.scopes
+    assert first["state"] == {"db": "connection", "leak": True}
+    first["state"] = {"db": "connection"}
+    assert first == want
+    assert second["state"] == {"db": "connection", "leak": True}  # a fresh copy, then mutated
+    assert second["state"] is not first["state"]
+    assert type(first["raw_path"]) is bytes and type(first["query_string"]) is bytes
+
+
+async def test_http_scope_over_unix_socket(tmp_path: Path) -> None:
+    app = ScopeApp()
+    path = str(tmp_path / "s.sock")
+    async with run_server(app, uds=path, lifespan="on", root_path="/mnt") as server:
+        assert server.addresses[0] == path
+        async with await connect(path) as stream:
+            await stream.send_all(SCOPE_REQUEST.replace(b"HTTP/1.1", b"HTTP/1.1", 1)
+                                  + b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = await read_until_eof(stream)
+    assert [b for _, b in parse_responses(data)] == [b"ok", b"ok"]
+    scope = app.scopes[0]
+    scope["state"] = {"db": "connection"}
+    assert scope == expected_scope(None, (path, None))
+
+
+async def test_http_scope_http10_and_no_host() -> None:
+    app = ScopeApp()
+    async with run_server(app, lifespan="on") as server, \
+            await connect(server.addresses[0]) as stream:
+        await stream.send_all(b"OPTIONS * HTTP/1.0\r\n\r\n")
+        await read_until_eof(stream)
+    [scope] = app.scopes
+    assert (scope["http_version"], scope["method"], scope["path"], scope["raw_path"]) == (
+        "1.0", "OPTIONS", "*", b"*"
+    )
+    assert scope["headers"] == []
+
+
+# -- request smuggling and malformed framing -----------------------------------------------
+
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
+POST = b"POST / HTTP/1.1\r\nHost: t\r\n"
+CHUNKED = POST + b"Transfer-Encoding: chunked\r\n\r\n"
+
+SMUGGLING_VECTORS = [
+    pytest.param(POST + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                 400, id="cl-then-te"),
+    pytest.param(POST + b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\n",
+                 400, id="te-then-cl"),
+    pytest.param(POST + b"Content-Length: 0\r\nContent-Length: 37\r\n\r\n", 400,
+                 id="conflicting-content-lengths"),
+    pytest.param(POST + b"Content-Length: 0, 37\r\n\r\n", 400, id="content-length-list"),
+    pytest.param(POST + b"Content-Length: +0\r\n\r\n", 400, id="content-length-plus"),
+    pytest.param(POST + b"Content-Length: -1\r\n\r\n", 400, id="content-length-negative"),
+    pytest.param(POST + b"Content-Length: 0x0\r\n\r\n", 400, id="content-length-hex"),
+    pytest.param(POST + b"Content-Length : 0\r\n\r\n", 400, id="space-before-colon"),
+    pytest.param(POST + b"Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400,
+                 id="obs-fold-transfer-encoding"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\nX-A: b\r\n\tc\r\n\r\n", 400, id="obs-fold-tab"),
+    pytest.param(b"GET / HTTP/1.1\r\n Host: t\r\n\r\n", 400, id="continuation-first-line"),
+    pytest.param(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
+                 id="te-in-http10"),
+    pytest.param(POST + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", 501,
+                 id="unknown-transfer-coding"),
+    pytest.param(POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501,
+                 id="gzip-chunked"),
+    pytest.param(POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"0\r\n\r\n", 501, id="te-twice"),
+    pytest.param(CHUNKED + b"zz\r\nhello\r\n0\r\n\r\n", 400, id="chunk-size-not-hex"),
+    pytest.param(CHUNKED + b"-5\r\nhello\r\n0\r\n\r\n", 400, id="chunk-size-negative"),
+    pytest.param(CHUNKED + b"0x5\r\nhello\r\n0\r\n\r\n", 400, id="chunk-size-0x"),
+    pytest.param(CHUNKED + b"1" + b"0" * 30 + b"\r\nhello\r\n0\r\n\r\n", 400,
+                 id="chunk-size-overflow"),
+    pytest.param(CHUNKED + b"3\r\nhello\r\n0\r\n\r\n", 400, id="chunk-longer-than-size"),
+    pytest.param(CHUNKED + b"5\r\nhello\n0\r\n\r\n", 400, id="chunk-data-bare-lf"),
+    pytest.param(CHUNKED + b"5\r\nhelloXX0\r\n\r\n", 400, id="chunk-data-no-crlf"),
+    pytest.param(b"GET / HTTP/1.1\rHost: t\r\n\r\n", 400, id="bare-cr-request-line"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\nX: a\rb\r\n\r\n", 400, id="bare-cr-in-value"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\nX: a\x00b\r\n\r\n", 400, id="nul-in-value"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, id="two-hosts"),
+    pytest.param(b"GET / HTTP/1.1\r\n\r\n", 400, id="no-host"),
+    pytest.param(b"GET /a b HTTP/1.1\r\nHost: t\r\n\r\n", 400, id="space-in-target"),
+    pytest.param(b"G(T / HTTP/1.1\r\nHost: t\r\n\r\n", 400, id="bad-method-token"),
+    pytest.param(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505, id="http-2-version"),
+    pytest.param(b"GET /\r\n\r\n", 400, id="http-0.9"),
+]
+
+
+@BYTEWISE
+@pytest.mark.parametrize(("raw", "status"), SMUGGLING_VECTORS)
+async def test_smuggling_vector_is_rejected_and_next_client_served(
+    raw: bytes, status: int, bytewise: bool
+) -> None:
+    app = Recorder()
+    async with run_server(app, **EXACT) as server:
+        async with await connect(server.addresses[0]) as stream:
+            await send(stream, raw + SMUGGLED, bytewise=bytewise)
+            data = await read_until_eof(stream)
+        # Exactly one response, the rejection, and it closes the connection.
+        [(response, body)] = parse_responses(data)
+        assert response.status_code == status
+        assert header(response, b"connection") == b"close"
+        assert body == response.reason + b"\n"
+        assert data.count(b"HTTP/1.1 ") == 1
+        assert "/smuggled" not in app.paths
+        assert all(r["disconnect"] for r in app.requests)  # no request was answered
+        # The server keeps serving everyone else.
+        async with await connect(server.addresses[0]) as stream:
+            response, body = await Client(stream).request("GET", "/next")
+        assert (response.status_code, body) == (200, b"GET /next ")
+
+
+async def test_content_length_body_is_never_parsed_as_a_request() -> None:
+    app = Recorder()
+    body = SMUGGLED
+    raw = POST + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await stream.send_all(raw)
+        data = await read_until_eof(stream)
+    [(response, echoed)] = parse_responses(data)
+    assert echoed == b"POST / " + SMUGGLED
+    assert app.paths == ["/"]
+
+
+async def test_unread_body_is_discarded_before_next_request() -> None:
+    # The app answers without reading the body: its bytes must not become a request.
+    async with run_server(hello_app, **EXACT) as server, \
+            await connect(server.addresses[0]) as stream:
+        body = SMUGGLED
+        await stream.send_all(
+            POST + b"Content-Length: %d\r\n\r\n" % len(body) + body
+            + get("/real", b"Connection: close\r\n")
+        )
+        data = await read_until_eof(stream)
+    assert [b for _, b in parse_responses(data)] == [b"Hello, world!", b"Hello, world!"]
+
+
+async def test_h11_client_parses_every_response_header() -> None:
+    # Default headers present and well-formed when enabled.
+    async with run_server(hello_app) as server, await connect(server.addresses[0]) as stream:
+        response, _ = await Client(stream).request()
+    assert header(response, b"server") == b"trioserve"
+    date = header(response, b"date")
+    assert date is not None and date.endswith(b" GMT")
+    assert isinstance(response, h11.Response)

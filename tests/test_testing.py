@@ -1,0 +1,640 @@
+"""trioserve.testing: running(), RunningServer, the WebSocket client, in-memory mode and the
+``trioserve_server`` pytest fixture (its teardown checked with pytester)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from wire import Client, read_until_eof
+
+from trioserve import LifespanError
+from trioserve.testing import (
+    RunningServer,
+    ServerFactory,
+    WebSocketClosed,
+    WebSocketRejected,
+    running,
+)
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
+
+pytest_plugins = ["pytester"]
+
+TRANSPORTS = ["socket", "memory"]
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+class AppError(Exception):
+    pass
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """HTTP: / (hello), /echo (request body), /boom (raises), /slow (waits for a gate);
+    WebSocket: /ws echo ("close:<code>" closes, "boom" raises), /deny rejects;
+    lifespan: counts startups in its state."""
+    if scope["type"] == "lifespan":
+        await receive()
+        scope["state"]["started"] = True
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    path = scope["path"]
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        if path == "/deny":
+            await send({"type": "websocket.close"})
+            return
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text == "boom":
+                raise AppError("from the websocket")
+            if text is not None and text.startswith("close:"):
+                await send({"type": "websocket.close", "code": int(text[6:]), "reason": "asked"})
+                return
+            if text is not None:
+                await send({"type": "websocket.send", "text": f"echo: {text}"})
+            else:
+                await send({"type": "websocket.send", "bytes": message["bytes"][::-1]})
+    if path == "/boom":
+        raise AppError("from the endpoint")
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if path == "/slow":
+        await scope["state"]["gate"].wait()
+    if path == "/client":
+        body = repr(scope["client"]).encode()
+    if path == "/state":
+        body = repr(sorted(scope["state"])).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body or b"hello"})
+
+
+# -- running() ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_running_serves_http_through_client(transport: str) -> None:
+    async with running(app, transport=transport) as server:
+        async with server.client() as client:
+            response = await client.get("/")
+            assert response.status_code == 200
+            assert response.text == "hello"
+            response = await client.post("/echo", content=b"payload" * 10000)
+            assert response.content == b"payload" * 10000
+            assert (await client.get("/state")).text == "['started']"
+            async with client.stream("POST", "/echo", content=b"streamed") as streamed:
+                assert [chunk async for chunk in streamed.aiter_bytes()] == [b"streamed"]
+
+
+async def test_running_socket_urls_and_port() -> None:
+    async with running(app) as server:
+        assert isinstance(server, RunningServer)
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        assert server.ws_url == f"ws://127.0.0.1:{server.port}"
+        assert server.addresses == [("127.0.0.1", server.port)]
+        async with httpx.AsyncClient() as client:  # the URL is a real one
+            assert (await client.get(server.url + "/")).text == "hello"
+
+
+async def test_memory_transport_opens_no_socket_and_keeps_scope_addresses() -> None:
+    before = open_fds()
+    async with running(app, transport="memory") as server:
+        assert server.url == "http://testserver"
+        assert server.ws_url == "ws://testserver"
+        assert server.addresses == []
+        with pytest.raises(AttributeError, match="in-memory"):
+            _ = server.port
+        async with server.client() as client:
+            assert (await client.get("/client")).text == "('testclient', 50000)"
+        async with server.websocket("/ws") as ws:
+            await ws.send_text("x")
+            assert await ws.receive_text() == "echo: x"
+        assert open_fds() == before
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_raw_stream_speaks_exact_http_bytes(transport: str) -> None:
+    async with running(app, transport=transport, date_header=False) as server:
+        stream = await server.open_stream()
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = await read_until_eof(stream)
+    assert data == (
+        b"HTTP/1.1 200 OK\r\nserver: trioserve\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello"
+    )
+
+
+async def test_startup_failure_is_raised_on_entry_unwrapped() -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no config"})
+
+    before = open_fds()
+    with pytest.raises(LifespanError, match="no config"):
+        async with running(failing):
+            pytest.fail("the block must not run")
+    assert open_fds() == before
+
+
+async def test_port_in_use_is_raised_on_entry() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match="cannot bind"):
+            async with running(app, port=taken.getsockname()[1]):
+                pytest.fail("the block must not run")
+
+
+async def test_unknown_transport_is_rejected() -> None:
+    with pytest.raises(ValueError, match="transport"):
+        async with running(app, transport="carrier-pigeon"):  # type: ignore[arg-type]
+            pass
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_block_exception_is_raised_as_is_and_server_stopped(transport: str) -> None:
+    before = open_fds()
+    with pytest.raises(KeyError):
+        async with running(app, transport=transport) as server:
+            client = server.client()  # left open: closed by running()
+            assert (await client.get("/")).status_code == 200
+            raise KeyError("test failure")
+    assert client.is_closed
+    assert open_fds() == before
+    with pytest.raises(OSError):  # noqa: PT012
+        stream = await server.open_stream()
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_cancelling_the_block_stops_the_server_and_leaks_nothing(transport: str) -> None:
+    before = open_fds()
+    with trio.move_on_after(0.2) as scope:
+        async with running(app, transport=transport) as server:
+            stream = await server.open_stream()
+            await stream.send_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert await read_until_eof(stream) == b""
+    await stream.aclose()
+    assert open_fds() == before
+
+
+# -- app exceptions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_app_exceptions_are_raised_at_block_exit(transport: str) -> None:
+    with pytest.RaisesGroup(pytest.RaisesExc(AppError, match="from the endpoint")) as info:
+        async with running(app, transport=transport) as server:
+            async with server.client() as client:
+                response = await client.get("/boom")
+            assert response.status_code == 500
+            assert len(server.app_exceptions) == 1
+    # The app's own traceback is there, not just a 500.
+    [error] = info.value.exceptions
+    assert error.__traceback__ is not None
+    frames = [frame.name for frame, _ in __import__("traceback").walk_tb(error.__traceback__)]
+    assert "app" in frames
+
+
+async def test_websocket_app_exceptions_are_raised_too() -> None:
+    with pytest.RaisesGroup(AppError):
+        async with running(app, transport="memory") as server:
+            async with server.websocket("/ws") as ws:
+                await ws.send_text("boom")
+                with pytest.raises(WebSocketClosed) as closed:
+                    await ws.receive()
+                assert closed.value.code == 1011
+
+
+async def test_block_failure_and_app_exceptions_are_raised_together() -> None:
+    with pytest.RaisesGroup(AppError, AssertionError):
+        async with running(app) as server:
+            async with server.client() as client:
+                response = await client.get("/boom")
+            assert response.status_code == 200, "the test's own failure"
+
+
+async def test_raise_app_exceptions_false_only_collects() -> None:
+    async with running(app, raise_app_exceptions=False) as server:
+        async with server.client() as client:
+            assert (await client.get("/boom")).status_code == 500
+    assert [type(exc) for exc in server.app_exceptions] == [AppError]
+
+
+async def test_expected_app_exceptions_can_be_cleared() -> None:
+    async with running(app) as server:
+        async with server.client() as client:
+            assert (await client.get("/boom")).status_code == 500
+        [error] = server.app_exceptions
+        assert str(error) == "from the endpoint"
+        server.app_exceptions.clear()
+
+
+async def test_client_disconnect_is_not_an_app_exception() -> None:
+    async def endless(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:  # ClientDisconnected escapes once the client is gone
+            await send({"type": "http.response.body", "body": b"x" * 1000, "more_body": True})
+            await trio.sleep(0)
+
+    async with running(endless, lifespan="off") as server:
+        stream = await server.open_stream()
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        await stream.receive_some(100)
+        await stream.aclose()
+        await trio.sleep(0.05)
+        assert server.app_exceptions == []
+
+
+# -- drain ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_drain_finishes_in_flight_requests_and_refuses_new_ones(transport: str) -> None:
+    gate = trio.Event()
+
+    async def lifespan_gate(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            scope["state"]["gate"] = gate
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await app(scope, receive, send)
+
+    async with running(lifespan_gate, transport=transport) as server:
+        stream = await server.open_stream()
+        async with stream:
+            client = Client(stream)  # type: ignore[arg-type]
+            await client.send_raw(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.drain)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(OSError):  # noqa: PT012 - new connections are refused
+                    refused = await server.open_stream()
+                    await refused.aclose()
+                gate.set()
+                response, body = await client.read_response()
+            assert response.status_code == 200
+            assert body == b"hello"
+
+
+async def test_drain_grace_bounds_in_flight_requests(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def forever(scope: Any, receive: Any, send: Any) -> None:
+        await trio.sleep_forever()
+
+    async with running(forever, lifespan="off", transport="memory") as server:
+        stream = await server.open_stream()
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        await server.drain(grace=2.5)
+        assert trio.current_time() - start == pytest.approx(2.5)
+        assert await read_until_eof(stream) == b""
+        await stream.aclose()
+
+
+# -- MockClock: server timeouts follow trio's clock -------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_keep_alive_timeout_follows_mock_clock(
+    transport: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(app, transport=transport, timeout_keep_alive=30) as server:
+        stream = await server.open_stream()
+        async with stream:
+            response, _ = await Client(stream).request()  # type: ignore[arg-type]
+            assert response.status_code == 200
+            start = trio.current_time()
+            assert await read_until_eof(stream) == b""
+            assert trio.current_time() - start == pytest.approx(30)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_websocket_ping_timeout_follows_mock_clock(
+    transport: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    options = {"ws_ping_interval": 20.0, "ws_ping_timeout": 20.0, "transport": transport}
+    async with running(app, **options) as server:
+        # A client that keeps receiving answers the pings: still open a minute later.
+        async with server.websocket("/ws") as ws:
+            with trio.move_on_after(60):
+                await ws.receive()
+            await ws.send_text("still there")
+            assert await ws.receive_text() == "echo: still there"
+        # A client that never reads does not: the server drops it after interval + timeout.
+        async with server.websocket("/ws") as ws:
+            start = trio.current_time()
+            await trio.sleep(100)
+            with pytest.raises(WebSocketClosed) as closed:
+                while True:
+                    await ws.receive()
+            assert closed.value.code == 1011
+            assert 20 < start + 40 - trio.current_time() + 100
+
+
+# -- the WebSocket client --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_websocket_text_bytes_and_close_codes(transport: str) -> None:
+    async with running(app, transport=transport) as server:
+        async with server.websocket("/ws") as ws:
+            await ws.send_text("hi")
+            assert await ws.receive_text() == "echo: hi"
+            await ws.send_bytes(b"\x00\x01\x02")
+            assert await ws.receive_bytes() == b"\x02\x01\x00"
+            await ws.send("again")
+            assert await ws.receive() == "echo: again"
+            await ws.send_text("close:4321")
+            with pytest.raises(WebSocketClosed) as closed:
+                await ws.receive()
+            assert (closed.value.code, closed.value.reason) == (4321, "asked")
+            assert ws.close_code == 4321
+            with pytest.raises(WebSocketClosed):
+                await ws.send_text("too late")
+        async with server.websocket("/ws") as ws:
+            await ws.close(code=1001)
+            assert ws.close_code == 1001  # the server echoed our code
+            await ws.close()  # idempotent
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_websocket_rejection_raises_with_status(transport: str) -> None:
+    async with running(app, transport=transport) as server:
+        with pytest.raises(WebSocketRejected) as info:
+            async with server.websocket("/deny"):
+                pytest.fail("the handshake was rejected")
+    assert info.value.status_code == 403
+
+
+async def test_websocket_receive_type_checks() -> None:
+    async with running(app, transport="memory") as server:
+        async with server.websocket("/ws") as ws:
+            await ws.send_text("x")
+            with pytest.raises(TypeError, match="binary"):
+                await ws.receive_bytes()
+            await ws.send_bytes(b"x")
+            with pytest.raises(TypeError, match="text"):
+                await ws.receive_text()
+
+
+async def test_websocket_client_sends_subprotocols_and_headers() -> None:
+    seen: dict[str, Any] = {}
+
+    async def ws_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        seen["subprotocols"] = scope["subprotocols"]
+        seen["headers"] = dict(scope["headers"])
+        seen["path"] = scope["path"]
+        seen["query"] = scope["query_string"]
+        await receive()
+        await send({"type": "websocket.accept", "subprotocol": "b"})
+        await receive()
+
+    async with running(ws_app, lifespan="off") as server:
+        async with server.websocket(
+            "/p?q=1", subprotocols=["a", "b"], headers=[("x-token", "t")]
+        ) as ws:
+            assert ws.subprotocol == "b"
+    assert seen["subprotocols"] == ["a", "b"]
+    assert seen["headers"][b"x-token"] == b"t"
+    assert seen["headers"][b"host"] == f"127.0.0.1:{server.port}".encode()
+    assert (seen["path"], seen["query"]) == ("/p", b"q=1")
+
+
+# -- isolation and the fixture ----------------------------------------------------------------
+
+
+async def test_two_servers_in_one_test_are_isolated() -> None:
+    async def named(name: str) -> Any:
+        async def named_app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                await receive()
+                scope["state"]["name"] = name
+                await send({"type": "lifespan.startup.complete"})
+                await receive()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": scope["state"]["name"].encode()})
+
+        return named_app
+
+    async with running(await named("a")) as a, running(await named("b")) as b:
+        assert a.port != b.port
+        async with a.client() as ca, b.client() as cb:
+            assert (await ca.get("/")).text == "a"
+            assert (await cb.get("/")).text == "b"
+
+
+async def test_fixture_starts_several_servers(trioserve_server: ServerFactory) -> None:
+    one = await trioserve_server(app)
+    two = await trioserve_server(app, transport="memory")
+    assert one.port
+    async with one.client() as c1, two.client() as c2:
+        assert (await c1.get("/")).text == "hello"
+        assert (await c2.get("/")).text == "hello"
+
+
+async def test_fixture_startup_failure_raises_in_the_test(
+    trioserve_server: ServerFactory,
+) -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "nope"})
+
+    with pytest.raises(LifespanError):
+        await trioserve_server(failing)
+    assert (await (await trioserve_server(app)).client().get("/")).text == "hello"
+
+
+async def test_fixture_app_exceptions_can_be_turned_off(trioserve_server: ServerFactory) -> None:
+    server = await trioserve_server(app, raise_app_exceptions=False)
+    async with server.client() as client:
+        assert (await client.get("/boom")).status_code == 500
+
+
+# -- the fixture's teardown, in a separate pytest run (pytester) -------------------------------
+
+INNER_APP = """
+import pathlib
+import pytest
+import trio
+
+EVENTS = pathlib.Path("events.txt")
+
+
+def record(event):
+    with EVENTS.open("a") as f:
+        f.write(event + "\\n")
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+        record("startup")
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        record("shutdown")
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/boom":
+        raise ValueError("raised by the endpoint")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+async def start(trioserve_server):
+    server = await trioserve_server(app)
+    pathlib.Path("port.txt").write_text(str(server.port))
+    async with server.client() as client:
+        assert (await client.get("/")).text == "hello"
+    return server
+"""
+
+
+def assert_torn_down(pytester: pytest.Pytester) -> None:
+    events = (pytester.path / "events.txt").read_text().split()
+    assert events == ["startup", "shutdown"]
+    port = int((pytester.path / "port.txt").read_text())
+    with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(("127.0.0.1", port))
+
+
+FAILING_TESTS = {
+    "assertion": """
+        async def test_inner(trioserve_server):
+            await start(trioserve_server)
+            assert False, "the test fails"
+    """,
+    "fail_after": """
+        async def test_inner(trioserve_server, autojump_clock):
+            await start(trioserve_server)
+            with trio.fail_after(5):
+                await trio.sleep_forever()
+    """,
+    "cancelled_by_crashing_fixture": """
+        @pytest.fixture
+        async def crasher(nursery):
+            async def crash():
+                await trio.sleep(0.01)
+                raise RuntimeError("background task crashed")
+            nursery.start_soon(crash)
+
+        async def test_inner(trioserve_server, crasher):
+            await start(trioserve_server)
+            await trio.sleep_forever()
+    """,
+    "app_exception": """
+        async def test_inner(trioserve_server):
+            server = await start(trioserve_server)
+            async with server.client() as client:
+                assert (await client.get("/boom")).status_code == 500
+    """,
+}
+
+
+@pytest.mark.parametrize("case", FAILING_TESTS)
+def test_fixture_tears_down_when_the_test_fails(pytester: pytest.Pytester, case: str) -> None:
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(test_inner=INNER_APP + textwrap.dedent(FAILING_TESTS[case]))
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    assert_torn_down(pytester)
+    if case == "app_exception":
+        # The app's own traceback fails the test, not a bare 500.
+        result.stdout.fnmatch_lines(
+            ["*raise ValueError(\"raised by the endpoint\")*", "*ValueError: raised by the endpoint*"]
+        )
+
+
+def test_fixture_tears_down_on_pytest_timeout(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(test_inner=INNER_APP + textwrap.dedent("""
+        @pytest.mark.timeout(1)
+        async def test_inner(trioserve_server):
+            await start(trioserve_server)
+            await trio.sleep_forever()
+    """))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*Timeout*"])
+    assert_torn_down(pytester)
+
+
+def test_fixture_with_trio_mark_and_passing_test(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\n")  # no trio_mode: the trio mark instead
+    pytester.makepyfile(test_inner=INNER_APP + textwrap.dedent("""
+        @pytest.mark.trio
+        async def test_inner(trioserve_server):
+            await start(trioserve_server)
+    """))
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert_torn_down(pytester)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["passes", "fails"])
+def test_fixture_works_from_anyio_tests(pytester: pytest.Pytester, fails: bool) -> None:
+    pytester.makeini("[pytest]\n")  # an anyio project: no trio_mode
+    pytester.makepyfile(test_inner=INNER_APP + textwrap.dedent(f"""
+        @pytest.fixture
+        def anyio_backend():
+            return "trio"
+
+        @pytest.mark.anyio
+        async def test_inner(trioserve_server):
+            server = await start(trioserve_server)
+            async with server.websocket("/") as ws:
+                pass
+            assert not {fails}
+    """))
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    if fails:
+        result.assert_outcomes(failed=1)
+    else:
+        result.assert_outcomes(passed=1)
+    assert_torn_down(pytester)
+
+
+def test_pytest_plugin_is_registered_by_entry_point(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess("--fixtures", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*trioserve_server*"])
+
+
+def test_inner_app_module_is_valid_python() -> None:
+    compile(INNER_APP, "inner", "exec")
+    assert Path(__file__).name == "test_testing.py"

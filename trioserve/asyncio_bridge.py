@@ -1,0 +1,202 @@
+"""Run the app on an asyncio event loop hosted inside trio, for ``--app-loop asyncio`` (layer 3).
+
+Most FastAPI apps in the wild call asyncio-only libraries (asyncpg, redis.asyncio,
+SQLAlchemy's asyncio engine, aiohttp). On a trio server those calls fail with "no running
+event loop". With ``app_loop="asyncio"``, :func:`open_app_loop` opens a trio-asyncio loop
+for the lifetime of ``serve()`` and wraps the app once in :class:`AsyncioApp`. Every app
+call (lifespan, HTTP, WebSocket) then goes through the wrapper, so the connection code
+does not know the bridge exists.
+
+Theory of operation::
+
+    trio task (RequestCycle.run / lifespan / ws)      asyncio task on the trio-asyncio loop
+    ─────────────────────────────────────────────      ──────────────────────────────────────
+    call_app(AsyncioApp) ── run_aio_coroutine ───────► app(scope, aio_receive, aio_send)
+                                                          │ await aio_receive()
+    receive() in a trio task of the loop ◄── trio_as_future ┘   (one short trio task per call)
+
+* Inside the app, ``asyncio.get_running_loop()`` works and sniffio reports ``"asyncio"``,
+  so anyio-based frameworks (Starlette, FastAPI) select their asyncio backend.
+* trio → asyncio cancellation: when the trio task awaiting the app is cancelled (graceful
+  shutdown deadline, hard stop), trio-asyncio cancels the asyncio task and waits for it to
+  finish, then raises ``trio.Cancelled``: structured concurrency holds across the bridge.
+* asyncio → trio cancellation: when the app cancels an awaited ``receive()``/``send()``
+  (``asyncio.timeout``, a Starlette task group reacting to ``http.disconnect``), the trio
+  task running that call is cancelled through its cancel scope.
+* An ``asyncio.CancelledError`` that escapes the app although trio did not cancel it (the app
+  cancelled its own task) is a ``BaseException`` that would otherwise tear down the
+  connection nursery; it is turned into :class:`AppTaskCancelledError`, an ordinary app
+  error (500 / close 1011), like any other exception from the app.
+
+trio-asyncio is an optional dependency (``pip install 'trioserve[asyncio]'``); it is
+imported only when ``app_loop="asyncio"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+from .asgi_types import ASGIApp, ASGIReceive, ASGISend, Message
+from .config import Config
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "app_loop='asyncio' needs trio-asyncio: pip install 'trioserve[asyncio]'"
+# What trio-asyncio replaces in asyncio, where the originals live, and who must keep them.
+_PATCHED_FUNCTIONS: Final = (
+    "get_running_loop",
+    "_get_running_loop",
+    "get_event_loop",
+    "current_task",
+)
+_ORIGINS: Final = frozenset({"asyncio", "asyncio.events", "asyncio.tasks", "_asyncio"})
+_PATCHING_PACKAGES: Final = frozenset({"asyncio", "_asyncio", "trio_asyncio"})
+
+
+class AppTaskCancelledError(Exception):
+    """The app's asyncio task was cancelled from inside the app, not by the server."""
+
+
+def import_trio_asyncio() -> Any:
+    """Import trio-asyncio, or explain how to install it.
+
+    Raises:
+        ConfigError: trio-asyncio is not installed.
+    """
+    try:
+        import trio_asyncio
+    except ImportError as exc:
+        raise ConfigError(INSTALL_HINT) from exc
+    _rebind_stale_asyncio_imports()
+    return trio_asyncio
+
+
+def _rebind_stale_asyncio_imports() -> None:
+    """Point ``from asyncio import get_running_loop``-style copies at trio-asyncio's versions.
+
+    trio-asyncio makes ``asyncio.get_running_loop()`` and friends find its loop by replacing
+    those functions in the ``asyncio`` modules when it is imported. A module that imported
+    the function itself earlier keeps the original, which raises "no running event loop"
+    inside a trio-asyncio task (python-trio/trio-asyncio#83). anyio's asyncio backend does
+    exactly that, so an app whose FastAPI/anyio was imported before the loop was opened
+    (embedding, tests; the CLI imports trio-asyncio before the app) would fail in its thread
+    pool. Only module attributes that still hold asyncio's own original are rebound.
+    """
+    for module_name, module in list(sys.modules.items()):
+        if module_name.partition(".")[0] in _PATCHING_PACKAGES:
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for name in _PATCHED_FUNCTIONS:
+            value = namespace.get(name)
+            if value is None:
+                continue
+            replacement = getattr(asyncio, name)
+            if value is not replacement and getattr(value, "__module__", None) in _ORIGINS:
+                namespace[name] = replacement
+                logger.debug("rebound %s.%s to trio-asyncio's version", module_name, name)
+
+
+class AsyncioApp:
+    """An ASGI app whose calls run as asyncio tasks on a trio-asyncio loop.
+
+    Args:
+        app: the ASGI 3 application.
+        loop: an open ``trio_asyncio`` event loop.
+    """
+
+    __slots__ = ("app", "loop")
+
+    def __init__(self, app: ASGIApp, loop: Any) -> None:
+        self.app = app
+        self.loop = loop
+
+    async def __call__(
+        self, scope: MutableMapping[str, Any], receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        """Run ``app(scope, receive, send)`` as an asyncio task and wait for it.
+
+        Raises:
+            AppTaskCancelledError: the app cancelled its own task.
+            Exception: whatever the app raised.
+            trio.Cancelled: the calling trio task was cancelled (after the asyncio task
+                has finished).
+        """
+        loop = self.loop
+        trio_as_future = loop.trio_as_future
+        # A message received just as the app cancelled its receive() (asyncio delivers the
+        # CancelledError even though the future already holds the result): kept for the
+        # next receive(), so cancelling receive() never loses a message.
+        undelivered: list[Message] = []
+
+        # Real coroutine functions (not Future-returning callables), so apps may also pass
+        # receive() to asyncio.create_task().
+        async def aio_receive() -> Message:
+            if undelivered:
+                return undelivered.pop()
+            future = trio_as_future(receive)
+            try:
+                result: Message = await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    undelivered.append(future.result())
+                raise
+            return result
+
+        async def aio_send(message: Message) -> None:
+            await trio_as_future(send, message)
+
+        async def app_call() -> None:
+            # The app is called here, inside the asyncio task, so that even an app whose
+            # __call__ does work before returning its awaitable sees the asyncio loop.
+            await self.app(scope, aio_receive, aio_send)
+
+        try:
+            await loop.run_aio_coroutine(app_call())
+        except asyncio.CancelledError as exc:
+            # trio-asyncio turns the cancellation *it* caused into trio.Cancelled; this one
+            # came from the app itself.
+            raise AppTaskCancelledError("the app's asyncio task was cancelled") from exc
+
+
+@asynccontextmanager
+async def open_app_loop(app: ASGIApp, config: Config) -> AsyncIterator[ASGIApp]:
+    """Yield ``app`` as the server must call it for ``config.app_loop``.
+
+    With ``"trio"`` this yields ``app`` unchanged. With ``"asyncio"`` it opens a
+    trio-asyncio loop for the duration of the block (or reuses the one the embedding
+    program already opened) and yields an :class:`AsyncioApp`.
+
+    Raises:
+        ConfigError: ``"asyncio"`` without trio-asyncio installed.
+
+    Resource handling:
+        A loop opened here is closed when the block exits, after everything in the block
+        (every app call) has finished; like ``asyncio.run``, closing cancels the asyncio
+        tasks the app left running in the background. Exceptions from the block are
+        re-raised as they are, not wrapped in the exception groups of the loop's
+        nurseries.
+    """
+    if config.app_loop == "trio":
+        yield app
+        return
+    trio_asyncio = import_trio_asyncio()
+    running = trio_asyncio.current_loop.get()
+    if running is not None:
+        yield AsyncioApp(app, running)
+        return
+    body_error: Exception | None = None
+    async with trio_asyncio.open_loop() as loop:
+        try:
+            yield AsyncioApp(app, loop)
+        except Exception as exc:  # re-raised below, outside the loop's nurseries
+            body_error = exc
+    if body_error is not None:
+        raise body_error

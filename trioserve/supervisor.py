@@ -1,0 +1,551 @@
+"""The parent process of ``--workers N`` and ``--reload`` (layer 4).
+
+The parent binds the listening socket once and runs worker processes
+(``python -m trioserve.worker``, fresh interpreters) that inherit it by file descriptor. It
+never imports the app. Its task tree::
+
+    run_supervisor() ── trio.run(Supervisor.run)
+    └── nursery "workers"
+        ├── signal handler       SIGINT/SIGTERM: drain all; SIGHUP: rolling restart;
+        │                        SIGTTIN/SIGTTOU: one worker more/less
+        ├── file watcher         --reload only (``reload.watch_changes``)
+        ├── the manager loop     (the nursery body) keeps the wanted number of workers
+        └── one task per worker process (``_run_worker``)
+            ├── trio.run_process([python, -m, trioserve.worker], pass_fds=…, start_new_session)
+            ├── kill-when-late   sleeps in a cancel scope whose deadline is set on SIGTERM
+            └── (body) reads the worker's status lines: ready, draining, failed, heartbeats
+
+Policies, all decided in one place (:meth:`Supervisor._reconcile`, run after every event):
+
+* A worker that exits without being asked is logged with its exit status and replaced; a
+  run of early exits backs off exponentially (0.1 s … 10 s).
+* Boot: if every worker fails before any became ready (import error, lifespan startup
+  failure), the parent stops and raises the app's error, shown once.
+* SIGHUP: start one new worker, wait until it is ready, drain one old worker; repeat. A new
+  worker that fails to start aborts the restart and the old workers keep serving.
+* ``--limit-max-requests``: the worker reports ``draining`` and the replacement starts at
+  once, while it finishes its requests. The listening socket stays open in the parent, so
+  connections arriving meanwhile wait in the kernel's backlog instead of being refused.
+* ``--timeout-worker-healthcheck``: a worker that sends no heartbeat for that long has a
+  blocked event loop; its stack (written by ``faulthandler`` in the worker) is logged, and it
+  is killed and replaced.
+* Stop: one SIGTERM per worker (each drains as a single process would), then SIGKILL after
+  ``--timeout-graceful-shutdown`` + :data:`SHUTDOWN_MARGIN`; a second SIGINT/SIGTERM sends
+  another SIGTERM (the workers' "stop now") and kills after :data:`HARD_STOP_TIMEOUT`.
+* Workers run in their own session, so a terminal's Ctrl-C reaches only the parent; they
+  watch their link to the parent and drain on their own if it dies, even by SIGKILL.
+* ``--reload`` (one worker): on a change the worker is stopped first, then a new one is
+  started; if it fails to start, the error is logged and nothing happens until the next
+  change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from typing import IO, Final
+
+import trio
+
+from .config import Config
+from .errors import AppLoadError, ConfigError, LifespanError
+from .listeners import BoundSocket, bind_sockets
+from .worker import SPEC_ENV, Event, WorkerSpec
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_MARGIN: Final = 5.0  # beyond --timeout-graceful-shutdown: lifespan shutdown, exit
+HARD_STOP_TIMEOUT: Final = 7.0  # after a second signal (a worker bounds lifespan shutdown at 5 s)
+RELOAD_STOP_TIMEOUT: Final = 5.0  # --reload restart without --timeout-graceful-shutdown
+BACKOFF_INITIAL: Final = 0.1
+BACKOFF_MAX: Final = 10.0
+STABLE_UPTIME: Final = 10.0  # a crash this long after the previous one restarts at once
+STACK_DUMP_WAIT: Final = 1.0
+STACK_DUMP_MAX_CHARS: Final = 20_000
+HANDLED_SIGNALS: Final = (
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+)
+
+
+def run_supervisor(app: str, config: Config) -> None:
+    """Bind, then run and supervise worker processes until SIGINT/SIGTERM.
+
+    Args:
+        app: the import string each worker loads (``"main:app"``).
+        config: ``workers`` > 1 or ``reload``.
+
+    Raises:
+        OSError: the socket could not be bound.
+        AppLoadError, LifespanError, OSError: every worker failed to start (not with
+            ``--reload``, which waits for the next change instead).
+    """
+    bound = bind_sockets(config)
+    try:
+        if len(bound) != 1:  # pragma: no cover - bind_sockets returns one socket today
+            raise ConfigError("worker processes support exactly one listening socket")
+        trio.run(Supervisor(app, config, bound[0]).run)
+    finally:
+        for b in bound:
+            b.sock.close()
+            if config.uds is not None and isinstance(b.address, str):
+                with contextlib.suppress(OSError):
+                    os.unlink(b.address)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exit code 1`` / ``killed by SIGKILL`` for logs."""
+    if returncode is None:
+        return "not started"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class _Worker:
+    """One worker process, as the parent sees it."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.process: trio.Process | None = None
+        self.started_at = trio.current_time()
+        self.ready_at: float | None = None
+        # No longer counted towards --workers: asked to stop, draining on its own, or killed.
+        self.retiring = False
+        self.term_sent = False
+        self.killed = False
+        self.failure: Event | None = None
+        # Deadline of the kill-when-late task; moved when a stop is requested.
+        self.stop_scope = trio.CancelScope()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process is not None else 0
+
+    def terminate(self) -> None:
+        """Send SIGTERM (drain), once; the worker may not be spawned yet."""
+        if self.term_sent:
+            return
+        self.term_sent = True
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+
+    def kill(self) -> None:
+        self.killed = True
+        self.term_sent = True
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
+
+class Supervisor:
+    """Keeps ``config.workers`` worker processes serving ``app`` on an inherited socket."""
+
+    def __init__(self, app: str, config: Config, bound: BoundSocket) -> None:
+        self.app = app
+        self.config = config
+        self.bound = bound
+        self.fd = bound.sock.fileno()
+        worker_config = dataclasses.replace(
+            config, fd=self.fd, uds=None, workers=1, reload=False
+        )
+        self.worker_options = worker_config.to_dict()
+        self.reload = config.reload
+        self.desired = config.workers
+        self.workers: set[_Worker] = set()
+        self.generation = 0
+        self.stopping = False
+        self.stop_deadline = math.inf
+        self.ever_ready = False
+        self.boot_failures: list[tuple[_Worker, Event | None]] = []
+        self.fatal: Exception | None = None
+        self.paused = False  # --reload: the last start failed; wait for a change
+        self.backoff = 0.0
+        self.last_crash_at = -math.inf
+        self.next_spawn_at = -math.inf
+        self._wake = trio.Event()
+
+    # -- the task tree ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Supervise until SIGINT/SIGTERM (or a failed boot); returns once every worker
+        process has exited.
+
+        Raises:
+            AppLoadError, LifespanError, OSError: every worker failed to start.
+        """
+        if self.reload:
+            logger.info("Started reloader process [%d] using WatchFiles", os.getpid())
+        else:
+            logger.info("Started parent process [%d]", os.getpid())
+        logger.info("trioserve running on %s (Press CTRL+C to quit)", self.bound.url)
+        with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._handle_signals, signals)
+                if self.reload:
+                    from .reload import watch_changes
+
+                    nursery.start_soon(functools.partial(
+                        watch_changes, self.config, self._files_changed
+                    ))
+                await self._maintain(nursery)
+                await self._stop_all()
+                nursery.cancel_scope.cancel()
+        if self.fatal is not None:
+            raise self.fatal
+        logger.info("Finished parent process [%d]", os.getpid())
+
+    def wake(self) -> None:
+        """Ask the manager loop to look at the state again."""
+        self._wake.set()
+
+    async def _maintain(self, nursery: trio.Nursery) -> None:
+        while not self.stopping and self.fatal is None:
+            self._wake = trio.Event()
+            delay = self._reconcile(nursery)
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+
+    async def _stop_all(self) -> None:
+        """One SIGTERM per worker, then wait (the kill-when-late tasks bound the wait).
+
+        The parent's copy of the listening socket is closed first: once the workers have
+        closed theirs too, new connections are refused instead of waiting in a backlog
+        that nobody will serve.
+        """
+        self.bound.sock.close()
+        for worker in list(self.workers):
+            self._retire(worker)
+        while self.workers:
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            self._on_signal(signal.Signals(signum))
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        name = sig.name
+        if sig in (signal.SIGINT, signal.SIGTERM):
+            if not self.stopping:
+                logger.info("Received %s, stopping the workers gracefully", name)
+                self.stopping = True
+            else:
+                logger.warning("Received %s again, stopping the workers now", name)
+                self.stop_deadline = trio.current_time() + HARD_STOP_TIMEOUT
+                for worker in self.workers:
+                    if worker.process is not None and worker.process.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            worker.process.terminate()
+                    worker.stop_scope.deadline = min(
+                        worker.stop_scope.deadline, self.stop_deadline
+                    )
+        elif self.stopping:
+            logger.info("Received %s while stopping; ignored", name)
+        elif sig == signal.SIGHUP:
+            if self.reload:
+                self._files_changed([])
+            else:
+                logger.info("Received SIGHUP, restarting the workers one by one")
+                self.generation += 1
+        elif self.reload:
+            logger.info("Received %s; ignored with --reload (one worker)", name)
+        elif sig == signal.SIGTTIN:
+            self.desired += 1
+            logger.info("Received SIGTTIN, increasing the number of workers to %d", self.desired)
+        elif sig == signal.SIGTTOU:
+            if self.desired > 1:
+                self.desired -= 1
+            logger.info("Received SIGTTOU, decreasing the number of workers to %d", self.desired)
+        self.wake()
+
+    def _files_changed(self, paths: list[str]) -> None:
+        if self.stopping:
+            return
+        if paths:
+            shown = ", ".join(repr(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+            logger.warning("WatchFiles detected changes in %s. Reloading...", shown)
+        else:
+            logger.info("Received SIGHUP. Reloading...")
+        self.paused = False
+        for worker in list(self.workers):
+            if not worker.retiring:
+                self._retire(worker)
+        self.wake()
+
+    # -- policy -------------------------------------------------------------------------
+
+    def _reconcile(self, nursery: trio.Nursery) -> float:
+        """Start or retire workers to reach the wanted state; return when to look again."""
+        active = [w for w in self.workers if not w.retiring]
+        if self.reload and (self.paused or len(active) < len(self.workers)):
+            # --reload: the old process exits before the new one starts (the app may hold
+            # something exclusive); after a failed start, wait for the next change.
+            return math.inf
+        if not self.ever_ready and self.boot_failures:
+            return math.inf  # boot: wait until one worker is up, or all have failed
+
+        outdated = sorted(
+            (w for w in active if w.generation < self.generation), key=lambda w: w.started_at
+        )
+        starting = [w for w in active if w.generation == self.generation and w.ready_at is None]
+        # During a rolling restart one extra worker may exist while it starts.
+        allowed = self.desired + (1 if outdated and starting else 0)
+        if len(active) > allowed:
+            newest_first = sorted(
+                (w for w in active if w not in outdated), key=lambda w: -w.started_at
+            )
+            for worker in (outdated + newest_first)[: len(active) - allowed]:
+                self._retire(worker)
+                active.remove(worker)
+                if worker in outdated:
+                    outdated.remove(worker)
+
+        missing = self.desired - len(active)
+        if outdated and not starting and missing <= 0:
+            missing = 1  # the next step of a rolling restart
+        if missing <= 0:
+            return math.inf
+        now = trio.current_time()
+        if now < self.next_spawn_at:
+            return self.next_spawn_at - now
+        for _ in range(missing):
+            self._spawn(nursery)
+        return math.inf
+
+    def _spawn(self, nursery: trio.Nursery) -> None:
+        worker = _Worker(self.generation)
+        self.workers.add(worker)
+        nursery.start_soon(self._run_worker, worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Stop counting ``worker`` and ask it to drain (SIGTERM), with a kill deadline."""
+        worker.retiring = True
+        if not worker.term_sent:
+            worker.terminate()
+            grace = self.config.timeout_graceful_shutdown
+            if grace is None:
+                timeout = RELOAD_STOP_TIMEOUT if self.reload and not self.stopping else math.inf
+            else:
+                timeout = grace + SHUTDOWN_MARGIN
+            worker.stop_scope.deadline = min(
+                trio.current_time() + timeout, self.stop_deadline
+            )
+        self.wake()
+
+    def _record_crash(self) -> None:
+        """Back off when workers keep dying: 0.1 s doubling to 10 s, reset after a calm."""
+        now = trio.current_time()
+        if now - self.last_crash_at > STABLE_UPTIME:
+            self.backoff = 0.0
+        else:
+            self.backoff = min(max(self.backoff * 2, BACKOFF_INITIAL), BACKOFF_MAX)
+        self.last_crash_at = now
+        self.next_spawn_at = now + self.backoff
+
+    def _on_event(self, worker: _Worker, event: Event) -> None:
+        if event.event == "beat":
+            return
+        if event.event == "ready":
+            worker.ready_at = trio.current_time()
+            logger.info("Worker process [%d] is ready", worker.pid)
+            if not self.ever_ready:
+                self.ever_ready = True
+                for failed, failure in self.boot_failures:
+                    logger.error("Worker process [%d] failed to start:\n%s", failed.pid,
+                                 _failure_text(failed, failure))
+                if self.boot_failures:
+                    self._record_crash()
+                self.boot_failures.clear()
+        elif event.event == "draining":
+            if not worker.retiring:
+                logger.info("Worker process [%d] is draining; starting its replacement",
+                            worker.pid)
+                worker.retiring = True
+        elif event.event == "failed":
+            worker.failure = event
+        self.wake()
+
+    def _on_exit(self, worker: _Worker) -> None:
+        self.workers.discard(worker)
+        self.wake()
+        returncode = worker.process.returncode if worker.process is not None else None
+        status = describe_exit(returncode)
+        if worker.retiring:
+            if not worker.killed:
+                logger.info("Worker process [%d] stopped (%s)", worker.pid, status)
+            return
+        if worker.ready_at is not None:
+            logger.warning("Worker process [%d] died unexpectedly (%s); starting a new one",
+                           worker.pid, status)
+            self._record_crash()
+            return
+        # It exited before it was ready: the app could not be loaded or started.
+        text = _failure_text(worker, worker.failure)
+        if self.reload:
+            logger.error("Worker process [%d] failed to start:\n%s\n"
+                         "Waiting for a file change before starting again.", worker.pid, text)
+            self.paused = True
+        elif not self.ever_ready:
+            self.boot_failures.append((worker, worker.failure))
+            if not any(not w.retiring for w in self.workers):
+                self.fatal = self._boot_error(worker.failure, text)
+        else:
+            logger.error("Worker process [%d] failed to start:\n%s", worker.pid, text)
+            self._record_crash()
+            outdated = [
+                w for w in self.workers if not w.retiring and w.generation < self.generation
+            ]
+            if outdated and worker.generation == self.generation:
+                logger.error("Rolling restart aborted; the old workers keep serving")
+                for old in outdated:
+                    old.generation = self.generation
+
+    def _boot_error(self, failure: Event | None, text: str) -> Exception:
+        logger.error("Every worker process failed to start.")
+        if failure is not None and failure.kind == "load":
+            return AppLoadError("\n" + text if "\n" in text else text)
+        if failure is not None and failure.kind == "os":
+            return OSError(text)
+        logger.error("%s", text)  # the CLI prints only "Application startup failed."
+        return LifespanError(f"Application startup failed: {text}")
+
+    # -- one worker process -------------------------------------------------------------
+
+    async def _run_worker(self, worker: _Worker) -> None:
+        """Run one worker process and follow its status until it exits."""
+        try:
+            parent_end, child_end = socket.socketpair()
+            with parent_end, child_end, tempfile.TemporaryFile() as stack_file:
+                await self._run_process(worker, parent_end, child_end, stack_file)
+        finally:
+            self._on_exit(worker)
+
+    async def _run_process(self, worker: _Worker, parent_end: socket.socket,
+                           child_end: socket.socket, stack_file: IO[bytes]) -> None:
+        if worker.retiring:
+            return  # stopped before it was spawned
+        spec = WorkerSpec(
+            app=self.app,
+            config=self.worker_options,
+            link_fd=child_end.fileno(),
+            stack_fd=stack_file.fileno(),
+        )
+        async with trio.open_nursery() as nursery:
+            try:
+                process: trio.Process = await nursery.start(functools.partial(
+                    trio.run_process,
+                    [sys.executable, "-m", "trioserve.worker"],
+                    check=False,
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=(self.fd, child_end.fileno(), stack_file.fileno()),
+                    start_new_session=True,
+                    env={**os.environ, SPEC_ENV: spec.to_json()},
+                    deliver_cancel=_kill,
+                ))
+            except OSError as exc:
+                logger.error("Could not start a worker process: %s", exc)
+                return
+            finally:
+                child_end.close()  # the worker's end: only the worker may hold it
+            worker.process = process
+            logger.info("Started worker process [%d]", process.pid)
+            if worker.term_sent:  # asked to stop while it was being spawned
+                worker.term_sent = False
+                worker.terminate()
+            nursery.start_soon(self._kill_when_late, worker)
+            link = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
+            await self._follow(worker, link, stack_file)
+            await process.wait()
+            worker.stop_scope.cancel()  # ends _kill_when_late; run_process ends by itself
+
+    async def _kill_when_late(self, worker: _Worker) -> None:
+        with worker.stop_scope:
+            await trio.sleep_forever()
+        if worker.process is None or worker.process.returncode is not None:
+            return  # it exited in time
+        logger.warning("Worker process [%d] did not stop in time; killing it", worker.pid)
+        worker.kill()
+
+    async def _follow(self, worker: _Worker, link: trio.SocketStream, stack: IO[bytes]) -> None:
+        """Read status lines until the worker closes the link (it exited).
+
+        After the first line, silence longer than ``--timeout-worker-healthcheck`` means
+        the worker's event loop is blocked.
+        """
+        healthcheck = self.config.timeout_worker_healthcheck
+        heard = False
+        buffer = b""
+        while True:
+            timeout = healthcheck if heard and not worker.killed else math.inf
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    data = await link.receive_some(4096)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            if scope.cancelled_caught:
+                await self._blocked(worker, stack)
+                continue
+            if not data:
+                return
+            heard = True
+            *lines, buffer = (buffer + data).split(b"\n")
+            for line in lines:
+                try:
+                    event = Event.decode(line)
+                except ValueError:
+                    logger.debug("Worker process [%d] sent %r", worker.pid, line)
+                    continue
+                self._on_event(worker, event)
+
+    async def _blocked(self, worker: _Worker, stack: IO[bytes]) -> None:
+        """Report a worker whose loop is blocked, with its stack, then kill it."""
+        dump = await _read_stack_dump(stack)
+        logger.error(
+            "Worker process [%d] sent no heartbeat for %.1fs: its event loop is blocked. "
+            "Replacing it. Where it was stuck:\n%s",
+            worker.pid,
+            self.config.timeout_worker_healthcheck,
+            dump or "(no stack dump received)",
+        )
+        worker.retiring = True
+        worker.kill()
+        self.wake()
+
+
+async def _kill(process: trio.Process) -> None:
+    """run_process's deliver_cancel: cancellation is the hard stop (graceful is SIGTERM)."""
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await trio.lowlevel.checkpoint()
+
+
+async def _read_stack_dump(stack: IO[bytes]) -> str:
+    """The worker's faulthandler output (it writes it just before we notice the silence)."""
+    deadline = trio.current_time() + STACK_DUMP_WAIT
+    while True:
+        stack.seek(0)
+        data = stack.read(STACK_DUMP_MAX_CHARS)
+        if data or trio.current_time() >= deadline:
+            return data.decode("utf-8", "replace").rstrip()
+        await trio.sleep(0.05)
+
+
+def _failure_text(worker: _Worker, failure: Event | None) -> str:
+    if failure is not None and failure.error:
+        return failure.error
+    returncode = worker.process.returncode if worker.process is not None else None
+    return f"The worker process exited ({describe_exit(returncode)}) before it was ready."

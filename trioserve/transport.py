@@ -1,0 +1,206 @@
+"""Between accept() and HTTP: PROXY header, TLS handshake, who the client is (layer 3).
+
+For each accepted stream :func:`prepare_connection` runs once, in the connection's own
+task, and decides everything that holds for the connection's whole life, so nothing of it
+is repeated per request:
+
+1. ``--proxy-protocol``: read the PROXY v1/v2 header (never more bytes than it may hold
+   plus what already arrived with it) and take the client address from it. A connection
+   without a valid header is closed.
+2. TLS: wrap the stream in :class:`trio.SSLStream` and complete the handshake. Handshake
+   failures, plain HTTP sent to a TLS port and silence are logged at INFO in one line and
+   cost only that connection.
+3. The TLS extension for the scope (ASGI TLS extension) and whether the direct peer is a
+   trusted proxy (``--forwarded-allow-ips``); the per-request work then is one attribute
+   check, plus header parsing only for trusted peers.
+
+Steps 1 and 2 together must finish within ``--timeout-request-header``. With
+``--proxy-protocol`` the trust decision is made on the address the PROXY header reports,
+because the balancer in front does not touch the HTTP headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from .config import Config
+from .proxy_headers import TrustedHosts
+from .proxy_protocol import ProxyProtocolError, parse_proxy_header
+from .tls import TLSSettings, load_tls, tls_extension
+
+if TYPE_CHECKING:
+    from .http_connection import HTTPConnection
+
+logger = logging.getLogger(__name__)
+
+PROXY_HEADER_READ_SIZE: Final = 4096
+
+Client = tuple[str, int] | None
+ServerAddress = tuple[str, int | None] | None
+
+
+class EdgeSettings:
+    """Per-server settings of the connection set-up (built once by ``serve()``).
+
+    Raises:
+        ConfigError: TLS files or password are wrong (see :func:`trioserve.tls.load_tls`).
+    """
+
+    __slots__ = ("proxy_protocol", "timeout", "tls", "trusted")
+
+    def __init__(self, config: Config) -> None:
+        self.tls: TLSSettings | None = load_tls(config)
+        self.trusted: TrustedHosts | None = (
+            TrustedHosts(config.forwarded_allow_ips) if config.proxy_headers else None
+        )
+        self.proxy_protocol = config.proxy_protocol
+        self.timeout = config.timeout_request_header
+
+
+class PreparedConnection:
+    """What :func:`prepare_connection` found out; :meth:`attach` hands it to the HTTP side."""
+
+    __slots__ = ("client", "leftover", "scheme", "server", "stream", "tls", "trusted")
+
+    def __init__(self, stream: trio.abc.Stream, client: Client, server: ServerAddress) -> None:
+        self.stream = stream
+        self.client = client
+        self.server = server
+        self.scheme = "http"
+        self.tls: dict[str, Any] | None = None
+        self.trusted: TrustedHosts | None = None
+        self.leftover = b""
+
+    def attach(self, conn: HTTPConnection) -> None:
+        """Give ``conn`` the per-connection scope facts and any bytes read past the header."""
+        conn.tls_extension = self.tls
+        conn.trusted_proxies = self.trusted
+        conn.completes_scope = self.tls is not None or self.trusted is not None
+        if self.leftover:
+            conn.h11.receive_data(self.leftover)
+
+
+async def prepare_connection(
+    stream: trio.abc.Stream, client: Client, server: ServerAddress, edge: EdgeSettings
+) -> PreparedConnection | None:
+    """Run the connection set-up; None when the connection was closed here.
+
+    Resource handling: on failure (and on cancellation) the stream is closed here;
+    otherwise the returned stream (maybe an ``SSLStream`` around it) belongs to the caller.
+    """
+    prepared = PreparedConnection(stream, client, server)
+    if edge.proxy_protocol or edge.tls is not None:
+        ok = False
+        try:
+            with trio.move_on_after(edge.timeout) as timeout:
+                ok = await _set_up(prepared, edge)
+            if timeout.cancelled_caught:
+                logger.info(
+                    "%s - connection set-up (%s) timed out, closing",
+                    _peer(client),
+                    "PROXY header" if prepared.stream is stream else "TLS handshake",
+                )
+        finally:
+            if not ok:
+                await trio.aclose_forcefully(prepared.stream)
+        if not ok:
+            return None
+    trusted = edge.trusted
+    if trusted is not None:
+        host = prepared.client[0] if prepared.client is not None else None
+        if trusted.trusts_peer(host):
+            prepared.trusted = trusted
+    return prepared
+
+
+async def _set_up(prepared: PreparedConnection, edge: EdgeSettings) -> bool:
+    if edge.proxy_protocol and not await _read_proxy_header(prepared):
+        return False
+    tls = edge.tls
+    if tls is None:
+        return True
+    transport: trio.abc.Stream = prepared.stream
+    if prepared.leftover:
+        transport = _PrefixedStream(transport, prepared.leftover)
+        prepared.leftover = b""
+    ssl_stream = trio.SSLStream(transport, tls.context, server_side=True, https_compatible=True)
+    prepared.stream = ssl_stream
+    try:
+        await ssl_stream.do_handshake()
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        _log_handshake_failure(prepared.client, exc)
+        return False
+    prepared.scheme = "https"
+    prepared.tls = tls_extension(ssl_stream, tls)
+    return True
+
+
+async def _read_proxy_header(prepared: PreparedConnection) -> bool:
+    buffer = b""
+    while True:
+        try:
+            header = parse_proxy_header(buffer)
+        except ProxyProtocolError as exc:
+            logger.info("%s - %s, closing", _peer(prepared.client), exc)
+            return False
+        if header is not None:
+            break
+        try:
+            data = await prepared.stream.receive_some(PROXY_HEADER_READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            logger.debug("%s - closed before sending a PROXY header", _peer(prepared.client))
+            return False
+        buffer += data
+    prepared.leftover = buffer[header.length :]
+    if header.client is not None:
+        prepared.client = header.client
+        prepared.server = header.server
+    return True
+
+
+def _log_handshake_failure(client: Client, exc: BaseException) -> None:
+    cause = exc.__cause__
+    peer = _peer(client)
+    if isinstance(cause, ssl.SSLError):
+        if cause.reason == "HTTP_REQUEST":
+            logger.info("%s - plain HTTP request sent to a TLS port, closing", peer)
+            return
+        logger.info("%s - TLS handshake failed: %s", peer, cause.reason or cause)
+    else:
+        logger.info("%s - connection closed during the TLS handshake", peer)
+
+
+def _peer(client: Client) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unix"
+
+
+class _PrefixedStream(trio.abc.Stream):
+    """A stream that first returns bytes already read (those that followed a PROXY header
+    in the same segment) to the TLS layer, then reads from the real stream."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

@@ -1,0 +1,555 @@
+"""The task serving an upgraded WebSocket connection (layer 3).
+
+:class:`WebSocketConnection` takes over a connection whose request asked for a WebSocket
+upgrade. It owns the ``wsproto.WSConnection`` (set up from the already-parsed request with
+``initiate_upgrade_connection``), runs the app call in the connection task itself, and
+closes the WebSocket within a bound however the app, the peer or the server ends it.
+
+Task tree (everything inside ``run()``'s nursery)::
+
+    HTTPConnection task ── WebSocketConnection.run()
+        ├── app call          (in the connection task: receive() / send())
+        ├── _write_loop       the only task that writes to the stream
+        ├── _read_loop        the only task that reads from the stream (after the accept)
+        └── _keepalive        pings every --ws-ping-interval, drops a silent peer
+
+One writer, without locks
+-------------------------
+trio forbids two tasks in ``send_all`` at once, and several parties produce bytes: the
+app (messages, close, denial responses), the reader (pongs, close replies), the keepalive
+task (pings) and the server (drain: close 1012). All of them produce bytes *synchronously*
+with ``wsproto.WSConnection.send`` (or ``h11`` for plain HTTP answers) and append them to
+one ``outbox``; only ``_write_loop`` awaits ``send_all``. Consequences:
+
+* bytes leave in exactly the order wsproto produced them, which permessage-deflate's
+  shared compressor and the close handshake both depend on;
+* wsproto's state never changes across an ``await``, so it stays truthful;
+* backpressure is explicit: the app's ``send()`` waits while more than
+  :data:`OUTBOX_HIGH_WATER` bytes are unsent, and the reader stops reading while more than
+  :data:`READER_PAUSE_OUTBOX` are (a peer that floods pings but never reads cannot make us
+  buffer pongs without bound);
+* a cancelled or failed ``send_all`` happens in one place, where ``HTTPConnection.write``
+  marks the connection broken.
+
+Incoming messages go through a memory channel of ``--ws-max-queue`` slots: when the app
+does not keep up the reader blocks on it and stops reading the socket, so TCP pushes back
+on the peer instead of memory growing.
+
+Closing
+-------
+Every close we start (app ``websocket.close``, app return → 1000, app error → 1011, drain →
+1012) moves the reader's deadline to now + :data:`CLOSE_TIMEOUT`, so a peer that never
+answers the Close frame cannot keep the connection. A peer's Close is answered at once
+(RFC 6455 §5.5.1). A frame wsproto rejects (1002, 1007) or a message over
+``--ws-max-size`` (1009) fails the connection (§7.1.7): the messages received before it are
+still delivered, and the Close frame is sent once the app has read them (so its replies to
+them are not lost), or after :data:`FAILURE_CLOSE_DELAY` at the latest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Final
+
+import h11
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.utilities import RemoteProtocolError
+
+from .app_call import call_app
+from .errors import ClientDisconnected
+from .http_messages import ResponseWriter, build_http_scope, error_response
+from .server_state import access_logger
+from .ws_messages import (
+    CLOSE_ABNORMAL,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_NORMAL,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TOO_BIG,
+    Accept,
+    AppMessages,
+    Close,
+    CloseKind,
+    MessageAssembler,
+    MessageTooBigError,
+    Phase,
+    ResponseBody,
+    ResponseStart,
+    Send,
+    build_websocket_scope,
+    classify_close,
+    connect_message,
+    disconnect_message,
+    handshake_headers,
+)
+
+if TYPE_CHECKING:
+    from .http_connection import HTTPConnection
+
+logger = logging.getLogger(__name__)
+
+# How long we wait for the peer's answer to our Close frame (and for our last bytes to
+# leave) before dropping the TCP connection.
+CLOSE_TIMEOUT: Final = 5.0
+# After a protocol failure, how long the Close frame waits for the app to read the
+# messages that arrived before the bad frame.
+FAILURE_CLOSE_DELAY: Final = 1.0
+# A dropped (keepalive-timed-out) peer gets this long to take our Close frame.
+ABORT_FLUSH_TIMEOUT: Final = 1.0
+# The app's send() returns once at most this many bytes are still unsent.
+OUTBOX_HIGH_WATER: Final = 64 * 1024
+# The reader pauses while this many bytes are unsent.
+READER_PAUSE_OUTBOX: Final = 1024 * 1024
+
+
+class WebSocketConnection:
+    """Serve one WebSocket upgrade on an accepted HTTP connection.
+
+    Args:
+        http: the connection the upgrade request arrived on; its stream, its ``h11``
+            connection (whose ``trailing_data`` holds bytes already received after the
+            request head: the first frames, if the client did not wait for the 101) and its
+            write/read helpers are used.
+        request: the upgrade request.
+    """
+
+    def __init__(self, http: HTTPConnection, request: h11.Request) -> None:
+        self.http = http
+        self.request = request
+        self.ws = WSConnection(ConnectionType.SERVER)
+        config = http.state.config
+        self._assembler = MessageAssembler(config.ws_max_size)
+        self._app_messages = AppMessages(())
+        self._messages: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
+        self._response: ResponseWriter | None = None
+        # The outbox (see the module docstring).
+        self._outbox = bytearray()
+        self._in_flight = 0
+        self._has_output = trio.Event()
+        self._written = trio.Event()  # replaced after every completed (or failed) write
+        self._gone = False  # the transport is unusable: send() raises ClientDisconnected
+        # The handshake: resolved by an accept or by any HTTP answer.
+        self._handshake_done = trio.Event()
+        self._accepted = False
+        self._connect_delivered = False
+        # Reading, closing, failing.
+        self._read_scope = trio.CancelScope()
+        self._reader_done = trio.Event()
+        self._disconnect: dict[str, Any] | None = None
+        self._failure: tuple[int, str] | None = None
+        self._failure_due = trio.Event()
+        self._draining = False
+        # Keepalive.
+        self._ping_payload = b""
+        self._pong = trio.Event()
+
+    # -- the connection task --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the upgrade until the app has returned and the WebSocket is closed.
+
+        Returns within :data:`CLOSE_TIMEOUT` (plus the write of our last bytes, equally
+        bounded) of the app returning. The stream itself is closed by the caller.
+
+        Cancellation: the app call and the I/O tasks are cancelled together.
+        """
+        http = self.http
+        state = http.state
+        config = state.config
+        request = self.request
+        try:
+            self.ws.initiate_upgrade_connection(
+                handshake_headers(
+                    request.headers, per_message_deflate=config.ws_per_message_deflate
+                ),
+                request.target,
+            )
+            for _ in self.ws.events():  # the Request event: wsproto keeps what it needs
+                pass
+        except (RemoteProtocolError, h11.LocalProtocolError, ValueError) as exc:
+            await self._reject_upgrade(exc)
+            return
+        scope = build_websocket_scope(
+            build_http_scope(
+                request,
+                scheme=http.scheme,
+                client=http.client,
+                server=http.server,
+                root_path=config.root_path,
+                state=state.lifespan_state,
+            )
+        )
+        if http.completes_scope:  # TLS extension, trusted proxy headers
+            http.complete_scope(scope)
+        self._app_messages = AppMessages(scope["subprotocols"])
+        send_channel, self._messages = trio.open_memory_channel[dict[str, Any]](
+            config.ws_max_queue
+        )
+        async with trio.open_nursery() as io:
+            io.start_soon(self._write_loop)
+            io.start_soon(self._read_loop, send_channel)
+            if config.ws_ping_interval:
+                io.start_soon(self._keepalive, config.ws_ping_interval, config.ws_ping_timeout)
+            app_exc = await call_app(state.app, scope, self.receive, self.send)
+            if app_exc is not None and not isinstance(app_exc, ClientDisconnected):
+                state.report_app_error(app_exc)
+            await self._after_app(app_exc)
+            io.cancel_scope.cancel()
+
+    async def _reject_upgrade(self, exc: Exception) -> None:
+        """Answer an invalid upgrade request with 400 (the peer's fault, INFO)."""
+        http = self.http
+        logger.info("%s - invalid WebSocket upgrade request: %s (400)", http.peer, exc)
+        headers = http.state.response_headers()
+        if isinstance(exc, RemoteProtocolError) and "Version" in str(exc):
+            # RFC 6455 §4.2.2: tell the client which version we speak.
+            headers = ((b"sec-websocket-version", b"13"), *headers)
+        data = error_response(http.h11, 400, headers)
+        http.linger = True
+        self._log_handshake(400)
+        try:
+            await http.write(data)
+        except ClientDisconnected:
+            pass
+
+    async def _after_app(self, exc: Exception | None) -> None:
+        """The app returned (or raised): end the handshake or the WebSocket, bounded."""
+        http = self.http
+        if self._messages is not None:
+            # Nobody reads messages any more: a reader blocked on a full queue moves on.
+            self._messages.close()
+        self._failure_due.set()
+        app_failed = exc is not None and not isinstance(exc, ClientDisconnected)
+        if self._accepted:
+            self._send_failure()
+            self._start_close(CLOSE_INTERNAL_ERROR if app_failed else CLOSE_NORMAL)
+            await self._reader_done.wait()  # bounded by the close timeout
+        elif self._handshake_done.is_set():
+            pass  # refused with 403 or the app's complete denial response
+        elif self._response is not None and self._response.started:
+            if exc is None:
+                logger.error("ASGI callable returned without completing response")
+            http.linger = False  # a truncated denial response: abort the connection
+            self._gone = True
+        else:
+            if exc is None:
+                logger.error("ASGI callable returned without sending handshake")
+            self._answer_http(500)
+        self._handshake_done.set()
+        await self._flush(CLOSE_TIMEOUT)
+        if not self._gone:
+            http.linger = True
+
+    # -- the app's receive and send -------------------------------------------------------
+
+    async def receive(self) -> dict[str, Any]:
+        """The app's ``receive``: ``websocket.connect``, messages, ``websocket.disconnect``."""
+        if not self._connect_delivered:
+            self._connect_delivered = True
+            return connect_message()
+        await self._handshake_done.wait()
+        if not self._accepted or self._messages is None:
+            return disconnect_message(CLOSE_ABNORMAL)
+        try:
+            return await self._messages.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            # The app has read everything: a pending failure Close may go now.
+            self._failure_due.set()
+            self._send_failure()
+            return self._disconnect or disconnect_message(CLOSE_ABNORMAL)
+
+    async def send(self, message: Any) -> None:
+        """The app's ``send``: validate, translate to bytes in the outbox, wait for room.
+
+        Raises:
+            AppProtocolError: invalid or out-of-order message.
+            ClientDisconnected: ``websocket.send`` after the WebSocket closed or the peer
+                left (ASGI spec 2.4).
+        """
+        action = self._app_messages.next(message)
+        ws = self.ws
+        if isinstance(action, Send):
+            if self._gone or ws.state is not ConnectionState.OPEN:
+                raise ClientDisconnected(f"{self.http.peer} WebSocket is closed")
+            if isinstance(action.data, str):
+                self._queue(ws.send(TextMessage(data=action.data)))
+            else:
+                self._queue(ws.send(BytesMessage(data=action.data)))
+            await self._wait_writable()
+            if self._gone:
+                raise ClientDisconnected(f"{self.http.peer} disconnected")
+        elif isinstance(action, Accept):
+            self._accept(action)
+            await self._wait_writable()
+        elif isinstance(action, Close):
+            if self._app_messages.phase is Phase.REJECTED:
+                self._answer_http(403)  # close before accept (ASGI spec)
+            else:
+                self._start_close(action.code, action.reason)
+            await self._wait_writable()
+        elif isinstance(action, ResponseStart):
+            http = self.http
+            self._response = ResponseWriter(http.h11, b"GET", http.state.response_headers())
+            self._response.start(action.message, close=True)
+        else:
+            assert isinstance(action, ResponseBody)
+            assert self._response is not None
+            data = self._response.body(action.message)
+            if action.last:
+                self._log_handshake(self._response.status or 0)
+                self.http.linger = True
+                self._handshake_done.set()
+            self._queue(data)
+            await self._wait_writable()
+
+    def _accept(self, action: Accept) -> None:
+        http = self.http
+        names = {name.lower() for name, _ in action.headers}
+        headers = action.headers + [
+            header for header in http.state.response_headers() if header[0] not in names
+        ]
+        extensions: list[Extension] = []
+        if http.state.config.ws_per_message_deflate:
+            extensions.append(PerMessageDeflate())
+        self._queue(
+            self.ws.send(
+                AcceptConnection(
+                    subprotocol=action.subprotocol, extensions=extensions, extra_headers=headers
+                )
+            )
+        )
+        for extension in extensions:
+            if isinstance(extension, PerMessageDeflate) and extension.enabled():
+                # Inflating with the largest window decodes any smaller window too, so a
+                # client that cannot honour a small client_max_window_bits is still read.
+                extension.client_max_window_bits = 15
+        self._accepted = True
+        self._log_handshake(101)
+        self._handshake_done.set()
+        if self._draining:
+            self._start_close(CLOSE_SERVICE_RESTART)
+
+    def _answer_http(self, status: int) -> None:
+        """Refuse the handshake with a plain HTTP response (403 or 500)."""
+        http = self.http
+        data = error_response(http.h11, status, http.state.response_headers())
+        if data:
+            self._log_handshake(status)
+            self._queue(data)
+        http.linger = True
+        self._handshake_done.set()
+
+    def _log_handshake(self, status: int) -> None:
+        http = self.http
+        if http.state.access_log_enabled():
+            access_logger.info(
+                '%s - "WebSocket %s" %d', http.peer, self.request.target.decode("latin-1"), status
+            )
+
+    # -- closing --------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Graceful shutdown: close with 1012 now (or right after the accept)."""
+        self._draining = True
+        if self._accepted:
+            self._start_close(CLOSE_SERVICE_RESTART)
+
+    def _start_close(self, code: int, reason: str = "") -> None:
+        """Send our Close frame if the WebSocket is open; bound the wait for the answer."""
+        if self.ws.state is ConnectionState.OPEN and not self._gone:
+            self._queue(self.ws.send(CloseConnection(code=code, reason=reason)))
+            deadline = trio.current_time() + CLOSE_TIMEOUT
+            self._read_scope.deadline = min(self._read_scope.deadline, deadline)
+
+    def _send_failure(self) -> None:
+        if self._failure is not None:
+            code, reason = self._failure
+            self._failure = None
+            self._start_close(code, reason)
+
+    def _set_disconnect(self, code: int, reason: str = "") -> None:
+        if self._disconnect is None:
+            self._disconnect = disconnect_message(int(code), reason or "")
+
+    async def _abort(self, code: int, reason: str) -> None:
+        """Drop the peer now: a last Close frame (briefly), then an abortive close."""
+        self._set_disconnect(code, reason)
+        self._start_close(code, reason)
+        self._read_scope.cancel()
+        await self._flush(ABORT_FLUSH_TIMEOUT)
+        self._gone = True
+        self.http.linger = False
+        await trio.aclose_forcefully(self.http.stream)
+
+    # -- the writer -----------------------------------------------------------------------
+
+    def _queue(self, data: bytes | bytearray) -> None:
+        if data and not self._gone:
+            self._outbox += data
+            self._has_output.set()
+
+    def _pending(self) -> int:
+        return len(self._outbox) + self._in_flight
+
+    async def _wait_writable(self, limit: int = OUTBOX_HIGH_WATER) -> None:
+        while not self._gone and self._pending() > limit:
+            await self._written.wait()
+
+    async def _flush(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._wait_writable(0)
+
+    async def _write_loop(self) -> None:
+        """Write the outbox until cancelled or the peer is gone (the single writer)."""
+        while True:
+            if not self._outbox:
+                await self._has_output.wait()
+                self._has_output = trio.Event()
+                continue
+            data = bytes(self._outbox)
+            self._outbox.clear()
+            self._in_flight = len(data)
+            try:
+                await self.http.write(data)
+            except ClientDisconnected:
+                logger.debug("%s - WebSocket peer gone while writing", self.http.peer)
+                self._gone = True
+                self._outbox.clear()
+                self._set_disconnect(CLOSE_ABNORMAL)
+                self._read_scope.cancel()
+                return
+            finally:
+                self._in_flight = 0
+                self._written.set()
+                self._written = trio.Event()
+
+    # -- the reader -----------------------------------------------------------------------
+
+    async def _read_loop(self, messages: trio.MemorySendChannel[dict[str, Any]]) -> None:
+        """Read frames after the accept; end on close, failure, EOF or the close timeout."""
+        async with messages:
+            await self._handshake_done.wait()
+            if not self._accepted:
+                return
+            with self._read_scope:
+                await self._read_frames(messages)
+            if self._read_scope.cancelled_caught and self._disconnect is None:
+                logger.debug("%s - WebSocket close handshake timed out", self.http.peer)
+            self._set_disconnect(CLOSE_ABNORMAL)
+            self._reader_done.set()
+            await messages.aclose()  # the app's receive() now returns the disconnect
+            if self._failure is not None:
+                with trio.move_on_after(FAILURE_CLOSE_DELAY):
+                    await self._failure_due.wait()
+                self._send_failure()
+
+    async def _read_frames(self, messages: trio.MemorySendChannel[dict[str, Any]]) -> None:
+        http = self.http
+        ws = self.ws
+        data, eof = http.h11.trailing_data  # bytes that arrived with the handshake
+        while True:
+            if data:
+                ws.receive_data(data)
+            if eof:
+                ws.receive_data(None)
+            for event in ws.events():
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    try:
+                        message = self._assembler.feed(event)
+                    except MessageTooBigError as exc:
+                        self._fail(CLOSE_TOO_BIG, str(exc))
+                        return
+                    if message is not None:
+                        await self._deliver(messages, message)
+                elif isinstance(event, Ping):
+                    if ws.state is ConnectionState.OPEN:
+                        self._queue(ws.send(event.response()))
+                elif isinstance(event, Pong):
+                    if self._ping_payload and event.payload == self._ping_payload:
+                        self._pong.set()
+                elif isinstance(event, CloseConnection):
+                    self._on_close(event)
+                    return
+                else:  # handshake events cannot follow the accept
+                    assert isinstance(event, (Request, AcceptConnection, RejectConnection,
+                                              RejectData)), event
+                    raise AssertionError(f"unexpected wsproto event {event!r}")
+            if eof:
+                return  # pragma: no cover - receive_data(None) always yields a close
+            await self._wait_writable(READER_PAUSE_OUTBOX)
+            data = await http.receive_bytes()
+            eof = not data
+
+    async def _deliver(
+        self, messages: trio.MemorySendChannel[dict[str, Any]], message: dict[str, Any]
+    ) -> None:
+        """Queue a message for the app; blocks (stops reading) while the queue is full."""
+        try:
+            await messages.send(message)
+        except trio.BrokenResourceError:
+            pass  # the app has returned: nobody will read it (the close handshake goes on)
+
+    def _on_close(self, event: CloseConnection) -> None:
+        kind = classify_close(event, self.ws.state)
+        if kind is CloseKind.PEER_CLOSING:
+            # RFC 6455 §5.5.1: answer with a Close frame, echoing the status code.
+            self._queue(self.ws.send(event.response()))
+            self._set_disconnect(event.code, event.reason or "")
+        elif kind is CloseKind.HANDSHAKE_DONE:
+            self._set_disconnect(event.code, event.reason or "")
+        elif kind is CloseKind.LOST:
+            logger.debug("%s - WebSocket peer closed the connection", self.http.peer)
+            self._set_disconnect(CLOSE_ABNORMAL)
+        else:
+            self._fail(event.code, event.reason or "")
+
+    def _fail(self, code: int, reason: str) -> None:
+        """A bad frame or an oversized message: fail the WebSocket (RFC 6455 §7.1.7)."""
+        logger.info("%s - WebSocket protocol error: %s (%d)", self.http.peer, reason, code)
+        self._set_disconnect(code, reason)
+        self._failure = (int(code), reason)
+
+    # -- keepalive ------------------------------------------------------------------------
+
+    async def _keepalive(self, interval: float, timeout: float | None) -> None:
+        """Ping every ``interval``; drop the peer if a pong takes longer than ``timeout``."""
+        await self._handshake_done.wait()
+        if not self._accepted:
+            return
+        while True:
+            await trio.sleep(interval)
+            if self._gone or self.ws.state is not ConnectionState.OPEN:
+                return
+            self._ping_payload = os.urandom(4)
+            self._pong = trio.Event()
+            self._queue(self.ws.send(Ping(payload=self._ping_payload)))
+            if not timeout:
+                continue
+            with trio.move_on_after(timeout):
+                await self._pong.wait()
+            if self._pong.is_set():
+                continue
+            if self._gone or self.ws.state is not ConnectionState.OPEN:
+                return
+            logger.info(
+                "%s - WebSocket keepalive ping not answered within %.1fs, dropping the peer",
+                self.http.peer,
+                timeout,
+            )
+            await self._abort(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
+            return
+
