@@ -211,6 +211,7 @@ class Sample:
     p99_ms: float | None = None
     errors: int = 0
     cpu_percent: float | None = None
+    cpu_us: float | None = None  # server CPU time per request (message): robust under contention
     rss_mib: float | None = None  # largest process of the tree
     rss_total_mib: float | None = None
     fresh_rss_mib: float | None = None  # idle scenario: before any connection
@@ -457,7 +458,10 @@ def measure(
         else:
             sample = parse_wrk(_wrk(scenario, port, seconds, lua_path))
         pids = _tree(pid)
-        sample.cpu_percent = 100 * (_cpu_seconds(pids) - cpu0) / (time.monotonic() - t0)
+        busy, wall = _cpu_seconds(pids) - cpu0, time.monotonic() - t0
+        sample.cpu_percent = 100 * busy / wall
+        if sample.rate:
+            sample.cpu_us = 1e6 * busy / (sample.rate * wall)
         sample.rss_mib, sample.rss_total_mib = _rss_mib(pids)
         return sample
 
@@ -473,6 +477,7 @@ class Row:
     p99_ms: float | None
     errors: int
     cpu_percent: float | None
+    cpu_us: float | None
     rss_mib: float | None
     rss_total_mib: float | None
     fresh_rss_mib: float | None
@@ -517,6 +522,7 @@ def aggregate(
                 p99_ms=_median(s.p99_ms for s in rounds),
                 errors=sum(s.errors for s in rounds),
                 cpu_percent=_median(s.cpu_percent for s in rounds),
+                cpu_us=_median(s.cpu_us for s in rounds),
                 rss_mib=_median(s.rss_mib for s in rounds),
                 rss_total_mib=_median(s.rss_total_mib for s in rounds),
                 fresh_rss_mib=_median(s.fresh_rss_mib for s in rounds),
@@ -560,6 +566,7 @@ def render_scenario(scenario: Scenario, rows: Sequence[Row]) -> str:
         "p99 ms",
         "errors",
         "server CPU %",
+        "CPU us/req",
         "RSS MiB (total)",
     ]
     header += [f"x {r}" for r in refs]
@@ -572,6 +579,7 @@ def render_scenario(scenario: Scenario, rows: Sequence[Row]) -> str:
             _fmt(row.p99_ms, ".2f"),
             str(row.errors) if row.rate is not None else "-",
             _fmt(row.cpu_percent, ".0f"),
+            _fmt(row.cpu_us, ".0f"),
             f"{_fmt(row.rss_mib, '.1f')} ({_fmt(row.rss_total_mib, '.1f')})"
             if row.rss_mib is not None
             else "-",

@@ -83,7 +83,7 @@ def parse_responses(
     rest = data
     index = 0
     while rest:
-        method = (methods[index] if methods and index < len(methods) else b"GET")
+        method = methods[index] if methods and index < len(methods) else b"GET"
         client = h11.Connection(h11.CLIENT)
         client.send(h11.Request(method=method, target="/", headers=[("host", "t")]))
         client.send(h11.EndOfMessage())
@@ -143,8 +143,13 @@ class Recorder:
             record["pieces"] += 1
             if not message.get("more_body", False):
                 break
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
         text = f"{scope['method']} {scope['path']} ".encode() + record["body"]
         await send({"type": "http.response.body", "body": text})
 

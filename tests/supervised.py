@@ -99,8 +99,10 @@ def live_children(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` (a scan of the process table)."""
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and parent_pid(int(entry.name)) == pid and is_alive(
-            int(entry.name)
+        if (
+            entry.name.isdigit()
+            and parent_pid(int(entry.name)) == pid
+            and is_alive(int(entry.name))
         ):
             found.append(int(entry.name))
     return found

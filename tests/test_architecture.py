@@ -44,9 +44,7 @@ LAYERS: dict[str, float] = {
 ONLY_IMPORTED_BY = {"click": {"cli"}, "signal": {"runner", "supervisor"}}
 NO_TRIO_BELOW = 3  # layers 0-2 are sans-IO: never trio (nor anyio, sniffio)
 # Known deviations, each with its reason; the test fails once one is gone, to prune it.
-KNOWN_EXCEPTIONS = {
-    ("supervisor", "worker"): "the supervisor reuses WorkerSpec/SPEC_ENV/Event from worker.py",
-}
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def imports(path: Path) -> set[str]:

@@ -25,7 +25,13 @@ import trio_asyncio
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from wire import Client, connect, header, read_until_eof
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
+
 from trioserve import Config, Server, serve
+from trioserve.app_call import needs_asyncio
+from trioserve.asyncio_bridge import AsyncioApp
+from trioserve.errors import AppProtocolError
 from trioserve.testing import WebSocketClosed, running
 
 # -- the asyncio-bound FastAPI app ----------------------------------------------------------
@@ -62,7 +68,7 @@ def make_asyncio_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # asyncio objects made at startup and used by every request: they must all live
         # on the one loop the server keeps open.
-        queue: asyncio.Queue[int] = asyncio.Queue()
+        queue: asyncio.Queue[int] = asyncio.Queue(maxsize=1)
         counter = asyncio.create_task(count_forever(queue))
         yield {"queue": queue, "startup_loop": asyncio.get_running_loop()}
         counter.cancel()
@@ -74,7 +80,6 @@ def make_asyncio_app(
         while True:
             n += 1
             await queue.put(n)
-            await asyncio.sleep(0.001)
 
     app = FastAPI(lifespan=lifespan)
 
@@ -231,6 +236,49 @@ async def test_asyncio_lifespan_failure_under_trio_loop_is_hinted(
     assert any("--app-loop asyncio" in r.getMessage() for r in caplog.records)
 
 
+def _chained(outer: BaseException, inner: BaseException) -> BaseException:
+    outer.__cause__ = inner
+    return outer
+
+
+def _cyclic() -> BaseException:
+    first, second = ValueError("a"), ValueError("b")
+    first.__context__, second.__context__ = second, first
+    return first
+
+
+@pytest.mark.parametrize(
+    ("exc", "found"),
+    [
+        pytest.param(RuntimeError("no running event loop"), True, id="get_running_loop"),
+        pytest.param(
+            sniffio.AsyncLibraryNotFoundError("unknown async library"), True, id="sniffio"
+        ),
+        pytest.param(
+            RuntimeError("<Queue> is bound to a different event loop"), True, id="loop-bound"
+        ),
+        pytest.param(
+            TypeError("trio.run received unrecognized yield message <Future>."),
+            True,
+            id="awaited-future",
+        ),
+        pytest.param(
+            _chained(KeyError("x"), RuntimeError("no running event loop")), True, id="as-cause"
+        ),
+        pytest.param(
+            ExceptionGroup("g", [ValueError(), RuntimeError("no running event loop")]),
+            True,
+            id="in-group",
+        ),
+        pytest.param(ValueError("no running event loop"), False, id="other-type"),
+        pytest.param(RuntimeError("boom"), False, id="other-message"),
+        pytest.param(_cyclic(), False, id="cyclic-context"),
+    ],
+)
+def test_needs_asyncio_recognizes_asyncio_failures(exc: BaseException, found: bool) -> None:
+    assert (needs_asyncio(exc) is not None) is found
+
+
 async def test_unrelated_app_error_gets_no_hint(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "trioserve")
     with trio.fail_after(10):
@@ -367,6 +415,7 @@ async def test_graceful_shutdown_deadline_cancels_the_asyncio_task(
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        assert (await receive())["type"] == "http.request"
         started.set()
         try:
             await asyncio.sleep(3600)
@@ -374,20 +423,26 @@ async def test_graceful_shutdown_deadline_cancels_the_asyncio_task(
             events.append("cancelled")
             await asyncio.sleep(0.5)  # asyncio cleanup still runs before serve() returns
             events.append("cleanup done")
+            try:
+                # The client is still connected: on its own this would wait forever.
+                await receive()
+            except asyncio.CancelledError:
+                events.append("receive cancelled too")
             raise
 
-    async with running(
-        app, app_loop="asyncio", lifespan="off", timeout_graceful_shutdown=2.0
-    ) as server:
-        stream = await connect(("127.0.0.1", server.port))
-        async with stream:
-            await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            await started.wait()
-            before = trio.current_time()
-            await server.drain()
-            assert 2.0 <= trio.current_time() - before < 3.0
-            assert events == ["cancelled", "cleanup done"]
-            assert await read_until_eof(stream) == b""
+    with trio.fail_after(60):  # virtual time: a hang fails fast
+        async with running(
+            app, app_loop="asyncio", lifespan="off", timeout_graceful_shutdown=2.0
+        ) as server:
+            stream = await connect(("127.0.0.1", server.port))
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                await started.wait()
+                before = trio.current_time()
+                await server.drain()
+                assert 2.0 <= trio.current_time() - before < 3.0
+                assert events == ["cancelled", "cleanup done", "receive cancelled too"]
+                assert await read_until_eof(stream) == b""
 
 
 async def test_asyncio_timeout_on_receive_leaves_connection_usable(
@@ -434,6 +489,61 @@ async def test_asyncio_timeout_on_receive_leaves_connection_usable(
             conn.start_next_cycle()
             response, body = await client.request("POST", "/", body=b"abc")
             assert (response.status_code, body) == (200, b"got abc")
+
+
+async def test_receive_cancelled_after_trio_received_keeps_the_message() -> None:
+    """The message trio consumed for a receive() the app then cancelled comes next."""
+    messages = iter(
+        [{"type": "http.request", "body": b"1"}, {"type": "http.request", "body": b"2"}]
+    )
+    received = asyncio.Event()
+
+    async def trio_receive() -> Any:
+        received.set()
+        return next(messages)
+
+    async def trio_send(message: Any) -> None:
+        raise AssertionError("not used")
+
+    async def app(scope: Any, receive: Any, send: Any) -> list[bytes]:
+        first = asyncio.create_task(receive())
+        await received.wait()  # trio has consumed message 1 and resolved the future
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return [(await receive())["body"], (await receive())["body"]]
+
+    bodies: list[bytes] = []
+
+    async def collect(scope: Any, receive: Any, send: Any) -> None:
+        bodies.extend(await app(scope, receive, send))
+
+    with trio.fail_after(5):
+        async with trio_asyncio.open_loop() as loop:
+            await AsyncioApp(collect, loop)({"type": "http"}, trio_receive, trio_send)
+    assert bodies == [b"1", b"2"]
+
+
+async def test_send_after_the_call_returned_is_an_app_protocol_error() -> None:
+    leftover: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        leftover.append(send)
+
+    async def trio_receive() -> Any:
+        raise AssertionError("not used")
+
+    async def trio_send(message: Any) -> None:
+        raise AssertionError("not used")
+
+    async def late_send() -> None:
+        await leftover[0]({"type": "http.response.start", "status": 200})
+
+    with trio.fail_after(5):
+        async with trio_asyncio.open_loop() as loop:
+            await AsyncioApp(app, loop)({"type": "http"}, trio_receive, trio_send)
+            with pytest.raises(AppProtocolError, match="after the ASGI call returned"):
+                await loop.run_aio_coroutine(late_send())
 
 
 # -- lifespan, embedding, process ------------------------------------------------------------

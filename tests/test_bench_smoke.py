@@ -110,6 +110,7 @@ def test_render_tables_show_values_ratios_and_missing_cells() -> None:
                 p50_ms=1.5,
                 p99_ms=4.25,
                 cpu_percent=99.0,
+                cpu_us=80.4,
                 rss_mib=30.0,
                 rss_total_mib=30.0,
             )
@@ -121,8 +122,8 @@ def test_render_tables_show_values_ratios_and_missing_cells() -> None:
     table = bench.render_scenario(bench.SCENARIOS["hello"], rows)
     lines = table.splitlines()
     assert lines[0].startswith("### hello")
-    assert "| trioserve | 12,346 | 1.50 | 4.25 | 0 | 99 | 30.0 (30.0) | 1.23 |" in lines
-    assert "| trio-h11-min | - | - | - | - | - | - | - |" in lines
+    assert "| trioserve | 12,346 | 1.50 | 4.25 | 0 | 99 | 80 | 30.0 (30.0) | 1.23 |" in lines
+    assert "| trio-h11-min | - | - | - | - | - | - | - | - |" in lines
     overview = bench.render_overview([bench.SCENARIOS["hello"]], {"hello": rows})
     assert "| trioserve | 12,346 |" in overview
     assert "#### Ratio to uvicorn-h11" in overview

@@ -535,3 +535,37 @@ async def test_run_serves_an_app_object(app_dir: Path) -> None:
         assert await stop(server) == 0
     assert header(response, b"x-run") == b"1"
     assert "app: shutdown" in server.stderr
+
+
+@pytest.mark.parametrize(
+    ("suffix", "content"),
+    [
+        pytest.param(".json", "{not json", id="json"),
+        pytest.param(".yaml", "a: [unclosed", id="yaml"),
+        pytest.param(".ini", "[loggers]\nkeys=root\n", id="ini-missing-sections"),
+        pytest.param(".ini", "garbage without a section", id="ini-garbage"),
+        pytest.param(
+            ".json",
+            '{"version": 1, "handlers": {"h": {"class": "no.Such"}}}',
+            id="dictconfig-error",
+        ),
+    ],
+)
+def test_malformed_log_config_is_a_one_line_usage_error(
+    runner: CliRunner, tmp_path: Path, suffix: str, content: str
+) -> None:
+    path = tmp_path / f"logging{suffix}"
+    path.write_text(content)
+    result = runner.invoke(main, ["main:app", "--log-config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: invalid log_config {path}: ")
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+async def test_apps_own_os_error_keeps_its_traceback(tmp_path: Path) -> None:
+    (tmp_path / "reads_file.py").write_text("open('settings-that-do-not-exist.toml')\napp = 1\n")
+    code, stderr = await run_to_exit(["reads_file:app", "--app-dir", str(tmp_path)])
+    assert code == 1
+    assert "Traceback" in stderr
+    assert "FileNotFoundError" in stderr
+    assert "settings-that-do-not-exist.toml" in stderr

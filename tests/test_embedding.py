@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,7 +46,9 @@ def task_count() -> int:
             walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
         )
 
-    return walk(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
 
 
 @contextmanager
@@ -54,7 +60,7 @@ def no_leaks() -> Iterator[None]:
 
 
 async def assert_refused(address: tuple[str, int] | str) -> None:
-    with pytest.raises(OSError):  # noqa: PT012 - connect and close
+    with pytest.raises(OSError):
         stream = await connect(address)
         await stream.aclose()
 
@@ -113,7 +119,9 @@ async def test_start_returns_server_after_lifespan_startup_and_listen() -> None:
     async with cancel_after_block() as nursery:
         server: Server = await nursery.start(serve, app, CONFIG)
         assert app.events == ["startup"]
-        host, port = server.addresses[0]  # type: ignore[misc]
+        address = server.addresses[0]
+        assert isinstance(address, tuple)
+        host, port = address
         assert host == "127.0.0.1"
         assert port != 0
         assert server.port == port
@@ -467,3 +475,94 @@ async def test_serve_shares_a_trio_program_with_other_tasks_without_threads() ->
             nursery.cancel_scope.cancel()
     assert bodies == [b"Hello, world!"] * 5
     assert ticks
+
+
+# -- the examples, run as real processes --------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+class ExampleProcess:
+    """An example script running as a subprocess, its output collected as it comes."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.output = bytearray()
+        self._changed = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        async with stream:
+            while data := await stream.receive_some(65536):
+                self.output.extend(data)
+                self._changed.set()
+                self._changed = trio.Event()
+
+    async def wait_for(self, pattern: bytes) -> re.Match[bytes]:
+        while not (match := re.search(pattern, self.output)):
+            if self.process.returncode is not None:
+                raise AssertionError(f"exited early: {self.output.decode()}")
+            await self._changed.wait()
+        return match
+
+
+@asynccontextmanager
+async def run_example(script: str, *args: str) -> AsyncIterator[ExampleProcess]:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(EXAMPLES / script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    example = ExampleProcess(process)
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            nursery.start_soon(example.pump, process.stdout)
+            yield example
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.move_on_after(5, shield=True):
+            await process.wait()
+
+
+async def http_get(host: str, port: int, target: str) -> tuple[int, bytes]:
+    async with await trio.open_tcp_stream(host, port) as stream:
+        response, body = await Client(stream).request(target=target)
+    return response.status_code, body
+
+
+async def test_embed_in_trio_example_drains_and_exits_cleanly_on_sigint() -> None:
+    with trio.fail_after(20):
+        async with run_example("embed_in_trio.py", "0") as example:
+            match = await example.wait_for(rb"serving on http://([\d.]+):(\d+)")
+            host, port = match.group(1).decode(), int(match.group(2))
+            status, body = await http_get(host, port, "/")
+            assert status == 200
+            assert body.startswith(b"ticks: ")
+            async with trio.open_nursery() as nursery:
+                slow: list[tuple[int, bytes]] = []
+
+                async def in_flight() -> None:
+                    slow.append(await http_get(host, port, "/slow"))
+
+                nursery.start_soon(in_flight)
+                await example.wait_for(b"app: slow request started")
+                example.process.send_signal(signal.SIGINT)
+            assert await example.process.wait() == 0
+            assert slow[0][0] == 200  # the in-flight request finished during the drain
+            await example.wait_for(rb"stopped cleanly after \d+ ticks")
+    output = example.output.decode()
+    assert "received SIGINT: draining" in output
+    assert "app: lifespan shutdown" in output
+    assert "Traceback" not in output
+
+
+async def test_run_programmatically_example_serves_and_stops_on_sigterm() -> None:
+    with trio.fail_after(20):
+        async with run_example("run_programmatically.py", "0") as example:
+            match = await example.wait_for(rb"running on http://([\d.]+):(\d+)")
+            status, body = await http_get(match.group(1).decode(), int(match.group(2)), "/")
+            assert (status, body) == (200, b"Hello from trioserve.run()\n")
+            example.process.send_signal(signal.SIGTERM)
+            assert await example.process.wait() == 0
+    assert "Traceback" not in example.output.decode()

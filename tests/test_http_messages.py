@@ -63,8 +63,13 @@ def scope_for(raw: bytes, *, root_path: str = "", bytewise: bool = False) -> dic
         pytest.param(b"/a/b", "/a/b", b"/a/b", b"", id="plain"),
         pytest.param(b"/a%20b", "/a b", b"/a%20b", b"", id="percent-space"),
         pytest.param(b"/caf%C3%A9", "/caf\u00e9", b"/caf%C3%A9", b"", id="percent-utf8"),
-        pytest.param(b"/%E2%82%AC?x=%E2%82%AC", "/\u20ac", b"/%E2%82%AC", b"x=%E2%82%AC",
-                     id="query-stays-raw"),
+        pytest.param(
+            b"/%E2%82%AC?x=%E2%82%AC",
+            "/\u20ac",
+            b"/%E2%82%AC",
+            b"x=%E2%82%AC",
+            id="query-stays-raw",
+        ),
         pytest.param(b"/a%2Fb", "/a/b", b"/a%2Fb", b"", id="encoded-slash"),
         pytest.param(b"/a+b", "/a+b", b"/a+b", b"", id="plus-is-not-space"),
         pytest.param(b"/p?", "/p", b"/p", b"", id="empty-query"),
@@ -74,8 +79,9 @@ def scope_for(raw: bytes, *, root_path: str = "", bytewise: bool = False) -> dic
         pytest.param(b"http://example.com", "/", b"/", b"", id="absolute-no-path"),
         pytest.param(b"http://example.com?q=1", "/", b"/", b"q=1", id="absolute-query-no-path"),
         pytest.param(b"https://h:8443/s?", "/s", b"/s", b"", id="absolute-https-port"),
-        pytest.param(b"/r?next=http://e.com/z", "/r", b"/r", b"next=http://e.com/z",
-                     id="url-in-query"),
+        pytest.param(
+            b"/r?next=http://e.com/z", "/r", b"/r", b"next=http://e.com/z", id="url-in-query"
+        ),
         pytest.param(b"*", "*", b"*", b"", id="asterisk-form"),
     ],
 )
@@ -174,16 +180,18 @@ def test_scope_has_every_key_with_exact_values() -> None:
 def test_scope_http_10_and_state_is_a_copy() -> None:
     _, request = parse_request(b"GET / HTTP/1.0\r\n\r\n")
     state = {"k": 1}
-    scope = build_http_scope(request, scheme="https", client=None, server=("/s.sock", None),
-                             root_path="", state=state)
+    scope = build_http_scope(
+        request, scheme="https", client=None, server=("/s.sock", None), root_path="", state=state
+    )
     assert scope["http_version"] == "1.0"
     assert scope["scheme"] == "https"
     assert scope["client"] is None
     assert scope["server"] == ("/s.sock", None)
     scope["state"]["k"] = 2
     assert state == {"k": 1}
-    no_state = build_http_scope(request, scheme="http", client=None, server=None,
-                                root_path="", state=None)
+    no_state = build_http_scope(
+        request, scheme="http", client=None, server=None, root_path="", state=None
+    )
     assert "state" not in no_state
 
 
@@ -210,18 +218,31 @@ def test_is_websocket_upgrade(headers: list[tuple[bytes, bytes]], expected: bool
     [
         pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", None, id="plain"),
         pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\n", None, id="cl"),
-        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", None,
-                     id="te"),
-        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n", 400, id="cl-te"),
-        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
-                     b"Content-Length: 3\r\n\r\n", 400, id="te-cl"),
-        pytest.param(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
-                     id="te-in-http10"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", None, id="te"
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            400,
+            id="cl-te",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 3\r\n\r\n",
+            400,
+            id="te-cl",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400, id="te-in-http10"
+        ),
         pytest.param(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, id="http2-version"),
         pytest.param(b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505, id="http09-version"),
-        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 2000 + b"\r\n\r\n", 431,
-                     id="head-too-large"),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 2000 + b"\r\n\r\n",
+            431,
+            id="head-too-large",
+        ),
     ],
 )
 def test_check_request(raw: bytes, status: int | None) -> None:
@@ -264,8 +285,14 @@ def writer_for(
     conn, request = parse_request(raw)
     client = h11.Connection(h11.CLIENT)
     # Put the client in the matching state by sending the same request through it.
-    client.send(h11.Request(method=request.method, target=request.target,
-                            headers=list(request.headers), http_version=request.http_version))
+    client.send(
+        h11.Request(
+            method=request.method,
+            target=request.target,
+            headers=list(request.headers),
+            http_version=request.http_version,
+        )
+    )
     if client.our_state is h11.SEND_BODY:
         client.send(h11.EndOfMessage())
     writer = ResponseWriter(conn, request.method, defaults)
@@ -327,7 +354,8 @@ def test_writer_streamed_body_is_chunked_and_head_leaves_with_first_chunk() -> N
     writer, _, client = writer_for()
     writer.start(start())
     first = writer.body({"type": "http.response.body", "body": b"ab", "more_body": True})
-    assert writer.started and not writer.complete
+    assert writer.started
+    assert not writer.complete
     assert first.startswith(b"HTTP/1.1 200 OK\r\n")
     assert first.endswith(b"\r\n\r\n2\r\nab\r\n")
     empty = writer.body({"type": "http.response.body", "body": b"", "more_body": True})
@@ -378,7 +406,8 @@ def test_writer_head_request_gets_headers_but_no_body(more_body: bool) -> None:
     if more_body:
         data += writer.body({"type": "http.response.body", "body": b"world"})
     assert data.endswith(b"\r\n\r\n")
-    assert b"hello" not in data and b"world" not in data
+    assert b"hello" not in data
+    assert b"world" not in data
     response, body, complete = parse_response(client, data)
     assert (body, complete) == (b"", True)
     if not more_body:
@@ -432,22 +461,30 @@ BAD_STARTS = [
     pytest.param({"type": "http.response.start", "status": 99}, id="status-too-small"),
     pytest.param({"type": "http.response.start", "status": 101}, id="status-1xx"),
     pytest.param({"type": "http.response.start", "status": 1000}, id="status-too-large"),
-    pytest.param({"type": "http.response.start", "status": 200, "headers": [("a", "b")]},
-                 id="header-str"),
-    pytest.param({"type": "http.response.start", "status": 200, "headers": [(b"a", "b")]},
-                 id="header-value-str"),
-    pytest.param({"type": "http.response.start", "status": 200, "headers": [(b"a", 1)]},
-                 id="header-value-int"),
-    pytest.param({"type": "http.response.start", "status": 200, "headers": [(b"a",)]},
-                 id="header-not-pair"),
-    pytest.param({"type": "http.response.start", "status": 200, "headers": [b"ab"]},
-                 id="header-bytes-item"),
-    pytest.param({"type": "http.response.start", "status": 200, "headers": {b"a": b"b"}},
-                 id="headers-dict"),
-    pytest.param({"type": "http.response.start", "status": 200, "headers": b"a: b"},
-                 id="headers-bytes"),
-    pytest.param({"type": "http.response.start", "status": 200, "headers": 5},
-                 id="headers-int"),
+    pytest.param(
+        {"type": "http.response.start", "status": 200, "headers": [("a", "b")]}, id="header-str"
+    ),
+    pytest.param(
+        {"type": "http.response.start", "status": 200, "headers": [(b"a", "b")]},
+        id="header-value-str",
+    ),
+    pytest.param(
+        {"type": "http.response.start", "status": 200, "headers": [(b"a", 1)]},
+        id="header-value-int",
+    ),
+    pytest.param(
+        {"type": "http.response.start", "status": 200, "headers": [(b"a",)]}, id="header-not-pair"
+    ),
+    pytest.param(
+        {"type": "http.response.start", "status": 200, "headers": [b"ab"]}, id="header-bytes-item"
+    ),
+    pytest.param(
+        {"type": "http.response.start", "status": 200, "headers": {b"a": b"b"}}, id="headers-dict"
+    ),
+    pytest.param(
+        {"type": "http.response.start", "status": 200, "headers": b"a: b"}, id="headers-bytes"
+    ),
+    pytest.param({"type": "http.response.start", "status": 200, "headers": 5}, id="headers-int"),
 ]
 
 
@@ -503,8 +540,7 @@ def test_writer_invalid_body_message_raises(message: dict[str, Any]) -> None:
 def test_writer_body_types_bytearray_and_memoryview_accepted() -> None:
     writer, _, client = writer_for()
     writer.start(start())
-    data = writer.body({"type": "http.response.body", "body": bytearray(b"ab"),
-                        "more_body": True})
+    data = writer.body({"type": "http.response.body", "body": bytearray(b"ab"), "more_body": True})
     data += writer.body({"type": "http.response.body", "body": memoryview(b"cd")})
     _, body, complete = parse_response(client, data)
     assert (body, complete) == (b"abcd", True)
@@ -538,9 +574,11 @@ def test_writer_body_contradicting_content_length_raises(
 ) -> None:
     writer, _, _ = writer_for()
     writer.start(start(headers=[(b"content-length", declared)]))
+    *first, (last_body, last_more) = bodies
+    for body, more in first:
+        writer.body({"type": "http.response.body", "body": body, "more_body": more})
     with pytest.raises(AppProtocolError):
-        for body, more in bodies:
-            writer.body({"type": "http.response.body", "body": body, "more_body": more})
+        writer.body({"type": "http.response.body", "body": last_body, "more_body": last_more})
 
 
 # -- error_response -------------------------------------------------------------------

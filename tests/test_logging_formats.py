@@ -103,7 +103,7 @@ def test_bad_access_template_is_a_config_error(template: str, message: str) -> N
 
 def test_log_format_must_be_text_or_json() -> None:
     with pytest.raises(ConfigError, match="log_format must be one of text, json"):
-        Config(log_format="xml")  # type: ignore[arg-type]
+        Config(log_format="xml")
 
 
 # -- formatters ---------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ async def run_nginx(
         """)
     )
     process = await trio.lowlevel.open_process(
-        [NGINX, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
+        [str(NGINX), "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -199,9 +199,9 @@ class App:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": body.encode()})
             return
-        body = json.dumps({"client": scope["client"], "scheme": scope["scheme"]}).encode()
+        info = json.dumps({"client": scope["client"], "scheme": scope["scheme"]}).encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": info})
 
     async def websocket(self, scope: Any, receive: Any, send: Any) -> None:
         assert (await receive())["type"] == "websocket.connect"
@@ -221,7 +221,7 @@ async def proxied(
     app = App()
     if request.param == "tcp":
         async with run_server(app) as server:
-            host, port = server.addresses[0]  # type: ignore[misc]
+            host, port = server.addresses[0]
             async with run_nginx(tmp_path / "nginx", f"{host}:{port}") as nginx:
                 yield nginx, app
     else:
@@ -256,7 +256,7 @@ async def test_https_at_nginx_shows_as_https_scheme(tmp_path: Path) -> None:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     async with run_server(App()) as server:
-        host, port = server.addresses[0]  # type: ignore[misc]
+        host, port = server.addresses[0]
         async with run_nginx(tmp_path / "nginx", f"{host}:{port}", cert=(cert, key)) as nginx:
             assert nginx.tls_address is not None
             tcp = await open_client(nginx.tls_address)

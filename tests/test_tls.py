@@ -313,3 +313,34 @@ def test_cli_reports_wrong_password_in_one_line(pki: dict[str, str]) -> None:
 )
 def test_rfc4514_name(subject: Any, expected: str) -> None:
     assert rfc4514_name(subject) == expected
+
+
+async def test_websocket_over_tls_has_wss_scheme_and_tls_extension(
+    ca: trustme.CA, pki: dict[str, str]
+) -> None:
+    import wsproto
+    import wsproto.events as ws_events
+
+    async def ws_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        tls = scope["extensions"]["tls"]
+        text = json.dumps({"scheme": scope["scheme"], "tls_version": tls["tls_version"]})
+        await send({"type": "websocket.send", "text": text})
+        await send({"type": "websocket.close", "code": 1000})
+
+    async with run_server(ws_app, **tls_options(pki)) as server:
+        stream = await open_tls(server, client_context(ca))
+        async with stream:
+            ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+            await stream.send_all(ws.send(ws_events.Request(host="x", target="/")))
+            events: list[Any] = []
+            with trio.fail_after(10):
+                while not any(isinstance(e, ws_events.TextMessage) for e in events):
+                    ws.receive_data(bytes(await stream.receive_some(65536)) or None)
+                    events.extend(ws.events())
+    assert isinstance(events[0], ws_events.AcceptConnection)
+    [message] = [e for e in events if isinstance(e, ws_events.TextMessage)]
+    assert json.loads(message.data) == {"scheme": "wss", "tls_version": 0x0304}

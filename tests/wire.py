@@ -36,7 +36,7 @@ async def read_until_eof(stream: trio.abc.ReceiveStream, limit: int = 16 * 1024 
 class Client:
     """An h11 client over a real socket, for asserting parsed responses."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.conn = h11.Connection(h11.CLIENT)
 
@@ -50,7 +50,7 @@ class Client:
                 if event is not h11.NEED_DATA:
                     return event
                 data = await self.stream.receive_some(65536)
-                self.conn.receive_data(data)
+                self.conn.receive_data(bytes(data))
 
     async def read_response(self) -> tuple[h11.Response, bytes]:
         """Read one full response (head + body)."""

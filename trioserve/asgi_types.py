@@ -63,6 +63,7 @@ Scope = Union[HTTPScope, WebSocketScope, LifespanScope]
 
 # -- HTTP messages -----------------------------------------------------------------------
 
+
 class HTTPRequestEvent(TypedDict):
     type: Literal["http.request"]
     body: bytes
@@ -91,6 +92,7 @@ HTTPSendMessage = Union[HTTPResponseStartEvent, HTTPResponseBodyEvent]
 
 
 # -- WebSocket messages ------------------------------------------------------------------
+
 
 class WebSocketConnectEvent(TypedDict):
     type: Literal["websocket.connect"]
@@ -133,6 +135,7 @@ WebSocketSendMessage = Union[WebSocketAcceptEvent, WebSocketSendEvent, WebSocket
 
 
 # -- Lifespan messages -------------------------------------------------------------------
+
 
 class LifespanStartupEvent(TypedDict):
     type: Literal["lifespan.startup"]

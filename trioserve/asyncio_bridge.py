@@ -11,9 +11,9 @@ Theory of operation::
 
     trio task (RequestCycle.run / lifespan / ws)      asyncio task on the trio-asyncio loop
     ─────────────────────────────────────────────      ──────────────────────────────────────
-    call_app(AsyncioApp) ── run_aio_coroutine ───────► app(scope, aio_receive, aio_send)
-                                                          │ await aio_receive()
-    receive() in a trio task of the loop ◄── trio_as_future ┘   (one short trio task per call)
+    call_app(AsyncioApp) ── run_aio_coroutine ───────► app(scope, bridge.receive, bridge.send)
+    └── nursery "calls"                                    │ await receive()
+        └── receive() as a short trio task ◄───────────────┘ (an asyncio Future per call)
 
 * Inside the app, ``asyncio.get_running_loop()`` works and sniffio reports ``"asyncio"``,
   so anyio-based frameworks (Starlette, FastAPI) select their asyncio backend.
@@ -22,7 +22,8 @@ Theory of operation::
   finish, then raises ``trio.Cancelled``: structured concurrency holds across the bridge.
 * asyncio → trio cancellation: when the app cancels an awaited ``receive()``/``send()``
   (``asyncio.timeout``, a Starlette task group reacting to ``http.disconnect``), the trio
-  task running that call is cancelled through its cancel scope.
+  task running that call is cancelled through its cancel scope. A message trio had
+  already received by then is kept for the next ``receive()``.
 * An ``asyncio.CancelledError`` that escapes the app although trio did not cancel it (the app
   cancelled its own task) is a ``BaseException`` that would otherwise tear down the
   connection nursery; it is turned into :class:`AppTaskCancelledError`, an ordinary app
@@ -41,9 +42,11 @@ from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
+import trio
+
 from .asgi_types import ASGIApp, ASGIReceive, ASGISend, Message
 from .config import Config
-from .errors import ConfigError
+from .errors import AppProtocolError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -125,45 +128,127 @@ class AsyncioApp:
 
         Raises:
             AppTaskCancelledError: the app cancelled its own task.
-            Exception: whatever the app raised.
-            trio.Cancelled: the calling trio task was cancelled (after the asyncio task
-                has finished).
+            Exception: whatever the app raised, as it raised it.
+            trio.Cancelled: the calling trio task was cancelled (raised only after the
+                asyncio task has finished).
         """
-        loop = self.loop
-        trio_as_future = loop.trio_as_future
-        # A message received just as the app cancelled its receive() (asyncio delivers the
-        # CancelledError even though the future already holds the result): kept for the
-        # next receive(), so cancelling receive() never loses a message.
-        undelivered: list[Message] = []
-
-        # Real coroutine functions (not Future-returning callables), so apps may also pass
-        # receive() to asyncio.create_task().
-        async def aio_receive() -> Message:
-            if undelivered:
-                return undelivered.pop()
-            future = trio_as_future(receive)
-            try:
-                result: Message = await future
-            except asyncio.CancelledError:
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    undelivered.append(future.result())
-                raise
-            return result
-
-        async def aio_send(message: Message) -> None:
-            await trio_as_future(send, message)
+        bridge = _CallBridge(self.loop, receive, send)
+        app = self.app
 
         async def app_call() -> None:
             # The app is called here, inside the asyncio task, so that even an app whose
             # __call__ does work before returning its awaitable sees the asyncio loop.
-            await self.app(scope, aio_receive, aio_send)
+            await app(scope, bridge.receive, bridge.send)
 
+        error: Exception | None = None
+        async with trio.open_nursery() as calls:
+            bridge.calls = calls
+            try:
+                await self.loop.run_aio_coroutine(app_call())
+            except asyncio.CancelledError as exc:
+                # trio-asyncio turns the cancellation *it* caused into trio.Cancelled;
+                # this one came from the app itself.
+                error = AppTaskCancelledError("the app's asyncio task was cancelled")
+                error.__cause__ = exc
+            except Exception as exc:  # re-raised below, not wrapped in the nursery's group
+                error = exc
+            finally:
+                bridge.calls = None
+            # The app returned: receive()/send() calls its leftover asyncio tasks still
+            # await are cancelled, as a trio app's tasks would be.
+            calls.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+
+class _CallBridge:
+    """``receive``/``send`` of one app call as asyncio coroutines running trio code.
+
+    Each call runs as a trio task in the app call's own nursery (``calls``): it belongs to
+    the request's task tree, so when trio cancels the request, calls in flight *and calls
+    made afterwards* (an app's cleanup ``await send(...)``) are cancelled too; the app sees
+    ``asyncio.CancelledError`` and cannot block the drain on a client that stopped reading.
+    Cancelling the asyncio side cancels the trio task through its cancel scope.
+    """
+
+    __slots__ = ("_last_receive", "_receive", "_send", "_undelivered", "calls", "loop")
+
+    def __init__(self, loop: Any, receive: ASGIReceive, send: ASGISend) -> None:
+        self.loop = loop
+        self.calls: trio.Nursery | None = None
+        self._receive = receive
+        self._send = send
+        # Messages received just as the app cancelled its receive(): trio had already
+        # consumed them, so they are handed to the next receive(), never lost. Receives
+        # run one after the other (each waits for the previous one's trio task), so a
+        # message kept here is never overtaken by a later one.
+        self._undelivered: list[Message] = []
+        self._last_receive: trio.Event | None = None
+
+    # Real coroutine functions (not Future-returning callables), so apps may also pass
+    # receive() to asyncio.create_task().
+    async def receive(self) -> Message:
+        future = self._start(self._receive_in_order, None, keep=True)
         try:
-            await loop.run_aio_coroutine(app_call())
-        except asyncio.CancelledError as exc:
-            # trio-asyncio turns the cancellation *it* caused into trio.Cancelled; this one
-            # came from the app itself.
-            raise AppTaskCancelledError("the app's asyncio task was cancelled") from exc
+            result: Message = await future
+        except asyncio.CancelledError:
+            # asyncio cancels a task even when the future it awaits already holds the
+            # result: that message is the next one.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._undelivered.insert(0, future.result())
+            raise
+        return result
+
+    async def send(self, message: Message) -> None:
+        await self._start(self._send, message, keep=False)
+
+    async def _receive_in_order(self) -> Message:
+        previous = self._last_receive
+        finished = self._last_receive = trio.Event()
+        try:
+            if previous is not None:
+                await previous.wait()
+            if self._undelivered:
+                return self._undelivered.pop(0)
+            return await self._receive()
+        finally:
+            finished.set()
+
+    def _start(self, call: Any, message: Message | None, *, keep: bool) -> asyncio.Future[Any]:
+        if self.calls is None:
+            raise AppProtocolError("receive() or send() awaited after the ASGI call returned")
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self.calls.start_soon(self._run, call, message, future, keep)
+        return future
+
+    async def _run(
+        self, call: Any, message: Message | None, future: asyncio.Future[Any], keep: bool
+    ) -> None:
+        with trio.CancelScope() as scope:
+
+            def cancel_trio_side(done: asyncio.Future[Any]) -> None:
+                if done.cancelled():
+                    scope.cancel()
+
+            future.add_done_callback(cancel_trio_side)
+            try:
+                result = await (call() if message is None else call(message))
+            except Exception as exc:
+                # Not handled here: handed to the app, which sees it raised by receive()
+                # or send() exactly as on trio (ClientDisconnected, AppProtocolError...).
+                if not future.done():
+                    future.set_exception(exc)
+                return
+            except BaseException:
+                if not future.done():
+                    future.cancel()
+                raise
+            if not future.done():
+                future.set_result(result)
+            elif keep and result is not None:
+                self._undelivered.append(result)
+        if scope.cancelled_caught and not future.done():
+            future.cancel()
 
 
 @asynccontextmanager

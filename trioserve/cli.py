@@ -19,7 +19,7 @@ import click
 
 from . import __version__
 from .config import Config
-from .errors import AppLoadError, ConfigError, LifespanError
+from .errors import AppLoadError, BindError, ConfigError, LifespanError
 
 EXIT_RUNTIME: Final = 1
 EXIT_USAGE: Final = 2
@@ -119,7 +119,7 @@ def _main(app: str, **options: Any) -> None:
         # The app's error has been logged once, with its traceback, by the lifespan module.
         click.echo("Application startup failed. Exiting.", err=True)
         sys.exit(EXIT_STARTUP)
-    except OSError as exc:
+    except BindError as exc:  # not any OSError: the app's own keep their traceback
         click.echo(f"Error: {exc.strerror or exc}", err=True)
         sys.exit(EXIT_RUNTIME)
 

@@ -105,7 +105,8 @@ class Config:
         default=None, metadata=_opt("Log level. [default: info]", choices=LOG_LEVELS)
     )
     access_log: bool = field(
-        default=True, metadata=_opt("Enable/Disable access log.", flag="--access-log/--no-access-log")
+        default=True,
+        metadata=_opt("Enable/Disable access log.", flag="--access-log/--no-access-log"),
     )
     log_config: str | None = field(
         default=None, metadata=_opt("Logging configuration file (.json, .yaml or .ini).")
@@ -114,19 +115,22 @@ class Config:
         default=None,
         metadata=_opt(
             "Access line template with {field} placeholders: client, method, path, query, "
-            "target, http_version, status, bytes, duration, duration_ms, request_id, "
+            "target, http_version, scheme, status, bytes, duration, duration_ms, request_id, "
             "{header:NAME} (see README). [default: uvicorn-like line]"
         ),
     )
     log_format: LogFormat = field(
         default="text",
-        metadata=_opt("Log line format: text, or json (one JSON object per line).",
-                      choices=("text", "json")),
+        metadata=_opt(
+            "Log line format: text, or json (one JSON object per line).", choices=("text", "json")
+        ),
     )
     use_colors: bool | None = field(
         default=None,
-        metadata=_opt("Enable/Disable colorized logging (default: only on a TTY).",
-                      flag="--use-colors/--no-use-colors"),
+        metadata=_opt(
+            "Enable/Disable colorized logging (default: only on a TTY).",
+            flag="--use-colors/--no-use-colors",
+        ),
     )
     # -- proxies and TLS -------------------------------------------------------------------
     proxy_headers: bool = field(
@@ -147,14 +151,14 @@ class Config:
     )
     proxy_protocol: bool = field(
         default=False,
-        metadata=_opt("Require a PROXY protocol v1/v2 header on every connection.",
-                      flag="--proxy-protocol/--no-proxy-protocol"),
+        metadata=_opt(
+            "Require a PROXY protocol v1/v2 header on every connection.",
+            flag="--proxy-protocol/--no-proxy-protocol",
+        ),
     )
     ssl_keyfile: str | None = field(default=None, metadata=_opt("SSL key file."))
     ssl_certfile: str | None = field(default=None, metadata=_opt("SSL certificate file."))
-    ssl_keyfile_password: str | None = field(
-        default=None, metadata=_opt("SSL keyfile password.")
-    )
+    ssl_keyfile_password: str | None = field(default=None, metadata=_opt("SSL keyfile password."))
     ssl_cert_reqs: int = field(
         default=0,
         metadata=_opt(
@@ -172,7 +176,9 @@ class Config:
     # -- response headers --------------------------------------------------------------
     server_header: bool = field(
         default=True,
-        metadata=_opt("Enable/Disable default Server header.", flag="--server-header/--no-server-header"),
+        metadata=_opt(
+            "Enable/Disable default Server header.", flag="--server-header/--no-server-header"
+        ),
     )
     date_header: bool = field(
         default=True,
@@ -235,7 +241,9 @@ class Config:
     )
     ws_per_message_deflate: bool = field(
         default=True,
-        metadata=_opt("WebSocket per-message-deflate compression.", flag="--ws-per-message-deflate"),
+        metadata=_opt(
+            "WebSocket per-message-deflate compression.", flag="--ws-per-message-deflate"
+        ),
     )
     # -- processes ------------------------------------------------------------------------
     workers: int = field(
@@ -255,13 +263,15 @@ class Config:
     )
     reload_includes: tuple[str, ...] = field(
         default=(),
-        metadata=_opt("Set glob patterns to include while watching.", flag="--reload-include",
-                      multiple=True),
+        metadata=_opt(
+            "Set glob patterns to include while watching.", flag="--reload-include", multiple=True
+        ),
     )
     reload_excludes: tuple[str, ...] = field(
         default=(),
-        metadata=_opt("Set glob patterns to exclude while watching.", flag="--reload-exclude",
-                      multiple=True),
+        metadata=_opt(
+            "Set glob patterns to exclude while watching.", flag="--reload-exclude", multiple=True
+        ),
     )
     reload_delay: float = field(
         default=0.25, metadata=_opt("Delay between previous and next check if reloading.")
@@ -274,15 +284,14 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
-        object.__setattr__(
-            self, "headers", tuple(_parse_header(h) for h in self.headers)
-        )
+        object.__setattr__(self, "headers", tuple(_parse_header(h) for h in self.headers))
         _check_simple_types(self)
         _check_range("port", self.port, 0, 65535)
         _check_range("backlog", self.backlog, 1, 2**31 - 1)
         _check_range("workers", self.workers, 1, 4096)
-        _check_range("h11_max_incomplete_event_size", self.h11_max_incomplete_event_size, 1024,
-                     2**31 - 1)
+        _check_range(
+            "h11_max_incomplete_event_size", self.h11_max_incomplete_event_size, 1024, 2**31 - 1
+        )
         _check_range("ws_max_size", self.ws_max_size, 1, 2**63 - 1)
         _check_range("ws_max_queue", self.ws_max_queue, 1, 2**31 - 1)
         _check_range("limit_max_requests_jitter", self.limit_max_requests_jitter, 0, 2**31 - 1)
@@ -290,8 +299,12 @@ class Config:
             value = getattr(self, name)
             if value is not None:
                 _check_range(name, value, 1, 2**63 - 1)
-        for name in ("timeout_keep_alive", "timeout_request_header", "timeout_worker_healthcheck",
-                     "reload_delay"):
+        for name in (
+            "timeout_keep_alive",
+            "timeout_request_header",
+            "timeout_worker_healthcheck",
+            "reload_delay",
+        ):
             _check_positive(name, getattr(self, name))
         for name in ("timeout_graceful_shutdown", "ws_ping_interval", "ws_ping_timeout"):
             value = getattr(self, name)

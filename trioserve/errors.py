@@ -39,6 +39,16 @@ class LifespanError(TrioserveError):
 StartupFailed = LifespanError
 
 
+class BindError(TrioserveError, OSError):
+    """A socket to listen on could not be set up: address in use or not available, host not
+    resolvable, ``--fd`` not a stream socket (operator's error, CLI exit code 1).
+
+    An :class:`OSError` (with ``errno``), so ``except OSError`` still catches it; the CLI
+    catches only this class, so an ``OSError`` raised by the app's own code keeps its
+    traceback.
+    """
+
+
 class AppProtocolError(TrioserveError):
     """The app sent an invalid or out-of-order ASGI message; raised inside its ``send()``."""
 

@@ -219,8 +219,9 @@ class HTTPConnection:
         with trio.CancelScope() as timeout:
             self._timeout_scope = timeout
             while True:
-                request = await self._read_head(timeout, config.timeout_keep_alive,
-                                                config.timeout_request_header)
+                request = await self._read_head(
+                    timeout, config.timeout_keep_alive, config.timeout_request_header
+                )
                 if request is None:
                     return
                 if timeout.deadline != math.inf:
@@ -325,20 +326,40 @@ class HTTPConnection:
         if self.completes_scope:
             self.complete_scope(scope)
         cycle = RequestCycle(self, request, scope)
+        # Counted here, not when the task starts: requests arriving in the same scheduler
+        # batch on several connections must all see each other (RequestCycle.run undoes it).
+        state.active_requests += 1
         app_calls.start_soon(cycle.run)
         await cycle.response_done.wait()
         if cycle.reading is not None:
             # The app still awaits receive() on the socket: take the reader role back.
             cycle.reading.cancel()
             await cycle.reader_idle.wait()
-        if cycle.aborted or self.peer_gone or self.closing or self.broken:
-            return False
-        if cycle.expect_100:
-            # We never sent 100 (the app did not read), so the client may or may not send
-            # the body (RFC 9110 §10.1.1): the connection cannot be reused.
+        # Not reusable after an abort or during a drain, nor when we never sent the 100 the
+        # client waits for (it may or may not send the body, RFC 9110 §10.1.1).
+        reusable = not (
+            cycle.aborted or self.peer_gone or self.closing or self.broken or cycle.expect_100
+        )
+        if reusable:
+            reusable = await self._finish_request_body()
+        if not reusable and self._body_in_flight():
+            # Closing with request body unread: close gracefully, or the kernel resets the
+            # connection and the response may be lost in flight (RFC 9112 §9.6).
             self.linger = True
-            return False
-        return await self._finish_request_body()
+        return reusable
+
+    def _body_in_flight(self) -> bool:
+        """Whether request body bytes may still come (what h11 buffers is consumed)."""
+        conn = self.h11
+        if conn.their_state is h11.ERROR:  # a malformed body: the rest is still coming
+            return True
+        try:
+            while conn.their_state is h11.SEND_BODY:
+                if conn.next_event() is h11.NEED_DATA:
+                    return True
+        except h11.RemoteProtocolError:
+            return True
+        return False
 
     async def _finish_request_body(self) -> bool:
         """Make the connection reusable: consume an unread request body (bounded)."""
@@ -393,9 +414,21 @@ class RequestCycle:
     """
 
     __slots__ = (
-        "conn", "request", "scope", "writer", "response_done", "aborted", "body_done",
-        "disconnected", "reading", "reader_idle", "peer_error", "_pending", "expect_100",
-        "_continue_write", "_start_time",
+        "_continue_write",
+        "_pending",
+        "_start_time",
+        "aborted",
+        "body_done",
+        "conn",
+        "disconnected",
+        "expect_100",
+        "peer_error",
+        "reader_idle",
+        "reading",
+        "request",
+        "response_done",
+        "scope",
+        "writer",
     )
 
     def __init__(self, conn: HTTPConnection, request: h11.Request, scope: dict[str, Any]) -> None:
@@ -422,8 +455,7 @@ class RequestCycle:
         """Call the app, then make sure the response ends one way or another."""
         conn = self.conn
         state = conn.state
-        state.active_requests += 1
-        try:
+        try:  # state.active_requests was incremented by HTTPConnection._handle_request
             exc = await call_app(state.app, self.scope, self.receive, self.send)
             if exc is not None:
                 state.report_app_error(exc)
@@ -433,8 +465,9 @@ class RequestCycle:
             if not writer.started:
                 if exc is None and self.peer_error is None and not conn.peer_gone:
                     logger.error("ASGI callable returned without starting response")
-                await self._send_error(self.peer_error.error_status_hint if self.peer_error
-                                       else 500)
+                await self._send_error(
+                    self.peer_error.error_status_hint if self.peer_error else 500
+                )
             else:
                 if exc is None and not conn.peer_gone:
                     logger.error("ASGI callable returned without completing response")
@@ -446,8 +479,9 @@ class RequestCycle:
 
     async def _send_error(self, status: int) -> None:
         conn = self.conn
-        data = error_response(conn.h11, status, conn.state.response_headers(),
-                              method=self.request.method)
+        data = error_response(
+            conn.h11, status, conn.state.response_headers(), method=self.request.method
+        )
         self.writer.status = status
         conn.linger = True
         aborted = True
@@ -463,8 +497,14 @@ class RequestCycle:
         self.aborted = aborted
         self.response_done.set()
         if self._start_time:
-            log_access(self.conn.state, self.scope, self.writer.status, self.writer.body_bytes,
-                       time.perf_counter() - self._start_time, aborted=aborted)
+            log_access(
+                self.conn.state,
+                self.scope,
+                self.writer.status,
+                self.writer.body_bytes,
+                time.perf_counter() - self._start_time,
+                aborted=aborted,
+            )
 
     # -- send -----------------------------------------------------------------------------
 
@@ -473,8 +513,9 @@ class RequestCycle:
         try:
             message_type = message["type"]
         except (TypeError, KeyError, IndexError):
-            raise AppProtocolError(f"ASGI message must be a dict with a 'type', got {message!r}")\
-                from None
+            raise AppProtocolError(
+                f"ASGI message must be a dict with a 'type', got {message!r}"
+            ) from None
         conn = self.conn
         if conn.peer_gone or conn.broken:
             raise ClientDisconnected(f"{conn.peer} disconnected")
@@ -508,8 +549,11 @@ class RequestCycle:
         if self.reading is not None:
             # Another task of this app is already reading: wait for it, then report.
             await self.reader_idle.wait()
-            return _DISCONNECT if self.disconnected or self.response_done.is_set() \
+            return (
+                _DISCONNECT
+                if self.disconnected or self.response_done.is_set()
                 else await self.receive()
+            )
         if not self.body_done:
             return await self._receive_body()
         return await self._wait_for_disconnect()
@@ -535,8 +579,10 @@ class RequestCycle:
                 # RFC 9110 §10.1.1: send 100 only once the app asks for the body.
                 self._continue_write = trio.Event()
                 try:
-                    await conn.write(h11_conn.send(h11.InformationalResponse(
-                        status_code=100, headers=[], reason=b"Continue")) or b"")
+                    continue_ = h11.InformationalResponse(
+                        status_code=100, headers=[], reason=b"Continue"
+                    )
+                    await conn.write(h11_conn.send(continue_) or b"")
                 except ClientDisconnected:
                     self.disconnected = True
                     return _DISCONNECT

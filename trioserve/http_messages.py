@@ -222,8 +222,14 @@ class ResponseWriter:
     """
 
     __slots__ = (
-        "_conn", "_headers", "_framed", "_no_body", "_default_headers", "state", "status",
+        "_conn",
+        "_default_headers",
+        "_framed",
+        "_headers",
+        "_no_body",
         "body_bytes",
+        "state",
+        "status",
     )
 
     def __init__(
@@ -285,8 +291,12 @@ class ResponseWriter:
 
     def _head(self, body: bytes, more_body: bool) -> h11.Response:
         headers = self._headers
-        if not more_body and not self._framed and (body or not self._no_body) \
-                and self.status not in _EMPTY_BODY_STATUSES:
+        if (
+            not more_body
+            and not self._framed
+            and (body or not self._no_body)
+            and self.status not in _EMPTY_BODY_STATUSES
+        ):
             # A complete body in one message: declare its length instead of chunking. For
             # HEAD that is the length a GET would have had (RFC 9110 §9.3.2).
             headers.append((b"content-length", str(len(body)).encode("ascii")))

@@ -2,7 +2,7 @@
 
 TCP (IPv4, IPv6 literals with or without brackets, host names), UNIX domain sockets
 (``--uds``) and an inherited file descriptor (``--fd``). Binding errors are the operator's:
-they surface as ``OSError`` with the address in the message.
+they surface as :class:`~trioserve.errors.BindError` (an ``OSError``) naming the address.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Final
 import trio
 
 from .config import Config
+from .errors import BindError
 
 # What an in-memory connection (transport="memory" in trioserve.testing) looks like.
 MEMORY_URL: Final = "http://testserver"
@@ -37,7 +38,7 @@ def bind_sockets(config: Config) -> list[BoundSocket]:
     """Create the listening sockets for ``config`` (blocking stdlib calls, done once).
 
     Raises:
-        OSError: the address is in use, not available, or the fd is not a socket.
+        BindError: the address is in use, not available, or the fd is not a socket.
     """
     if config.fd is not None:
         return [describe(adopt_fd(config.fd, config.backlog))]
@@ -50,20 +51,20 @@ def adopt_fd(fd: int, backlog: int) -> socket.socket:
     """Listen on an inherited socket (bound by a parent process or a process manager).
 
     Raises:
-        OSError: ``fd`` is not open, not a socket, or not a stream socket.
+        BindError: ``fd`` is not open, not a socket, or not a stream socket.
     """
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot use fd {fd}: {exc.strerror}") from None
+        raise BindError(exc.errno, f"cannot use fd {fd}: {exc.strerror}") from None
     if sock.type != socket.SOCK_STREAM:
         sock.detach()  # not ours to close
-        raise OSError(f"cannot use fd {fd}: not a stream socket")
+        raise BindError(f"cannot use fd {fd}: not a stream socket")
     try:
         sock.listen(backlog)
     except OSError as exc:
         sock.detach()
-        raise OSError(exc.errno, f"cannot listen on fd {fd}: {exc.strerror}") from None
+        raise BindError(exc.errno, f"cannot listen on fd {fd}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 
@@ -73,7 +74,7 @@ def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise OSError(exc.errno, f"cannot resolve host {host!r}: {exc.strerror}") from None
+        raise BindError(exc.errno, f"cannot resolve host {host!r}: {exc.strerror}") from None
     family, type_, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, type_, proto)
     try:
@@ -86,7 +87,7 @@ def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         shown = f"[{host}]" if ":" in host else host
-        raise OSError(exc.errno, f"cannot bind to {shown}:{port}: {exc.strerror}") from None
+        raise BindError(exc.errno, f"cannot bind to {shown}:{port}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 
@@ -103,7 +104,7 @@ def bind_unix(path: str, backlog: int) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot bind to unix socket {path}: {exc.strerror}") from None
+        raise BindError(exc.errno, f"cannot bind to unix socket {path}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 
@@ -177,6 +178,10 @@ class MemoryListener(trio.abc.Listener[trio.abc.HalfCloseableStream]):
         except trio.EndOfChannel:  # pragma: no cover - the send side is never closed
             raise trio.ClosedResourceError from None
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Refuse further connections (synchronous, for ``finally`` blocks)."""
         self._receive.close()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()

@@ -7,6 +7,7 @@ under ``trioserve``) and ``trioserve.access`` for access lines.
 
 from __future__ import annotations
 
+import configparser
 import json
 import logging
 import logging.config
@@ -190,12 +191,25 @@ def load_log_config(path: str) -> None:
                 import yaml
             except ImportError:
                 raise ConfigError("a .yaml log_config needs PyYAML: pip install pyyaml") from None
-            logging.config.dictConfig(_alias_error_logger(yaml.safe_load(file.read_text())))
+            try:
+                data = yaml.safe_load(file.read_text())
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"invalid log_config {path}: {exc}") from None
+            logging.config.dictConfig(_alias_error_logger(data))
         else:
             logging.config.fileConfig(path, disable_existing_loggers=False)
     except ConfigError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, ImportError, OSError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        ImportError,
+        OSError,
+        configparser.Error,
+        RuntimeError,  # fileConfig wraps parse errors in it (3.11+)
+    ) as exc:
         raise ConfigError(f"invalid log_config {path}: {exc}") from None
 
 

@@ -36,8 +36,9 @@ WATCH_TIMEOUT_MS: Final = 500
 class ReloadFilter:
     """Decide whether a changed path should trigger a reload (a ``watchfiles`` filter)."""
 
-    def __init__(self, roots: Sequence[Path], includes: Sequence[str],
-                 excludes: Sequence[str]) -> None:
+    def __init__(
+        self, roots: Sequence[Path], includes: Sequence[str], excludes: Sequence[str]
+    ) -> None:
         self.roots = list(roots)
         self.includes = (*DEFAULT_INCLUDES, *(p for p in includes if p not in DEFAULT_INCLUDES))
         self.excludes = tuple(excludes)

@@ -222,9 +222,12 @@ async def _serve(
     try:
         # --app-loop asyncio: the app (lifespan, http, websocket) is called through the
         # bridge; the loop outlives every app call.
-        async with open_app_loop(app, config) as state.app, lifespan(
-            state.app, config, shutdown_timeout=config.timeout_graceful_shutdown
-        ) as lifespan_state:
+        async with (
+            open_app_loop(app, config) as state.app,
+            lifespan(
+                state.app, config, shutdown_timeout=config.timeout_graceful_shutdown
+            ) as lifespan_state,
+        ):
             state.lifespan_state = lifespan_state
             listeners: list[trio.abc.Listener[Any]]
             if memory is None:
@@ -245,6 +248,8 @@ async def _serve(
                 await server._drain.wait()
                 await _drain(state, connections, accepting, listeners, server._grace)
     finally:
+        if memory is not None:
+            memory.close()
         for b in bound:
             b.sock.close()
             if config.uds is not None and isinstance(b.address, str):
@@ -349,8 +354,13 @@ async def serve_connection(stream: trio.abc.HalfCloseableStream, state: ServerSt
     prepared = await prepare_connection(stream, client, server, state.edge)
     if prepared is None:  # no valid PROXY header, or the TLS handshake failed
         return
-    conn = HTTPConnection(prepared.stream, state, client=prepared.client,
-                          server=prepared.server, scheme=prepared.scheme)
+    conn = HTTPConnection(
+        prepared.stream,
+        state,
+        client=prepared.client,
+        server=prepared.server,
+        scheme=prepared.scheme,
+    )
     prepared.attach(conn)
     if state.draining:
         conn.closing = True
@@ -364,5 +374,3 @@ async def serve_connection(stream: trio.abc.HalfCloseableStream, state: ServerSt
             logger.error("%s - internal error in connection task", conn.peer, exc_info=bugs)
         if rest is not None:
             raise rest from None
-
-

@@ -38,8 +38,13 @@ def log_access(
     (``asgi_scope``, ``status_code``, ``body_bytes``, ``duration``, ``aborted``) for the
     JSON formatter. Call only when ``state.access_log_enabled()``.
     """
-    extra = {"asgi_scope": scope, "status_code": status, "body_bytes": body_bytes,
-             "duration": duration, "aborted": aborted}
+    extra = {
+        "asgi_scope": scope,
+        "status_code": status,
+        "body_bytes": body_bytes,
+        "duration": duration,
+        "aborted": aborted,
+    }
     template = state.access_template
     if template is not None:
         fields = access_fields(scope, status, body_bytes, duration)
@@ -82,9 +87,22 @@ class ServerState:
     """
 
     __slots__ = (
-        "config", "app", "lifespan_state", "connections", "draining", "active_requests",
-        "total_requests", "max_requests", "on_max_requests", "on_app_error", "default_headers",
-        "_date_second", "_date_value", "access_log", "edge", "access_template",
+        "_date_second",
+        "_date_value",
+        "access_log",
+        "access_template",
+        "active_requests",
+        "app",
+        "config",
+        "connections",
+        "default_headers",
+        "draining",
+        "edge",
+        "lifespan_state",
+        "max_requests",
+        "on_app_error",
+        "on_max_requests",
+        "total_requests",
     )
 
     def __init__(
@@ -114,7 +132,8 @@ class ServerState:
         self.edge = EdgeSettings(config)
         self.access_template = (
             compile_access_format(config.access_log_format)
-            if config.access_log_format is not None else None
+            if config.access_log_format is not None
+            else None
         )
 
     def response_headers(self) -> tuple[tuple[bytes, bytes], ...]:

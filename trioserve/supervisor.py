@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -53,14 +54,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
-from typing import IO, Final
+from dataclasses import dataclass
+from typing import IO, Any, Final, Literal
 
 import trio
 
 from .config import Config
-from .errors import AppLoadError, ConfigError, LifespanError
+from .errors import AppLoadError, BindError, ConfigError, LifespanError
 from .listeners import BoundSocket, bind_sockets
-from .worker import SPEC_ENV, Event, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,65 @@ STABLE_UPTIME: Final = 10.0  # a crash this long after the previous one restarts
 STACK_DUMP_WAIT: Final = 1.0
 STACK_DUMP_MAX_CHARS: Final = 20_000
 HANDLED_SIGNALS: Final = (
-    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
 )
+
+
+# -- the parent/worker protocol (worker.py follows it) -------------------------------------
+
+SPEC_ENV: Final = "TRIOSERVE_WORKER"
+FailureKind = Literal["load", "lifespan", "os"]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the parent tells a worker (the ``TRIOSERVE_WORKER`` JSON)."""
+
+    app: str
+    config: dict[str, Any]
+    link_fd: int
+    stack_fd: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    """One status line from a worker to its parent."""
+
+    event: Literal["beat", "ready", "draining", "failed"]
+    kind: FailureKind | None = None
+    error: str | None = None
+
+    def encode(self) -> bytes:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return json.dumps(fields).encode() + b"\n"
+
+    @classmethod
+    def decode(cls, line: bytes) -> WorkerEvent:
+        """Parse one line.
+
+        Raises:
+            ValueError: not a status line.
+        """
+        data = json.loads(line)
+        if not isinstance(data, dict) or data.get("event") not in (
+            "beat",
+            "ready",
+            "draining",
+            "failed",
+        ):
+            raise ValueError(f"not a worker status line: {line!r}")
+        return cls(event=data["event"], kind=data.get("kind"), error=data.get("error"))
 
 
 def run_supervisor(app: str, config: Config) -> None:
@@ -126,7 +184,7 @@ class _Worker:
         self.retiring = False
         self.term_sent = False
         self.killed = False
-        self.failure: Event | None = None
+        self.failure: WorkerEvent | None = None
         # Deadline of the kill-when-late task; moved when a stop is requested.
         self.stop_scope = trio.CancelScope()
 
@@ -159,9 +217,7 @@ class Supervisor:
         self.config = config
         self.bound = bound
         self.fd = bound.sock.fileno()
-        worker_config = dataclasses.replace(
-            config, fd=self.fd, uds=None, workers=1, reload=False
-        )
+        worker_config = dataclasses.replace(config, fd=self.fd, uds=None, workers=1, reload=False)
         self.worker_options = worker_config.to_dict()
         self.reload = config.reload
         self.desired = config.workers
@@ -170,7 +226,7 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline = math.inf
         self.ever_ready = False
-        self.boot_failures: list[tuple[_Worker, Event | None]] = []
+        self.boot_failures: list[tuple[_Worker, WorkerEvent | None]] = []
         self.fatal: Exception | None = None
         self.paused = False  # --reload: the last start failed; wait for a change
         self.backoff = 0.0
@@ -198,9 +254,9 @@ class Supervisor:
                 if self.reload:
                     from .reload import watch_changes
 
-                    nursery.start_soon(functools.partial(
-                        watch_changes, self.config, self._files_changed
-                    ))
+                    nursery.start_soon(
+                        functools.partial(watch_changes, self.config, self._files_changed)
+                    )
                 await self._maintain(nursery)
                 await self._stop_all()
                 nursery.cancel_scope.cancel()
@@ -250,9 +306,7 @@ class Supervisor:
                     if worker.process is not None and worker.process.returncode is None:
                         with contextlib.suppress(ProcessLookupError):
                             worker.process.terminate()
-                    worker.stop_scope.deadline = min(
-                        worker.stop_scope.deadline, self.stop_deadline
-                    )
+                    worker.stop_scope.deadline = min(worker.stop_scope.deadline, self.stop_deadline)
         elif self.stopping:
             logger.info("Received %s while stopping; ignored", name)
         elif sig == signal.SIGHUP:
@@ -341,9 +395,7 @@ class Supervisor:
                 timeout = RELOAD_STOP_TIMEOUT if self.reload and not self.stopping else math.inf
             else:
                 timeout = grace + SHUTDOWN_MARGIN
-            worker.stop_scope.deadline = min(
-                trio.current_time() + timeout, self.stop_deadline
-            )
+            worker.stop_scope.deadline = min(trio.current_time() + timeout, self.stop_deadline)
         self.wake()
 
     def _record_crash(self) -> None:
@@ -356,7 +408,7 @@ class Supervisor:
         self.last_crash_at = now
         self.next_spawn_at = now + self.backoff
 
-    def _on_event(self, worker: _Worker, event: Event) -> None:
+    def _on_event(self, worker: _Worker, event: WorkerEvent) -> None:
         if event.event == "beat":
             return
         if event.event == "ready":
@@ -365,15 +417,17 @@ class Supervisor:
             if not self.ever_ready:
                 self.ever_ready = True
                 for failed, failure in self.boot_failures:
-                    logger.error("Worker process [%d] failed to start:\n%s", failed.pid,
-                                 _failure_text(failed, failure))
+                    logger.error(
+                        "Worker process [%d] failed to start:\n%s",
+                        failed.pid,
+                        _failure_text(failed, failure),
+                    )
                 if self.boot_failures:
                     self._record_crash()
                 self.boot_failures.clear()
         elif event.event == "draining":
             if not worker.retiring:
-                logger.info("Worker process [%d] is draining; starting its replacement",
-                            worker.pid)
+                logger.info("Worker process [%d] is draining; starting its replacement", worker.pid)
                 worker.retiring = True
         elif event.event == "failed":
             worker.failure = event
@@ -389,15 +443,20 @@ class Supervisor:
                 logger.info("Worker process [%d] stopped (%s)", worker.pid, status)
             return
         if worker.ready_at is not None:
-            logger.warning("Worker process [%d] died unexpectedly (%s); starting a new one",
-                           worker.pid, status)
+            logger.warning(
+                "Worker process [%d] died unexpectedly (%s); starting a new one", worker.pid, status
+            )
             self._record_crash()
             return
         # It exited before it was ready: the app could not be loaded or started.
         text = _failure_text(worker, worker.failure)
         if self.reload:
-            logger.error("Worker process [%d] failed to start:\n%s\n"
-                         "Waiting for a file change before starting again.", worker.pid, text)
+            logger.error(
+                "Worker process [%d] failed to start:\n%s\n"
+                "Waiting for a file change before starting again.",
+                worker.pid,
+                text,
+            )
             self.paused = True
         elif not self.ever_ready:
             self.boot_failures.append((worker, worker.failure))
@@ -414,12 +473,12 @@ class Supervisor:
                 for old in outdated:
                     old.generation = self.generation
 
-    def _boot_error(self, failure: Event | None, text: str) -> Exception:
+    def _boot_error(self, failure: WorkerEvent | None, text: str) -> Exception:
         logger.error("Every worker process failed to start.")
         if failure is not None and failure.kind == "load":
             return AppLoadError("\n" + text if "\n" in text else text)
         if failure is not None and failure.kind == "os":
-            return OSError(text)
+            return BindError(text)  # the CLI reports it in one line (exit 1)
         logger.error("%s", text)  # the CLI prints only "Application startup failed."
         return LifespanError(f"Application startup failed: {text}")
 
@@ -434,8 +493,13 @@ class Supervisor:
         finally:
             self._on_exit(worker)
 
-    async def _run_process(self, worker: _Worker, parent_end: socket.socket,
-                           child_end: socket.socket, stack_file: IO[bytes]) -> None:
+    async def _run_process(
+        self,
+        worker: _Worker,
+        parent_end: socket.socket,
+        child_end: socket.socket,
+        stack_file: IO[bytes],
+    ) -> None:
         if worker.retiring:
             return  # stopped before it was spawned
         spec = WorkerSpec(
@@ -446,16 +510,18 @@ class Supervisor:
         )
         async with trio.open_nursery() as nursery:
             try:
-                process: trio.Process = await nursery.start(functools.partial(
-                    trio.run_process,
-                    [sys.executable, "-m", "trioserve.worker"],
-                    check=False,
-                    stdin=subprocess.DEVNULL,
-                    pass_fds=(self.fd, child_end.fileno(), stack_file.fileno()),
-                    start_new_session=True,
-                    env={**os.environ, SPEC_ENV: spec.to_json()},
-                    deliver_cancel=_kill,
-                ))
+                process: trio.Process = await nursery.start(
+                    functools.partial(
+                        trio.run_process,
+                        [sys.executable, "-m", "trioserve.worker"],
+                        check=False,
+                        stdin=subprocess.DEVNULL,
+                        pass_fds=(self.fd, child_end.fileno(), stack_file.fileno()),
+                        start_new_session=True,
+                        env={**os.environ, SPEC_ENV: spec.to_json()},
+                        deliver_cancel=_kill,
+                    )
+                )
             except OSError as exc:
                 logger.error("Could not start a worker process: %s", exc)
                 return
@@ -505,7 +571,7 @@ class Supervisor:
             *lines, buffer = (buffer + data).split(b"\n")
             for line in lines:
                 try:
-                    event = Event.decode(line)
+                    event = WorkerEvent.decode(line)
                 except ValueError:
                     logger.debug("Worker process [%d] sent %r", worker.pid, line)
                     continue
@@ -523,6 +589,7 @@ class Supervisor:
         )
         worker.retiring = True
         worker.kill()
+        self._record_crash()  # a worker that blocks at every start must not spin
         self.wake()
 
 
@@ -544,7 +611,7 @@ async def _read_stack_dump(stack: IO[bytes]) -> str:
         await trio.sleep(0.05)
 
 
-def _failure_text(worker: _Worker, failure: Event | None) -> str:
+def _failure_text(worker: _Worker, failure: WorkerEvent | None) -> str:
     if failure is not None and failure.error:
         return failure.error
     returncode = worker.process.returncode if worker.process is not None else None

@@ -26,8 +26,11 @@ only when used: it is a test dependency, not a dependency of trioserve.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -292,16 +295,40 @@ class ServerFactory:
         return [exc for server in self._watched for exc in server.app_exceptions]
 
 
-async def _trioserve_server() -> AsyncIterator[ServerFactory]:
-    async with trio.open_nursery() as nursery:
-        factory = ServerFactory(nursery)
-        try:
-            yield factory
-        finally:
-            nursery.cancel_scope.cancel()
-    errors = factory.app_exceptions()
-    if errors:
-        raise ExceptionGroup(f"the app raised {len(errors)} exception(s) while serving", errors)
+class PytestTimeoutNear(TimeoutError):
+    """The test was about to hit its pytest-timeout; the fixture cancelled it first.
+
+    pytest-timeout's default method raises from a signal handler, in the middle of trio's
+    run loop, which abandons the run and with it every ``finally`` block. So the fixture
+    watches the same deadline and crashes slightly earlier: pytest-trio (or anyio) then
+    cancels the test and tears every server down cleanly.
+    """
+
+
+async def _watchdog(delay: float, timeout: float) -> None:
+    """Raise :class:`PytestTimeoutNear` after ``delay`` seconds of *real* time.
+
+    Real time, so that a ``MockClock`` jumping ahead does not fire it; a timer thread, so
+    that it costs nothing while the test runs.
+    """
+    fired = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def fire() -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(fired.set)
+
+    timer = threading.Timer(delay, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        await fired.wait()
+    finally:
+        timer.cancel()
+    raise PytestTimeoutNear(
+        f"the test is about to exceed its pytest-timeout of {timeout:g}s: cancelled so that "
+        "its trioserve servers shut down cleanly"
+    )
 
 
 try:
@@ -309,10 +336,41 @@ try:
 except ImportError:  # pragma: no cover - running() works without pytest
     pass
 else:
-    # Fixture factory: ``server = await trioserve_server(app, **options)``, options as
-    # for running(). Works in pytest-trio tests (trio_mode or the trio mark) and in
-    # ``@pytest.mark.anyio`` tests with the trio backend.
-    trioserve_server = pytest.fixture(_trioserve_server, name="trioserve_server")
+    _TIMEOUT_KEY = pytest.StashKey[tuple[float, float]]()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+        """Note when pytest-timeout will fire (observe only: its own timer still runs)."""
+        if settings.timeout:
+            item.stash[_TIMEOUT_KEY] = (time.monotonic() + settings.timeout, settings.timeout)
+
+    @pytest.fixture(name="trioserve_server")
+    async def trioserve_server(request: pytest.FixtureRequest) -> AsyncIterator[ServerFactory]:
+        """Fixture factory: ``server = await trioserve_server(app, **options)``.
+
+        Options are those of :func:`running`. Every server stops when the test ends; app
+        exceptions fail the test at teardown. Works in pytest-trio tests (``trio_mode`` or
+        the ``trio`` mark) and in ``@pytest.mark.anyio`` tests with the trio backend.
+        """
+        timeout = request.node.stash.get(_TIMEOUT_KEY, None)
+        if "anyio_backend" in request.fixturenames:
+            # anyio runs fixtures and the test in one task, inside this nursery: a crash
+            # here would cancel its runner loop too. No early watchdog there.
+            timeout = None
+        async with trio.open_nursery() as nursery:
+            factory = ServerFactory(nursery)
+            if timeout is not None:
+                deadline, seconds = timeout
+                # Leave time for teardown (lifespan shutdown is bounded by 5 s by default).
+                delay = deadline - time.monotonic() - min(5.0, seconds * 0.2)
+                nursery.start_soon(_watchdog, max(delay, 0.0), seconds)
+            try:
+                yield factory
+            finally:
+                nursery.cancel_scope.cancel()
+        errors = factory.app_exceptions()
+        if errors:
+            raise ExceptionGroup(f"the app raised {len(errors)} exception(s) while serving", errors)
 
 
 # -- WebSocket client ---------------------------------------------------------------------
@@ -424,11 +482,11 @@ class WebSocketClient:
 
     async def send_text(self, text: str) -> None:
         """Send a text message."""
-        await self._write(self._ws.send(TextMessage(data=text)))
+        await self._send_message(TextMessage(data=text))
 
     async def send_bytes(self, data: bytes) -> None:
         """Send a binary message."""
-        await self._write(self._ws.send(BytesMessage(data=data)))
+        await self._send_message(BytesMessage(data=data))
 
     async def send(self, data: str | bytes) -> None:
         """Send a text (``str``) or binary (``bytes``) message."""
@@ -453,7 +511,10 @@ class WebSocketClient:
                         return "".join(parts)
                     return b"".join(parts)
             elif isinstance(event, Ping):
-                await self._write(self._ws.send(event.response()))
+                # Events are parsed in batches: a Close later in the batch has already
+                # moved wsproto on, and then there is nothing left to answer.
+                if self._ws.state is ConnectionState.OPEN:
+                    await self._write(self._ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 await self._answer_close(event)
                 raise WebSocketClosed(event.code, event.reason or "")
@@ -494,6 +555,11 @@ class WebSocketClient:
             await self._close_stream()
 
     # -- I/O ------------------------------------------------------------------------------
+
+    async def _send_message(self, event: TextMessage | BytesMessage) -> None:
+        if self._ws.state is not ConnectionState.OPEN or self._eof:
+            raise WebSocketClosed(self.close_code or 1006, self.close_reason)
+        await self._write(self._ws.send(event))
 
     async def _answer_close(self, event: CloseConnection) -> None:
         self.close_code = event.code

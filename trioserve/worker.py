@@ -7,7 +7,8 @@ imports the app, adopts the listening socket bound by the parent and serves with
 :func:`trioserve.runner.serve_until_signal` (SIGTERM: drain; a second one: stop now).
 
 The *link* is one end of a socket pair whose other end only the parent holds. Over it the
-worker reports, one JSON object per line (see :class:`Event`):
+worker reports, one JSON object per line (``supervisor.WorkerEvent``, the protocol the parent
+defines):
 
 * ``beat`` every :func:`heartbeat_interval` seconds, written by the trio loop itself, so a
   loop blocked by app code (``time.sleep`` in an ``async def``) goes quiet; each beat also
@@ -26,17 +27,14 @@ EOF on the link means the parent died (even by SIGKILL): the worker drains and e
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import faulthandler
-import json
 import logging
 import os
 import socket
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final
 
 import trio
 
@@ -47,10 +45,10 @@ from .errors import AppLoadError, LifespanError
 from .logs import configure_logging
 from .runner import serve_until_signal
 from .server import Server
+from .supervisor import SPEC_ENV, WorkerEvent, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-SPEC_ENV: Final = "TRIOSERVE_WORKER"
 # Exit codes the parent understands without the link (it may have missed the message).
 EXIT_OK: Final = 0
 EXIT_LOAD_FAILED: Final = 1
@@ -59,57 +57,14 @@ EXIT_STARTUP_FAILED: Final = 3
 # period may be reported, a shorter block never is.
 BEATS_PER_HEALTHCHECK: Final = 10
 MAX_HEARTBEAT_INTERVAL: Final = 1.0
-
-FailureKind = Literal["load", "lifespan", "os"]
+# Without --timeout-graceful-shutdown, how long an orphaned worker (its parent was killed)
+# lets requests in flight finish: nobody is left to stop it otherwise.
+ORPHAN_GRACE: Final = 30.0
 
 
 def heartbeat_interval(config: Config) -> float:
     """Seconds between two beats for ``--timeout-worker-healthcheck``."""
     return min(MAX_HEARTBEAT_INTERVAL, config.timeout_worker_healthcheck / BEATS_PER_HEALTHCHECK)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What the parent tells a worker (the ``TRIOSERVE_WORKER`` JSON)."""
-
-    app: str
-    config: dict[str, Any]
-    link_fd: int
-    stack_fd: int
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        return cls(**json.loads(text))
-
-
-@dataclass(frozen=True)
-class Event:
-    """One status line from a worker to its parent."""
-
-    event: Literal["beat", "ready", "draining", "failed"]
-    kind: FailureKind | None = None
-    error: str | None = None
-
-    def encode(self) -> bytes:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        return json.dumps(fields).encode() + b"\n"
-
-    @classmethod
-    def decode(cls, line: bytes) -> Event:
-        """Parse one line.
-
-        Raises:
-            ValueError: not a status line.
-        """
-        data = json.loads(line)
-        if not isinstance(data, dict) or data.get("event") not in (
-            "beat", "ready", "draining", "failed"
-        ):
-            raise ValueError(f"not a worker status line: {line!r}")
-        return cls(event=data["event"], kind=data.get("kind"), error=data.get("error"))
 
 
 class _StartupLogCapture(logging.Filter):
@@ -160,15 +115,16 @@ class ParentLink:
     (:meth:`watch_parent`), so the stream never has two writers.
     """
 
-    def __init__(self, sock: socket.socket, stack_fd: int, interval: float,
-                 healthcheck: float) -> None:
+    def __init__(
+        self, sock: socket.socket, stack_fd: int, interval: float, healthcheck: float
+    ) -> None:
         self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self.stack_fd = stack_fd
         self.interval = interval
         self.healthcheck = healthcheck
-        self._send, self._receive = trio.open_memory_channel[Event](16)
+        self._send, self._receive = trio.open_memory_channel[WorkerEvent](16)
 
-    def post(self, event: Event) -> None:
+    def post(self, event: WorkerEvent) -> None:
         """Queue ``event`` for the writer (never blocks; events are rare)."""
         with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
             self._send.send_nowait(event)
@@ -178,17 +134,18 @@ class ParentLink:
 
         Returns only when cancelled or when the parent is gone.
         """
+        event = WorkerEvent("beat")  # at once: the health check covers lifespan startup too
         try:
             while True:
-                event = Event("beat")
-                with trio.move_on_after(self.interval):
-                    event = await self._receive.receive()
                 # Each write proves the loop is alive: push the stack dump back.
                 faulthandler.dump_traceback_later(self.healthcheck, file=self.stack_fd)
                 try:
                     await self.stream.send_all(event.encode())
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # parent gone: watch_parent handles it
+                event = WorkerEvent("beat")
+                with trio.move_on_after(self.interval):
+                    event = await self._receive.receive()
         finally:
             faulthandler.cancel_dump_traceback_later()
 
@@ -203,7 +160,7 @@ class ParentLink:
                 on_gone()
                 return
 
-    async def send_final(self, event: Event) -> None:
+    async def send_final(self, event: WorkerEvent) -> None:
         """Send ``event`` directly (the writer task has ended)."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             with trio.move_on_after(1.0):
@@ -217,8 +174,9 @@ class _Readiness:
     startup legitimately never becomes ready.
     """
 
-    def __init__(self, link: ParentLink, capture: _StartupLogCapture,
-                 nursery: trio.Nursery) -> None:
+    def __init__(
+        self, link: ParentLink, capture: _StartupLogCapture, nursery: trio.Nursery
+    ) -> None:
         self.link = link
         self.capture = capture
         self.nursery = nursery
@@ -228,29 +186,31 @@ class _Readiness:
         assert value is not None
         self.server = value
         self.capture.replay()
-        self.link.post(Event("ready"))
+        self.link.post(WorkerEvent("ready"))
         self.nursery.start_soon(self._report_drain, value)
 
     async def _report_drain(self, server: Server) -> None:
         await server.wait_draining()
-        self.link.post(Event("draining"))
+        self.link.post(WorkerEvent("draining"))
 
 
-async def serve_worker(app: ASGIApp, config: Config, link: ParentLink,
-                       capture: _StartupLogCapture) -> Event | None:
+async def serve_worker(
+    app: ASGIApp, config: Config, link: ParentLink, capture: _StartupLogCapture
+) -> WorkerEvent | None:
     """Serve until SIGTERM or parent death; returns a ``failed`` event if startup failed.
 
     Returns only after the server has drained (or startup failed) and every helper task
     has stopped.
     """
-    failure: Event | None = None
+    failure: WorkerEvent | None = None
     async with trio.open_nursery() as nursery:
         readiness = _Readiness(link, capture, nursery)
 
         def parent_gone() -> None:
-            logger.warning("Parent process %d is gone; shutting down.", os.getppid())
+            logger.warning("Parent process is gone; shutting down.")
             if readiness.server is not None:
-                readiness.server.shutdown_nowait()
+                grace = config.timeout_graceful_shutdown
+                readiness.server.shutdown_nowait(grace=ORPHAN_GRACE if grace is None else grace)
             else:
                 nursery.cancel_scope.cancel()
 
@@ -259,9 +219,9 @@ async def serve_worker(app: ASGIApp, config: Config, link: ParentLink,
         try:
             await serve_until_signal(app, config, startup_line=False, task_status=readiness)
         except LifespanError as exc:
-            failure = Event("failed", kind="lifespan", error=capture.text() or str(exc))
+            failure = WorkerEvent("failed", kind="lifespan", error=capture.text() or str(exc))
         except OSError as exc:
-            failure = Event("failed", kind="os", error=str(exc))
+            failure = WorkerEvent("failed", kind="os", error=str(exc))
         nursery.cancel_scope.cancel()
     if failure is not None:
         await link.send_final(failure)
@@ -287,7 +247,7 @@ def main() -> int:
         # the parent (which shows it once) instead of printing it here.
         text = str(exc) if isinstance(exc, AppLoadError) else _user_traceback(exc)
         with contextlib.suppress(OSError):
-            sock.sendall(Event("failed", kind="load", error=text).encode())
+            sock.sendall(WorkerEvent("failed", kind="load", error=text).encode())
         sock.close()
         return EXIT_LOAD_FAILED
     with _StartupLogCapture() as capture:
@@ -306,11 +266,14 @@ def _user_traceback(exc: BaseException) -> str:
     of trioserve and importlib that lead to the user's code."""
     package_dir = os.path.dirname(os.path.abspath(__file__))
     summary = traceback.TracebackException.from_exception(exc)
-    summary.stack = traceback.StackSummary.from_list([
-        frame for frame in summary.stack
-        if not frame.filename.startswith((package_dir, "<frozen importlib"))
-        and "importlib" not in frame.filename
-    ])
+    summary.stack = traceback.StackSummary.from_list(
+        [
+            frame
+            for frame in summary.stack
+            if not frame.filename.startswith((package_dir, "<frozen importlib"))
+            and "importlib" not in frame.filename
+        ]
+    )
     return "".join(summary.format()).rstrip()
 
 

@@ -196,9 +196,7 @@ class WebSocketConnection:
         if http.completes_scope:  # TLS extension, trusted proxy headers
             http.complete_scope(scope)
         self._app_messages = AppMessages(scope["subprotocols"])
-        send_channel, self._messages = trio.open_memory_channel[dict[str, Any]](
-            config.ws_max_queue
-        )
+        send_channel, self._messages = trio.open_memory_channel[dict[str, Any]](config.ws_max_queue)
         async with trio.open_nursery() as io:
             io.start_soon(self._write_loop)
             io.start_soon(self._read_loop, send_channel)
@@ -485,8 +483,9 @@ class WebSocketConnection:
                     self._on_close(event)
                     return
                 else:  # handshake events cannot follow the accept
-                    assert isinstance(event, (Request, AcceptConnection, RejectConnection,
-                                              RejectData)), event
+                    assert isinstance(
+                        event, (Request, AcceptConnection, RejectConnection, RejectData)
+                    ), event
                     raise AssertionError(f"unexpected wsproto event {event!r}")
             if eof:
                 return  # pragma: no cover - receive_data(None) always yields a close
@@ -552,4 +551,3 @@ class WebSocketConnection:
             )
             await self._abort(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
             return
-

@@ -369,9 +369,7 @@ class MessageAssembler:
         else:
             self._size += len(data)
         if self._size > self._max_size:
-            raise MessageTooBigError(
-                f"message of more than {self._max_size} bytes (--ws-max-size)"
-            )
+            raise MessageTooBigError(f"message of more than {self._max_size} bytes (--ws-max-size)")
         if not event.message_finished:
             self._parts.append(data)
             return None
