@@ -25,14 +25,14 @@ import trio_asyncio
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from wire import Client, connect, header, read_until_eof
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import ExceptionGroup
-
 from trioserve import Config, Server, serve
 from trioserve.app_call import needs_asyncio
 from trioserve.asyncio_bridge import AsyncioApp
 from trioserve.errors import AppProtocolError
 from trioserve.testing import WebSocketClosed, running
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
 
 # -- the asyncio-bound FastAPI app ----------------------------------------------------------
 

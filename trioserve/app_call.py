@@ -4,7 +4,8 @@ This is one of the two places allowed to catch ``Exception`` (STYLE.md §1.8): w
 the app raises is logged here, exactly once, with its traceback, and returned to the
 caller, which decides the wire behaviour (500, close 1011, startup failure...).
 Cancellation is never swallowed: from an exception group, only the ``Exception`` part is
-the app's; the rest is re-raised.
+the app's; the rest is re-raised. An app on trio that failed for want of an asyncio loop
+gets a one-line hint naming ``--app-loop asyncio``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def run(app: str | Any, **options: Any) -> None:
         **options: :class:`~trioserve.Config` fields (the CLI's options).
 
     Raises:
-        ConfigError, AppLoadError, LifespanError, OSError: see ``trioserve.errors``.
+        ConfigError, AppLoadError, LifespanError, BindError: see ``trioserve.errors``.
     """
     config = options.pop("config", None)
     if config is None:
@@ -96,8 +96,8 @@ async def serve_until_signal(
     receives the :class:`Server` once it serves (worker processes report readiness).
 
     Raises:
-        LifespanError, OSError: from :func:`serve`, unwrapped from trio's exception group
-            so that callers (the CLI's exit codes) see the exception itself.
+        LifespanError, BindError: from :func:`serve`, unwrapped from trio's exception
+            group so that callers (the CLI's exit codes) see the exception itself.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:

@@ -182,6 +182,9 @@ async def serve(
     Cancellation:
         A prompt hard stop: connections are closed forcefully; lifespan shutdown still
         runs, shielded and bounded by ``timeout_graceful_shutdown`` (5 s if unset).
+
+    With ``config.app_loop == "asyncio"`` the app runs on a trio-asyncio loop that lives
+    as long as this call (an already open one is reused); see ``asyncio_bridge``.
     """
     await _serve(app, config, None, shutdown_trigger, task_status, on_app_error)
 
