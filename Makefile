@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint fmt bench clean
+.PHONY: venv run test lint fmt bench autobahn clean
 
 venv: $(STAMP)
 
@@ -36,5 +36,28 @@ bench: venv
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
+# Autobahn|Testsuite's fuzzing client against an echo app (autobahn/run.py). wstest runs only
+# on Python 2.7 with old pinned dependencies: they live in their own virtualenv.
+AUTOBAHN_VENV := .autobahn-venv
+PYTHON2 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/2.7*/bin/python2.7) \
+	$(shell command -v python2.7 2>/dev/null))
+AUTOBAHN_PINS := autobahntestsuite==25.10.1 six==1.16.0 'autobahn[twisted]==0.10.9' \
+	Twisted==19.10.0 txaio==2.1.0 unittest2 klein==17.10.0 Werkzeug==1.0.1 jinja2==2.11.3 \
+	markupsafe==1.1.1 pyOpenSSL==19.1.0 cryptography==3.3.2 service_identity==18.1.0 \
+	zope.interface==4.6.0 incremental==16.10.1 setuptools==44.0.0
+
+$(AUTOBAHN_VENV)/bin/wstest:
+	@test -n "$(PYTHON2)" || { echo "make autobahn needs CPython 2.7 (pyenv install 2.7.18)" \
+		"or PYTHON2=/path/to/python2.7"; exit 1; }
+	$(PYTHON2) -m pip install --quiet --upgrade --target build/autobahn-virtualenv \
+		virtualenv==16.7.12
+	PYTHONPATH=build/autobahn-virtualenv $(PYTHON2) -m virtualenv --no-download --quiet \
+		$(AUTOBAHN_VENV)
+	$(AUTOBAHN_VENV)/bin/pip install --quiet $(AUTOBAHN_PINS)
+
+# AUTOBAHN_ARGS='--cases 1.*,2.*' runs a subset; the report goes to autobahn/reports/.
+autobahn: venv $(AUTOBAHN_VENV)/bin/wstest
+	$(PY) autobahn/run.py --wstest $(AUTOBAHN_VENV)/bin/wstest $(AUTOBAHN_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(AUTOBAHN_VENV) build *.egg-info

@@ -15,12 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import h11
 import trio
 import trio.testing
 from conftest import hello_app, run_server
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wire import Client, connect, read_until_eof
+
+from trioserve.http_messages import build_http_scope, check_request, head_has_obs_fold
 
 FRAGMENTS = [
     b"GET ",
@@ -153,3 +156,25 @@ async def test_random_bytes_never_crash_or_5xx_and_next_client_is_served(
                 response, body = await Client(stream).request("GET", "/next")
             assert (response.status_code, body) == (200, b"Hello, world!")
     assert errors == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.one_of(st.binary(max_size=512), http_like), root_path=st.sampled_from(["", "/r"]))
+def test_pure_request_functions_never_raise_on_what_h11_accepts(raw: bytes, root_path: str) -> None:
+    conn = h11.Connection(h11.SERVER)
+    assert isinstance(head_has_obs_fold(raw), bool)
+    conn.receive_data(raw)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return
+    if not isinstance(event, h11.Request):
+        return
+    problem = check_request(event, max_head_size=16384)
+    assert problem is None or problem[0] in (400, 431, 505)
+    scope = build_http_scope(
+        event, scheme="http", client=None, server=None, root_path=root_path, state=None
+    )
+    assert scope["raw_path"].startswith(root_path.encode())
+    assert scope["path"].startswith(root_path)
+    assert isinstance(scope["query_string"], bytes)

@@ -42,7 +42,7 @@ def parse_request(raw: bytes, *, bytewise: bool = False) -> tuple[h11.Connection
 
 def scope_for(raw: bytes, *, root_path: str = "", bytewise: bool = False) -> dict[str, Any]:
     _, request = parse_request(raw, bytewise=bytewise)
-    return build_http_scope(
+    scope: dict[str, Any] = build_http_scope(
         request,
         scheme="http",
         client=("1.2.3.4", 5678),
@@ -50,6 +50,7 @@ def scope_for(raw: bytes, *, root_path: str = "", bytewise: bool = False) -> dic
         root_path=root_path,
         state={"db": "x"},
     )
+    return scope
 
 
 # -- scope building --------------------------------------------------------------------

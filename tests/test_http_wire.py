@@ -482,7 +482,9 @@ async def test_http_scope_is_complete_and_exact_over_tcp() -> None:
         data = await read_until_eof(stream)
         local = stream.socket.getsockname()
     assert [b for _, b in parse_responses(data)] == [b"ok", b"ok"]
-    host, port = server.addresses[0]  # type: ignore[misc]
+    address = server.addresses[0]
+    assert isinstance(address, tuple)
+    host, port = address
     want = expected_scope((local[0], local[1]), (host, port))
     assert len(app.scopes) == 2
     first, second = app.scopes
@@ -796,3 +798,26 @@ async def test_limit_concurrency_holds_for_requests_arriving_together() -> None:
             for stream in streams:
                 await stream.aclose()
     assert sorted(statuses) == [200, 503, 503]
+
+
+async def test_head_keeps_the_app_content_length_without_sending_a_body() -> None:
+    # What a file response does for HEAD: declare the size, send nothing.
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"1000")],
+            }
+        )
+        await send_({"type": "http.response.body", "body": b""})
+
+    async with (
+        run_server(app, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        await stream.send_all(b"HEAD /f HTTP/1.1\r\nHost: t\r\n\r\n" * 2)
+        data = await receive_until(
+            stream, b"\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"
+        )
+    assert data == b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" * 2

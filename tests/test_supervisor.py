@@ -13,6 +13,8 @@ from pathlib import Path
 import h11
 import pytest
 import trio
+import trio.testing
+from conftest import hello_app, run_server
 from supervised import (
     WORKER_APP,
     LoadResult,
@@ -24,11 +26,11 @@ from supervised import (
     supervised,
     wait_all_gone,
 )
-from wire import Client, connect
+from wire import Client, connect, read_until_eof
 
 import trioserve
 from trioserve.errors import ConfigError
-from trioserve.supervisor import WorkerEvent, describe_exit
+from trioserve.supervisor import WorkerEvent, WorkerSpec, describe_exit
 from trioserve.worker import heartbeat_interval
 
 
@@ -72,6 +74,17 @@ def test_worker_event_round_trips_as_one_line(event: WorkerEvent) -> None:
     assert WorkerEvent.decode(line[:-1]) == event
 
 
+def test_worker_spec_carries_every_config_field_through_json() -> None:
+    config = trioserve.Config(
+        port=0, headers=(("x-a", "1"),), reload_dirs=("src",), timeout_graceful_shutdown=2.5
+    )
+    spec = WorkerSpec(app="main:app", config=config.to_dict(), link_fd=5, stack_fd=6)
+    decoded = WorkerSpec.from_json(spec.to_json())
+    assert decoded.app == "main:app"
+    assert (decoded.link_fd, decoded.stack_fd) == (5, 6)
+    assert trioserve.Config(**decoded.config) == config
+
+
 @pytest.mark.parametrize("line", [b"[]", b'{"event": "reboot"}', b"not json", b'"ready"'])
 def test_worker_event_rejects_foreign_lines(line: bytes) -> None:
     with pytest.raises(ValueError):
@@ -105,6 +118,22 @@ async def test_workers_with_reload_is_a_usage_error(app_dir: Path) -> None:
         async with supervised([*args(app_dir), "--reload"], wait_started=False) as server:
             assert await server.wait_exit() == 2
             await server.wait_for("mutually exclusive")
+
+
+async def test_connection_accepted_before_a_drain_gets_its_first_request_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # What makes recycling lossless: the request of a client whose connection was accepted
+    # just before the worker began to drain is still on its way, and must be answered.
+    async with run_server(hello_app) as server, await connect(server.addresses[0]) as fresh:
+        await trio.testing.wait_all_tasks_blocked()
+        server.shutdown_nowait()
+        await trio.testing.wait_all_tasks_blocked()
+        client = Client(fresh)
+        response, body = await client.request()
+        assert (response.status_code, body) == (200, b"Hello, world!")
+        assert (b"connection", b"close") in response.headers
+        assert await read_until_eof(fresh) == b""
 
 
 # -- real processes -------------------------------------------------------------------------

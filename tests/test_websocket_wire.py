@@ -22,6 +22,7 @@ import h11
 import pytest
 import trio
 from conftest import run_server
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
@@ -724,13 +725,14 @@ async def test_graceful_shutdown_closes_with_1012_and_app_gets_disconnect() -> N
     app = Recorder(echo_app)
     async with run_server(app) as server:
         ws, _ = await RawWS.open(server.addresses[0])
-        async with ws.stream, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery, ws.stream:
             await ws.send(TextMessage(data="hi"))
             assert await ws.read_message() == "hi"
             nursery.start_soon(server.shutdown)
             assert (await ws.read_close())[0] == 1012
             await ws.send(CloseConnection(code=1012))
             assert await ws.expect_eof() == b""
+        # server.shutdown() has returned: serve() is done.
         assert app.disconnect["code"] == 1012
         assert app.error is None
 
@@ -785,22 +787,23 @@ async def test_cancelling_serve_with_an_open_websocket_is_prompt() -> None:
 # -- frameworks -------------------------------------------------------------------------
 
 
+fastapi_app = FastAPI()
+fastapi_closed: list[int] = []
+
+
+@fastapi_app.websocket("/ws/{room}")
+async def fastapi_room(websocket: WebSocket, room: str, token: str = "") -> None:
+    await websocket.accept(subprotocol="json")
+    try:
+        while True:
+            data = await websocket.receive_json()
+            await websocket.send_json({"room": room, "token": token, "echo": data})
+    except WebSocketDisconnect as exc:
+        fastapi_closed.append(exc.code)
+
+
 async def test_fastapi_websocket_endpoint_works_unmodified() -> None:
-    from fastapi import FastAPI, WebSocket, WebSocketDisconnect
-
-    fastapi_app = FastAPI()
-    closed: list[int] = []
-
-    @fastapi_app.websocket("/ws/{room}")
-    async def room(websocket: WebSocket, room: str, token: str = "") -> None:
-        await websocket.accept(subprotocol="json")
-        try:
-            while True:
-                data = await websocket.receive_json()
-                await websocket.send_json({"room": room, "token": token, "echo": data})
-        except WebSocketDisconnect as exc:
-            closed.append(exc.code)
-
+    fastapi_closed.clear()
     async with run_server(fastapi_app, lifespan="auto") as server:
         def talk() -> Any:
             with open_client(ws_uri(server, "/ws/lobby?token=t1"),
@@ -811,11 +814,11 @@ async def test_fastapi_websocket_endpoint_works_unmodified() -> None:
                 return ws.subprotocol, reply
         subprotocol, reply = await in_thread(talk)
         with trio.fail_after(5):
-            while not closed:
+            while not fastapi_closed:
                 await trio.sleep(0.01)
     assert subprotocol == "json"
     assert reply == {"room": "lobby", "token": "t1", "echo": {"n": 1}}
-    assert closed == [4100]
+    assert fastapi_closed == [4100]
 
 
 async def test_websockets_client_sees_close_codes_from_the_app() -> None:

@@ -16,7 +16,7 @@ General layout (each layer imports only from layers below it)::
     2 sans-IO core    http_messages, ws_messages
     3 trio I/O        server_state, asyncio_bridge ← app_call ← ws_connection
                       ← http_connection ← server; lifespan, listeners
-    4 process level   logs, runner, supervisor, worker, cli
+    4 process level   logs, reload, supervisor, runner, worker, cli
     testing           config + server only
 """
 

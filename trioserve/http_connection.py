@@ -95,9 +95,6 @@ class HTTPConnection:
         self.idle = False
         self._timeout_scope: trio.CancelScope | None = None
         self._upgraded_to: Any = None
-        # obs-fold screening (see _read_head): set when received bytes may fold a header line.
-        self._fold_suspect = False
-        self._ends_with_lf = False
         # Per-connection scope facts, set by transport.PreparedConnection.attach().
         self.tls_extension: dict[str, Any] | None = None
         self.trusted_proxies: TrustedHosts | None = None
@@ -117,12 +114,6 @@ class HTTPConnection:
             # EOF counts as "client gone", as in uvicorn: a half-closed client gets
             # http.disconnect and no further responses.
             self.peer_gone = True
-            return data
-        # Cheap pre-screen for obs-fold (LF followed by SP/HT, maybe across two reads); the
-        # exact check runs in _read_head only when this fired.
-        if b"\n " in data or b"\n\t" in data or (self._ends_with_lf and data[0] in b" \t"):
-            self._fold_suspect = True
-        self._ends_with_lf = data[-1] == 10
         return data
 
     async def write(self, data: bytes) -> None:
@@ -245,13 +236,12 @@ class HTTPConnection:
         # (each move costs a deadline-heap update).
         head_deadline: float | None = None  # set once the first bytes of the head arrived
         while True:
-            if self._fold_suspect:
-                buffered = conn.trailing_data[0]
-                if head_has_obs_fold(buffered):
-                    await self._reject(400, "obs-fold in request head")
-                    return None
-                # Keep screening while the suspicious bytes lie beyond this head.
-                self._fold_suspect = b"\n " in buffered or b"\n\t" in buffered
+            # obs-fold is screened in the buffered head only (never in body bytes), before
+            # h11 parses (and silently unfolds) it.
+            buffered = conn.trailing_data[0]
+            if buffered and head_has_obs_fold(buffered):
+                await self._reject(400, "obs-fold in request head")
+                return None
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:

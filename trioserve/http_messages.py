@@ -147,11 +147,10 @@ def head_has_obs_fold(buffer: bytes) -> bool:
     h11 unfolds obs-fold silently; RFC 9112 §5.2 lets a server reject it with 400 instead,
     which is the safe choice when the head passes through other parsers (request smuggling).
     """
-    fold = _OBS_FOLD.search(buffer)
-    if fold is None:
-        return False
+    # Bound the search to the head: ``buffer`` may also hold a large body (scanning 64 KiB
+    # costs ~100x more than finding the blank line that ends the head).
     end = _HEAD_END.search(buffer)
-    return end is None or fold.start() < end.start()
+    return _OBS_FOLD.search(buffer, 0, len(buffer) if end is None else end.start()) is not None
 
 
 def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -322,24 +321,25 @@ class ResponseWriter:
             raise AppProtocolError("'http.response.body' sent after the response completed")
         body, more_body = parse_body(message)
         conn = self._conn
-        out = b""
         if self.state is ResponseState.STARTED:
             head = self._head(body, more_body)  # may raise before anything is written
             self.state = ResponseState.STREAMING
         else:
             head = None
+        # h11's pieces are joined once: a large body is copied once, not once per ``+=``.
+        pieces: list[bytes] = []
         try:
             if head is not None:
-                out = conn.send(head) or b""
+                pieces += conn.send_with_data_passthrough(head) or ()
             if body and not self._no_body:
                 self.body_bytes += len(body)
-                out += conn.send(h11.Data(data=body)) or b""
+                pieces += conn.send_with_data_passthrough(h11.Data(data=body)) or ()
             if not more_body:
-                out += conn.send(h11.EndOfMessage()) or b""
+                pieces += conn.send_with_data_passthrough(h11.EndOfMessage()) or ()
                 self.state = ResponseState.COMPLETE
         except h11.LocalProtocolError as exc:
             raise AppProtocolError(f"invalid response body: {exc}") from None
-        return out
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def error_response(

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import h11
 import trio
+from typing_extensions import assert_never
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -280,39 +281,41 @@ class WebSocketConnection:
         """
         action = self._app_messages.next(message)
         ws = self.ws
-        if isinstance(action, Send):
-            if self._gone or ws.state is not ConnectionState.OPEN:
-                raise ClientDisconnected(f"{self.http.peer} WebSocket is closed")
-            if isinstance(action.data, str):
-                self._queue(ws.send(TextMessage(data=action.data)))
-            else:
-                self._queue(ws.send(BytesMessage(data=action.data)))
-            await self._wait_writable()
-            if self._gone:
-                raise ClientDisconnected(f"{self.http.peer} disconnected")
-        elif isinstance(action, Accept):
-            self._accept(action)
-            await self._wait_writable()
-        elif isinstance(action, Close):
-            if self._app_messages.phase is Phase.REJECTED:
-                self._answer_http(403)  # close before accept (ASGI spec)
-            else:
-                self._start_close(action.code, action.reason)
-            await self._wait_writable()
-        elif isinstance(action, ResponseStart):
-            http = self.http
-            self._response = ResponseWriter(http.h11, b"GET", http.state.response_headers())
-            self._response.start(action.message, close=True)
-        else:
-            assert isinstance(action, ResponseBody)
-            assert self._response is not None
-            data = self._response.body(action.message)
-            if action.last:
-                self._log_handshake(self._response.status or 0)
-                self.http.linger = True
-                self._handshake_done.set()
-            self._queue(data)
-            await self._wait_writable()
+        match action:
+            case Send(data=data):
+                if self._gone or ws.state is not ConnectionState.OPEN:
+                    raise ClientDisconnected(f"{self.http.peer} WebSocket is closed")
+                if isinstance(data, str):
+                    self._queue(ws.send(TextMessage(data=data)))
+                else:
+                    self._queue(ws.send(BytesMessage(data=data)))
+                await self._wait_writable()
+                if self._gone:
+                    raise ClientDisconnected(f"{self.http.peer} disconnected")
+            case Accept():
+                self._accept(action)
+                await self._wait_writable()
+            case Close(code=code, reason=reason):
+                if self._app_messages.phase is Phase.REJECTED:
+                    self._answer_http(403)  # close before accept (ASGI spec)
+                else:
+                    self._start_close(code, reason)
+                await self._wait_writable()
+            case ResponseStart(message=start):
+                http = self.http
+                self._response = ResponseWriter(http.h11, b"GET", http.state.response_headers())
+                self._response.start(start, close=True)
+            case ResponseBody(message=body, last=last):
+                assert self._response is not None
+                data = self._response.body(body)
+                if last:
+                    self._log_handshake(self._response.status or 0)
+                    self.http.linger = True
+                    self._handshake_done.set()
+                self._queue(data)
+                await self._wait_writable()
+            case _:
+                assert_never(action)
 
     def _accept(self, action: Accept) -> None:
         http = self.http
