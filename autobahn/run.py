@@ -15,6 +15,7 @@ import argparse
 import collections
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -162,6 +163,13 @@ def main() -> int:
     return 1 if failed else 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (make interrupted, timeout(1)) unwinds like Ctrl-C: subprocess.run kills
+    # wstest and the finally block stops the server, so nothing is left running.
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())

@@ -28,7 +28,7 @@ from wire import Client, connect, header, read_until_eof
 from trioserve import Config, Server, serve
 from trioserve.app_call import needs_asyncio
 from trioserve.asyncio_bridge import AsyncioApp
-from trioserve.errors import AppProtocolError
+from trioserve.errors import AppProtocolError, LifespanError
 from trioserve.testing import WebSocketClosed, running
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -578,6 +578,22 @@ async def test_lifespan_state_and_shutdown_through_the_bridge() -> None:
                 assert await get_json(Client(stream), "/") == (200, {"same_loop": True})
             await server.shutdown()
     assert events == ["startup on asyncio", "shutdown on asyncio"]
+
+
+async def test_lifespan_startup_failure_on_asyncio_is_raised_as_is() -> None:
+    """The CLI's exit code 3 needs the LifespanError itself, not the loop's exception group."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan"
+        await receive()
+        await asyncio.sleep(0)
+        await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            config = Config(port=0, app_loop="asyncio", lifespan="on", access_log=False)
+            with pytest.raises(LifespanError, match="no database"):
+                await nursery.start(serve, app, config)
 
 
 async def test_embedding_reuses_an_already_open_loop() -> None:

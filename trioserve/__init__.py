@@ -12,12 +12,14 @@ Public API (everything else is internal and may change):
 General layout (each layer imports only from layers below it)::
 
     0 vocabulary      asgi_types, errors
-    1 configuration   config, app_loading
-    2 sans-IO core    http_messages, ws_messages
-    3 trio I/O        server_state, asyncio_bridge ← app_call ← ws_connection
-                      ← http_connection ← server; lifespan, listeners
-    4 process level   logs, reload, supervisor, runner, worker, cli
+    1 configuration   access_format ← config ← app_loading, tls
+    2 sans-IO core    http_messages, proxy_headers, proxy_protocol ← ws_messages
+    3 trio I/O        asyncio_bridge, listeners, transport ← server_state ← app_call
+                      ← lifespan, ws_connection ← http_connection ← server
+    4 process level   logs, reload ← supervisor ← runner ← worker ← cli
     testing           config + server only
+
+(tests/test_architecture.py checks this table against every module's imports.)
 """
 
 from __future__ import annotations
