@@ -135,7 +135,7 @@ def main() -> int:
         with (outdir / "wstest.log").open("wb") as log:
             try:
                 subprocess.run(
-                    [args.wstest, "-m", "fuzzingclient", "-s", str(spec_path)],
+                    [str(Path(args.wstest).resolve()), "-m", "fuzzingclient", "-s", str(spec_path)],
                     cwd=outdir, stdout=log, stderr=subprocess.STDOUT, check=True,
                     timeout=args.timeout,
                 )

@@ -821,3 +821,19 @@ async def test_head_keeps_the_app_content_length_without_sending_a_body() -> Non
             stream, b"\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n"
         )
     assert data == b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" * 2
+
+
+@BYTEWISE
+@pytest.mark.parametrize(
+    "body", [b" starts with a space", b"\tstarts with a tab", b"a\n b\n\tc", b"\n \n "]
+)
+async def test_fold_like_bytes_in_a_body_are_not_obs_fold(body: bytes, bytewise: bool) -> None:
+    # The obs-fold screen must stop at the end of the head, also when the blank line and
+    # the body arrive in separate reads.
+    app = Recorder()
+    raw = POST + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        await send(stream, raw, bytewise=bytewise)
+        data = await read_until_eof(stream)
+    [(response, echoed)] = parse_responses(data)
+    assert (response.status_code, echoed) == (200, b"POST / " + body)

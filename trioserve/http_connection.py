@@ -235,11 +235,13 @@ class HTTPConnection:
         # already in the buffer, or a head that arrives whole in one read, moves none
         # (each move costs a deadline-heap update).
         head_deadline: float | None = None  # set once the first bytes of the head arrived
+        # obs-fold is screened in the head only (never in body bytes), before h11 parses
+        # (and silently unfolds) it: what is buffered once, then only each new read plus
+        # 3 bytes of context (enough to see a fold or the head's end across the boundary),
+        # so a head trickling in byte by byte costs linear, not quadratic, time.
+        unscreened = conn.trailing_data[0]
         while True:
-            # obs-fold is screened in the buffered head only (never in body bytes), before
-            # h11 parses (and silently unfolds) it.
-            buffered = conn.trailing_data[0]
-            if buffered and head_has_obs_fold(buffered):
+            if unscreened and head_has_obs_fold(unscreened):
                 await self._reject(400, "obs-fold in request head")
                 return None
             try:
@@ -248,7 +250,8 @@ class HTTPConnection:
                 await self._reject(exc.error_status_hint, str(exc))
                 return None
             if event is h11.NEED_DATA:
-                if head_deadline is None and conn.trailing_data[0]:
+                # (All that is buffered now is one incomplete head.)
+                if head_deadline is None and unscreened:
                     head_deadline = trio.current_time() + header_timeout
                 if head_deadline is None:
                     self.idle = True
@@ -260,6 +263,7 @@ class HTTPConnection:
                 data = await self.receive_bytes()
                 self.idle = False
                 conn.receive_data(data)
+                unscreened = unscreened[-3:] + data
                 if data and head_deadline is None:
                     head_deadline = trio.current_time() + header_timeout
                 continue
