@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any, Final
 
@@ -88,6 +89,9 @@ class HTTPConnection:
             h11.SERVER, max_incomplete_event_size=state.config.h11_max_incomplete_event_size
         )
         self.peer = f"{client[0]}:{client[1]}" if client else "unix"
+        # The socket's descriptor for write()'s non-blocking fast path; -1 for other streams
+        # (TLS, PROXY-protocol wrappers), which always go through send_all.
+        self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
         self.peer_gone = False
         self.broken = False  # a write was interrupted: never reuse, never linger
         self.linger = False  # close with a lingering read (we may have unread input)
@@ -119,12 +123,27 @@ class HTTPConnection:
     async def write(self, data: bytes) -> None:
         """Write ``data`` completely.
 
+        On a plain TCP socket the bytes are first offered to the kernel without waiting
+        (asyncio's transports do the same): when they all fit, which is the common case,
+        the write costs one syscall and no trip through trio's scheduler. A 1 MiB response
+        streamed in 16 KiB chunks then costs 64 syscalls instead of 64 scheduler rounds
+        across every busy connection. What does not fit goes through ``send_all``, which
+        waits for the socket (and is where cancellation and backpressure apply).
+
         Raises:
             ClientDisconnected: the peer is gone (the connection will be closed).
         """
         try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if self._fd < 0:
+                await self.stream.send_all(data)
+                return
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                await self.stream.send_all(memoryview(data)[sent:])
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.peer_gone = True
             self.broken = True
             self.h11.send_failed()
