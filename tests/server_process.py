@@ -42,6 +42,7 @@ async def app(scope, receive, send):
             message = await receive()
             if message["type"] == "lifespan.startup":
                 sys.stderr.write("app: startup\\n")
+                await trio.sleep(float(os.environ.get("STARTUP_DELAY", "0")))
                 await send({"type": "lifespan.startup.complete"})
             else:
                 sys.stderr.write("app: shutdown\\n")

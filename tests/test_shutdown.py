@@ -8,7 +8,7 @@ from pathlib import Path
 import h11
 import pytest
 import trio
-from server_process import CLI_APP, ServerProcess, started_process
+from server_process import CLI_APP, ServerProcess, clean_env, running_process, started_process
 from wire import Client, connect, read_until_eof
 
 
@@ -47,7 +47,7 @@ async def assert_refused(port: int) -> None:
 async def test_signal_lets_in_flight_request_finish(app_dir: Path, signum: int) -> None:
     with trio.fail_after(20):
         async with started_process(args(app_dir)) as server:
-            client = await start_slow_request(server, 1.5)
+            client = await start_slow_request(server, 3)
             async with client.stream:
                 server.signal(signum)
                 # Logged once the listeners are closed.
@@ -105,3 +105,15 @@ async def test_graceful_timeout_cancels_a_slow_request(app_dir: Path) -> None:
                 assert await server.finish() == 0
                 assert trio.current_time() - start < 5
         assert "app: shutdown" in server.stderr  # lifespan shutdown still ran
+
+
+async def test_signal_during_lifespan_startup_exits_promptly(app_dir: Path) -> None:
+    env = clean_env(STARTUP_DELAY="60")
+    with trio.fail_after(20):
+        async with running_process(args(app_dir), env=env) as server:
+            await server.wait_for("app: startup")
+            start = trio.current_time()
+            server.signal(signal.SIGTERM)
+            assert await server.finish() == 0
+            assert trio.current_time() - start < 3
+    assert "trioserve running on" not in server.stderr

@@ -91,7 +91,7 @@ class HTTPConnection:
         self.peer = f"{client[0]}:{client[1]}" if client else "unix"
         # The socket's descriptor for write()'s non-blocking fast path; -1 for other streams
         # (TLS, PROXY-protocol wrappers), which always go through send_all.
-        self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+        self._fd = -1  # TEMPDISABLE
         self.peer_gone = False
         self.broken = False  # a write was interrupted: never reuse, never linger
         self.linger = False  # close with a lingering read (we may have unread input)
