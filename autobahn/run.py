@@ -97,12 +97,19 @@ def summarise(results: dict[str, dict[str, str]]) -> tuple[str, list[str], bool]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--wstest", required=True, help="path to Autobahn's wstest")
-    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                        help="comma-separated case patterns (default: %(default)s)")
+    parser.add_argument(
+        "--cases",
+        default=",".join(DEFAULT_CASES),
+        help="comma-separated case patterns (default: %(default)s)",
+    )
     parser.add_argument("--outdir", default=str(HERE / "reports"))
     parser.add_argument("--timeout", type=float, default=1800.0, help="bound for wstest, s")
-    parser.add_argument("--server-option", action="append", default=[],
-                        help="extra trioserve CLI option (repeatable)")
+    parser.add_argument(
+        "--server-option",
+        action="append",
+        default=[],
+        help="extra trioserve CLI option (repeatable)",
+    )
     args = parser.parse_args()
 
     outdir = Path(args.outdir).resolve()
@@ -122,9 +129,20 @@ def main() -> int:
         index.unlink()
 
     server_cmd = [
-        sys.executable, "-m", "trioserve", "echo_app:app", "--app-dir", str(HERE),
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-        "--no-access-log", *args.server_option,
+        sys.executable,
+        "-m",
+        "trioserve",
+        "echo_app:app",
+        "--app-dir",
+        str(HERE),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        *args.server_option,
     ]
     server_log = (outdir / "server.log").open("wb")
     server = subprocess.Popen(server_cmd, stdout=server_log, stderr=subprocess.STDOUT)
@@ -134,9 +152,13 @@ def main() -> int:
         started = time.monotonic()
         with (outdir / "wstest.log").open("wb") as log:
             try:
+                wstest = str(Path(args.wstest).resolve())  # it runs in outdir
                 subprocess.run(
-                    [str(Path(args.wstest).resolve()), "-m", "fuzzingclient", "-s", str(spec_path)],
-                    cwd=outdir, stdout=log, stderr=subprocess.STDOUT, check=True,
+                    [wstest, "-m", "fuzzingclient", "-s", str(spec_path)],
+                    cwd=outdir,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    check=True,
                     timeout=args.timeout,
                 )
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:

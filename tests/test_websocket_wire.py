@@ -42,8 +42,10 @@ from trioserve.ws_connection import CLOSE_TIMEOUT
 
 KEY = base64.b64encode(b"0123456789abcdef")
 UPGRADE_HEADERS = [
-    ("upgrade", "websocket"), ("connection", "Upgrade"),
-    ("sec-websocket-key", KEY.decode()), ("sec-websocket-version", "13"),
+    ("upgrade", "websocket"),
+    ("connection", "Upgrade"),
+    ("sec-websocket-key", KEY.decode()),
+    ("sec-websocket-version", "13"),
 ]
 
 # -- apps -------------------------------------------------------------------------------
@@ -57,8 +59,9 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
         message = await receive()
         if message["type"] == "websocket.disconnect":
             return
-        await send({"type": "websocket.send", "text": message.get("text"),
-                    "bytes": message.get("bytes")})
+        await send(
+            {"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")}
+        )
 
 
 class Recorder:
@@ -98,13 +101,20 @@ class Recorder:
 
 def upgrade_request(target: str = "/", headers: list[tuple[str, str]] | None = None) -> bytes:
     lines = [f"GET {target} HTTP/1.1", "host: test"]
-    lines += [f"{name}: {value}" for name, value in (headers if headers is not None
-                                                      else UPGRADE_HEADERS)]
+    lines += [
+        f"{name}: {value}" for name, value in (headers if headers is not None else UPGRADE_HEADERS)
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-          mask: bytes | None = b"\x01\x02\x03\x04") -> bytes:
+def frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bytes | None = b"\x01\x02\x03\x04",
+) -> bytes:
     """A raw client frame, built by hand so that it can be wrong on purpose."""
     head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
     mask_bit = 0x80 if mask is not None else 0
@@ -132,8 +142,14 @@ class RawWS:
         self.pings: list[bytes] = []
 
     @classmethod
-    async def open(cls, address: Any, target: str = "/", *, extra: bytes = b"",
-                   headers: list[tuple[str, str]] | None = None) -> tuple[RawWS, bytes]:
+    async def open(
+        cls,
+        address: Any,
+        target: str = "/",
+        *,
+        extra: bytes = b"",
+        headers: list[tuple[str, str]] | None = None,
+    ) -> tuple[RawWS, bytes]:
         """Connect and upgrade; ``extra`` is sent in the same write as the request."""
         stream = await connect(address)
         client = cls(stream)
@@ -182,12 +198,13 @@ class RawWS:
         return await read_until_eof(self.stream)
 
 
-async def http_answer(address: Any, headers: list[tuple[str, Any]] | None = None
-                      ) -> tuple[h11.Response, bytes]:
+async def http_answer(
+    address: Any, headers: list[tuple[str, Any]] | None = None, target: str = "/"
+) -> tuple[h11.Response, bytes]:
     stream = await connect(address)
     async with stream:
-        return await Client(stream).request(headers=UPGRADE_HEADERS if headers is None
-                                            else headers)
+        headers = UPGRADE_HEADERS if headers is None else headers
+        return await Client(stream).request(target=target, headers=headers)
 
 
 def ws_uri(server: Any, path: str = "/") -> str:
@@ -202,7 +219,8 @@ async def in_thread(fn: Callable[[], Any]) -> Any:
 def open_client(uri: str, **kwargs: Any) -> ClientConnection:
     kwargs.setdefault("open_timeout", 5)
     kwargs.setdefault("close_timeout", 5)
-    return ws_connect(uri, **kwargs)
+    client: ClientConnection = ws_connect(uri, **kwargs)
+    return client
 
 
 # -- handshake and scope ----------------------------------------------------------------
@@ -210,12 +228,14 @@ def open_client(uri: str, **kwargs: Any) -> ClientConnection:
 
 async def test_echo_text_and_bytes_with_websockets_client() -> None:
     async with run_server(echo_app) as server:
+
         def talk() -> list[Any]:
             with open_client(ws_uri(server)) as ws:
                 ws.send("héllo")
                 first = ws.recv()
                 ws.send(b"\x00\xff")
                 return [first, ws.recv()]
+
         assert await in_thread(talk) == ["héllo", b"\x00\xff"]
 
 
@@ -227,11 +247,15 @@ async def test_scope_is_complete_and_connect_comes_first() -> None:
 
     app = Recorder(body)
     async with run_server(app, root_path="/api") as server:
+
         def talk() -> str | None:
-            with open_client(ws_uri(server, "/room%201?x=1"),
-                             subprotocols=["chat", "superchat"],
-                             additional_headers={"X-Custom": "yes"}) as ws:
+            with open_client(
+                ws_uri(server, "/room%201?x=1"),
+                subprotocols=["chat", "superchat"],
+                additional_headers={"X-Custom": "yes"},
+            ) as ws:
                 return ws.subprotocol
+
         assert await in_thread(talk) == "chat"
         with trio.fail_after(5):
             await app.done.wait()
@@ -253,13 +277,19 @@ async def test_scope_is_complete_and_connect_comes_first() -> None:
 async def test_accept_sends_subprotocol_and_extra_headers() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()
-        await send({"type": "websocket.accept", "subprotocol": "b",
-                    "headers": [(b"x-session", b"42"), (b"set-cookie", b"k=v")]})
+        await send(
+            {
+                "type": "websocket.accept",
+                "subprotocol": "b",
+                "headers": [(b"x-session", b"42"), (b"set-cookie", b"k=v")],
+            }
+        )
         await receive()
 
     async with run_server(app) as server:
-        ws, head = await RawWS.open(server.addresses[0], headers=[
-            *UPGRADE_HEADERS, ("sec-websocket-protocol", "a, b")])
+        ws, head = await RawWS.open(
+            server.addresses[0], headers=[*UPGRADE_HEADERS, ("sec-websocket-protocol", "a, b")]
+        )
         async with ws.stream:
             lines = head.lower().split(b"\r\n")
             assert lines[0] == b"http/1.1 101 switching protocols"
@@ -267,8 +297,9 @@ async def test_accept_sends_subprotocol_and_extra_headers() -> None:
             assert b"x-session: 42" in lines
             assert b"set-cookie: k=v" in lines
             assert b"server: trioserve" in lines
-            accept = base64.b64encode(hashlib.sha1(
-                KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            accept = base64.b64encode(
+                hashlib.sha1(KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+            )
             assert b"sec-websocket-accept: " + accept.lower() in lines
 
 
@@ -285,19 +316,40 @@ async def test_handshake_and_first_frame_in_one_write_keeps_the_frame() -> None:
 @pytest.mark.parametrize(
     ("headers", "version_header"),
     [
-        pytest.param([("upgrade", "websocket"), ("connection", "Upgrade"),
-                      ("sec-websocket-key", KEY.decode()), ("sec-websocket-version", "8")],
-                     True, id="bad-version"),
-        pytest.param([("upgrade", "websocket"), ("connection", "Upgrade"),
-                      ("sec-websocket-key", KEY.decode())], True, id="missing-version"),
-        pytest.param([("upgrade", "websocket"), ("connection", "Upgrade"),
-                      ("sec-websocket-version", "13")], False, id="missing-key"),
-        pytest.param([*UPGRADE_HEADERS, ("sec-websocket-protocol", b"caf\xe9")], False,
-                     id="non-ascii-subprotocol"),
+        pytest.param(
+            [
+                ("upgrade", "websocket"),
+                ("connection", "Upgrade"),
+                ("sec-websocket-key", KEY.decode()),
+                ("sec-websocket-version", "8"),
+            ],
+            True,
+            id="bad-version",
+        ),
+        pytest.param(
+            [
+                ("upgrade", "websocket"),
+                ("connection", "Upgrade"),
+                ("sec-websocket-key", KEY.decode()),
+            ],
+            True,
+            id="missing-version",
+        ),
+        pytest.param(
+            [("upgrade", "websocket"), ("connection", "Upgrade"), ("sec-websocket-version", "13")],
+            False,
+            id="missing-key",
+        ),
+        pytest.param(
+            [*UPGRADE_HEADERS, ("sec-websocket-protocol", b"caf\xe9")],
+            False,
+            id="non-ascii-subprotocol",
+        ),
     ],
 )
-async def test_invalid_upgrade_gets_400(headers: list[tuple[str, Any]],
-                                        version_header: bool) -> None:
+async def test_invalid_upgrade_gets_400(
+    headers: list[tuple[str, Any]], version_header: bool
+) -> None:
     app = Recorder(echo_app)
     async with run_server(app) as server:
         response, _ = await http_answer(server.addresses[0], headers)
@@ -321,6 +373,28 @@ async def test_ws_none_serves_upgrade_requests_as_plain_http() -> None:
     assert app_scope["type"] == "http"
 
 
+async def test_handshake_outcome_gets_an_access_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "trioserve.access")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        if scope["path"] == "/no":
+            await send({"type": "websocket.close"})
+        else:
+            await send({"type": "websocket.accept"})
+
+    async with run_server(app, access_log=True) as server:
+        ws, _ = await RawWS.open(server.addresses[0], "/yes?q=1")
+        async with ws.stream:
+            assert (await ws.read_close())[0] == 1000
+        response, _ = await http_answer(server.addresses[0], target="/no")
+        assert response.status_code == 403
+    lines = [r.getMessage() for r in caplog.records if r.name == "trioserve.access"]
+    assert len(lines) == 2
+    assert '"GET /yes?q=1 HTTP/1.1" 101' in lines[0]
+    assert '"GET /no HTTP/1.1" 403' in lines[1]
+
+
 # -- rejection and denial responses -----------------------------------------------------
 
 
@@ -336,6 +410,7 @@ async def test_close_before_accept_is_403() -> None:
             with pytest.raises(InvalidStatus) as info:
                 open_client(ws_uri(server))
             return info.value.response.status_code
+
         assert await in_thread(talk) == 403
     assert (response.status_code, response.reason, body) == (403, b"Forbidden", b"Forbidden\n")
 
@@ -343,13 +418,16 @@ async def test_close_before_accept_is_403() -> None:
 async def test_denial_response_extension_streams_the_apps_response() -> None:
     async def body(scope: Any, receive: Any, send: Any) -> None:
         await receive()
-        await send({"type": "websocket.http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"x")]})
-        await send({"type": "websocket.http.response.body", "body": b"no ",
-                    "more_body": True})
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"text/plain"), (b"www-authenticate", b"x")],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": b"no ", "more_body": True})
         await send({"type": "websocket.http.response.body", "body": b"entry"})
-        assert await receive() == {"type": "websocket.disconnect", "code": 1006,
-                                   "reason": ""}
+        assert await receive() == {"type": "websocket.disconnect", "code": 1006, "reason": ""}
 
     app = Recorder(body)
     async with run_server(app) as server:
@@ -364,8 +442,9 @@ async def test_denial_response_extension_streams_the_apps_response() -> None:
 
 
 @pytest.mark.parametrize("where", ["before-accept", "after-denial-start", "returns"])
-async def test_app_failing_before_accept_gets_500(where: str,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_app_failing_before_accept_gets_500(
+    where: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()
         if where == "after-denial-start":
@@ -387,12 +466,14 @@ async def test_app_failing_before_accept_gets_500(where: str,
 
 async def test_fragmented_message_reaches_the_app_as_one() -> None:
     async with run_server(echo_app) as server:
+
         def talk() -> Any:
             with open_client(ws_uri(server), compression=None) as ws:
                 ws.send(["frag", "men", "ted"])
                 text = ws.recv()
                 ws.send([b"\x01", b"\x02"])
                 return text, ws.recv()
+
         assert await in_thread(talk) == ("fragmented", b"\x01\x02")
 
 
@@ -400,8 +481,12 @@ async def test_raw_fragments_with_ping_in_between_are_reassembled() -> None:
     async with run_server(echo_app) as server:
         ws, _ = await RawWS.open(server.addresses[0])
         async with ws.stream:
-            await ws.stream.send_all(frame(0x1, b"ab", fin=False) + frame(0x9, b"p")
-                                     + frame(0x0, b"cd", fin=False) + frame(0x0, b"e"))
+            await ws.stream.send_all(
+                frame(0x1, b"ab", fin=False)
+                + frame(0x9, b"p")
+                + frame(0x0, b"cd", fin=False)
+                + frame(0x0, b"e")
+            )
             event = await ws.next_event()
             assert isinstance(event, Pong)
             assert event.payload == b"p"
@@ -516,8 +601,9 @@ async def test_send_after_peer_gone_raises_client_disconnected(how: str) -> None
             if how == "close-frame":
                 await ws.send(CloseConnection(code=1000))
             else:
-                ws.stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER,
-                                     struct.pack("ii", 1, 0))
+                ws.stream.setsockopt(
+                    trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
         with trio.fail_after(5):
             await app.done.wait()
     assert isinstance(app.error, ClientDisconnected)
@@ -608,14 +694,19 @@ async def test_full_message_queue_stops_reading_from_the_socket(autojump_clock: 
 
     count, size = 64, 1 << 20
     payload = frame(0x2, b"z" * size) * count  # 64 MiB
-    async with run_server(app, ws_max_queue=2) as server:
+    # No keepalive: this client does not read while it writes.
+    async with run_server(app, ws_max_queue=2, ws_ping_interval=None) as server:
         ws, _ = await RawWS.open(server.addresses[0])
         async with ws.stream:
             sent = 0
-            with trio.move_on_after(5):  # virtual time: fires once everyone is blocked
-                while sent < len(payload):
-                    # socket.send: a cancelled call sent nothing (send_all may send part).
-                    sent += await ws.stream.socket.send(payload[sent:sent + 65536])
+            for _ in range(100):  # until a whole 5 s window (virtual time) moves nothing
+                before = sent
+                with trio.move_on_after(5):
+                    while sent < len(payload):
+                        # socket.send: a cancelled call sent nothing (send_all may send part).
+                        sent += await ws.stream.socket.send(payload[sent : sent + 65536])
+                if sent == before:
+                    break
             # The server read at most the queue, one message being assembled and the
             # socket buffers; the rest is still with the client.
             assert sent < len(payload) // 2
@@ -638,8 +729,11 @@ async def test_full_message_queue_stops_reading_from_the_socket(autojump_clock: 
         pytest.param(frame(0x1, b"x", mask=None), 1002, id="unmasked"),
         pytest.param(frame(0x9, b"p" * 126), 1002, id="ping-too-long"),
         pytest.param(frame(0x0, b"x"), 1002, id="continuation-without-start"),
-        pytest.param(frame(0x1, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80"),
-                     1007, id="invalid-utf8"),
+        pytest.param(
+            frame(0x1, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80"),
+            1007,
+            id="invalid-utf8",
+        ),
         pytest.param(frame(0x8, b"\x03\xe8\xff"), 1007, id="close-reason-invalid-utf8"),
         pytest.param(frame(0x8, struct.pack("!H", 1006)), 1002, id="close-code-1006"),
     ],
@@ -656,7 +750,7 @@ async def test_bad_frame_fails_the_connection_after_earlier_messages(
             data = frame(0x1, b"before") + bad
             if byte_by_byte:
                 for i in range(len(data)):
-                    await ws.stream.send_all(data[i:i + 1])
+                    await ws.stream.send_all(data[i : i + 1])
             else:
                 await ws.stream.send_all(data)
             assert await ws.read_message() == "before"  # not dropped, and its echo sent
@@ -675,6 +769,7 @@ async def test_bad_frame_fails_the_connection_after_earlier_messages(
 @pytest.mark.parametrize("enabled", [True, False])
 async def test_per_message_deflate_is_negotiated_when_enabled(enabled: bool) -> None:
     async with run_server(echo_app, ws_per_message_deflate=enabled) as server:
+
         def talk() -> tuple[str | None, Any]:
             with open_client(ws_uri(server), compression="deflate") as ws:
                 text = "compress me " * 5000
@@ -682,7 +777,9 @@ async def test_per_message_deflate_is_negotiated_when_enabled(enabled: bool) -> 
                 assert ws.recv() == text
                 ws.send(os.urandom(3000))
                 ws.recv()
+                assert ws.response is not None
                 return ws.response.headers.get("Sec-WebSocket-Extensions"), None
+
         extensions, _ = await in_thread(talk)
     if enabled:
         assert extensions is not None
@@ -695,17 +792,27 @@ async def test_deflate_takes_first_acceptable_offer_and_compresses_both_ways() -
     async with run_server(echo_app) as server:
         stream = await connect(server.addresses[0])
         async with stream:
-            await stream.send_all(upgrade_request(headers=[
-                *UPGRADE_HEADERS,
-                ("sec-websocket-extensions", "permessage-deflate; server_max_window_bits=8, "
-                 "permessage-deflate; client_no_context_takeover")]))
+            await stream.send_all(
+                upgrade_request(
+                    headers=[
+                        *UPGRADE_HEADERS,
+                        (
+                            "sec-websocket-extensions",
+                            "permessage-deflate; server_max_window_bits=8, "
+                            "permessage-deflate; client_no_context_takeover",
+                        ),
+                    ]
+                )
+            )
             response = b""
             with trio.fail_after(10):
                 while b"\r\n\r\n" not in response:
                     response += await stream.receive_some(65536)
             head, _, rest = response.partition(b"\r\n\r\n")
-            assert b"sec-websocket-extensions: permessage-deflate; client_no_context_takeover" \
+            assert (
+                b"sec-websocket-extensions: permessage-deflate; client_no_context_takeover"
                 in head.lower().split(b"\r\n")
+            )
             text = b"hello hello hello hello"
             compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
             deflated = compressor.compress(text) + compressor.flush(zlib.Z_SYNC_FLUSH)
@@ -714,7 +821,7 @@ async def test_deflate_takes_first_acceptable_offer_and_compresses_both_ways() -
                 while len(rest) < 2 or len(rest) < 2 + (rest[1] & 0x7F):
                     rest += await stream.receive_some(65536)
             assert rest[0] == 0xC1  # FIN, RSV1, text: the echo is compressed too
-            payload = rest[2:2 + rest[1]]
+            payload = rest[2 : 2 + rest[1]]
             assert zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff") == text
 
 
@@ -805,13 +912,14 @@ async def fastapi_room(websocket: WebSocket, room: str, token: str = "") -> None
 async def test_fastapi_websocket_endpoint_works_unmodified() -> None:
     fastapi_closed.clear()
     async with run_server(fastapi_app, lifespan="auto") as server:
+
         def talk() -> Any:
-            with open_client(ws_uri(server, "/ws/lobby?token=t1"),
-                             subprotocols=["json"]) as ws:
+            with open_client(ws_uri(server, "/ws/lobby?token=t1"), subprotocols=["json"]) as ws:
                 ws.send(json.dumps({"n": 1}))
                 reply = json.loads(ws.recv())
                 ws.close(code=4100)
                 return ws.subprotocol, reply
+
         subprotocol, reply = await in_thread(talk)
         with trio.fail_after(5):
             while not fastapi_closed:
@@ -829,6 +937,7 @@ async def test_websockets_client_sees_close_codes_from_the_app() -> None:
         await send({"type": "websocket.close", "code": 1008, "reason": "policy"})
 
     async with run_server(app) as server:
+
         def talk() -> tuple[int, str]:
             with open_client(ws_uri(server)) as ws:
                 ws.send("x")
@@ -836,4 +945,5 @@ async def test_websockets_client_sees_close_codes_from_the_app() -> None:
                     ws.recv()
                 assert info.value.rcvd is not None
                 return info.value.rcvd.code, info.value.rcvd.reason
+
         assert await in_thread(talk) == (1008, "policy")

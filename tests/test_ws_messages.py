@@ -37,27 +37,49 @@ from trioserve.ws_messages import (
     [
         pytest.param([], [], id="none"),
         pytest.param([(b"sec-websocket-protocol", b"chat")], ["chat"], id="one"),
-        pytest.param([(b"sec-websocket-protocol", b"chat, superchat")], ["chat", "superchat"],
-                     id="list"),
-        pytest.param([(b"sec-websocket-protocol", b"a"), (b"x", b"y"),
-                      (b"sec-websocket-protocol", b" b ,, c")], ["a", "b", "c"], id="repeated"),
+        pytest.param(
+            [(b"sec-websocket-protocol", b"chat, superchat")], ["chat", "superchat"], id="list"
+        ),
+        pytest.param(
+            [
+                (b"sec-websocket-protocol", b"a"),
+                (b"x", b"y"),
+                (b"sec-websocket-protocol", b" b ,, c"),
+            ],
+            ["a", "b", "c"],
+            id="repeated",
+        ),
     ],
 )
-def test_parse_subprotocols_keeps_order(headers: list[tuple[bytes, bytes]],
-                                        expected: list[str]) -> None:
+def test_parse_subprotocols_keeps_order(
+    headers: list[tuple[bytes, bytes]], expected: list[str]
+) -> None:
     assert parse_subprotocols(headers) == expected
 
 
-def _http_scope(target: bytes = b"/chat/room%201?x=1", *, scheme: str = "http",
-                root_path: str = "") -> dict[str, Any]:
-    request = h11.Request(method="GET", target=target, headers=[
-        ("Host", "example.com"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"),
-        ("Sec-WebSocket-Protocol", "chat, superchat"),
-    ])
-    return build_http_scope(request, scheme=scheme, client=("10.0.0.1", 5000),
-                            server=("10.0.0.2", 80), root_path=root_path,
-                            state={"db": "conn"})
+def _http_scope(
+    target: bytes = b"/chat/room%201?x=1", *, scheme: str = "http", root_path: str = ""
+) -> dict[str, Any]:
+    request = h11.Request(
+        method="GET",
+        target=target,
+        headers=[
+            ("Host", "example.com"),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Protocol", "chat, superchat"),
+        ],
+    )
+    return build_http_scope(
+        request,
+        scheme=scheme,
+        client=("10.0.0.1", 5000),
+        server=("10.0.0.2", 80),
+        root_path=root_path,
+        state={"db": "conn"},
+    )
 
 
 def test_websocket_scope_has_every_asgi_key() -> None:
@@ -88,7 +110,10 @@ def test_websocket_scope_over_tls_is_wss_and_keeps_root_path() -> None:
 
 def test_disconnect_message_carries_code_and_reason() -> None:
     assert disconnect_message(1001, "bye") == {
-        "type": "websocket.disconnect", "code": 1001, "reason": "bye"}
+        "type": "websocket.disconnect",
+        "code": 1001,
+        "reason": "bye",
+    }
 
 
 # -- permessage-deflate offer selection --------------------------------------------------
@@ -100,27 +125,50 @@ BASE = [(b"host", b"x"), (b"sec-websocket-key", b"k")]
     ("offers", "chosen"),
     [
         pytest.param([b"permessage-deflate"], b"permessage-deflate", id="plain"),
-        pytest.param([b"permessage-deflate; client_max_window_bits"],
-                     b"permessage-deflate; client_max_window_bits", id="client-bits-no-value"),
-        pytest.param([b"permessage-deflate; server_max_window_bits=10; "
-                      b"client_no_context_takeover"],
-                     b"permessage-deflate; server_max_window_bits=10; client_no_context_takeover",
-                     id="params"),
-        pytest.param([b'permessage-deflate; client_max_window_bits="12"'],
-                     b"permessage-deflate; client_max_window_bits=12", id="quoted-value"),
-        pytest.param([b"permessage-deflate; server_max_window_bits=8, permessage-deflate"],
-                     b"permessage-deflate", id="server-bits-8-declined-next-taken"),
-        pytest.param([b"permessage-deflate; client_max_window_bits=16",
-                      b"permessage-deflate; server_no_context_takeover"],
-                     b"permessage-deflate; server_no_context_takeover", id="second-header"),
-        pytest.param([b"x-webkit-deflate-frame, permessage-deflate; foo"], None,
-                     id="unknown-extension-and-param"),
-        pytest.param([b"permessage-deflate; server_no_context_takeover; "
-                      b"server_no_context_takeover"], None, id="repeated-param"),
-        pytest.param([b"permessage-deflate; server_max_window_bits"], None,
-                     id="server-bits-needs-value"),
-        pytest.param([b"permessage-deflate; client_no_context_takeover=1"], None,
-                     id="flag-with-value"),
+        pytest.param(
+            [b"permessage-deflate; client_max_window_bits"],
+            b"permessage-deflate; client_max_window_bits",
+            id="client-bits-no-value",
+        ),
+        pytest.param(
+            [b"permessage-deflate; server_max_window_bits=10; client_no_context_takeover"],
+            b"permessage-deflate; server_max_window_bits=10; client_no_context_takeover",
+            id="params",
+        ),
+        pytest.param(
+            [b'permessage-deflate; client_max_window_bits="12"'],
+            b"permessage-deflate; client_max_window_bits=12",
+            id="quoted-value",
+        ),
+        pytest.param(
+            [b"permessage-deflate; server_max_window_bits=8, permessage-deflate"],
+            b"permessage-deflate",
+            id="server-bits-8-declined-next-taken",
+        ),
+        pytest.param(
+            [
+                b"permessage-deflate; client_max_window_bits=16",
+                b"permessage-deflate; server_no_context_takeover",
+            ],
+            b"permessage-deflate; server_no_context_takeover",
+            id="second-header",
+        ),
+        pytest.param(
+            [b"x-webkit-deflate-frame, permessage-deflate; foo"],
+            None,
+            id="unknown-extension-and-param",
+        ),
+        pytest.param(
+            [b"permessage-deflate; server_no_context_takeover; server_no_context_takeover"],
+            None,
+            id="repeated-param",
+        ),
+        pytest.param(
+            [b"permessage-deflate; server_max_window_bits"], None, id="server-bits-needs-value"
+        ),
+        pytest.param(
+            [b"permessage-deflate; client_no_context_takeover=1"], None, id="flag-with-value"
+        ),
         pytest.param([b"permessage-deflate; server_max_window_bits=abc"], None, id="not-a-number"),
         pytest.param(["permessage-deflate; é".encode()], None, id="non-ascii"),
         pytest.param([], None, id="no-offer"),
@@ -158,29 +206,67 @@ def _machine(*messages: dict[str, Any]) -> AppMessages:
     ("before", "message", "expected", "phase"),
     [
         pytest.param((), ACCEPT, Accept(None, []), Phase.ACCEPTED, id="accept"),
-        pytest.param((), {"type": "websocket.accept", "subprotocol": "chat",
-                          "headers": [(b"x-a", b"1")]},
-                     Accept("chat", [(b"x-a", b"1")]), Phase.ACCEPTED, id="accept-full"),
+        pytest.param(
+            (),
+            {"type": "websocket.accept", "subprotocol": "chat", "headers": [(b"x-a", b"1")]},
+            Accept("chat", [(b"x-a", b"1")]),
+            Phase.ACCEPTED,
+            id="accept-full",
+        ),
         pytest.param((), CLOSE, Close(1000, ""), Phase.REJECTED, id="close-before-accept"),
         pytest.param((), START, ResponseStart(START), Phase.RESPONDING, id="denial-start"),
-        pytest.param((START,), {"type": "websocket.http.response.body", "body": b"a",
-                                "more_body": True},
-                     ResponseBody({"type": "websocket.http.response.body", "body": b"a",
-                                   "more_body": True}, last=False),
-                     Phase.RESPONDING, id="denial-body-more"),
-        pytest.param((START,), {"type": "websocket.http.response.body"},
-                     ResponseBody({"type": "websocket.http.response.body"}, last=True),
-                     Phase.REJECTED, id="denial-body-last"),
-        pytest.param((ACCEPT,), {"type": "websocket.send", "text": "hi"}, Send("hi"),
-                     Phase.ACCEPTED, id="send-text"),
-        pytest.param((ACCEPT,), {"type": "websocket.send", "bytes": b"hi", "text": None},
-                     Send(b"hi"), Phase.ACCEPTED, id="send-bytes"),
-        pytest.param((ACCEPT,), {"type": "websocket.send", "bytes": bytearray(b"x")},
-                     Send(b"x"), Phase.ACCEPTED, id="send-bytearray"),
-        pytest.param((ACCEPT,), {"type": "websocket.close", "code": 4000, "reason": "done"},
-                     Close(4000, "done"), Phase.CLOSED, id="close-code-reason"),
-        pytest.param((ACCEPT,), {"type": "websocket.close", "code": 1001, "reason": None},
-                     Close(1001, ""), Phase.CLOSED, id="close-reason-none"),
+        pytest.param(
+            (START,),
+            {"type": "websocket.http.response.body", "body": b"a", "more_body": True},
+            ResponseBody(
+                {"type": "websocket.http.response.body", "body": b"a", "more_body": True},
+                last=False,
+            ),
+            Phase.RESPONDING,
+            id="denial-body-more",
+        ),
+        pytest.param(
+            (START,),
+            {"type": "websocket.http.response.body"},
+            ResponseBody({"type": "websocket.http.response.body"}, last=True),
+            Phase.REJECTED,
+            id="denial-body-last",
+        ),
+        pytest.param(
+            (ACCEPT,),
+            {"type": "websocket.send", "text": "hi"},
+            Send("hi"),
+            Phase.ACCEPTED,
+            id="send-text",
+        ),
+        pytest.param(
+            (ACCEPT,),
+            {"type": "websocket.send", "bytes": b"hi", "text": None},
+            Send(b"hi"),
+            Phase.ACCEPTED,
+            id="send-bytes",
+        ),
+        pytest.param(
+            (ACCEPT,),
+            {"type": "websocket.send", "bytes": bytearray(b"x")},
+            Send(b"x"),
+            Phase.ACCEPTED,
+            id="send-bytearray",
+        ),
+        pytest.param(
+            (ACCEPT,),
+            {"type": "websocket.close", "code": 4000, "reason": "done"},
+            Close(4000, "done"),
+            Phase.CLOSED,
+            id="close-code-reason",
+        ),
+        pytest.param(
+            (ACCEPT,),
+            {"type": "websocket.close", "code": 1001, "reason": None},
+            Close(1001, ""),
+            Phase.CLOSED,
+            id="close-reason-none",
+        ),
     ],
 )
 def test_app_message_is_validated_and_advances(
@@ -196,50 +282,82 @@ def test_app_message_is_validated_and_advances(
     [
         pytest.param((), "nope", "must be a dict", id="not-a-dict"),
         pytest.param((), {"type": "http.response.start"}, "unexpected", id="wrong-protocol"),
-        pytest.param((), {"type": "websocket.send", "text": "x"}, "connecting",
-                     id="send-before-accept"),
+        pytest.param(
+            (), {"type": "websocket.send", "text": "x"}, "connecting", id="send-before-accept"
+        ),
         pytest.param((ACCEPT,), ACCEPT, "accepted", id="accept-twice"),
         pytest.param((ACCEPT,), START, "accepted", id="denial-after-accept"),
-        pytest.param((), {"type": "websocket.http.response.body"}, "connecting",
-                     id="body-before-start"),
+        pytest.param(
+            (), {"type": "websocket.http.response.body"}, "connecting", id="body-before-start"
+        ),
         pytest.param((CLOSE,), ACCEPT, "rejected", id="accept-after-reject"),
-        pytest.param((ACCEPT, CLOSE), {"type": "websocket.send", "text": "x"}, "closed",
-                     id="send-after-close"),
+        pytest.param(
+            (ACCEPT, CLOSE),
+            {"type": "websocket.send", "text": "x"},
+            "closed",
+            id="send-after-close",
+        ),
         pytest.param((ACCEPT, CLOSE), CLOSE, "closed", id="close-twice"),
         pytest.param((START,), ACCEPT, "responding", id="accept-during-denial"),
-        pytest.param((), {"type": "websocket.accept", "subprotocol": "other"},
-                     "not offered", id="subprotocol-not-offered"),
-        pytest.param((), {"type": "websocket.accept", "subprotocol": b"chat"}, "str",
-                     id="subprotocol-bytes"),
-        pytest.param((), {"type": "websocket.accept", "headers": [("a", "b")]}, "bytes",
-                     id="header-str"),
-        pytest.param((), {"type": "websocket.accept", "headers": [(b"a b", b"c")]},
-                     "invalid", id="header-bad-name"),
-        pytest.param((), {"type": "websocket.accept", "headers": [(b"a", b"c\r\nx: y")]},
-                     "invalid", id="header-injection"),
+        pytest.param(
+            (),
+            {"type": "websocket.accept", "subprotocol": "other"},
+            "not offered",
+            id="subprotocol-not-offered",
+        ),
+        pytest.param(
+            (), {"type": "websocket.accept", "subprotocol": b"chat"}, "str", id="subprotocol-bytes"
+        ),
+        pytest.param(
+            (), {"type": "websocket.accept", "headers": [("a", "b")]}, "bytes", id="header-str"
+        ),
+        pytest.param(
+            (),
+            {"type": "websocket.accept", "headers": [(b"a b", b"c")]},
+            "invalid",
+            id="header-bad-name",
+        ),
+        pytest.param(
+            (),
+            {"type": "websocket.accept", "headers": [(b"a", b"c\r\nx: y")]},
+            "invalid",
+            id="header-injection",
+        ),
         pytest.param((ACCEPT,), {"type": "websocket.send"}, "needs", id="send-empty"),
-        pytest.param((ACCEPT,), {"type": "websocket.send", "text": "a", "bytes": b"a"},
-                     "not both", id="send-both"),
-        pytest.param((ACCEPT,), {"type": "websocket.send", "text": b"a"}, "str",
-                     id="text-bytes"),
-        pytest.param((ACCEPT,), {"type": "websocket.send", "bytes": "a"}, "bytes",
-                     id="bytes-str"),
-        pytest.param((ACCEPT,), {"type": "websocket.close", "code": "1000"}, "int",
-                     id="code-str"),
-        pytest.param((ACCEPT,), {"type": "websocket.close", "code": True}, "int",
-                     id="code-bool"),
-        pytest.param((ACCEPT,), {"type": "websocket.close", "code": 1005}, "may not",
-                     id="code-1005-reserved"),
-        pytest.param((ACCEPT,), {"type": "websocket.close", "code": 1006}, "may not",
-                     id="code-1006-local-only"),
-        pytest.param((ACCEPT,), {"type": "websocket.close", "code": 999}, "may not",
-                     id="code-too-small"),
-        pytest.param((ACCEPT,), {"type": "websocket.close", "code": 5000}, "may not",
-                     id="code-too-big"),
-        pytest.param((ACCEPT,), {"type": "websocket.close", "reason": b"x"}, "str",
-                     id="reason-bytes"),
-        pytest.param((START,), {"type": "websocket.http.response.body", "more_body": 1},
-                     "bool", id="more-body-int"),
+        pytest.param(
+            (ACCEPT,),
+            {"type": "websocket.send", "text": "a", "bytes": b"a"},
+            "not both",
+            id="send-both",
+        ),
+        pytest.param((ACCEPT,), {"type": "websocket.send", "text": b"a"}, "str", id="text-bytes"),
+        pytest.param((ACCEPT,), {"type": "websocket.send", "bytes": "a"}, "bytes", id="bytes-str"),
+        pytest.param((ACCEPT,), {"type": "websocket.close", "code": "1000"}, "int", id="code-str"),
+        pytest.param((ACCEPT,), {"type": "websocket.close", "code": True}, "int", id="code-bool"),
+        pytest.param(
+            (ACCEPT,), {"type": "websocket.close", "code": 1005}, "may not", id="code-1005-reserved"
+        ),
+        pytest.param(
+            (ACCEPT,),
+            {"type": "websocket.close", "code": 1006},
+            "may not",
+            id="code-1006-local-only",
+        ),
+        pytest.param(
+            (ACCEPT,), {"type": "websocket.close", "code": 999}, "may not", id="code-too-small"
+        ),
+        pytest.param(
+            (ACCEPT,), {"type": "websocket.close", "code": 5000}, "may not", id="code-too-big"
+        ),
+        pytest.param(
+            (ACCEPT,), {"type": "websocket.close", "reason": b"x"}, "str", id="reason-bytes"
+        ),
+        pytest.param(
+            (START,),
+            {"type": "websocket.http.response.body", "more_body": 1},
+            "bool",
+            id="more-body-int",
+        ),
     ],
 )
 def test_invalid_app_message_raises_and_keeps_phase(
@@ -260,7 +378,7 @@ def test_sendable_close_codes_are_accepted(code: int) -> None:
 # -- reassembly and the size limit -------------------------------------------------------
 
 
-def _frames_from_client(*events: Message[Any]) -> bytes:
+def _frames_from_client(*events: Message[Any] | CloseConnection) -> bytes:
     client = Connection(ConnectionType.CLIENT)
     return b"".join(client.send(event) for event in events)
 
@@ -268,7 +386,7 @@ def _frames_from_client(*events: Message[Any]) -> bytes:
 def _server_events(data: bytes, *, byte_by_byte: bool) -> list[Any]:
     server = Connection(ConnectionType.SERVER)
     events: list[Any] = []
-    chunks = [data[i:i + 1] for i in range(len(data))] if byte_by_byte else [data]
+    chunks = [data[i : i + 1] for i in range(len(data))] if byte_by_byte else [data]
     for chunk in chunks:
         server.receive_data(chunk)
         events.extend(server.events())
@@ -285,7 +403,7 @@ def _assemble(events: list[Any], max_size: int = 1 << 20) -> list[dict[str, Any]
     return out
 
 
-FRAGMENTED = [
+FRAGMENTED: list[Message[Any]] = [
     TextMessage(data="héllo ", message_finished=False),
     TextMessage(data="wörld", message_finished=True),
     BytesMessage(data=b"\x00\x01", message_finished=False),
@@ -318,10 +436,18 @@ def test_binary_payload_is_bytes_not_bytearray() -> None:
         pytest.param([BytesMessage(data=b"x" * 11)], 10, True, id="bytes-over"),
         pytest.param([TextMessage(data="é" * 5)], 10, False, id="utf8-bytes-at-limit"),
         pytest.param([TextMessage(data="é" * 6)], 10, True, id="utf8-counted-in-bytes"),
-        pytest.param([TextMessage(data="x" * 6, message_finished=False),
-                      TextMessage(data="x" * 5)], 10, True, id="fragments-add-up"),
-        pytest.param([TextMessage(data="x" * 10), TextMessage(data="x" * 10)], 10, False,
-                     id="limit-is-per-message"),
+        pytest.param(
+            [TextMessage(data="x" * 6, message_finished=False), TextMessage(data="x" * 5)],
+            10,
+            True,
+            id="fragments-add-up",
+        ),
+        pytest.param(
+            [TextMessage(data="x" * 10), TextMessage(data="x" * 10)],
+            10,
+            False,
+            id="limit-is-per-message",
+        ),
     ],
 )
 def test_message_size_limit(events: list[Any], max_size: int, too_big: bool) -> None:

@@ -315,6 +315,16 @@ class ResponseWriter:
             AppProtocolError: body before start or after the end, bad field types, or a
                 body that contradicts the declared Content-Length.
         """
+        pieces = self.body_pieces(message)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def body_pieces(self, message: Mapping[str, object]) -> list[bytes]:
+        """Like :meth:`body`, but the bytes stay in pieces (head, chunk framing, the app's
+        body object itself), for a vectored write that copies no body.
+
+        Raises:
+            AppProtocolError: as :meth:`body`.
+        """
         if self.state is ResponseState.WAITING:
             raise AppProtocolError("'http.response.body' sent before 'http.response.start'")
         if self.state is ResponseState.COMPLETE:
@@ -326,7 +336,6 @@ class ResponseWriter:
             self.state = ResponseState.STREAMING
         else:
             head = None
-        # h11's pieces are joined once: a large body is copied once, not once per ``+=``.
         pieces: list[bytes] = []
         try:
             if head is not None:
@@ -339,7 +348,7 @@ class ResponseWriter:
                 self.state = ResponseState.COMPLETE
         except h11.LocalProtocolError as exc:
             raise AppProtocolError(f"invalid response body: {exc}") from None
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return pieces
 
 
 def error_response(

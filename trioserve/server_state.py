@@ -87,6 +87,7 @@ class ServerState:
     """
 
     __slots__ = (
+        "_date_headers",
         "_date_second",
         "_date_value",
         "access_log",
@@ -127,6 +128,7 @@ class ServerState:
         self.default_headers = config.default_headers
         self._date_second = -1
         self._date_value = b""
+        self._date_headers: tuple[tuple[bytes, bytes], ...] = ()
         self.access_log = config.access_log
         # TLS context, trusted proxies, PROXY protocol (reads the TLS files: ConfigError).
         self.edge = EdgeSettings(config)
@@ -145,7 +147,8 @@ class ServerState:
         if second != self._date_second:
             self._date_second = second
             self._date_value = formatdate(now, usegmt=True).encode("ascii")
-        return ((b"date", self._date_value), *self.default_headers)
+            self._date_headers = ((b"date", self._date_value), *self.default_headers)
+        return self._date_headers
 
     def access_log_enabled(self) -> bool:
         return self.access_log and access_logger.isEnabledFor(logging.INFO)

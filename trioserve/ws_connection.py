@@ -31,6 +31,9 @@ one ``outbox``; only ``_write_loop`` awaits ``send_all``. Consequences:
 * a cancelled or failed ``send_all`` happens in one place, where ``HTTPConnection.write``
   marks the connection broken.
 
+The one write outside ``_write_loop`` is the 400 answer to an invalid upgrade, made by the
+connection task before any other task exists.
+
 Incoming messages go through a memory channel of ``--ws-max-queue`` slots: when the app
 does not keep up the reader blocks on it and stops reading the socket, so TCP pushes back
 on the peer instead of memory growing.
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
@@ -74,7 +78,7 @@ from wsproto.utilities import RemoteProtocolError
 from .app_call import call_app
 from .errors import ClientDisconnected
 from .http_messages import ResponseWriter, build_http_scope, error_response
-from .server_state import access_logger
+from .server_state import log_access
 from .ws_messages import (
     CLOSE_ABNORMAL,
     CLOSE_INTERNAL_ERROR,
@@ -147,6 +151,8 @@ class WebSocketConnection:
         self._handshake_done = trio.Event()
         self._accepted = False
         self._connect_delivered = False
+        self._scope: dict[str, Any] = {}
+        self._start_time = time.perf_counter() if http.state.access_log_enabled() else 0.0
         # Reading, closing, failing.
         self._read_scope = trio.CancelScope()
         self._reader_done = trio.Event()
@@ -172,6 +178,14 @@ class WebSocketConnection:
         state = http.state
         config = state.config
         request = self.request
+        self._scope = build_http_scope(
+            request,
+            scheme=http.scheme,
+            client=http.client,
+            server=http.server,
+            root_path=config.root_path,
+            state=state.lifespan_state,
+        )
         try:
             self.ws.initiate_upgrade_connection(
                 handshake_headers(
@@ -184,16 +198,7 @@ class WebSocketConnection:
         except (RemoteProtocolError, h11.LocalProtocolError, ValueError) as exc:
             await self._reject_upgrade(exc)
             return
-        scope = build_websocket_scope(
-            build_http_scope(
-                request,
-                scheme=http.scheme,
-                client=http.client,
-                server=http.server,
-                root_path=config.root_path,
-                state=state.lifespan_state,
-            )
-        )
+        scope = self._scope = build_websocket_scope(self._scope)
         if http.completes_scope:  # TLS extension, trusted proxy headers
             http.complete_scope(scope)
         self._app_messages = AppMessages(scope["subprotocols"])
@@ -309,7 +314,8 @@ class WebSocketConnection:
                 assert self._response is not None
                 data = self._response.body(body)
                 if last:
-                    self._log_handshake(self._response.status or 0)
+                    response = self._response
+                    self._log_handshake(response.status or 0, response.body_bytes)
                     self.http.linger = True
                     self._handshake_done.set()
                 self._queue(data)
@@ -354,11 +360,15 @@ class WebSocketConnection:
         http.linger = True
         self._handshake_done.set()
 
-    def _log_handshake(self, status: int) -> None:
-        http = self.http
-        if http.state.access_log_enabled():
-            access_logger.info(
-                '%s - "WebSocket %s" %d', http.peer, self.request.target.decode("latin-1"), status
+    def _log_handshake(self, status: int, body_bytes: int = 0) -> None:
+        """The access line of the handshake: 101, 403, 400, 500 or the app's denial status."""
+        if self._start_time:
+            log_access(
+                self.http.state,
+                self._scope,
+                status,
+                body_bytes,
+                time.perf_counter() - self._start_time,
             )
 
     # -- closing --------------------------------------------------------------------------
