@@ -55,6 +55,7 @@ KEEP_ALIVE = "60"  # long enough for the idle-connection scenario
 RAW_APP = "apps.asgi_app:app"
 FASTAPI_APP = "apps.fastapi_app:app"
 REFERENCES = ("hypercorn-trio", "uvicorn-h11")
+NOTES_MARKER = "<!-- notes: kept when bench.py rewrites this file -->"
 
 ECHO_LUA = """wrk.method = "POST"
 wrk.body = string.rep("x", 65536)
@@ -749,7 +750,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     output = args.output or (None if args.quick else str(RESULTS_PATH))
     if output:
-        Path(output).write_text(text)
+        path = Path(output)
+        if path.exists():  # hand-written notes below the marker survive a new run
+            old = path.read_text()
+            if NOTES_MARKER in old:
+                text += "\n" + old[old.index(NOTES_MARKER) :]
+        path.write_text(text)
     return 0
 
 

@@ -30,7 +30,8 @@ from wire import Client, connect, read_until_eof
 
 import trioserve
 from trioserve.errors import ConfigError
-from trioserve.supervisor import WorkerEvent, WorkerSpec, describe_exit
+from trioserve.supervisor import describe_exit
+from trioserve.worker_protocol import WorkerEvent, WorkerSpec
 from trioserve.worker import heartbeat_interval
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import struct
+import tracemalloc
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import h11
 import pytest
 import trio
-from conftest import run_server
+from conftest import hello_app, run_server
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
@@ -36,6 +37,7 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
+from wsproto.extensions import PerMessageDeflate
 
 from trioserve import ClientDisconnected
 from trioserve.ws_connection import CLOSE_TIMEOUT
@@ -947,3 +949,125 @@ async def test_websockets_client_sees_close_codes_from_the_app() -> None:
                 return info.value.rcvd.code, info.value.rcvd.reason
 
         assert await in_thread(talk) == (1008, "policy")
+
+
+# -- --limit-concurrency and --limit-max-requests count WebSocket sessions ---------------
+
+
+async def test_open_websocket_counts_against_limit_concurrency() -> None:
+    async with run_server(echo_app, limit_concurrency=1, ws_ping_interval=None) as server:
+        address = server.addresses[0]
+        ws, head = await RawWS.open(address)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        async with ws.stream:
+            await ws.send(TextMessage(data="held"))
+            assert await ws.read_message() == "held"
+            # The open session is the one app call allowed: an upgrade and a request get 503.
+            response, _ = await http_answer(address)
+            assert response.status_code == 503
+            response, _ = await http_answer(address, headers=[])
+            assert response.status_code == 503
+            await ws.send(CloseConnection(code=1000))
+            assert (await ws.read_close())[0] == 1000
+            assert await ws.expect_eof() == b""
+        # The session ended: the slot is free again.
+        with trio.fail_after(5):
+            while True:
+                again, head = await RawWS.open(address)
+                async with again.stream:
+                    if head.startswith(b"HTTP/1.1 101 "):
+                        await again.send(TextMessage(data="free"))
+                        assert await again.read_message() == "free"
+                        break
+                await trio.sleep(0.01)
+
+
+async def test_websocket_handshake_counts_for_limit_max_requests() -> None:
+    async def http_or_echo(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await hello_app(scope, receive, send)
+        else:
+            await echo_app(scope, receive, send)
+
+    app = Recorder(http_or_echo)
+    async with run_server(app, limit_max_requests=2, ws_ping_interval=None) as server:
+        address = server.addresses[0]
+        response, _ = await http_answer(address, headers=[])  # request 1: plain HTTP
+        assert response.status_code == 200
+        ws, head = await RawWS.open(address)  # request 2: the limit, the server drains
+        assert head.startswith(b"HTTP/1.1 101 ")
+        async with ws.stream:
+            assert (await ws.read_close())[0] == 1012
+            await ws.send(CloseConnection(code=1012))
+            assert await ws.expect_eof() == b""
+        with trio.fail_after(5):
+            await server.wait_draining()
+            await app.done.wait()
+    assert app.disconnect["code"] == 1012
+
+
+async def test_compressed_bomb_is_never_inflated_past_max_size() -> None:
+    """A 64 KiB compressed frame of 64 MiB of zeros, against --ws-max-size 1 MiB.
+
+    wsproto alone would inflate each read whole (tens of MiB) before the size check; the
+    bounded extension stops at max_size + 1 bytes and fails the connection with 1009.
+    """
+    max_size = 1 << 20
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = compressor.compress(bytes(64 << 20)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < 128 * 1024
+    headers = [*UPGRADE_HEADERS, ("sec-websocket-extensions", "permessage-deflate")]
+    app = Recorder(echo_app)
+    async with run_server(app, ws_max_size=max_size, ws_ping_interval=None) as server:
+        ws, head = await RawWS.open(server.addresses[0], headers=headers)
+        assert b"permessage-deflate" in head.lower()
+        async with ws.stream:
+            tracemalloc.start()
+            try:
+                await ws.stream.send_all(frame(0x2, bomb[:-4], rsv=4))
+                assert (await ws.read_close())[0] == 1009
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert await ws.expect_eof() == b""
+        with trio.fail_after(5):
+            await app.done.wait()
+    assert app.disconnect["code"] == 1009
+    assert peak < 8 * max_size, peak
+
+
+async def test_compressed_message_of_exactly_max_size_passes_one_more_byte_fails() -> None:
+    text = b"a" * 4096
+
+    def deflate(data: bytes) -> bytes:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+    headers = [*UPGRADE_HEADERS, ("sec-websocket-extensions", "permessage-deflate")]
+    app = Recorder(echo_app)
+    async with run_server(app, ws_max_size=len(text), ws_ping_interval=None) as server:
+        ws, head = await RawWS.open(server.addresses[0], headers=headers)
+        assert b"permessage-deflate" in head.lower()
+        # Replace the raw client's parser with one that inflates the compressed echo.
+        [accepted] = [
+            line.split(b":", 1)[1].strip().decode()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-extensions:")
+        ]
+        deflate_ext = PerMessageDeflate()
+        deflate_ext.finalize(accepted)
+        ws.conn = Connection(ConnectionType.CLIENT, extensions=[deflate_ext])
+        async with ws.stream:
+            for _ in range(2):  # the room is per message, not per connection
+                deflated = deflate(text)
+                half = len(deflated) // 2  # two fragments: the room spans the message
+                await ws.stream.send_all(frame(0x1, deflated[:half], fin=False, rsv=4))
+                await ws.stream.send_all(frame(0x0, deflated[half:]))
+                assert await ws.read_message() == text.decode()
+            await ws.stream.send_all(frame(0x1, deflate(text + b"a"), rsv=4))
+            assert (await ws.read_close())[0] == 1009
+            assert await ws.expect_eof() == b""
+        with trio.fail_after(5):
+            await app.done.wait()
+    assert [m.get("text") for m in app.received[1:-1]] == [text.decode()] * 2
+    assert app.disconnect["code"] == 1009

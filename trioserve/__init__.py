@@ -16,8 +16,9 @@ General layout (each layer imports only from layers below it)::
     2 sans-IO core    http_messages, proxy_headers, proxy_protocol ← ws_messages
     3 trio I/O        asyncio_bridge, listeners, transport ← server_state ← app_call
                       ← lifespan, ws_connection ← http_connection ← server
-    4 process level   logs, reload ← supervisor ← runner ← worker ← cli
-    testing           config + server only
+    4 process level   logs, reload, worker_protocol ← worker_process ← supervisor
+                      ← runner ← worker ← cli
+    testing           testing_transport, testing_ws_client ← testing (+ config, server)
 
 (tests/test_architecture.py checks this table against every module's imports.)
 """

@@ -209,7 +209,10 @@ class Config:
     )
     limit_concurrency: int | None = field(
         default=None,
-        metadata=_opt("Maximum number of concurrent requests before answering HTTP 503."),
+        metadata=_opt(
+            "Maximum number of concurrent requests (WebSocket sessions included) before "
+            "answering HTTP 503."
+        ),
     )
     limit_max_requests: int | None = field(
         default=None, metadata=_opt("Maximum number of requests to serve before terminating.")

@@ -142,6 +142,24 @@ class HTTPConnection:
             self.peer_gone = True
         return data
 
+    def receive_nowait(self) -> bytes | None:
+        """Read what has already arrived, without waiting; None when nothing has.
+
+        b"" when the peer closed. Always None for streams other than a plain socket (TLS,
+        PROXY-protocol wrappers): those are only read by :meth:`receive_bytes`.
+        """
+        if self._fd < 0:
+            return None
+        try:
+            data = os.read(self._fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self.peer_gone = True
+        return data
+
     async def write(self, data: bytes | list[bytes]) -> None:
         """Write ``data`` (bytes, or pieces written back to back) completely.
 
@@ -351,9 +369,9 @@ class HTTPConnection:
         """Run one request to response completion; True if the connection can be reused."""
         state = self.state
         config = state.config
-        if config.ws != "none" and is_websocket_upgrade(request):
-            return await self._upgrade(request, app_calls)
         limit = config.limit_concurrency
+        # A WebSocket session is one app call like a request: --limit-concurrency answers
+        # its upgrade with 503 too, and --limit-max-requests counts its handshake.
         if limit is not None and state.active_requests >= limit:
             logger.warning("%s - concurrency limit %d reached, answering 503", self.peer, limit)
             self.linger = True
@@ -364,6 +382,8 @@ class HTTPConnection:
                 pass
             return False
         state.count_request()
+        if config.ws != "none" and is_websocket_upgrade(request):
+            return await self._upgrade(request, app_calls)
         scope = build_http_scope(
             request,
             scheme=self.scheme,
@@ -450,7 +470,11 @@ class HTTPConnection:
 
         ws = WebSocketConnection(self, request)
         self._upgraded_to = ws
-        await ws.run()
+        self.state.active_requests += 1  # the session, app call included
+        try:
+            await ws.run()
+        finally:
+            self.state.active_requests -= 1
         return False
 
 
@@ -466,6 +490,8 @@ class RequestCycle:
         "_continue_write",
         "_pending",
         "_start_time",
+        "_write_turn",
+        "_writing",
         "aborted",
         "body_done",
         "conn",
@@ -496,6 +522,10 @@ class RequestCycle:
         # The client waits for 100 before sending its body; True until the app reads.
         self.expect_100 = conn.h11.they_are_waiting_for_100_continue
         self._continue_write: trio.Event | None = None
+        # send() from several tasks of one app: writes take turns, so their bytes never
+        # interleave on the wire (and trio never sees two senders on the stream).
+        self._writing = False
+        self._write_turn: trio.Event | None = None
         self._start_time = time.perf_counter() if conn.state.access_log_enabled() else 0.0
 
     # -- the app call task -----------------------------------------------------------------
@@ -571,15 +601,25 @@ class RequestCycle:
         if self.response_done.is_set():
             raise AppProtocolError(f"{message_type!r} sent after the response completed")
         if message_type == "http.response.body":
+            if self._writing or self._continue_write is not None:
+                await self._wait_write_turn()
+                if conn.peer_gone or conn.broken:
+                    raise ClientDisconnected(f"{conn.peer} disconnected")
+                if self.response_done.is_set():
+                    raise AppProtocolError(f"{message_type!r} sent after the response completed")
             pieces = self.writer.body_pieces(message)
             if pieces:
-                if self._continue_write is not None:
-                    await self._continue_write.wait()
+                self._writing = True
                 try:
                     await conn.write(pieces[0] if len(pieces) == 1 else pieces)
                 except ClientDisconnected:
                     self._finish(aborted=True)
                     raise
+                finally:
+                    self._writing = False
+                    if self._write_turn is not None:
+                        self._write_turn.set()
+                        self._write_turn = None
             if self.writer.complete:
                 self._finish(aborted=False)
         elif message_type == "http.response.start":
@@ -588,6 +628,16 @@ class RequestCycle:
             self.writer.start(message, close=conn.closing or self.expect_100)
         else:
             raise AppProtocolError(f"unexpected ASGI message type {message_type!r} for http")
+
+    async def _wait_write_turn(self) -> None:
+        """Wait until no other task of this app (nor the 100 Continue) is writing."""
+        while self._writing or self._continue_write is not None:
+            if self._continue_write is not None:
+                await self._continue_write.wait()
+            else:
+                if self._write_turn is None:
+                    self._write_turn = trio.Event()
+                await self._write_turn.wait()
 
     # -- receive --------------------------------------------------------------------------
 
@@ -690,9 +740,13 @@ class RequestCycle:
             if len(h11_conn.trailing_data[0]) > MAX_PIPELINE_BUFFER:
                 await self.response_done.wait()
                 break
-            data = await self._read()
+            # First without waiting: a receive() in an already-cancelled scope (Starlette's
+            # Request.is_disconnected() polls that way) still learns of a closed peer.
+            data = self.conn.receive_nowait()
             if data is None:
-                break
+                data = await self._read()
+                if data is None:
+                    break
             if not data:
                 self.disconnected = True
                 break

@@ -82,8 +82,10 @@ class ServerState:
         lifespan_state: the dict lifespan startup filled in (copied into every scope).
         connections: live connections, so a drain can reach the idle ones at once.
         draining: set once a graceful shutdown has begun.
-        active_requests: app calls currently running (``--limit-concurrency``).
-        total_requests: requests accepted so far (``--limit-max-requests``).
+        active_requests: app calls currently running, WebSocket sessions included
+            (``--limit-concurrency``).
+        total_requests: requests and WebSocket handshakes accepted so far
+            (``--limit-max-requests``).
     """
 
     __slots__ = (

@@ -10,7 +10,7 @@ never imports the app. Its task tree::
         │                        SIGTTIN/SIGTTOU: one worker more/less
         ├── file watcher         --reload only (``reload.watch_changes``)
         ├── the manager loop     (the nursery body) keeps the wanted number of workers
-        └── one task per worker process (``_run_worker``)
+        └── one task per worker process (``_run_worker`` → ``worker_process.run_worker_process``)
             ├── trio.run_process([python, -m, trioserve.worker], pass_fds=…, start_new_session)
             ├── kill-when-late   sleeps in a cancel scope whose deadline is set on SIGTERM
             └── (body) reads the worker's status lines: ready, draining, failed, heartbeats
@@ -44,24 +44,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import IO, Any, Final, Literal
+from typing import Final
 
 import trio
 
 from .config import Config
 from .errors import AppLoadError, BindError, ConfigError, LifespanError
 from .listeners import BoundSocket, bind_sockets
+from .worker_process import WorkerProcess, run_worker_process
+from .worker_protocol import WorkerEvent
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +67,6 @@ RELOAD_STOP_TIMEOUT: Final = 5.0  # --reload restart without --timeout-graceful-
 BACKOFF_INITIAL: Final = 0.1
 BACKOFF_MAX: Final = 10.0
 STABLE_UPTIME: Final = 10.0  # a crash this long after the previous one restarts at once
-STACK_DUMP_WAIT: Final = 1.0
-STACK_DUMP_MAX_CHARS: Final = 20_000
 HANDLED_SIGNALS: Final = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -80,59 +74,6 @@ HANDLED_SIGNALS: Final = (
     signal.SIGTTIN,
     signal.SIGTTOU,
 )
-
-
-# -- the parent/worker protocol (worker.py follows it) -------------------------------------
-
-SPEC_ENV: Final = "TRIOSERVE_WORKER"
-FailureKind = Literal["load", "lifespan", "os"]
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What the parent tells a worker (the ``TRIOSERVE_WORKER`` JSON)."""
-
-    app: str
-    config: dict[str, Any]
-    link_fd: int
-    stack_fd: int
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        return cls(**json.loads(text))
-
-
-@dataclass(frozen=True)
-class WorkerEvent:
-    """One status line from a worker to its parent."""
-
-    event: Literal["beat", "ready", "draining", "failed"]
-    kind: FailureKind | None = None
-    error: str | None = None
-
-    def encode(self) -> bytes:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        return json.dumps(fields).encode() + b"\n"
-
-    @classmethod
-    def decode(cls, line: bytes) -> WorkerEvent:
-        """Parse one line.
-
-        Raises:
-            ValueError: not a status line.
-        """
-        data = json.loads(line)
-        if not isinstance(data, dict) or data.get("event") not in (
-            "beat",
-            "ready",
-            "draining",
-            "failed",
-        ):
-            raise ValueError(f"not a worker status line: {line!r}")
-        return cls(event=data["event"], kind=data.get("kind"), error=data.get("error"))
 
 
 def run_supervisor(app: str, config: Config) -> None:
@@ -172,43 +113,6 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-class _Worker:
-    """One worker process, as the parent sees it."""
-
-    def __init__(self, generation: int) -> None:
-        self.generation = generation
-        self.process: trio.Process | None = None
-        self.started_at = trio.current_time()
-        self.ready_at: float | None = None
-        # No longer counted towards --workers: asked to stop, draining on its own, or killed.
-        self.retiring = False
-        self.term_sent = False
-        self.killed = False
-        self.failure: WorkerEvent | None = None
-        # Deadline of the kill-when-late task; moved when a stop is requested.
-        self.stop_scope = trio.CancelScope()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid if self.process is not None else 0
-
-    def terminate(self) -> None:
-        """Send SIGTERM (drain), once; the worker may not be spawned yet."""
-        if self.term_sent:
-            return
-        self.term_sent = True
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.terminate()
-
-    def kill(self) -> None:
-        self.killed = True
-        self.term_sent = True
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-
-
 class Supervisor:
     """Keeps ``config.workers`` worker processes serving ``app`` on an inherited socket."""
 
@@ -221,12 +125,12 @@ class Supervisor:
         self.worker_options = worker_config.to_dict()
         self.reload = config.reload
         self.desired = config.workers
-        self.workers: set[_Worker] = set()
+        self.workers: set[WorkerProcess] = set()
         self.generation = 0
         self.stopping = False
         self.stop_deadline = math.inf
         self.ever_ready = False
-        self.boot_failures: list[tuple[_Worker, WorkerEvent | None]] = []
+        self.boot_failures: list[tuple[WorkerProcess, WorkerEvent | None]] = []
         self.fatal: Exception | None = None
         self.paused = False  # --reload: the last start failed; wait for a change
         self.backoff = 0.0
@@ -381,11 +285,11 @@ class Supervisor:
         return math.inf
 
     def _spawn(self, nursery: trio.Nursery) -> None:
-        worker = _Worker(self.generation)
+        worker = WorkerProcess(self.generation)
         self.workers.add(worker)
         nursery.start_soon(self._run_worker, worker)
 
-    def _retire(self, worker: _Worker) -> None:
+    def _retire(self, worker: WorkerProcess) -> None:
         """Stop counting ``worker`` and ask it to drain (SIGTERM), with a kill deadline."""
         worker.retiring = True
         if not worker.term_sent:
@@ -408,7 +312,7 @@ class Supervisor:
         self.last_crash_at = now
         self.next_spawn_at = now + self.backoff
 
-    def _on_event(self, worker: _Worker, event: WorkerEvent) -> None:
+    def _on_event(self, worker: WorkerProcess, event: WorkerEvent) -> None:
         if event.event == "beat":
             return
         if event.event == "ready":
@@ -433,7 +337,7 @@ class Supervisor:
             worker.failure = event
         self.wake()
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, worker: WorkerProcess) -> None:
         self.workers.discard(worker)
         self.wake()
         returncode = worker.process.returncode if worker.process is not None else None
@@ -484,134 +388,28 @@ class Supervisor:
 
     # -- one worker process -------------------------------------------------------------
 
-    async def _run_worker(self, worker: _Worker) -> None:
+    async def _run_worker(self, worker: WorkerProcess) -> None:
         """Run one worker process and follow its status until it exits."""
         try:
-            parent_end, child_end = socket.socketpair()
-            with parent_end, child_end, tempfile.TemporaryFile() as stack_file:
-                await self._run_process(worker, parent_end, child_end, stack_file)
+            await run_worker_process(
+                worker,
+                app=self.app,
+                worker_options=self.worker_options,
+                listener_fd=self.fd,
+                healthcheck=self.config.timeout_worker_healthcheck,
+                on_event=self._on_event,
+                on_blocked=self._on_blocked,
+            )
         finally:
             self._on_exit(worker)
 
-    async def _run_process(
-        self,
-        worker: _Worker,
-        parent_end: socket.socket,
-        child_end: socket.socket,
-        stack_file: IO[bytes],
-    ) -> None:
-        if worker.retiring:
-            return  # stopped before it was spawned
-        spec = WorkerSpec(
-            app=self.app,
-            config=self.worker_options,
-            link_fd=child_end.fileno(),
-            stack_fd=stack_file.fileno(),
-        )
-        async with trio.open_nursery() as nursery:
-            try:
-                process: trio.Process = await nursery.start(
-                    functools.partial(
-                        trio.run_process,
-                        [sys.executable, "-m", "trioserve.worker"],
-                        check=False,
-                        stdin=subprocess.DEVNULL,
-                        pass_fds=(self.fd, child_end.fileno(), stack_file.fileno()),
-                        start_new_session=True,
-                        env={**os.environ, SPEC_ENV: spec.to_json()},
-                        deliver_cancel=_kill,
-                    )
-                )
-            except OSError as exc:
-                logger.error("Could not start a worker process: %s", exc)
-                return
-            finally:
-                child_end.close()  # the worker's end: only the worker may hold it
-            worker.process = process
-            logger.info("Started worker process [%d]", process.pid)
-            if worker.term_sent:  # asked to stop while it was being spawned
-                worker.term_sent = False
-                worker.terminate()
-            nursery.start_soon(self._kill_when_late, worker)
-            link = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
-            await self._follow(worker, link, stack_file)
-            await process.wait()
-            worker.stop_scope.cancel()  # ends _kill_when_late; run_process ends by itself
-
-    async def _kill_when_late(self, worker: _Worker) -> None:
-        with worker.stop_scope:
-            await trio.sleep_forever()
-        if worker.process is None or worker.process.returncode is not None:
-            return  # it exited in time
-        logger.warning("Worker process [%d] did not stop in time; killing it", worker.pid)
-        worker.kill()
-
-    async def _follow(self, worker: _Worker, link: trio.SocketStream, stack: IO[bytes]) -> None:
-        """Read status lines until the worker closes the link (it exited).
-
-        After the first line, silence longer than ``--timeout-worker-healthcheck`` means
-        the worker's event loop is blocked.
-        """
-        healthcheck = self.config.timeout_worker_healthcheck
-        heard = False
-        buffer = b""
-        while True:
-            timeout = healthcheck if heard and not worker.killed else math.inf
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    data = await link.receive_some(4096)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-            if scope.cancelled_caught:
-                await self._blocked(worker, stack)
-                continue
-            if not data:
-                return
-            heard = True
-            *lines, buffer = (buffer + data).split(b"\n")
-            for line in lines:
-                try:
-                    event = WorkerEvent.decode(line)
-                except ValueError:
-                    logger.debug("Worker process [%d] sent %r", worker.pid, line)
-                    continue
-                self._on_event(worker, event)
-
-    async def _blocked(self, worker: _Worker, stack: IO[bytes]) -> None:
-        """Report a worker whose loop is blocked, with its stack, then kill it."""
-        dump = await _read_stack_dump(stack)
-        logger.error(
-            "Worker process [%d] sent no heartbeat for %.1fs: its event loop is blocked. "
-            "Replacing it. Where it was stuck:\n%s",
-            worker.pid,
-            self.config.timeout_worker_healthcheck,
-            dump or "(no stack dump received)",
-        )
-        worker.retiring = True
-        worker.kill()
+    def _on_blocked(self, worker: WorkerProcess) -> None:
+        """A blocked worker was reported and killed (``run_worker_process``)."""
         self._record_crash()  # a worker that blocks at every start must not spin
         self.wake()
 
 
-async def _kill(process: trio.Process) -> None:
-    """run_process's deliver_cancel: cancellation is the hard stop (graceful is SIGTERM)."""
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    await trio.lowlevel.checkpoint()
-
-
-async def _read_stack_dump(stack: IO[bytes]) -> str:
-    """The worker's faulthandler output (it writes it just before we notice the silence)."""
-    deadline = trio.current_time() + STACK_DUMP_WAIT
-    while True:
-        stack.seek(0)
-        data = stack.read(STACK_DUMP_MAX_CHARS)
-        if data or trio.current_time() >= deadline:
-            return data.decode("utf-8", "replace").rstrip()
-        await trio.sleep(0.05)
-
-
-def _failure_text(worker: _Worker, failure: WorkerEvent | None) -> str:
+def _failure_text(worker: WorkerProcess, failure: WorkerEvent | None) -> str:
     if failure is not None and failure.error:
         return failure.error
     returncode = worker.process.returncode if worker.process is not None else None

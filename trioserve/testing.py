@@ -1,4 +1,4 @@
-"""Run an app inside a test, on a real socket or in memory (imports only ``config`` and ``server``).
+"""Run an app inside a test, on a real socket or in memory (the public testing module).
 
 Example::
 
@@ -22,6 +22,10 @@ and closes every socket. Exceptions the app raised meanwhile are re-raised at th
 This module is also the pytest plugin (entry point ``pytest11``) that provides the
 ``trioserve_server`` fixture. ``httpx`` (for :meth:`RunningServer.client`) is imported
 only when used: it is a test dependency, not a dependency of trioserve.
+
+Of trioserve it imports only ``config``, ``server`` and its two parts: the WebSocket
+client (``testing_ws_client``) and the in-memory httpx transport (``testing_transport``),
+whose public names are importable from here.
 """
 
 from __future__ import annotations
@@ -31,29 +35,21 @@ import functools
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-import h11
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
 
 from .config import Config
 from .server import Server, serve, serve_in_memory
+from .testing_transport import memory_transport_class
+from .testing_ws_client import (
+    WebSocketClient,
+    WebSocketClosed,
+    WebSocketRejected,
+    open_websocket,
+)
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
@@ -72,9 +68,6 @@ __all__ = [
 
 Transport = Literal["socket", "memory"]
 
-RECEIVE_SIZE: Final = 64 * 1024
-# The closing handshake of the WebSocket client waits this long for the server's answer.
-WS_CLOSE_TIMEOUT: Final = 5.0
 # Closing the httpx clients a test forgot to close, when the block ends cancelled.
 CLIENT_CLOSE_TIMEOUT: Final = 1.0
 
@@ -215,7 +208,7 @@ class RunningServer:
 
         address = self.server.addresses[0] if self.server.addresses else None
         if self.transport == "memory":
-            kwargs.setdefault("transport", _memory_transport_class()(self.server))
+            kwargs.setdefault("transport", memory_transport_class()(self.server))
             kwargs.setdefault("base_url", self.url)
         elif isinstance(address, str):
             kwargs.setdefault("transport", httpx.AsyncHTTPTransport(uds=address))
@@ -238,7 +231,9 @@ class RunningServer:
         Raises:
             WebSocketRejected: the server answered the handshake with an HTTP response.
         """
-        return _open_websocket(self, path, tuple(subprotocols), tuple(headers))
+        return open_websocket(
+            self.open_stream, self._host(), path, tuple(subprotocols), tuple(headers)
+        )
 
     def _host(self) -> str:
         address = self.server.addresses[0] if self.server.addresses else None
@@ -371,337 +366,3 @@ else:
         errors = factory.app_exceptions()
         if errors:
             raise ExceptionGroup(f"the app raised {len(errors)} exception(s) while serving", errors)
-
-
-# -- WebSocket client ---------------------------------------------------------------------
-
-
-class WebSocketClosed(Exception):
-    """The server closed the WebSocket (or the connection dropped: code 1006).
-
-    Attributes:
-        code: the close code the server sent.
-        reason: the close reason it sent.
-    """
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(f"WebSocket closed with code {code}" + (f": {reason}" if reason else ""))
-        self.code = code
-        self.reason = reason
-
-
-class WebSocketRejected(Exception):
-    """The server answered the WebSocket handshake with an HTTP response.
-
-    Attributes:
-        status_code: the response status (403 when the app closed before accepting).
-        headers: the response headers.
-        body: the response body.
-    """
-
-    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        super().__init__(f"WebSocket handshake rejected with HTTP {status_code}")
-        self.status_code = status_code
-        self.headers = headers
-        self.body = body
-
-
-@asynccontextmanager
-async def _open_websocket(
-    server: RunningServer,
-    path: str,
-    subprotocols: tuple[str, ...],
-    headers: tuple[tuple[str | bytes, str | bytes], ...],
-) -> AsyncIterator[WebSocketClient]:
-    stream = await server.open_stream()
-    ws = WebSocketClient(stream)
-    try:
-        await ws._handshake(server._host(), path, subprotocols, headers)
-        yield ws
-    finally:
-        await ws.close()
-
-
-class WebSocketClient:
-    """A small WebSocket client over one stream, for tests (built on wsproto).
-
-    Pings are answered automatically. Receiving after the server closed raises
-    :class:`WebSocketClosed` carrying the close code.
-
-    Attributes:
-        subprotocol: the subprotocol the server accepted, if any.
-        response_headers: the extra headers of the server's 101 response.
-        close_code: the code of the server's close frame (1006 if the connection
-            dropped without one); None while open.
-        close_reason: the reason of the server's close frame.
-    """
-
-    def __init__(self, stream: trio.abc.HalfCloseableStream) -> None:
-        self._stream = stream
-        self._ws = WSConnection(ConnectionType.CLIENT)
-        self._events: deque[Event] = deque()
-        self._eof = False
-        self._stream_closed = False
-        self.subprotocol: str | None = None
-        self.response_headers: list[tuple[bytes, bytes]] = []
-        self.close_code: int | None = None
-        self.close_reason = ""
-
-    async def _handshake(
-        self,
-        host: str,
-        path: str,
-        subprotocols: tuple[str, ...],
-        headers: tuple[tuple[str | bytes, str | bytes], ...],
-    ) -> None:
-        extra = [(_as_bytes(name), _as_bytes(value)) for name, value in headers]
-        await self._write(
-            self._ws.send(
-                Request(
-                    host=host, target=path, subprotocols=list(subprotocols), extra_headers=extra
-                )
-            )
-        )
-        event = await self._next_event()
-        if isinstance(event, AcceptConnection):
-            self.subprotocol = event.subprotocol
-            self.response_headers = list(event.extra_headers)
-            return
-        if isinstance(event, RejectConnection):
-            body = b""
-            while event.has_body:
-                data = await self._next_event()
-                assert isinstance(data, RejectData)
-                body += data.data
-                if data.body_finished:
-                    break
-            await self._close_stream()
-            self.close_code = 1006
-            raise WebSocketRejected(event.status_code, list(event.headers), body)
-        raise AssertionError(f"unexpected WebSocket handshake event {event!r}")
-
-    async def send_text(self, text: str) -> None:
-        """Send a text message."""
-        await self._send_message(TextMessage(data=text))
-
-    async def send_bytes(self, data: bytes) -> None:
-        """Send a binary message."""
-        await self._send_message(BytesMessage(data=data))
-
-    async def send(self, data: str | bytes) -> None:
-        """Send a text (``str``) or binary (``bytes``) message."""
-        if isinstance(data, str):
-            await self.send_text(data)
-        else:
-            await self.send_bytes(data)
-
-    async def receive(self) -> str | bytes:
-        """The next complete message: ``str`` for text, ``bytes`` for binary.
-
-        Raises:
-            WebSocketClosed: the server closed the connection (see :attr:`close_code`).
-        """
-        parts: list[Any] = []
-        while True:
-            event = await self._next_event()
-            if isinstance(event, (TextMessage, BytesMessage)):
-                parts.append(event.data)
-                if event.message_finished:
-                    if isinstance(event, TextMessage):
-                        return "".join(parts)
-                    return b"".join(parts)
-            elif isinstance(event, Ping):
-                # Events are parsed in batches: a Close later in the batch has already
-                # moved wsproto on, and then there is nothing left to answer.
-                if self._ws.state is ConnectionState.OPEN:
-                    await self._write(self._ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                await self._answer_close(event)
-                raise WebSocketClosed(event.code, event.reason or "")
-            # Pong and anything else: nothing to do.
-
-    async def receive_text(self) -> str:
-        """The next message, which must be text."""
-        message = await self.receive()
-        if not isinstance(message, str):
-            raise TypeError(f"expected a text message, got bytes {message!r}")
-        return message
-
-    async def receive_bytes(self) -> bytes:
-        """The next message, which must be binary."""
-        message = await self.receive()
-        if not isinstance(message, bytes):
-            raise TypeError(f"expected a binary message, got text {message!r}")
-        return message
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close the WebSocket: send a close frame, wait (bounded) for the server's, then
-        close the connection. Safe to call more than once."""
-        if self._stream_closed:
-            return
-        try:
-            if self._ws.state is ConnectionState.OPEN and not self._eof:
-                await self._write(self._ws.send(CloseConnection(code=code, reason=reason)))
-                with trio.move_on_after(WS_CLOSE_TIMEOUT):
-                    while True:
-                        event = await self._next_event()
-                        if isinstance(event, CloseConnection):
-                            self.close_code = event.code
-                            self.close_reason = event.reason or ""
-                            break
-        except WebSocketClosed:
-            pass
-        finally:
-            await self._close_stream()
-
-    # -- I/O ------------------------------------------------------------------------------
-
-    async def _send_message(self, event: TextMessage | BytesMessage) -> None:
-        if self._ws.state is not ConnectionState.OPEN or self._eof:
-            raise WebSocketClosed(self.close_code or 1006, self.close_reason)
-        await self._write(self._ws.send(event))
-
-    async def _answer_close(self, event: CloseConnection) -> None:
-        self.close_code = event.code
-        self.close_reason = event.reason or ""
-        if self._ws.state is ConnectionState.REMOTE_CLOSING:
-            await self._write(self._ws.send(event.response()))
-        await self._close_stream()
-
-    async def _write(self, data: bytes) -> None:
-        if self._eof:
-            raise WebSocketClosed(self.close_code or 1006, self.close_reason)
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._eof = True
-            if self.close_code is None:
-                self.close_code = 1006
-            raise WebSocketClosed(self.close_code, self.close_reason) from None
-
-    async def _next_event(self) -> Event:
-        while not self._events:
-            if self._eof:
-                if self.close_code is None:
-                    self.close_code = 1006
-                raise WebSocketClosed(self.close_code, self.close_reason)
-            try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                self._eof = True
-            self._ws.receive_data(bytes(data) or None)
-            self._events.extend(self._ws.events())
-        return self._events.popleft()
-
-    async def _close_stream(self) -> None:
-        if not self._stream_closed:
-            self._stream_closed = True
-            self._eof = True
-            await trio.aclose_forcefully(self._stream)
-
-
-def _as_bytes(value: str | bytes) -> bytes:
-    return value.encode("latin-1") if isinstance(value, str) else value
-
-
-# -- httpx over memory streams ------------------------------------------------------------
-
-
-@functools.cache
-def _memory_transport_class() -> Callable[[Server], httpx.AsyncBaseTransport]:
-    """The httpx transport of in-memory mode (built on first use: httpx is optional)."""
-    import httpx
-
-    class MemoryResponseStream(httpx.AsyncByteStream):
-        def __init__(self, conn: h11.Connection, stream: trio.abc.HalfCloseableStream) -> None:
-            self._conn = conn
-            self._stream = stream
-
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            while True:
-                try:
-                    event = await _next_client_event(self._conn, self._stream)
-                except h11.RemoteProtocolError as exc:
-                    raise httpx.RemoteProtocolError(str(exc)) from exc
-                if isinstance(event, h11.Data):
-                    yield bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    return
-                else:
-                    raise httpx.RemoteProtocolError(f"unexpected event in response: {event!r}")
-
-        async def aclose(self) -> None:
-            await trio.aclose_forcefully(self._stream)
-
-    class MemoryTransport(httpx.AsyncBaseTransport):
-        """One memory-stream connection per request, written and parsed with h11."""
-
-        def __init__(self, server: Server) -> None:
-            self._server = server
-
-        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-            try:
-                stream = await self._server.open_stream()
-            except OSError as exc:
-                raise httpx.ConnectError(str(exc), request=request) from exc
-            conn = h11.Connection(h11.CLIENT)
-            try:
-                response = await self._exchange(conn, stream, request)
-            except BaseException:
-                await trio.aclose_forcefully(stream)
-                raise
-            return httpx.Response(
-                status_code=response.status_code,
-                headers=list(response.headers),
-                stream=MemoryResponseStream(conn, stream),
-                extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
-            )
-
-        async def _exchange(
-            self, conn: h11.Connection, stream: trio.abc.Stream, request: httpx.Request
-        ) -> h11.Response:
-            try:
-                await stream.send_all(
-                    conn.send(
-                        h11.Request(
-                            method=request.method,
-                            target=request.url.raw_path,
-                            headers=list(request.headers.raw),
-                        )
-                    )
-                    or b""
-                )
-                assert isinstance(request.stream, httpx.AsyncByteStream)
-                async for chunk in request.stream:
-                    if chunk:
-                        await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
-                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the server answered early and closed: read its response
-            while True:
-                try:
-                    event = await _next_client_event(conn, stream)
-                except h11.RemoteProtocolError as exc:
-                    raise httpx.RemoteProtocolError(str(exc), request=request) from exc
-                if isinstance(event, h11.Response):
-                    return event
-                if not isinstance(event, h11.InformationalResponse):
-                    raise httpx.RemoteProtocolError(
-                        "server closed the connection without a response", request=request
-                    )
-
-    return MemoryTransport
-
-
-async def _next_client_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        try:
-            data = await stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-        conn.receive_data(bytes(data))

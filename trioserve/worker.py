@@ -7,8 +7,8 @@ imports the app, adopts the listening socket bound by the parent and serves with
 :func:`trioserve.runner.serve_until_signal` (SIGTERM: drain; a second one: stop now).
 
 The *link* is one end of a socket pair whose other end only the parent holds. Over it the
-worker reports, one JSON object per line (``supervisor.WorkerEvent``, the protocol the parent
-defines):
+worker reports, one JSON object per line (``worker_protocol.WorkerEvent``, the protocol the
+parent and its workers share):
 
 * ``beat`` every :func:`heartbeat_interval` seconds, written by the trio loop itself, so a
   loop blocked by app code (``time.sleep`` in an ``async def``) goes quiet; each beat also
@@ -45,7 +45,7 @@ from .errors import AppLoadError, LifespanError
 from .logs import configure_logging
 from .runner import serve_until_signal
 from .server import Server
-from .supervisor import SPEC_ENV, WorkerEvent, WorkerSpec
+from .worker_protocol import SPEC_ENV, WorkerEvent, WorkerSpec
 
 logger = logging.getLogger(__name__)
 

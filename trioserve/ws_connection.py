@@ -54,6 +54,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
@@ -73,6 +74,7 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
 from wsproto.utilities import RemoteProtocolError
 
 from .app_call import call_app
@@ -119,6 +121,47 @@ ABORT_FLUSH_TIMEOUT: Final = 1.0
 OUTBOX_HIGH_WATER: Final = 64 * 1024
 # The reader pauses while this many bytes are unsent.
 READER_PAUSE_OUTBOX: Final = 1024 * 1024
+
+
+class BoundedPerMessageDeflate(PerMessageDeflate):
+    """wsproto's permessage-deflate, never inflating a message past ``--ws-max-size``.
+
+    wsproto (1.x) inflates each received chunk of a compressed frame whole, with zlib's
+    ``decompress`` and no ``max_length``: deflate reaches ~1000:1, so one 64 KiB read of a
+    crafted message would become ~64 MiB before :class:`MessageAssembler` could count it.
+    Here every chunk is inflated to at most the room left in the message plus one byte;
+    reaching that byte fails the connection with 1009 at once, so no message ever holds
+    more than ``max_size + 1`` inflated bytes. (This overrides wsproto's payload hook and
+    reads its decompression state; tests/test_websocket_wire.py pins the behaviour.)
+    """
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__()
+        self._max_size = max_size
+        self._inflated = 0  # bytes inflated so far in the current message
+
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        assert self._decompressor is not None
+        room = self._max_size - self._inflated
+        try:  # max_length >= 1 (0 would mean "unbounded")
+            inflated = self._decompressor.decompress(bytes(data), room + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        if len(inflated) > room:
+            return CloseReason.MESSAGE_TOO_BIG
+        self._inflated += len(inflated)
+        return inflated
+
+    def frame_inbound_complete(
+        self, proto: FrameDecoder | FrameProtocol, fin: bool
+    ) -> bytes | CloseReason | None:
+        if fin:
+            self._inflated = 0
+        return super().frame_inbound_complete(proto, fin)
 
 
 class WebSocketConnection:
@@ -331,7 +374,7 @@ class WebSocketConnection:
         ]
         extensions: list[Extension] = []
         if http.state.config.ws_per_message_deflate:
-            extensions.append(PerMessageDeflate())
+            extensions.append(BoundedPerMessageDeflate(http.state.config.ws_max_size))
         self._queue(
             self.ws.send(
                 AcceptConnection(

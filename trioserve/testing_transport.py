@@ -1,0 +1,120 @@
+"""The in-memory httpx transport of :mod:`trioserve.testing` (``transport="memory"``).
+
+Each request opens one memory-stream connection to the server
+(:meth:`trioserve.Server.open_stream`), written and parsed with an h11 client. httpx is a
+test dependency, not one of trioserve: it is imported when the transport is first built.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import h11
+import trio
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .server import Server
+
+RECEIVE_SIZE: Final = 64 * 1024
+
+
+@functools.cache
+def memory_transport_class() -> Callable[[Server], httpx.AsyncBaseTransport]:
+    """The httpx transport of in-memory mode (built on first use: httpx is optional)."""
+    import httpx
+
+    class MemoryResponseStream(httpx.AsyncByteStream):
+        def __init__(self, conn: h11.Connection, stream: trio.abc.HalfCloseableStream) -> None:
+            self._conn = conn
+            self._stream = stream
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            while True:
+                try:
+                    event = await _next_client_event(self._conn, self._stream)
+                except h11.RemoteProtocolError as exc:
+                    raise httpx.RemoteProtocolError(str(exc)) from exc
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    return
+                else:
+                    raise httpx.RemoteProtocolError(f"unexpected event in response: {event!r}")
+
+        async def aclose(self) -> None:
+            await trio.aclose_forcefully(self._stream)
+
+    class MemoryTransport(httpx.AsyncBaseTransport):
+        """One memory-stream connection per request, written and parsed with h11."""
+
+        def __init__(self, server: Server) -> None:
+            self._server = server
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            try:
+                stream = await self._server.open_stream()
+            except OSError as exc:
+                raise httpx.ConnectError(str(exc), request=request) from exc
+            conn = h11.Connection(h11.CLIENT)
+            try:
+                response = await self._exchange(conn, stream, request)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            return httpx.Response(
+                status_code=response.status_code,
+                headers=list(response.headers),
+                stream=MemoryResponseStream(conn, stream),
+                extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
+            )
+
+        async def _exchange(
+            self, conn: h11.Connection, stream: trio.abc.Stream, request: httpx.Request
+        ) -> h11.Response:
+            try:
+                await stream.send_all(
+                    conn.send(
+                        h11.Request(
+                            method=request.method,
+                            target=request.url.raw_path,
+                            headers=list(request.headers.raw),
+                        )
+                    )
+                    or b""
+                )
+                assert isinstance(request.stream, httpx.AsyncByteStream)
+                async for chunk in request.stream:
+                    if chunk:
+                        await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the server answered early and closed: read its response
+            while True:
+                try:
+                    event = await _next_client_event(conn, stream)
+                except h11.RemoteProtocolError as exc:
+                    raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+                if isinstance(event, h11.Response):
+                    return event
+                if not isinstance(event, h11.InformationalResponse):
+                    raise httpx.RemoteProtocolError(
+                        "server closed the connection without a response", request=request
+                    )
+
+    return MemoryTransport
+
+
+async def _next_client_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        try:
+            data = await stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        conn.receive_data(bytes(data))
