@@ -310,6 +310,48 @@ async def test_cancel_during_streaming_to_a_client_that_stopped_reading_is_promp
     assert task_count() == tasks
 
 
+async def test_cancel_during_endless_stream_to_a_fast_reader_is_prompt() -> None:
+    # The client keeps reading, so the server's writes rarely block: cancellation must still
+    # reach the app at its next send() (the non-blocking write fast path checks for it).
+    tasks = task_count()
+    received = 0
+    sends = 0
+
+    async def counting_stream_app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal sends
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            await send({"type": "http.response.body", "body": b"x" * 16384, "more_body": True})
+            sends += 1
+
+    async def read_all(stream: trio.SocketStream) -> None:
+        nonlocal received
+        while data := await stream.receive_some(65536):
+            received += len(data)
+
+    with trio.fail_after(10), no_leaks():
+        async with trio.open_nursery() as outer:
+            with trio.CancelScope() as server_scope:
+                async with trio.open_nursery() as nursery:
+                    server: Server = await nursery.start(
+                        serve, counting_stream_app, Config(port=0, lifespan="off", access_log=False)
+                    )
+                    stream = await connect(server.addresses[0])
+                    await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    outer.start_soon(read_all, stream)
+                    while received < 1024 * 1024:
+                        await trio.sleep(0.01)
+                    server_scope.cancel()
+                    sends_at_cancel = sends
+        await stream.aclose()
+    # At most the send() already past its write when the cancel came completes; every
+    # later one raises Cancelled at once (without the check: tens of thousands more).
+    assert sends - sends_at_cancel <= 1
+    assert task_count() == tasks
+
+
 async def test_cancel_during_graceful_drain_stops_in_flight_requests() -> None:
     app = LifespanApp()
     app.request_gate = trio.Event()

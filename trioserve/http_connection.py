@@ -177,6 +177,10 @@ class HTTPConnection:
             if self._fd < 0:
                 await self.stream.send_all(data if isinstance(data, bytes) else b"".join(data))
                 return
+            # The fast path below may not wait at all, so honour a pending cancellation
+            # first: an app streaming forever to a fast reader must still stop promptly
+            # on a hard stop (nothing has been written yet, so this is a clean cancel).
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 if isinstance(data, bytes):
                     total = len(data)
@@ -596,7 +600,9 @@ class RequestCycle:
                 f"ASGI message must be a dict with a 'type', got {message!r}"
             ) from None
         conn = self.conn
-        if conn.peer_gone or conn.broken:
+        if conn.peer_gone or conn.broken or self.peer_error is not None:
+            # (After an invalid request body the app was told http.disconnect; run() then
+            # answers with the 4xx itself.)
             raise ClientDisconnected(f"{conn.peer} disconnected")
         if self.response_done.is_set():
             raise AppProtocolError(f"{message_type!r} sent after the response completed")

@@ -151,7 +151,10 @@ class Supervisor:
             logger.info("Started reloader process [%d] using WatchFiles", os.getpid())
         else:
             logger.info("Started parent process [%d]", os.getpid())
-        logger.info("trioserve running on %s (Press CTRL+C to quit)", self.bound.url)
+        url = self.bound.url
+        if self.config.is_ssl:
+            url = url.replace("http://", "https://", 1)
+        logger.info("trioserve running on %s (Press CTRL+C to quit)", url)
         with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._handle_signals, signals)
