@@ -112,12 +112,14 @@ class ServerSpec:
         py = sys.executable
         bindir = Path(py).parent
         p = str(port)
-        if self.name in ("trioserve", "trioserve-accesslog"):
+        if self.name in ("trioserve", "trioserve-accesslog", "trioserve-asyncio"):
             log = (
                 ["--access-log", "--log-level", "info"]
                 if self.name.endswith("accesslog")
                 else ["--no-access-log", "--log-level", "warning"]
             )
+            if self.name.endswith("asyncio"):
+                log += ["--app-loop", "asyncio"]
             return [
                 py,
                 "-m",
@@ -191,6 +193,11 @@ SERVERS: dict[str, ServerSpec] = {
         ServerSpec("uvicorn-h11", "uvicorn --http h11 --loop asyncio --ws wsproto"),
         ServerSpec("uvicorn-httptools", "uvicorn --http httptools --loop uvloop (context)"),
         ServerSpec("trioserve-accesslog", "trioserve, access log on (to a file)"),
+        ServerSpec(
+            "trioserve-asyncio",
+            "trioserve --app-loop asyncio (the app on a trio-asyncio loop)",
+            frozenset({"hello", "json", "ws"}),
+        ),
         ServerSpec(
             "trio-h11-min",
             "bare trio + h11 loop, no ASGI (bench/apps/trio_h11_min.py)",

@@ -23,6 +23,45 @@ async def hello_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"Hello, world!"})
 
 
+class Recorder:
+    """An app that reads the whole body, records it and echoes ``METHOD PATH BODY``.
+
+    When ``receive()`` answers ``http.disconnect`` before the body ended it records that
+    and returns without a response (as a careful app would).
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        record: dict[str, Any] = {"scope": scope, "body": b"", "pieces": 0, "disconnect": False}
+        self.requests.append(record)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                record["disconnect"] = True
+                return
+            record["body"] += message.get("body", b"")
+            record["pieces"] += 1
+            if not message.get("more_body", False):
+                break
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        text = f"{scope['method']} {scope['path']} ".encode() + record["body"]
+        await send({"type": "http.response.body", "body": text})
+
+    @property
+    def paths(self) -> list[str]:
+        return [r["scope"]["path"] for r in self.requests]
+
+
 @asynccontextmanager
 async def run_server(app: Any, **options: Any) -> AsyncIterator[Server]:
     """Run ``app`` with ``BASE_CONFIG`` overridden by ``options``; hard-stop on exit."""

@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import shutil
-import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -43,11 +42,6 @@ async def get(address: tuple[str, int] | str, target: str = "/") -> tuple[Any, b
         return await Client(stream).request(target=target)
 
 
-async def stop(server: Any) -> int:
-    server.signal(signal.SIGTERM)
-    return int(await server.finish())
-
-
 # -- startup line, access log, exit code ------------------------------------------------
 
 
@@ -63,7 +57,7 @@ async def test_port_zero_prints_the_real_port_and_logs_each_request(
         response, body = await get(("127.0.0.1", server.port), "/x?q=1")
         assert (response.status_code, body) == (200, b"hello")
         await server.wait_for(ACCESS_RE, which="stdout")
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert len(ACCESS_RE.findall(server.stdout)) == 1
     assert "app: shutdown" in server.stderr
 
@@ -72,13 +66,13 @@ async def test_no_access_log(app_dir: Path) -> None:
     async with started_process(app_args(app_dir, "--port", "0", "--no-access-log")) as server:
         response, _ = await get(("127.0.0.1", server.port), "/x?q=1")
         assert response.status_code == 200
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert '"GET' not in server.stdout + server.stderr
 
 
 async def test_log_level_debug_shows_debug_lines(app_dir: Path) -> None:
     async with started_process(app_args(app_dir, "--port", "0", "--log-level", "debug")) as srv:
-        assert await stop(srv) == 0
+        assert await srv.stop() == 0
     assert re.search(r"DEBUG: +listening on http://127\.0\.0\.1:\d+", srv.stderr)
 
 
@@ -109,7 +103,7 @@ async def test_log_level_warning_hides_info_and_access_lines(app_dir: Path) -> N
         await wait_connectable(port)
         response, _ = await get(("127.0.0.1", port), "/x?q=1")
         assert response.status_code == 200
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert "INFO" not in server.stderr
     assert server.stdout == ""
 
@@ -174,7 +168,7 @@ async def test_log_config_file(app_dir: Path, suffix: str) -> None:
     ) as server:
         response, _ = await get(("127.0.0.1", server.port), "/x?q=1")
         assert response.status_code == 200
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert re.search(r"CUSTOM trioserve\.\S+ INFO trioserve running on", server.stderr)
     # The access logger is a child of "trioserve": the file's handler formats it too.
     assert re.search(r"CUSTOM trioserve\.access INFO " + ACCESS_RE.pattern, server.stderr)
@@ -186,7 +180,7 @@ async def test_env_file_is_loaded_before_the_app(app_dir: Path) -> None:
     args = app_args(app_dir, "--port", "0", "--env-file", str(env_file))
     async with started_process(args) as server:
         _, body = await get(("127.0.0.1", server.port), "/scope")
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert json.loads(body)["env"] == "loaded"
 
 
@@ -204,7 +198,7 @@ async def test_header_options(app_dir: Path) -> None:
     )
     async with started_process(args) as server:
         response, _ = await get(("127.0.0.1", server.port))
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert header(response, b"x-a") == b"1"
     assert header(response, b"x-b") == b"two"
     assert header(response, b"server") is None
@@ -214,7 +208,7 @@ async def test_header_options(app_dir: Path) -> None:
 async def test_server_and_date_headers_by_default(app_dir: Path) -> None:
     async with started_process(app_args(app_dir, "--port", "0")) as server:
         response, _ = await get(("127.0.0.1", server.port))
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert header(response, b"server") == b"trioserve"
     assert header(response, b"date") is not None
 
@@ -222,7 +216,7 @@ async def test_server_and_date_headers_by_default(app_dir: Path) -> None:
 async def test_root_path(app_dir: Path) -> None:
     async with started_process(app_args(app_dir, "--port", "0", "--root-path", "/api")) as srv:
         _, body = await get(("127.0.0.1", srv.port), "/scope")
-        assert await stop(srv) == 0
+        assert await srv.stop() == 0
     assert json.loads(body)["root_path"] == "/api"
 
 
@@ -232,7 +226,7 @@ async def test_uds(app_dir: Path) -> None:
         assert server.url == f"unix:{path}"
         response, body = await get(path, "/scope")
         assert response.status_code == 200
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert json.loads(body)["server"] == [path, None]
     assert not Path(path).exists()  # removed on exit
 
@@ -247,7 +241,7 @@ async def test_fd_serves_an_inherited_socket(app_dir: Path) -> None:
             assert server.port == port
             response, _ = await get(("127.0.0.1", port))
             assert response.status_code == 200
-            assert await stop(server) == 0
+            assert await server.stop() == 0
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the backlog")
@@ -260,7 +254,7 @@ async def test_backlog_is_passed_to_listen(app_dir: Path) -> None:
             timeout=5,
             check=True,
         )
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     # For a listening socket ss shows the backlog in the Send-Q column.
     columns = ss.stdout.split()
     assert (columns[0], columns[2]) == ("LISTEN", "7")
@@ -280,7 +274,7 @@ async def test_ipv6_host(app_dir: Path) -> None:
     async with started_process(app_args(app_dir, "--host", "::1", "--port", "0")) as server:
         assert server.url == f"http://[::1]:{server.port}"
         response, body = await get(("::1", server.port), "/scope")
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert response.status_code == 200
     assert json.loads(body)["server"] == ["::1", server.port]
 
@@ -296,7 +290,7 @@ async def test_trioserve_environment_variables(app_dir: Path) -> None:
     )
     async with started_process([], env=env) as server:
         response, body = await get(("127.0.0.1", server.port), "/scope")
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert header(response, b"x-from-env") == b"yes"
     assert json.loads(body)["root_path"] == "/env"
     assert '"GET' not in server.stdout
@@ -306,7 +300,7 @@ async def test_factory_option(app_dir: Path) -> None:
     args = app_args(app_dir, "--port", "0", "--factory", target="cliapp:make_app")
     async with started_process(args) as server:
         response, _ = await get(("127.0.0.1", server.port))
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert response.status_code == 200
 
 
@@ -532,7 +526,7 @@ async def test_run_serves_an_app_object(app_dir: Path) -> None:
     )
     async with started_process(["-c", script, str(app_dir)], python_args=True) as server:
         response, _ = await get(("127.0.0.1", server.port))
-        assert await stop(server) == 0
+        assert await server.stop() == 0
     assert header(response, b"x-run") == b"1"
     assert "app: shutdown" in server.stderr
 

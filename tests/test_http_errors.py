@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import hello_app, run_server
-from rawhttp import Recorder, header, parse_responses, receive_until, send
-from wire import Client, connect, read_until_eof
+from conftest import Recorder, hello_app, run_server
+from wire import Client, connect, header, parse_responses, read_until_eof, receive_until, send
 
 import trioserve
 from trioserve.errors import AppProtocolError
@@ -471,3 +470,117 @@ async def test_request_then_eof_is_answered_then_closed() -> None:
             b"content-length: 13\r\n\r\nHello, world!"
         )
         await assert_still_serving(server)
+
+
+async def test_half_closed_client_is_a_disconnect_once_the_app_listens() -> None:
+    """A request followed by a half-close (shutdown(SHUT_WR)): EOF means "client gone",
+    as in uvicorn. An app that then listens gets http.disconnect and its send() raises;
+    an app that answers without listening is still answered (the test above), where
+    uvicorn drops the response."""
+    events: list[Any] = []
+    done = trio.Event()
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        try:
+            events.append(await receive())  # the body, already buffered
+            events.append(await receive())  # sees the EOF
+            await send_(START)
+        except trioserve.ClientDisconnected:
+            events.append("send raised")
+        finally:
+            done.set()
+
+    async with run_server(with_ok(app), **EXACT) as server:
+        async with await connect(server.addresses[0]) as stream:
+            await stream.send_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+            await stream.send_eof()
+            with trio.fail_after(2):
+                await done.wait()
+            assert await read_until_eof(stream) == b""
+        await assert_still_serving(server)
+    assert events == [
+        {"type": "http.request", "body": b"hi", "more_body": False},
+        {"type": "http.disconnect"},
+        "send raised",
+    ]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_starlette_is_disconnected_polling_sees_the_client_leave(method: str) -> None:
+    """``Request.is_disconnected()`` awaits receive() in an already-cancelled scope: the
+    disconnect must be found without waiting (a non-blocking read)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    polls: list[bool] = []
+    done = trio.Event()
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            for _ in range(200):
+                polls.append(await request.is_disconnected())
+                if polls[-1]:
+                    break
+                await trio.sleep(0.01)
+        finally:
+            done.set()
+        return PlainTextResponse("late")
+
+    app = Starlette(routes=[Route("/", endpoint, methods=["GET", "POST"])])
+    raw = b"%s / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc" % method.encode()
+    async with run_server(app, **EXACT) as server:
+        stream = await connect(server.addresses[0])
+        await stream.send_all(raw)
+        with trio.fail_after(2):
+            while len(polls) < 3:  # the app is polling, the client still there
+                await trio.sleep(0.01)
+        await stream.aclose()
+        with trio.fail_after(2):
+            await done.wait()
+    assert polls[-1] is True
+    assert not any(polls[:-1])
+
+
+class CarelessApp:
+    """Reads the body until it ends or http.disconnect, then answers 200 regardless."""
+
+    def __init__(self) -> None:
+        self.send_errors: list[BaseException] = []
+
+    async def __call__(self, scope: Any, receive: Any, send_: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                break
+        try:
+            await send_(START)
+            await send_({"type": "http.response.body", "body": b"careless"})
+        except OSError as exc:
+            self.send_errors.append(exc)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"zz\r\nhello\r\n0\r\n\r\n", id="chunk-size-not-hex"),
+        pytest.param(b"3\r\nhello\r\n0\r\n\r\n", id="chunk-longer-than-size"),
+        pytest.param(b"5\r\nhelloXX0\r\n\r\n", id="chunk-data-no-crlf"),
+        pytest.param(b"5\r\nhello\r\nGET /x HTTP/1.1\r\n\r\n", id="request-as-chunk"),
+    ],
+)
+async def test_malformed_body_gets_400_even_when_the_app_ignores_the_disconnect(
+    body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = CarelessApp()
+    raw = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    async with run_server(with_ok(app), **EXACT) as server:
+        data = await fetch(server, raw)
+        await assert_still_serving(server)
+    [(response, _)] = parse_responses(data)
+    assert response.status_code == 400
+    assert header(response, b"connection") == b"close"
+    assert b"careless" not in data
+    assert [type(e) for e in app.send_errors] == [trioserve.ClientDisconnected]
+    assert error_records(caplog) == []

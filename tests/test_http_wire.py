@@ -15,16 +15,17 @@ import h11
 import pytest
 import trio
 import trio.testing
-from conftest import hello_app, run_server
-from rawhttp import (
-    Recorder,
+from conftest import Recorder, hello_app, run_server
+from wire import (
+    Client,
+    connect,
     header,
     parse_responses,
+    read_until_eof,
     readable,
     receive_until,
     send,
 )
-from wire import Client, connect, read_until_eof
 
 BYTEWISE = pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
 EXACT = {"date_header": False, "server_header": False}  # deterministic response bytes
@@ -837,3 +838,92 @@ async def test_fold_like_bytes_in_a_body_are_not_obs_fold(body: bytes, bytewise:
         data = await read_until_eof(stream)
     [(response, echoed)] = parse_responses(data)
     assert (response.status_code, echoed) == (200, b"POST / " + body)
+
+
+async def test_concurrent_send_from_two_app_tasks_is_serialized() -> None:
+    """An app whose tasks call send() at once: the writes take turns (as uvicorn's
+    synchronous transport writes do), never interleaving bytes nor raising trio's
+    BusyResourceError. Chunks larger than the socket buffer force waiting writes."""
+    chunk_size, chunks = 256 * 1024, 8
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+
+        async def writer(byte: bytes) -> None:
+            for _ in range(chunks):
+                await send_(
+                    {"type": "http.response.body", "body": byte * chunk_size, "more_body": True}
+                )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, b"a")
+            nursery.start_soon(writer, b"b")
+        await send_({"type": "http.response.body", "body": b""})
+
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        response, body = await Client(stream).request("GET", "/")
+    assert response.status_code == 200
+    assert len(body) == 2 * chunks * chunk_size
+    assert body.count(b"a") == body.count(b"b") == chunks * chunk_size
+    # Each app chunk arrives whole: the body is a sequence of single-byte runs.
+    runs = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+    assert all(run in (b"a" * chunk_size, b"b" * chunk_size) for run in runs)
+
+
+async def test_connect_method_gets_501_and_never_reaches_the_app() -> None:
+    app = Recorder()
+    async with run_server(app, **EXACT) as server:
+        async with await connect(server.addresses[0]) as stream:
+            await stream.send_all(
+                b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+            )
+            data = await read_until_eof(stream)
+        [(response, _)] = parse_responses(data)
+        assert response.status_code == 501
+        assert header(response, b"connection") == b"close"
+        assert app.requests == []
+        async with await connect(server.addresses[0]) as stream:
+            response, _ = await Client(stream).request("GET", "/next")
+        assert response.status_code == 200
+
+
+async def test_invalid_utf8_in_the_path_reaches_a_fastapi_path_parameter() -> None:
+    """``/%FF`` becomes U+FFFD in ``path`` (``raw_path`` keeps the bytes), so an app that
+    encodes the path answers 200 instead of a client-triggered 500."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/items/{name}")
+    async def item(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
+        response, body = await Client(stream).request("GET", "/items/%FF")
+    assert response.status_code == 200
+    assert body == '{"name":"\ufffd"}'.encode()
+
+
+async def test_many_headers_and_non_ascii_header_values_reach_the_scope_exactly() -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        seen.append(scope["headers"])
+        await hello_app(scope, receive, send_)
+
+    value = "caf\u00e9 \u2603".encode()  # UTF-8 bytes: obs-text, passed through as bytes
+    many = b"".join(b"X-H%d: v%d\r\n" % (i, i) for i in range(200))
+    raw = b"GET / HTTP/1.1\r\nHost: t\r\nX-Name: " + value + b"\r\n" + many + b"\r\n"
+    async with run_server(app, **EXACT) as server:
+        async with await connect(server.addresses[0]) as stream:
+            await stream.send_all(raw)
+            data = await receive_until(stream, b"world!")
+        assert parse_responses(data, eof=False)[0][0].status_code == 200
+        # A non-token byte in a header *name* is malformed: 400.
+        async with await connect(server.addresses[0]) as stream:
+            await stream.send_all("GET / HTTP/1.1\r\nHost: t\r\nX-N\u00e4me: v\r\n\r\n".encode())
+            data = await read_until_eof(stream)
+        assert parse_responses(data)[0][0].status_code == 400
+    [headers] = seen
+    assert headers[:2] == [(b"host", b"t"), (b"x-name", value)]
+    assert headers[2:] == [(b"x-h%d" % i, b"v%d" % i) for i in range(200)]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 from conftest import run_server
-from procs import trioserve_process
+from server_process import started_process
 from wire import Client, connect
 
 from trioserve import Config
@@ -263,13 +263,13 @@ async def hit(address: tuple[str, int], headers: list[tuple[str, str]] | None = 
 
 
 async def test_cli_json_logs_one_object_per_line() -> None:
-    async with trioserve_process(
-        *APP, "--log-format", "json", "--access-log-format", "{method} {path} {status}"
+    async with started_process(
+        [*APP, "--log-format", "json", "--access-log-format", "{method} {path} {status}"]
     ) as server:
         await hit(server.address, [("x-request-id", "r-1")])
-        await server.wait_for_output(b'"status": 200')
+        await server.wait_for('"status": 200', "any")
         assert await server.stop() == 0
-    lines = (bytes(server.stderr) + bytes(server.stdout)).decode().splitlines()
+    lines = (server.stderr + server.stdout).splitlines()
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     access = [r for r in records if r["logger"] == "trioserve.access"]
     assert len(access) == 1
@@ -308,8 +308,8 @@ async def test_cli_log_config_is_honoured_for_error_and_access_loggers(tmp_path:
     # The startup line goes to the file, so find the port another way: a UNIX socket.
     sock = str(tmp_path / "s.sock")
     args = [a for a in APP if a not in ("--port", "0")]
-    async with trioserve_process(
-        *args, "--uds", sock, "--log-config", str(path), ready_file=error_log
+    async with started_process(
+        [*args, "--uds", sock, "--log-config", str(path)], ready_file=error_log
     ) as server:
         stream = await trio.open_unix_socket(sock)
         async with stream:
@@ -318,14 +318,14 @@ async def test_cli_log_config_is_honoured_for_error_and_access_loggers(tmp_path:
         assert await server.stop() == 0
     assert "CUSTOM trioserve.runner trioserve running on unix:" in error_log.read_text()
     assert 'CUSTOM trioserve.access - - "GET / HTTP/1.1" 200' in access_log.read_text()
-    assert b"running on" not in server.stderr  # nothing went to the default handler
+    assert "running on" not in server.stderr  # nothing went to the default handler
 
 
 @pytest.mark.parametrize(
     ("flag", "colored"), [("--use-colors", True), (None, False), ("--no-use-colors", False)]
 )
 async def test_cli_use_colors(flag: str | None, colored: bool) -> None:
-    async with trioserve_process(*APP, *([flag] if flag else [])) as server:
+    async with started_process([*APP, *([flag] if flag else [])]) as server:
         assert await server.stop() == 0
-    assert (b"\x1b[32mINFO\x1b[0m:" in server.stderr) is colored
-    assert (b"\x1b[" in server.stderr) is colored
+    assert ("\x1b[32mINFO\x1b[0m:" in server.stderr) is colored
+    assert ("\x1b[" in server.stderr) is colored

@@ -29,7 +29,7 @@ import trustme
 import wsproto
 import wsproto.events as ws_events
 from conftest import run_server
-from procs import trioserve_process
+from server_process import started_process
 from wire import Client
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
@@ -374,16 +374,18 @@ async def test_sigterm_drains_in_flight_requests_through_nginx_without_502(
     tmp_path: Path,
 ) -> None:
     (tmp_path / "slow_app.py").write_text(SLOW_APP)
-    async with trioserve_process(
-        "slow_app:app",
-        "--app-dir",
-        str(tmp_path),
-        "--port",
-        "0",
-        "--lifespan",
-        "off",
-        "--timeout-graceful-shutdown",
-        "20",
+    async with started_process(
+        [
+            "slow_app:app",
+            "--app-dir",
+            str(tmp_path),
+            "--port",
+            "0",
+            "--lifespan",
+            "off",
+            "--timeout-graceful-shutdown",
+            "20",
+        ]
     ) as server:
         host, port = server.address
         async with run_nginx(tmp_path / "nginx", f"{host}:{port}") as nginx:
@@ -395,9 +397,9 @@ async def test_sigterm_drains_in_flight_requests_through_nginx_without_502(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(slow)
-                await server.wait_for_output(b"slow request started")
+                await server.wait_for("slow request started", "any")
                 server.process.send_signal(signal.SIGTERM)
-                await server.wait_for_output(b"Shutting down")
+                await server.wait_for("Shutting down", "any")
                 # The listener is closed at once: new connections are refused...
                 with trio.fail_after(5):
                     while True:
@@ -411,7 +413,7 @@ async def test_sigterm_drains_in_flight_requests_through_nginx_without_502(
             assert results == [(200, b"done /slow")]
             with trio.fail_after(10):
                 assert await server.process.wait() == 0
-    assert b"Received SIGTERM" in server.stderr
+    assert "Received SIGTERM" in server.stderr
 
 
 async def request_json_text(address: tuple[str, int], target: str) -> tuple[int, bytes]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from supervised import get, is_alive, supervised, wait_all_gone
+from server_process import get, is_alive, started_process, wait_all_gone
 
 from trioserve import Config
 from trioserve.reload import ReloadFilter, watched_dirs
@@ -76,7 +76,7 @@ async def test_reload_follows_edits_and_waits_out_a_syntax_error(tmp_path: Path)
         "0.05",
     ]
     with trio.fail_after(40):
-        async with supervised(argv) as server:
+        async with started_process(argv) as server:
             await server.wait_for("Will watch for changes in these directories")
             first = (await server.wait_ready(1))[0]
             assert await get(server.port) == (200, b"v1")
@@ -87,11 +87,11 @@ async def test_reload_follows_edits_and_waits_out_a_syntax_error(tmp_path: Path)
             second = (await server.wait_ready(2))[1]
             assert not is_alive(first)
             assert await get(server.port) == (200, b"v22")
-            assert "notes.txt" not in server.output
+            assert "notes.txt" not in server.stderr
 
             app_file.write_text("def app(:\n")
             await server.wait_for("Waiting for a file change before starting again")
-            assert "SyntaxError" in server.output
+            assert "SyntaxError" in server.stderr
             await wait_all_gone([second], timeout=5)
             assert server.process.returncode is None  # the reloader waits, it does not exit
 

@@ -117,3 +117,23 @@ async def test_signal_during_lifespan_startup_exits_promptly(app_dir: Path) -> N
             assert await server.finish() == 0
             assert trio.current_time() - start < 3
     assert "trioserve running on" not in server.stderr
+
+
+async def test_graceful_timeout_ends_a_stream_to_a_client_that_never_reads(
+    app_dir: Path,
+) -> None:
+    """The app's send() waits on a full socket buffer forever: the graceful deadline must
+    still cancel it (no shielded, unbounded send), and the process exits 0 promptly."""
+    options = args(app_dir, "--timeout-graceful-shutdown", "0.5")
+    with trio.fail_after(20):
+        async with started_process(options) as server:
+            stream = await connect(("127.0.0.1", server.port))
+            async with stream:
+                await stream.send_all(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+                await server.wait_for("app: endless started")
+                await trio.sleep(0.3)  # the server fills both socket buffers and blocks
+                start = trio.current_time()
+                server.signal(signal.SIGTERM)
+                assert await server.finish() == 0
+                assert trio.current_time() - start < 5
+        assert "app: shutdown" in server.stderr

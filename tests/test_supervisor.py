@@ -15,15 +15,17 @@ import pytest
 import trio
 import trio.testing
 from conftest import hello_app, run_server
-from supervised import (
+from server_process import (
     WORKER_APP,
     LoadResult,
+    clean_env,
     get,
     is_alive,
     live_children,
     parent_pid,
+    running_process,
+    started_process,
     steady_load,
-    supervised,
     wait_all_gone,
 )
 from wire import Client, connect, read_until_eof
@@ -31,8 +33,8 @@ from wire import Client, connect, read_until_eof
 import trioserve
 from trioserve.errors import ConfigError
 from trioserve.supervisor import describe_exit
-from trioserve.worker_protocol import WorkerEvent, WorkerSpec
 from trioserve.worker import heartbeat_interval
+from trioserve.worker_protocol import WorkerEvent, WorkerSpec
 
 
 @pytest.fixture
@@ -116,7 +118,7 @@ def test_run_with_an_app_object_and_workers_is_a_config_error() -> None:
 
 async def test_workers_with_reload_is_a_usage_error(app_dir: Path) -> None:
     with trio.fail_after(15):
-        async with supervised([*args(app_dir), "--reload"], wait_started=False) as server:
+        async with running_process([*args(app_dir), "--reload"]) as server:
             assert await server.wait_exit() == 2
             await server.wait_for("mutually exclusive")
 
@@ -142,7 +144,7 @@ async def test_connection_accepted_before_a_drain_gets_its_first_request_answere
 
 async def test_two_workers_answer_requests_from_two_distinct_pids(app_dir: Path) -> None:
     with trio.fail_after(30):
-        async with supervised(args(app_dir)) as server:
+        async with started_process(args(app_dir)) as server:
             workers = set(await server.wait_ready(2))
             assert len(workers) == 2
             assert all(parent_pid(pid) == server.pid for pid in workers)
@@ -167,7 +169,7 @@ async def _record_pid(port: int, seen: set[int]) -> None:
 
 async def test_killed_worker_is_replaced_and_service_continues(app_dir: Path) -> None:
     with trio.fail_after(30):
-        async with supervised(args(app_dir)) as server:
+        async with started_process(args(app_dir)) as server:
             first = await server.wait_ready(2)
             victim = first[0]
             os.kill(victim, signal.SIGKILL)
@@ -192,7 +194,7 @@ async def test_sigterm_during_a_slow_request_completes_it_and_leaves_no_orphans(
     app_dir: Path,
 ) -> None:
     with trio.fail_after(30):
-        async with supervised(args(app_dir)) as server:
+        async with started_process(args(app_dir)) as server:
             workers = await server.wait_ready(2)
             stream = await connect(("127.0.0.1", server.port))
             async with stream:
@@ -209,14 +211,14 @@ async def test_sigterm_during_a_slow_request_completes_it_and_leaves_no_orphans(
                 assert int(body) in workers
             assert await server.wait_exit() == 0
             await wait_all_gone(workers, timeout=2)
-            assert server.output.count("Received SIGTERM, shutting down gracefully") == 2
+            assert server.stderr.count("Received SIGTERM, shutting down gracefully") == 2
 
 
 async def test_sighup_rolls_the_workers_under_load_without_a_failed_request(
     app_dir: Path,
 ) -> None:
     with trio.fail_after(40):
-        async with supervised(args(app_dir)) as server:
+        async with started_process(args(app_dir)) as server:
             old = set(await server.wait_ready(2))
             stop = trio.Event()
             result = LoadResult()
@@ -241,7 +243,7 @@ async def test_max_requests_recycles_workers_under_load_without_a_failed_request
     app_dir: Path,
 ) -> None:
     with trio.fail_after(40):
-        async with supervised(
+        async with started_process(
             args(app_dir, "--limit-max-requests", "40", "--limit-max-requests-jitter", "5")
         ) as server:
             await server.wait_ready(2)
@@ -255,8 +257,8 @@ async def test_max_requests_recycles_workers_under_load_without_a_failed_request
                         await trio.sleep(0.05)
                 stop.set()
             assert result.errors == []
-            assert "is draining; starting its replacement" in server.output
-            assert "died unexpectedly" not in server.output
+            assert "is draining; starting its replacement" in server.stderr
+            assert "died unexpectedly" not in server.stderr
             server.signal(signal.SIGTERM)
             assert await server.wait_exit() == 0
 
@@ -265,21 +267,19 @@ async def test_blocked_event_loop_is_reported_with_its_stack_and_replaced(
     app_dir: Path,
 ) -> None:
     with trio.fail_after(30):
-        async with supervised(args(app_dir, "--timeout-worker-healthcheck", "2")) as server:
+        async with started_process(args(app_dir, "--timeout-worker-healthcheck", "2")) as server:
             workers = await server.wait_ready(2)
             stream = await connect(("127.0.0.1", server.port))
             async with stream:
                 await stream.send_all(b"GET /block?20 HTTP/1.1\r\nhost: x\r\n\r\n")
                 await server.wait_for("app: blocking the loop")
-                match = (
-                    await server.wait_for(
-                        r"Worker process \[(?P<pid>\d+)\] sent no heartbeat for 2\.0s"
-                    )
-                )[0]
+                match = await server.wait_for(
+                    r"Worker process \[(?P<pid>\d+)\] sent no heartbeat for 2\.0s"
+                )
             blocked = int(match["pid"])
             assert blocked in workers
             # The stack shows where the loop is stuck: the app's time.sleep line.
-            report = server.output[match.start() :]
+            report = server.stderr[match.start() :]
             assert 'workerapp.py", line' in report
             assert "in app" in report
             await wait_all_gone([blocked], timeout=5)
@@ -293,7 +293,7 @@ async def test_blocked_event_loop_is_reported_with_its_stack_and_replaced(
 
 async def test_workers_exit_on_their_own_when_the_parent_is_killed(app_dir: Path) -> None:
     with trio.fail_after(30):
-        async with supervised(args(app_dir)) as server:
+        async with started_process(args(app_dir)) as server:
             workers = await server.wait_ready(2)
             server.signal(signal.SIGKILL)
             await server.wait_exit()
@@ -303,7 +303,7 @@ async def test_workers_exit_on_their_own_when_the_parent_is_killed(app_dir: Path
 
 async def test_sigttin_adds_and_sigttou_removes_a_worker(app_dir: Path) -> None:
     with trio.fail_after(30):
-        async with supervised(args(app_dir)) as server:
+        async with started_process(args(app_dir)) as server:
             await server.wait_ready(2)
             server.signal(signal.SIGTTIN)
             third = (await server.wait_ready(3))[2]
@@ -320,10 +320,11 @@ async def test_every_worker_failing_startup_exits_3_with_the_error_shown_once(
     app_dir: Path,
 ) -> None:
     with trio.fail_after(30):
-        async with supervised(args(app_dir, workers=3), env={"WORKER_APP_FAIL": "1"}) as server:
+        env = clean_env(WORKER_APP_FAIL="1")
+        async with started_process(args(app_dir, workers=3), env=env) as server:
             assert await server.wait_exit() == 3
             await server.wait_for("Application startup failed. Exiting.")
-            assert server.output.count("database unreachable") == 1
+            assert server.stderr.count("database unreachable") == 1
             await wait_all_gone(server.started_pids(), timeout=2)
 
 
@@ -332,10 +333,10 @@ async def test_import_error_in_every_worker_exits_1_with_the_error_shown_once(
 ) -> None:
     (tmp_path / "brokenapp.py").write_text("def app(:\n")
     with trio.fail_after(30):
-        async with supervised(
+        async with started_process(
             ["brokenapp:app", "--app-dir", str(tmp_path), "--port", "0", "--workers", "2"]
         ) as server:
             assert await server.wait_exit() == 1
             await server.wait_for("Error loading ASGI app.")
-            assert server.output.count("SyntaxError") == 1
-            assert "brokenapp.py" in server.output
+            assert server.stderr.count("SyntaxError") == 1
+            assert "brokenapp.py" in server.stderr

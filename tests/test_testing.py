@@ -660,3 +660,60 @@ def test_pytest_plugin_is_registered_by_entry_point(pytester: pytest.Pytester) -
 def test_inner_app_module_is_valid_python() -> None:
     compile(INNER_APP, "inner", "exec")
     assert Path(__file__).name == "test_testing.py"
+
+
+XDIST_TESTS = """
+import os
+import pathlib
+
+import pytest
+import trio
+
+
+def record(line):
+    with pathlib.Path("events.txt").open("a") as f:
+        f.write(line + "\\n")
+
+
+def make_app(name):
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await receive()
+            record(f"startup {name} {os.getpid()}")
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            record(f"shutdown {name} {os.getpid()}")
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = name.encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+@pytest.mark.parametrize("n", range(6))
+async def test_parallel(trioserve_server, n):
+    a = await trioserve_server(make_app(f"a{n}"))
+    b = await trioserve_server(make_app(f"b{n}"))
+    assert a.port != b.port
+    async with a.client() as ca, b.client() as cb:
+        for _ in range(5):
+            assert (await ca.get("/")).text == f"a{n}"
+            assert (await cb.get("/")).text == f"b{n}"
+            await trio.sleep(0.01)  # overlap with the other worker's servers
+"""
+
+
+def test_fixture_servers_are_isolated_under_pytest_xdist(pytester: pytest.Pytester) -> None:
+    """``pytest -n 2``: every test gets its own servers (free ports, own lifespan), and
+    each server's lifespan ends before its test ends, in whichever worker runs it."""
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(test_inner=XDIST_TESTS)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", timeout=60)
+    result.assert_outcomes(passed=6)
+    lines = (pytester.path / "events.txt").read_text().split("\n")
+    events = [line.split() for line in lines if line]
+    names = [f"{s}{n}" for n in range(6) for s in "ab"]
+    assert sorted(name for kind, name, _ in events if kind == "startup") == sorted(names)
+    assert sorted(name for kind, name, _ in events if kind == "shutdown") == sorted(names)
+    assert len({pid for _, _, pid in events}) == 2  # really run by two workers

@@ -13,8 +13,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import hello_app, run_server
-from rawhttp import parse_responses, readable, receive_until
-from wire import Client, connect, read_until_eof
+from wire import Client, connect, parse_responses, read_until_eof, readable, receive_until
 
 EXACT = {"date_header": False, "server_header": False}
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"

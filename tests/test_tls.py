@@ -344,3 +344,28 @@ async def test_websocket_over_tls_has_wss_scheme_and_tls_extension(
     assert isinstance(events[0], ws_events.AcceptConnection)
     [message] = [e for e in events if isinstance(e, ws_events.TextMessage)]
     assert json.loads(message.data) == {"scheme": "wss", "tls_version": 0x0304}
+
+
+async def test_ssl_ciphers_restricts_what_tls12_clients_can_negotiate(
+    ca: trustme.CA, pki: dict[str, str]
+) -> None:
+    aes128 = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+    aes256 = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
+
+    def tls12_client(ciphers: str) -> ssl.SSLContext:
+        context = client_context(ca)
+        context.maximum_version = ssl.TLSVersion.TLSv1_2  # cipher lists do not cover TLS 1.3
+        context.set_ciphers(ciphers)
+        return context
+
+    async with run_server(scope_app, **tls_options(pki, ssl_ciphers=aes128)) as server:
+        stream = await open_tls(server, tls12_client(aes128))
+        async with stream:
+            tls = (await get_json(stream))["tls"]
+        assert tls["tls_version"] == 0x0303
+        assert tls["cipher_suite"] in (0xC02B, 0xC02F)  # the *-AES128-GCM-SHA256 suites
+        tcp = await trio.open_tcp_stream(*server.addresses[0])
+        refused = trio.SSLStream(tcp, tls12_client(aes256), server_hostname="127.0.0.1")
+        async with refused:
+            with pytest.raises(trio.BrokenResourceError), trio.fail_after(10):
+                await refused.do_handshake()

@@ -1,14 +1,16 @@
-"""``--workers`` combined with ``--app-loop asyncio`` and with TLS: real process trees.
+"""``--workers`` with ``--app-loop asyncio`` and with TLS; restart back-off; the kill
+after the graceful-shutdown deadline. Real process trees, bounded.
 
-Each test starts ``python -m trioserve ... --workers 2``, proves that both workers answer
-(two distinct pids) with the combined feature in effect, then stops the parent with SIGTERM
-and checks exit 0 with no worker left behind.
+Each test starts ``python -m trioserve ... --workers 2``, proves what it is about on the
+wire or in the process table, then stops the parent with SIGTERM and checks exit 0 with no
+worker left behind.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import re
+import os
 import signal
 import ssl
 from pathlib import Path
@@ -16,13 +18,24 @@ from typing import Any
 
 import trio
 import trustme
-from supervised import get, is_alive, supervised, wait_all_gone
+from server_process import (
+    WORKER_APP,
+    WORKER_STARTED_RE,
+    get,
+    is_alive,
+    live_children,
+    started_process,
+    wait_all_gone,
+)
 from wire import Client
+
+from trioserve.supervisor import SHUTDOWN_MARGIN
 
 # Reports, per worker process, the async library the app runs on and the loop that ran its
 # lifespan startup (same loop as the request, or the bridge is per call).
 ASYNCIO_APP = """
 import asyncio
+import itertools
 import json
 import os
 
@@ -54,6 +67,7 @@ async def app(scope, receive, send):
 """
 
 TLS_APP = """
+import itertools
 import json
 import os
 
@@ -71,8 +85,6 @@ async def app(scope, receive, send):
                 "headers": [(b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 """
-
-HTTPS_STARTUP_RE = re.compile(r"trioserve running on https://127\.0\.0\.1:(?P<port>\d+)")
 
 
 def base_args(app_dir: Path, app: str) -> list[str]:
@@ -124,7 +136,7 @@ async def test_two_workers_run_the_app_on_asyncio(tmp_path: Path) -> None:
         return answer
 
     with trio.fail_after(40):
-        async with supervised(
+        async with started_process(
             [*base_args(tmp_path, "aioapp:app"), "--app-loop", "asyncio", "--lifespan", "on"]
         ) as server:
             workers = set(await server.wait_ready(2))
@@ -133,7 +145,7 @@ async def test_two_workers_run_the_app_on_asyncio(tmp_path: Path) -> None:
             assert {answer["library"] for answer in answers} == {"asyncio"}
             assert all(answer["same_loop"] for answer in answers), answers
             await stop_cleanly(server, workers)
-    assert "Traceback" not in server.output
+    assert "Traceback" not in server.stderr
 
 
 async def test_two_workers_serve_tls(tmp_path: Path) -> None:
@@ -145,10 +157,9 @@ async def test_two_workers_serve_tls(tmp_path: Path) -> None:
     cert.private_key_pem.write_to_path(str(key_path))
     context = ssl.create_default_context()
     ca.configure_trust(context)
-    port = 0
 
     async def fetch() -> dict[str, Any]:
-        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        tcp = await trio.open_tcp_stream("127.0.0.1", server.port)
         stream = trio.SSLStream(tcp, context, server_hostname="127.0.0.1")
         async with stream:
             response, body = await Client(stream).request(  # type: ignore[arg-type]
@@ -160,10 +171,8 @@ async def test_two_workers_serve_tls(tmp_path: Path) -> None:
 
     tls = ["--ssl-certfile", str(cert_path), "--ssl-keyfile", str(key_path)]
     with trio.fail_after(40):
-        async with supervised(
-            [*base_args(tmp_path, "tlsapp:app"), *tls], wait_started=False
-        ) as server:
-            port = int((await server.wait_for(HTTPS_STARTUP_RE, timeout=15))[0]["port"])
+        async with started_process([*base_args(tmp_path, "tlsapp:app"), *tls]) as server:
+            assert server.url.startswith("https://")
             workers = set(await server.wait_ready(2))
             assert len(workers) == 2
             answers = await pids_from_both(fetch, workers)
@@ -171,7 +180,7 @@ async def test_two_workers_serve_tls(tmp_path: Path) -> None:
                 ("https", True)
             }
             # Plain HTTP on the TLS port is refused without disturbing the workers.
-            plain = await trio.open_tcp_stream("127.0.0.1", port)
+            plain = await trio.open_tcp_stream("127.0.0.1", server.port)
             async with plain:
                 await plain.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
                 with trio.fail_after(10):
@@ -179,3 +188,68 @@ async def test_two_workers_serve_tls(tmp_path: Path) -> None:
                         pass
             assert (await fetch())["scheme"] == "https"
             await stop_cleanly(server, workers)
+
+
+# Lifespan startup fails while a "broken" file exists next to the app (a bad deploy that
+# arrives after the workers booted).
+FLAKY_APP = WORKER_APP.replace(
+    'if os.environ.get("WORKER_APP_FAIL"):',
+    'if os.path.exists(os.path.join(os.path.dirname(__file__), "broken")):',
+)
+
+
+async def test_a_worker_failing_after_boot_is_restarted_with_growing_back_off(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "flaky.py").write_text(FLAKY_APP)
+    with trio.fail_after(40):
+        async with started_process(base_args(tmp_path, "flaky:app")) as server:
+            first = await server.wait_ready(2)
+            (tmp_path / "broken").touch()
+            os.kill(first[0], signal.SIGKILL)
+            # Note when each replacement starts: every one of them fails its startup.
+            starts: list[float] = []
+            while len(starts) < 6:
+                await server.wait_for(WORKER_STARTED_RE, count=3 + len(starts), timeout=15)
+                starts.append(trio.current_time())
+            gaps = [b - a for a, b in itertools.pairwise(starts)]
+            # Each gap is one failed start-up plus the back-off (0.1, 0.2, 0.4, 0.8, 1.6 s);
+            # without a back-off they would all be equal.
+            assert gaps[-1] - gaps[0] >= 1.0, gaps
+            assert server.process.returncode is None  # one worker still serves
+            status, body = await get(server.port)
+            assert (status, int(body)) == (200, first[1])
+            (tmp_path / "broken").unlink()
+            workers = set(await server.wait_ready(3, timeout=20))
+            server.signal(signal.SIGTERM)
+            assert await server.wait_exit() == 0
+            await wait_all_gone(sorted(workers), timeout=5)
+    assert server.stderr.count("database unreachable") >= 5
+
+
+async def test_sigterm_kills_a_worker_still_busy_after_the_graceful_timeout(
+    tmp_path: Path,
+) -> None:
+    """--timeout-graceful-shutdown 1: a worker whose loop is blocked cannot drain; the
+    parent kills it after 1 s + SHUTDOWN_MARGIN and still exits 0, leaving no orphan."""
+    (tmp_path / "workerapp.py").write_text(WORKER_APP)
+    extra = ["--timeout-graceful-shutdown", "1"]
+    with trio.fail_after(40):
+        async with started_process([*base_args(tmp_path, "workerapp:app"), *extra]) as server:
+            workers = await server.wait_ready(2)
+            blocked = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with blocked:
+                await blocked.send_all(b"GET /block?60 HTTP/1.1\r\nHost: t\r\n\r\n")
+                await server.wait_for("app: blocking the loop")
+                start = trio.current_time()
+                server.signal(signal.SIGTERM)
+                assert await server.wait_exit(timeout=20) == 0
+                elapsed = trio.current_time() - start
+            assert 1 + SHUTDOWN_MARGIN - 0.5 <= elapsed < 1 + SHUTDOWN_MARGIN + 5, elapsed
+            await wait_all_gone(workers, timeout=5)
+            assert live_children(server.pid) == []
+    # Only the blocked worker was killed; the idle one drained in time.
+    killed = [
+        pid for pid in workers if f"[{pid}] did not stop in time; killing it" in server.stderr
+    ]
+    assert len(killed) == 1, server.stderr

@@ -23,6 +23,7 @@ trio's resource errors are translated in :meth:`HTTPConnection.receive_bytes` an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -53,6 +54,9 @@ WRITE_YIELD_BYTES: Final = 64 * 1024
 # Bytes of pipelined requests buffered while a response is in progress; beyond this we
 # stop reading (the client's TCP window then pushes back).
 MAX_PIPELINE_BUFFER: Final = 256 * 1024
+# Streamed body chunks the app hands over back to back (without awaiting anything in
+# between) are written together, up to this many bytes: one syscall instead of several.
+COALESCE_BYTES: Final = 256 * 1024
 # An unread request body is drained (so the connection can be reused) up to this size.
 MAX_DISCARD_BODY: Final = 1024 * 1024
 # Lingering close: after an error response, read and discard for at most this long so
@@ -261,6 +265,12 @@ class HTTPConnection:
             await self._close()
 
     async def _close(self) -> None:
+        if self._fd >= 0 and not self.linger:
+            # What aclose_forcefully does for a plain socket (notify trio, close the fd),
+            # minus its cancel scope and the closing checkpoint: a Connection: close request
+            # would pay a scheduler round for nothing.
+            self.stream.socket.close()  # type: ignore[attr-defined]
+            return
         try:
             if self.linger and not self.broken and trio.current_effective_deadline() != -math.inf:
                 with trio.move_on_after(LINGER_TIMEOUT):
@@ -403,7 +413,7 @@ class HTTPConnection:
         # batch on several connections must all see each other (RequestCycle.run undoes it).
         state.active_requests += 1
         app_calls.start_soon(cycle.run)
-        await cycle.response_done.wait()
+        await cycle.flush_until_done()
         if cycle.reading is not None:
             # The app still awaits receive() on the socket: take the reader role back.
             cycle.reading.cancel()
@@ -491,12 +501,15 @@ class RequestCycle:
     """
 
     __slots__ = (
+        "_buffer",
+        "_buffered",
         "_continue_write",
         "_pending",
         "_start_time",
         "_write_turn",
         "_writing",
         "aborted",
+        "attention",
         "body_done",
         "conn",
         "disconnected",
@@ -516,6 +529,10 @@ class RequestCycle:
         self.scope = scope
         self.writer = ResponseWriter(conn.h11, request.method, conn.state.response_headers())
         self.response_done = trio.Event()
+        # Set when the response completes or when streamed chunks were left buffered.
+        self.attention = trio.Event()
+        self._buffer: list[bytes] = []
+        self._buffered = 0
         self.aborted = False
         self.body_done = False
         self.disconnected = False
@@ -554,6 +571,10 @@ class RequestCycle:
             else:
                 if exc is None and not conn.peer_gone:
                     logger.error("ASGI callable returned without completing response")
+                if self._buffer and not (conn.peer_gone or conn.broken):
+                    # What the app did send still reaches the client before the close.
+                    with contextlib.suppress(ClientDisconnected):
+                        await self._write_buffered()
                 self._finish(aborted=True)
         finally:
             state.active_requests -= 1
@@ -578,7 +599,9 @@ class RequestCycle:
 
     def _finish(self, *, aborted: bool) -> None:
         self.aborted = aborted
+        self._buffer = []  # (after an abort: a truncated response, the connection closes)
         self.response_done.set()
+        self.attention.set()
         if self._start_time:
             log_access(
                 self.conn.state,
@@ -614,6 +637,24 @@ class RequestCycle:
                 if self.response_done.is_set():
                     raise AppProtocolError(f"{message_type!r} sent after the response completed")
             pieces = self.writer.body_pieces(message)
+            if pieces and not self.writer.complete:
+                size = sum(map(len, pieces))
+                if self._buffered + size < COALESCE_BYTES:
+                    # Coalesce: an app streaming chunks back to back gets them written
+                    # together. Whenever this app task waits for anything else, the
+                    # connection task (woken here) writes what is buffered, so an app that
+                    # pauses between chunks sees no delay. Still a cancellation point, as
+                    # a write is.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    if not self._buffer:
+                        self.attention.set()
+                    self._buffer += pieces
+                    self._buffered += size
+                    return
+            if self._buffer:
+                pieces = self._buffer + pieces
+                self._buffer = []
+                self._buffered = 0
             if pieces:
                 self._writing = True
                 try:
@@ -634,6 +675,42 @@ class RequestCycle:
             self.writer.start(message, close=conn.closing or self.expect_100)
         else:
             raise AppProtocolError(f"unexpected ASGI message type {message_type!r} for http")
+
+    async def flush_until_done(self) -> None:
+        """The connection task's wait for response completion.
+
+        Meanwhile it writes the streamed chunks the app left buffered (see :meth:`send`)
+        once the app task waits for anything else. It takes its write turn like any task
+        of the app would, so bytes never interleave and there is one writer at a time.
+        """
+        while True:
+            await self.attention.wait()
+            if self.response_done.is_set():
+                return
+            self.attention = trio.Event()
+            try:
+                await self._write_buffered()
+            except ClientDisconnected:
+                self._finish(aborted=True)
+                return
+
+    async def _write_buffered(self) -> None:
+        """Write the buffered chunks, taking a write turn (see :meth:`send`)."""
+        if self._writing or self._continue_write is not None:
+            await self._wait_write_turn()
+        if not self._buffer or self.response_done.is_set():
+            return
+        pieces = self._buffer
+        self._buffer = []
+        self._buffered = 0
+        self._writing = True
+        try:
+            await self.conn.write(pieces)
+        finally:
+            self._writing = False
+            if self._write_turn is not None:
+                self._write_turn.set()
+                self._write_turn = None
 
     async def _wait_write_turn(self) -> None:
         """Wait until no other task of this app (nor the 100 Continue) is writing."""

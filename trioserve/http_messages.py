@@ -59,7 +59,10 @@ def build_http_scope(
     duplicates; h11 has already lower-cased the names.
     """
     raw_path, query_string = split_target(request.target)
-    path = unquote(raw_path.decode("latin-1"), encoding="utf-8", errors="surrogateescape")
+    # Invalid UTF-8 after percent-decoding becomes U+FFFD (as uvicorn and hypercorn do):
+    # a lone surrogate would make every app that encodes the path (a JSON echo of a path
+    # parameter) fail with a 500 that any client can trigger. raw_path keeps the bytes.
+    path = unquote(raw_path.decode("latin-1"), encoding="utf-8", errors="replace")
     if root_path:
         path = root_path + path
         raw_path = root_path.encode("utf-8") + raw_path
@@ -117,12 +120,16 @@ def check_request(request: h11.Request, *, max_head_size: int) -> tuple[int, str
       an error"; h11 silently prefers chunked), and Transfer-Encoding in an HTTP/1.0 request
       (RFC 9112 §6.1: "MUST treat the message as if the framing is faulty").
     * A major version other than 1 (RFC 9110 §15.6.6: 505).
+    * ``CONNECT`` (501): ASGI has no tunnels, and h11 would turn the app's 2xx into one.
     * A head larger than ``max_head_size``: h11 only bounds heads that arrive in several
       reads (``max_incomplete_event_size``), so one large read must be bounded here.
     """
     version = request.http_version
     if version[:1] != b"1":
         return 505, f"unsupported HTTP version {version.decode('ascii', 'replace')}"
+    if request.method == b"CONNECT":
+        # A 2xx would switch the connection to a tunnel (h11), which ASGI cannot express.
+        return 501, "CONNECT is not supported"
     size = len(request.method) + len(request.target) + 12
     content_length = transfer_encoding = False
     for name, value in request.headers:

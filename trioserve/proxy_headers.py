@@ -53,7 +53,7 @@ class TrustedHosts:
         ValueError: an entry is neither of those (the message names it).
     """
 
-    __slots__ = ("_hops", "addresses", "everyone", "networks", "unix")
+    __slots__ = ("_hops", "_peers", "addresses", "everyone", "networks", "unix")
 
     def __init__(self, spec: str | Iterable[str]) -> None:
         entries = spec.split(",") if isinstance(spec, str) else spec
@@ -62,6 +62,7 @@ class TrustedHosts:
         self.addresses: set[IPAddress] = set()
         self.networks: list[IPNetwork] = []
         self._hops: dict[str, tuple[Address, bool] | None] = {}
+        self._peers: dict[str, bool] = {}
         for raw in entries:
             entry = raw.strip()
             if not entry:
@@ -88,7 +89,17 @@ class TrustedHosts:
             return True
         if host is None:
             return self.unix
-        return self.trusts_ip(parse_ip(host))
+        # Asked once per accepted connection, mostly for the same few peers: remembered
+        # (bounded, like hop()), since parsing with ipaddress costs microseconds.
+        try:
+            return self._peers[host]
+        except KeyError:
+            pass
+        answer = self.trusts_ip(parse_ip(host))
+        if len(self._peers) >= HOP_CACHE_SIZE:
+            self._peers.clear()
+        self._peers[host] = answer
+        return answer
 
     def hop(self, text: str) -> tuple[Address, bool] | None:
         """A forwarded hop as (address, trusted), or None if it is not an address.
