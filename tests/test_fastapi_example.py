@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from server_process import CONSOLE_SCRIPT, get, started_process
 
 from trioserve import Config, Server, serve
 from trioserve.app_loading import load_app
@@ -92,3 +96,21 @@ async def test_keep_alive_many_requests(client: httpx.AsyncClient) -> None:
     for i in range(20):
         response = await client.get(f"/items/{i}")
         assert response.json()["item_id"] == i
+
+
+async def test_make_run_command_serves_the_example_and_stops_on_sigint() -> None:
+    # The exact command of the Makefile's `run` target (so it cannot drift), on a free port.
+    root = Path(__file__).resolve().parent.parent
+    recipe = re.search(r"^run:.*\n\t(?P<cmd>.+)$", (root / "Makefile").read_text(), re.M)
+    assert recipe is not None
+    command = recipe["cmd"].replace("$(VENV)/bin/trioserve", CONSOLE_SCRIPT).split()
+    assert command[0] == CONSOLE_SCRIPT
+    with trio.fail_after(30):
+        async with started_process(
+            [*command[1:], "--port", "0"], cwd=root, console_script=True
+        ) as server:
+            status, body = await get(server.address[1])
+            assert status == 200
+            assert json.loads(body) == {"message": "Hello from trioserve"}
+            server.signal(signal.SIGINT)
+            assert await server.finish() == 0
