@@ -6,6 +6,7 @@ Usage::
     python bench/bench.py           # 3 interleaved rounds of 3 s per scenario
     python bench/bench.py --quick   # 1 round of 2 s (smoke)
     python bench/bench.py --servers trioserve,uvicorn-h11 --scenarios hello,json
+    python bench/bench.py --workers-scaling  # also 2-worker lines (hello and json only)
 
 How it measures:
 
@@ -13,6 +14,9 @@ How it measures:
   (``taskset -c 0``), waits until it accepts connections, warms it up, then runs the load
   pinned to CPU 1: ``wrk`` for HTTP scenarios, ``bench/ws_load.py`` for WebSocket echo, and
   1,000 idle keep-alive connections for the memory scenario.
+* ``--workers-scaling`` adds 2-worker lines for hello and json (trioserve, uvicorn-h11 as
+  shipped, and uvicorn-h11 with TCP_NODELAY restored): their server processes may use
+  both CPUs, so they share CPU 1 with the load generator.
 * Servers are interleaved round by round (A B C A B C ...), so ratios to hypercorn-trio and
   uvicorn-h11 are taken per round, side by side, and their median is reported: the machine
   may be shared, absolute numbers drift, ratios much less.
@@ -107,12 +111,25 @@ class ServerSpec:
     name: str
     description: str
     scenarios: frozenset[str] | None = None  # None: all
+    workers: int = 1
+    cpus: str = SERVER_CPU  # taskset list for the server's processes
 
     def command(self, app: str, port: int) -> list[str]:
+        argv = self._command(app, port)
+        if self.workers > 1:
+            argv += ["--workers", str(self.workers)]
+        return argv
+
+    def _command(self, app: str, port: int) -> list[str]:
         py = sys.executable
         bindir = Path(py).parent
         p = str(port)
-        if self.name in ("trioserve", "trioserve-accesslog", "trioserve-asyncio"):
+        if self.name == "uvicorn-h11-2w-nodelay":
+            app = {
+                RAW_APP: "apps.uvicorn_nodelay:raw",
+                FASTAPI_APP: "apps.uvicorn_nodelay:fastapi",
+            }[app]
+        if self.name in ("trioserve", "trioserve-accesslog", "trioserve-asyncio", "trioserve-2w"):
             log = (
                 ["--access-log", "--log-level", "info"]
                 if self.name.endswith("accesslog")
@@ -146,7 +163,7 @@ class ServerSpec:
                 "warning",
                 app,
             ]
-        if self.name == "uvicorn-h11":
+        if self.name in ("uvicorn-h11", "uvicorn-h11-2w", "uvicorn-h11-2w-nodelay"):
             return [
                 str(bindir / "uvicorn"),
                 app,
@@ -205,6 +222,26 @@ SERVERS: dict[str, ServerSpec] = {
         ),
     )
 }
+SCALING_SCENARIOS = frozenset({"hello", "json"})
+BOTH_CPUS = f"{SERVER_CPU},{LOAD_CPU}"
+# Not in the default server list: --workers-scaling (or --servers) adds them.
+WORKER_SERVERS: dict[str, ServerSpec] = {
+    s.name: s
+    for s in (
+        ServerSpec("trioserve-2w", "trioserve --workers 2", SCALING_SCENARIOS, 2, BOTH_CPUS),
+        ServerSpec(
+            "uvicorn-h11-2w", "uvicorn-h11 --workers 2 as shipped", SCALING_SCENARIOS, 2, BOTH_CPUS
+        ),
+        ServerSpec(
+            "uvicorn-h11-2w-nodelay",
+            "uvicorn-h11 --workers 2, TCP_NODELAY restored (bench/apps/uvicorn_nodelay.py)",
+            SCALING_SCENARIOS,
+            2,
+            BOTH_CPUS,
+        ),
+    )
+}
+ALL_SERVERS = {**SERVERS, **WORKER_SERVERS}
 
 
 # -- one measurement ------------------------------------------------------------------------
@@ -316,7 +353,7 @@ def running_server(spec: ServerSpec, app: str, log_path: Path) -> Iterator[tuple
     env = dict(os.environ, PYTHONPATH=str(BENCH_DIR))
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, *spec.command(app, port)],
+            ["taskset", "-c", spec.cpus, *spec.command(app, port)],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -693,7 +730,7 @@ def run(
         for round_no in range(rounds):
             for name in servers:
                 try:
-                    sample = measure(SERVERS[name], scenario, seconds, warmup, workdir)
+                    sample = measure(ALL_SERVERS[name], scenario, seconds, warmup, workdir)
                 except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
                     sample = Sample(rate=None, note=f"failed: {exc}")
                 samples[name].append(sample)
@@ -719,6 +756,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument(
+        "--workers-scaling",
+        action="store_true",
+        help="also run " + ", ".join(WORKER_SERVERS) + " (hello and json only)",
+    )
+    parser.add_argument(
         "--output",
         default=None,
         help=f"markdown file (default: {RESULTS_PATH.name} unless --quick)",
@@ -728,8 +770,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = args.duration or (2.0 if args.quick else 3.0)
     warmup = 1.0
     servers = [s for s in args.servers.split(",") if s]
+    if args.workers_scaling:
+        servers += [s for s in WORKER_SERVERS if s not in servers]
     scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = [s for s in servers if s not in SERVERS] + [
+    unknown = [s for s in servers if s not in ALL_SERVERS] + [
         s for s in scenarios if s not in SCENARIOS
     ]
     if unknown:

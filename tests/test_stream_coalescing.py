@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import run_server
 from wire import connect, parse_responses, read_until_eof, receive_until
 
