@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from trioserve import Config, Server, serve
 
@@ -72,6 +73,40 @@ async def run_server(app: Any, **options: Any) -> AsyncIterator[Server]:
             yield server
         finally:
             nursery.cancel_scope.cancel()
+
+
+# The virtual clock of tests whose peers talk over real sockets (replaces pytest-trio's
+# ``autojump_clock``, whose threshold is 0). At 0 the clock jumps to the next deadline as soon
+# as every task waits, even while bytes one task has sent are still inside the kernel on their
+# way to another: under load loopback delivery is deferred (to ksoftirqd), and a timeout then
+# fires "early" or a wait is measured a whole timer long. A jump now needs every task to have
+# waited this many real seconds, far longer than any delivery takes; it stays small next to
+# the seconds of virtual time the tests skip.
+AUTOJUMP_THRESHOLD = 0.05
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=AUTOJUMP_THRESHOLD)
+
+
+def connection_tasks() -> list[trio.lowlevel.Task]:
+    """The connection tasks of this run's in-process servers: one per accepted connection.
+
+    ``connect()`` returns once the kernel completed the handshake, before the server's
+    ``accept()`` took the connection: a test about accepted connections waits for these.
+    """
+    found: list[trio.lowlevel.Task] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(".serve_connection"):
+            found.append(task)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    walk(trio.lowlevel.current_root_task())
+    return found
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import h11
 import pytest
 import trio
 import trio.testing
-from conftest import hello_app, run_server
+from conftest import connection_tasks, hello_app, run_server
 from server_process import (
     WORKER_APP,
     LoadResult,
@@ -129,7 +129,9 @@ async def test_connection_accepted_before_a_drain_gets_its_first_request_answere
     # What makes recycling lossless: the request of a client whose connection was accepted
     # just before the worker began to drain is still on its way, and must be answered.
     async with run_server(hello_app) as server, await connect(server.addresses[0]) as fresh:
-        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):  # until the server's accept() has taken it
+            while not connection_tasks():
+                await trio.sleep(0.01)
         server.shutdown_nowait()
         await trio.testing.wait_all_tasks_blocked()
         client = Client(fresh)

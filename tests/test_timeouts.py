@@ -117,10 +117,12 @@ async def test_slow_app_and_slow_upload_are_not_cut_by_head_or_keep_alive_timeou
 async def test_graceful_drain_closes_idle_at_once_and_waits_for_in_flight(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    app_started = trio.Event()
     app_finished = trio.Event()
 
     async def app(scope: Any, receive: Any, send_: Any) -> None:
         if scope["path"] == "/slow":
+            app_started.set()
             await trio.sleep(3)
         await hello_app(scope, receive, send_)
         if scope["path"] == "/slow":
@@ -135,7 +137,8 @@ async def test_graceful_drain_closes_idle_at_once_and_waits_for_in_flight(
             await idle.send_all(GET)
             assert await receive_until(idle, b"world!") == RESPONSE
             await busy.send_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-            await trio.testing.wait_all_tasks_blocked()
+            # Not wait_all_tasks_blocked(): the request may still be inside the kernel.
+            await app_started.wait()
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.shutdown)
@@ -157,9 +160,11 @@ async def test_graceful_drain_closes_idle_at_once_and_waits_for_in_flight(
 async def test_graceful_drain_cancels_in_flight_requests_after_the_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    started = trio.Event()
     cancelled = trio.Event()
 
     async def app(scope: Any, receive: Any, send_: Any) -> None:
+        started.set()
         try:
             await trio.sleep(3600)
         except trio.Cancelled:
@@ -171,7 +176,7 @@ async def test_graceful_drain_cancels_in_flight_requests_after_the_timeout(
         await connect(server.addresses[0]) as stream,
     ):
         await stream.send_all(GET)
-        await trio.testing.wait_all_tasks_blocked()
+        await started.wait()
         start = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.shutdown)

@@ -77,6 +77,30 @@ class HTTPConnection:
         scheme: ``"http"`` or ``"https"``.
     """
 
+    # (Slots: an idle keep-alive connection then costs no instance __dict__.)
+    __slots__ = (
+        "_fd",
+        "_read_since_yield",
+        "_timeout_scope",
+        "_upgraded_to",
+        "_written_since_yield",
+        "broken",
+        "client",
+        "closing",
+        "completes_scope",
+        "h11",
+        "idle",
+        "linger",
+        "peer",
+        "peer_gone",
+        "scheme",
+        "server",
+        "state",
+        "stream",
+        "tls_extension",
+        "trusted_proxies",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -99,6 +123,7 @@ class HTTPConnection:
         # (TLS, PROXY-protocol wrappers), which always go through send_all.
         self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
         self._written_since_yield = 0
+        self._read_since_yield = 0
         self.peer_gone = False
         self.broken = False  # a write was interrupted: never reuse, never linger
         self.linger = False  # close with a lingering read (we may have unread input)
@@ -113,8 +138,14 @@ class HTTPConnection:
 
     # -- stream boundary: trio resource errors are translated here only ----------------
 
-    async def receive_bytes(self) -> bytes:
-        """Read some bytes; b"" when the peer closed or the connection broke."""
+    async def receive_bytes(self, *, wait_first: bool = False) -> bytes:
+        """Read some bytes; b"" when the peer closed or the connection broke.
+
+        ``wait_first``: the caller expects nothing to have arrived yet (a WebSocket that
+        just delivered a message, whose peer usually waits for the reply): wait until readable
+        before reading, sparing the read that would fail (raising BlockingIOError is the
+        dearer half of it).
+        """
         data: bytes
         try:
             if self._fd < 0:
@@ -125,19 +156,26 @@ class HTTPConnection:
                 # a checkpoint), minus its wrappers: an idle keep-alive connection then
                 # parks fewer frames (memory per connection) and a read costs less. As with
                 # receive_some, a read in a cancelled scope raises before consuming anything.
-                await trio.lowlevel.checkpoint_if_cancelled()
+                if wait_first:
+                    await trio.lowlevel.wait_readable(self._fd)  # the checkpoint
+                else:
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 try:
-                    data = os.read(self._fd, RECEIVE_SIZE)
+                    read: bytes | None = os.read(self._fd, RECEIVE_SIZE)
                 except BlockingIOError:
-                    while True:
+                    read = None
+                # (Waiting outside the except clause: a task parked inside it would keep the
+                # exception and its traceback alive for the whole idle period, ~0.5 KiB.)
+                if read is None:
+                    while read is None:
                         await trio.lowlevel.wait_readable(self._fd)
                         try:
-                            data = os.read(self._fd, RECEIVE_SIZE)
-                            break
+                            read = os.read(self._fd, RECEIVE_SIZE)
                         except BlockingIOError:
-                            continue
-                else:
+                            pass
+                elif not wait_first:
                     await trio.lowlevel.cancel_shielded_checkpoint()
+                data = read
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if not data:
@@ -163,6 +201,14 @@ class HTTPConnection:
         if not data:
             self.peer_gone = True
         return data
+
+    async def read_fairly(self, size: int) -> None:
+        """After a read that did not wait: yield once per ``WRITE_YIELD_BYTES`` read, so a
+        fast upload cannot keep the other connections from running."""
+        self._read_since_yield += size
+        if self._read_since_yield >= WRITE_YIELD_BYTES:
+            self._read_since_yield = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def write(self, data: bytes | list[bytes]) -> None:
         """Write ``data`` (bytes, or pieces written back to back) completely.
@@ -347,6 +393,8 @@ class HTTPConnection:
                     timeout.deadline = trio.current_time() + keep_alive
                 elif timeout.deadline != head_deadline:
                     timeout.deadline = head_deadline
+                # (Not wait_first: under load the next keep-alive request has often
+                # arrived by the time this task runs again.)
                 data = await self.receive_bytes()
                 self.idle = False
                 conn.receive_data(data)
@@ -782,11 +830,22 @@ class RequestCycle:
             if isinstance(event, h11.RemoteProtocolError):
                 return self._peer_error(event)
             if event is h11.NEED_DATA:
-                data = await self._read()
+                # Body bytes usually have arrived already (sent right behind the head):
+                # read them without the cancel scope and Event a waiting read needs.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                data = conn.receive_nowait()
+                waited = data is None
+                if data is None:
+                    data = await self._read()
                 if not data:  # peer gone, EOF, or the response completed meanwhile
                     self.disconnected = True
                     return _DISCONNECT
-                h11_conn.receive_data(data)
+                h11_conn.receive_data(data)  # (fed before any yield: bytes stay in order)
+                if not waited:
+                    await conn.read_fairly(len(data))
+                    if self.response_done.is_set():  # the connection task reads now
+                        self.disconnected = True
+                        return _DISCONNECT
                 continue
             if isinstance(event, h11.Data):
                 # Peek so a body that is complete in the buffer ends with more_body=False.

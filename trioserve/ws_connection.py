@@ -546,7 +546,9 @@ class WebSocketConnection:
             if eof:
                 return  # pragma: no cover - receive_data(None) always yields a close
             await self._wait_writable(READER_PAUSE_OUTBOX)
-            data = await http.receive_bytes()
+            # Everything received so far is handled: the peer's next frame (often a reply
+            # to what the app just sent) has usually not arrived yet.
+            data = await http.receive_bytes(wait_first=True)
             eof = not data
 
     async def _deliver(
