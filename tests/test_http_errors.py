@@ -323,16 +323,19 @@ async def test_head_just_under_the_limit_is_accepted() -> None:
 
 async def test_limit_concurrency_answers_503_past_the_limit() -> None:
     release = trio.Event()
+    slow_started = trio.Event()
 
     async def app(scope: Any, receive: Any, send_: Any) -> None:
         if scope["path"] == "/slow":
+            slow_started.set()
             await release.wait()
         await hello_app(scope, receive, send_)
 
     async with run_server(with_ok(app), limit_concurrency=1, **EXACT) as server:
         async with await connect(server.addresses[0]) as slow:
             await slow.send_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(10):  # the request may still be inside the kernel
+                await slow_started.wait()
             data = await fetch(server, GET)
             [(response, body)] = parse_responses(data)
             assert response.status_code == 503
@@ -367,6 +370,9 @@ async def test_disconnect_delivered_to_app_awaiting_receive_and_send_raises() ->
     async with run_server(with_ok(app), **EXACT) as server:
         stream = await connect(server.addresses[0])
         await stream.send_all(GET)
+        with trio.fail_after(10):  # until the request arrived (it may be in the kernel)
+            while not events:
+                await trio.sleep(0.01)
         await trio.testing.wait_all_tasks_blocked()
         assert len(events) == 1
         await stream.aclose()
@@ -394,7 +400,9 @@ async def test_disconnect_delivered_mid_body() -> None:
     async with run_server(with_ok(app), **EXACT) as server:
         stream = await connect(server.addresses[0])
         await stream.send_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
-        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):  # mid-body: the app has the first piece
+            while not events:
+                await trio.sleep(0.01)
         await stream.aclose()
         with trio.fail_after(2):
             await done.wait()

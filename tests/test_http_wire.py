@@ -337,10 +337,13 @@ async def test_100_continue_client_sending_body_anyway_still_gets_one_response()
 
 
 UPLOAD_SIZE = 64 * 1024 * 1024
+# Real seconds without any task running or any I/O event: the sockets have settled.
+SETTLE = 0.05
 
 
 async def test_request_body_is_streamed_in_pieces_with_backpressure() -> None:
     proceed = trio.Event()
+    first_piece = trio.Event()
     pieces: list[int] = []
 
     async def app(scope: Any, receive: Any, send_: Any) -> None:
@@ -349,6 +352,7 @@ async def test_request_body_is_streamed_in_pieces_with_backpressure() -> None:
             assert message["type"] == "http.request"
             pieces.append(len(message["body"]))
             if len(pieces) == 1:
+                first_piece.set()
                 await proceed.wait()
             if not message["more_body"]:
                 break
@@ -371,7 +375,11 @@ async def test_request_body_is_streamed_in_pieces_with_backpressure() -> None:
     async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload, stream)
-            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(10):
+                await first_piece.wait()
+            # Bytes in flight inside the kernel do not count as a running task: settled
+            # means nothing moved for SETTLE real seconds.
+            await trio.testing.wait_all_tasks_blocked(SETTLE)
             # The app asked once: the server read no further than that, so the client is
             # blocked by TCP flow control with most of the upload still unsent.
             assert len(pieces) == 1
@@ -399,7 +407,10 @@ async def test_response_is_streamed_with_backpressure_to_a_slow_client() -> None
 
     async with run_server(app, **EXACT) as server, await connect(server.addresses[0]) as stream:
         await stream.send_all(get("/", b"Connection: close\r\n"))
-        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):
+            while not sent_chunks:  # the request is in (it may take a while to arrive)
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked(SETTLE)
         # The client reads nothing: the app is blocked inside send() long before the end.
         assert 0 < sent_chunks < chunks_total // 4
         client = Client(stream)
@@ -789,7 +800,10 @@ async def test_limit_concurrency_holds_for_requests_arriving_together() -> None:
         try:
             for stream in streams:
                 await stream.send_all(get("/", b"Connection: close\r\n"))
-            await trio.testing.wait_all_tasks_blocked()
+            # Until two requests were answered (with 503) while the app holds the third.
+            with trio.fail_after(10):
+                while sum(readable(stream) for stream in streams) < 2:
+                    await trio.sleep(0.01)
             release.set()
             statuses = []
             for stream in streams:
