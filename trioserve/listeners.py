@@ -47,6 +47,15 @@ def bind_sockets(config: Config) -> list[BoundSocket]:
     return [describe(bind_tcp(config.bind_host, config.port, config.backlog))]
 
 
+def close_sockets(bound: list[BoundSocket], config: Config) -> None:
+    """Close what :func:`bind_sockets` returned and remove the ``--uds`` socket file."""
+    for b in bound:
+        b.sock.close()
+        if config.uds is not None and isinstance(b.address, str):
+            with contextlib.suppress(OSError):
+                os.unlink(b.address)
+
+
 def adopt_fd(fd: int, backlog: int) -> socket.socket:
     """Listen on an inherited socket (bound by a parent process or a process manager).
 

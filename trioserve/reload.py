@@ -58,12 +58,7 @@ class ReloadFilter:
         return any(fnmatch(path.name, p) or fnmatch(text, p) for p in self.includes)
 
     def _relative(self, path: Path) -> Path:
-        for root in self.roots:
-            try:
-                return path.relative_to(root)
-            except ValueError:
-                continue
-        return Path(path.name)
+        return _relative_to_any(path, self.roots) or Path(path.name)
 
 
 def watched_dirs(config: Config) -> list[Path]:
@@ -118,9 +113,12 @@ async def watch_changes(
 
 
 def _shown(path: Path, roots: Sequence[Path]) -> str:
+    return str(_relative_to_any(path, roots) or path)
+
+
+def _relative_to_any(path: Path, roots: Sequence[Path]) -> Path | None:
+    """``path`` relative to the first of ``roots`` that contains it."""
     for root in roots:
-        try:
-            return str(path.relative_to(root))
-        except ValueError:
-            continue
-    return str(path)
+        if path.is_relative_to(root):
+            return path.relative_to(root)
+    return None

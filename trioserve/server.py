@@ -15,10 +15,8 @@ runner ask for a graceful stop through :class:`Server` or ``shutdown_trigger``; 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import os
 import random
 import socket
 import sys
@@ -30,13 +28,13 @@ import trio
 from .asgi_types import ASGIApp
 from .asyncio_bridge import open_app_loop
 from .config import Config
-from .errors import ClientDisconnected
 from .http_connection import HTTPConnection
 from .lifespan import lifespan
 from .listeners import (
     BoundSocket,
     MemoryListener,
     bind_sockets,
+    close_sockets,
     peer_addresses,
     to_listener,
 )
@@ -218,9 +216,7 @@ async def _serve(
     limit = config.limit_max_requests
     if limit is not None and config.limit_max_requests_jitter:
         limit += random.randint(0, config.limit_max_requests_jitter)
-    state = ServerState(
-        config, app, max_requests=limit, on_app_error=_app_errors_only(on_app_error)
-    )
+    state = ServerState(config, app, max_requests=limit, on_app_error=on_app_error)
     bound: list[BoundSocket] = []
     try:
         # --app-loop asyncio: the app (lifespan, http, websocket) is called through the
@@ -253,27 +249,9 @@ async def _serve(
     finally:
         if memory is not None:
             memory.close()
-        for b in bound:
-            b.sock.close()
-            if config.uds is not None and isinstance(b.address, str):
-                with contextlib.suppress(OSError):
-                    os.unlink(b.address)
+        close_sockets(bound, config)
         if server is not None:
             server._stopped.set()
-
-
-def _app_errors_only(
-    on_app_error: Callable[[BaseException], None] | None,
-) -> Callable[[BaseException], None] | None:
-    """Filter out ClientDisconnected: the peer left, the app did nothing wrong."""
-    if on_app_error is None:
-        return None
-
-    def report(exc: BaseException) -> None:
-        if not isinstance(exc, ClientDisconnected):
-            on_app_error(exc)
-
-    return report
 
 
 def _max_requests_reached(server: Server) -> Callable[[], None]:

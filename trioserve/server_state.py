@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from .access_format import access_fields, compile_access_format
 from .asgi_types import ASGIApp
 from .config import Config
+from .errors import ClientDisconnected
 from .transport import EdgeSettings
 
 access_logger = logging.getLogger("trioserve.access")
@@ -166,5 +167,7 @@ class ServerState:
             self.on_max_requests()
 
     def report_app_error(self, exc: BaseException) -> None:
-        if self.on_app_error is not None:
+        """Hand an app call's exception to ``on_app_error``; ClientDisconnected is not one
+        (the peer left, the app did nothing wrong)."""
+        if self.on_app_error is not None and not isinstance(exc, ClientDisconnected):
             self.on_app_error(exc)

@@ -41,7 +41,6 @@ Policies, all decided in one place (:meth:`Supervisor._reconcile`, run after eve
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -55,7 +54,7 @@ import trio
 
 from .config import Config
 from .errors import AppLoadError, BindError, ConfigError, LifespanError
-from .listeners import BoundSocket, bind_sockets
+from .listeners import BoundSocket, bind_sockets, close_sockets
 from .worker_process import WorkerProcess, run_worker_process
 from .worker_protocol import WorkerEvent
 
@@ -94,11 +93,7 @@ def run_supervisor(app: str, config: Config) -> None:
             raise ConfigError("worker processes support exactly one listening socket")
         trio.run(Supervisor(app, config, bound[0]).run)
     finally:
-        for b in bound:
-            b.sock.close()
-            if config.uds is not None and isinstance(b.address, str):
-                with contextlib.suppress(OSError):
-                    os.unlink(b.address)
+        close_sockets(bound, config)
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -210,9 +205,7 @@ class Supervisor:
                 logger.warning("Received %s again, stopping the workers now", name)
                 self.stop_deadline = trio.current_time() + HARD_STOP_TIMEOUT
                 for worker in self.workers:
-                    if worker.process is not None and worker.process.returncode is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            worker.process.terminate()
+                    worker.terminate(again=True)
                     worker.stop_scope.deadline = min(worker.stop_scope.deadline, self.stop_deadline)
         elif self.stopping:
             logger.info("Received %s while stopping; ignored", name)

@@ -56,9 +56,10 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.process.pid if self.process is not None else 0
 
-    def terminate(self) -> None:
-        """Send SIGTERM (drain), once; the worker may not be spawned yet."""
-        if self.term_sent:
+    def terminate(self, *, again: bool = False) -> None:
+        """Send SIGTERM (drain), once unless ``again`` (a second SIGTERM: "stop now");
+        the worker may not be spawned yet."""
+        if self.term_sent and not again:
             return
         self.term_sent = True
         if self.process is not None and self.process.returncode is None:
@@ -131,8 +132,7 @@ async def run_worker_process(
             worker.process = process
             logger.info("Started worker process [%d]", process.pid)
             if worker.term_sent:  # asked to stop while it was being spawned
-                worker.term_sent = False
-                worker.terminate()
+                worker.terminate(again=True)
             nursery.start_soon(_kill_when_late, worker)
             link = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
             await _follow(worker, link, stack_file, healthcheck, on_event, on_blocked)

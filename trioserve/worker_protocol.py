@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 SPEC_ENV: Final = "TRIOSERVE_WORKER"
 FailureKind = Literal["load", "lifespan", "os"]
+EventName = Literal["beat", "ready", "draining", "failed"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class WorkerSpec:
 class WorkerEvent:
     """One status line from a worker to its parent."""
 
-    event: Literal["beat", "ready", "draining", "failed"]
+    event: EventName
     kind: FailureKind | None = None
     error: str | None = None
 
@@ -54,11 +55,6 @@ class WorkerEvent:
             ValueError: not a status line.
         """
         data = json.loads(line)
-        if not isinstance(data, dict) or data.get("event") not in (
-            "beat",
-            "ready",
-            "draining",
-            "failed",
-        ):
+        if not isinstance(data, dict) or data.get("event") not in get_args(EventName):
             raise ValueError(f"not a worker status line: {line!r}")
         return cls(event=data["event"], kind=data.get("kind"), error=data.get("error"))
