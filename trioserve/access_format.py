@@ -62,18 +62,22 @@ class AccessTemplate:
     __slots__ = ("_parts",)
 
     def __init__(self, parts: list[tuple[str, str | None]]) -> None:
-        # (literal text, field name or "header:<lower-case name>" or None)
-        self._parts = parts
+        # (literal text, field name or None, lower-case header name for {header:NAME}):
+        # the header key is encoded here once, not on every access line.
+        self._parts = [
+            (literal, name, None)
+            if name is None or not name.startswith("header:")
+            else (literal, None, name[7:].encode("latin-1"))
+            for literal, name in parts
+        ]
 
     def render(self, fields: Mapping[str, Any], headers: Any = ()) -> str:
         out: list[str] = []
-        for literal, name in self._parts:
+        for literal, name, header in self._parts:
             out.append(literal)
-            if name is None:
-                continue
-            if name.startswith("header:"):
-                out.append(_header(headers, name[7:].encode("latin-1")) or "-")
-            else:
+            if header is not None:
+                out.append(_header(headers, header) or "-")
+            elif name is not None:
                 out.append(str(fields[name]))
         return "".join(out)
 

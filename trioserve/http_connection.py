@@ -416,16 +416,35 @@ class HTTPConnection:
     async def _reject(self, status: int, reason: str, *, method: bytes = b"GET") -> None:
         """Answer a malformed request head with ``status`` and close (peer's fault)."""
         logger.info("%s - invalid HTTP request: %s (%d)", self.peer, reason, status)
-        data = error_response(self.h11, status, self.state.response_headers(), method=method)
+        await self.answer_and_close(status, method=method)
+
+    async def answer_and_close(
+        self,
+        status: int,
+        *,
+        method: bytes = b"GET",
+        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> bool:
+        """Send trioserve's own plain error response; the connection then closes.
+
+        The close lingers (the client may still be sending). The write is bounded by the
+        head timeout, as the connection's deadline may not be armed at this point.
+
+        Returns:
+            Whether the whole response was written.
+        """
+        headers = self.state.response_headers()
+        data = error_response(self.h11, status, extra_headers + headers, method=method)
         self.linger = True
-        if data and not self.peer_gone:
-            # Bounded by the head timeout (the connection's deadline may not be armed when
-            # the whole head arrived in one read).
-            with trio.move_on_after(self.state.config.timeout_request_header):
-                try:
-                    await self.write(data)
-                except ClientDisconnected:
-                    pass
+        if not data or self.peer_gone:
+            return False
+        with trio.move_on_after(self.state.config.timeout_request_header):
+            try:
+                await self.write(data)
+            except ClientDisconnected:
+                return False
+            return True
+        return False
 
     async def _handle_request(self, request: h11.Request, app_calls: trio.Nursery) -> bool:
         """Run one request to response completion; True if the connection can be reused."""
@@ -436,12 +455,7 @@ class HTTPConnection:
         # its upgrade with 503 too, and --limit-max-requests counts its handshake.
         if limit is not None and state.active_requests >= limit:
             logger.warning("%s - concurrency limit %d reached, answering 503", self.peer, limit)
-            self.linger = True
-            data = error_response(self.h11, 503, state.response_headers(), method=request.method)
-            try:
-                await self.write(data)
-            except ClientDisconnected:
-                pass
+            await self.answer_and_close(503, method=request.method)
             return False
         state.count_request()
         if config.ws != "none" and is_websocket_upgrade(request):
@@ -630,20 +644,9 @@ class RequestCycle:
                 self._finish(aborted=True)
 
     async def _send_error(self, status: int) -> None:
-        conn = self.conn
-        data = error_response(
-            conn.h11, status, conn.state.response_headers(), method=self.request.method
-        )
         self.writer.status = status
-        conn.linger = True
-        aborted = True
-        if data and not conn.peer_gone:
-            try:
-                await conn.write(data)
-                aborted = False
-            except ClientDisconnected:
-                pass
-        self._finish(aborted=aborted)
+        written = await self.conn.answer_and_close(status, method=self.request.method)
+        self._finish(aborted=not written)
 
     def _finish(self, *, aborted: bool) -> None:
         self.aborted = aborted

@@ -160,14 +160,6 @@ def head_has_obs_fold(buffer: bytes) -> bool:
     return _OBS_FOLD.search(buffer, 0, len(buffer) if end is None else end.start()) is not None
 
 
-def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The first value of header ``name`` (lower-case), or None."""
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
 def is_websocket_upgrade(request: h11.Request) -> bool:
     """Whether the request asks to switch to WebSocket (RFC 6455 §4.1)."""
     upgrade = False

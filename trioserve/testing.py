@@ -206,7 +206,7 @@ class RunningServer:
         """
         import httpx
 
-        address = self.server.addresses[0] if self.server.addresses else None
+        address = self._address()
         if self.transport == "memory":
             kwargs.setdefault("transport", memory_transport_class()(self.server))
             kwargs.setdefault("base_url", self.url)
@@ -235,8 +235,12 @@ class RunningServer:
             self.open_stream, self._host(), path, tuple(subprotocols), tuple(headers)
         )
 
+    def _address(self) -> tuple[str, int] | str | None:
+        """The first listening address (None in memory)."""
+        return self.server.addresses[0] if self.server.addresses else None
+
     def _host(self) -> str:
-        address = self.server.addresses[0] if self.server.addresses else None
+        address = self._address()
         if address is None or isinstance(address, str):
             return "testserver" if address is None else "localhost"
         host, port = address

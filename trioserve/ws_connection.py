@@ -252,7 +252,7 @@ class WebSocketConnection:
             if config.ws_ping_interval:
                 io.start_soon(self._keepalive, config.ws_ping_interval, config.ws_ping_timeout)
             app_exc = await call_app(state.app, scope, self.receive, self.send)
-            if app_exc is not None and not isinstance(app_exc, ClientDisconnected):
+            if app_exc is not None:
                 state.report_app_error(app_exc)
             await self._after_app(app_exc)
             io.cancel_scope.cancel()
@@ -261,17 +261,12 @@ class WebSocketConnection:
         """Answer an invalid upgrade request with 400 (the peer's fault, INFO)."""
         http = self.http
         logger.info("%s - invalid WebSocket upgrade request: %s (400)", http.peer, exc)
-        headers = http.state.response_headers()
+        extra: tuple[tuple[bytes, bytes], ...] = ()
         if isinstance(exc, RemoteProtocolError) and "Version" in str(exc):
             # RFC 6455 §4.2.2: tell the client which version we speak.
-            headers = ((b"sec-websocket-version", b"13"), *headers)
-        data = error_response(http.h11, 400, headers)
-        http.linger = True
+            extra = ((b"sec-websocket-version", b"13"),)
         self._log_handshake(400)
-        try:
-            await http.write(data)
-        except ClientDisconnected:
-            pass
+        await http.answer_and_close(400, extra_headers=extra)
 
     async def _after_app(self, exc: Exception | None) -> None:
         """The app returned (or raised): end the handshake or the WebSocket, bounded."""
@@ -372,9 +367,11 @@ class WebSocketConnection:
         headers = action.headers + [
             header for header in http.state.response_headers() if header[0] not in names
         ]
-        extensions: list[Extension] = []
-        if http.state.config.ws_per_message_deflate:
-            extensions.append(BoundedPerMessageDeflate(http.state.config.ws_max_size))
+        config = http.state.config
+        deflate = None
+        if config.ws_per_message_deflate:
+            deflate = BoundedPerMessageDeflate(config.ws_max_size)
+        extensions: list[Extension] = [deflate] if deflate is not None else []
         self._queue(
             self.ws.send(
                 AcceptConnection(
@@ -382,11 +379,10 @@ class WebSocketConnection:
                 )
             )
         )
-        for extension in extensions:
-            if isinstance(extension, PerMessageDeflate) and extension.enabled():
-                # Inflating with the largest window decodes any smaller window too, so a
-                # client that cannot honour a small client_max_window_bits is still read.
-                extension.client_max_window_bits = 15
+        if deflate is not None and deflate.enabled():
+            # Inflating with the largest window decodes any smaller window too, so a
+            # client that cannot honour a small client_max_window_bits is still read.
+            deflate.client_max_window_bits = 15
         self._accepted = True
         self._log_handshake(101)
         self._handshake_done.set()
