@@ -19,8 +19,13 @@ BASE_CONFIG = Config(port=0, lifespan="off", access_log=False)
 async def hello_app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
     await send({"type": "http.response.body", "body": b"Hello, world!"})
 
 

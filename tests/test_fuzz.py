@@ -23,7 +23,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wire import Client, connect, read_until_eof
 
-from trioserve.http_messages import build_http_scope, check_request, head_has_obs_fold
+from trioserve.errors import AppProtocolError
+from trioserve.http_messages import (
+    build_http_scope,
+    check_fields,
+    check_request,
+    head_has_obs_fold,
+)
 
 FRAGMENTS = [
     b"GET ",
@@ -178,3 +184,34 @@ def test_pure_request_functions_never_raise_on_what_h11_accepts(raw: bytes, root
     assert scope["raw_path"].startswith(root_path.encode())
     assert scope["path"].startswith(root_path)
     assert isinstance(scope["query_string"], bytes)
+
+
+# Response header fields: trioserve checks them itself (and tells h11 they are clean), so
+# its check must accept exactly what h11's would.
+_FIELD_BYTES = st.binary(max_size=12) | st.sampled_from(
+    [b"", b"x", b" x", b"x ", b"a b", b"a\tb", b"a\r\nb", b"a\x00", b"\x80\xff", b"a\x0bb", b"\x7f"]
+)
+
+
+def _h11_accepts(name: bytes, value: bytes) -> bool:
+    try:
+        h11.Response(status_code=200, headers=[(name, value)])
+    except h11.LocalProtocolError:
+        return False
+    return True
+
+
+@settings(max_examples=2000, deadline=None)
+@given(name=_FIELD_BYTES, value=_FIELD_BYTES)
+def test_response_field_check_matches_h11(name: bytes, value: bytes) -> None:
+    checked: set[tuple[bytes, bytes]] = set()
+    try:
+        check_fields([(name, value)], checked)
+    except AppProtocolError:
+        ours = False
+    else:
+        ours = True
+    if name.lower() in (b"content-length", b"transfer-encoding"):
+        return  # (h11 also checks these framing headers' values; it still does for us)
+    assert ours == _h11_accepts(name, value)
+    assert ((name, value) in checked) == ours

@@ -41,6 +41,7 @@ from .http_messages import (
     check_request,
     error_response,
     head_has_obs_fold,
+    header_list,
     is_websocket_upgrade,
 )
 from .proxy_headers import TrustedHosts, apply_proxy_headers
@@ -343,14 +344,14 @@ class HTTPConnection:
         with trio.CancelScope() as timeout:
             self._timeout_scope = timeout
             while True:
-                request = await self._read_head(
+                head = await self._read_head(
                     timeout, config.timeout_keep_alive, config.timeout_request_header
                 )
-                if request is None:
+                if head is None:
                     return
                 if timeout.deadline != math.inf:
                     timeout.deadline = math.inf
-                if not await self._handle_request(request, app_calls):
+                if not await self._handle_request(*head, app_calls):
                     return
                 conn.start_next_cycle()
         # Reached only when the timeout scope fired (keep-alive, slow head or drain).
@@ -361,12 +362,13 @@ class HTTPConnection:
 
     async def _read_head(
         self, timeout: trio.CancelScope, keep_alive: float, header_timeout: float
-    ) -> h11.Request | None:
-        """Return the next request, or None when the connection should end."""
+    ) -> tuple[h11.Request, list[tuple[bytes, bytes]]] | None:
+        """Return the next request and its header list, or None when the connection should
+        end."""
         conn = self.h11
         # Deadlines are armed only right before a read that has to wait: a pipelined head
-        # already in the buffer, or a head that arrives whole in one read, moves none
-        # (each move costs a deadline-heap update).
+        # already in the buffer, or a head that has already arrived whole (the common case
+        # under load), moves none (each move costs a deadline-heap update).
         head_deadline: float | None = None  # set once the first bytes of the head arrived
         # obs-fold is screened in the head only (never in body bytes), before h11 parses
         # (and silently unfolds) it: what is buffered once, then only each new read plus
@@ -387,29 +389,39 @@ class HTTPConnection:
                 if head_deadline is None and unscreened:
                     head_deadline = trio.current_time() + header_timeout
                 if head_deadline is None:
-                    self.idle = True
                     if self.closing and not self._fresh:
                         return None
-                    timeout.deadline = trio.current_time() + keep_alive
-                elif timeout.deadline != head_deadline:
-                    timeout.deadline = head_deadline
-                # (Not wait_first: under load the next keep-alive request has often
-                # arrived by the time this task runs again.)
-                data = await self.receive_bytes()
-                self.idle = False
+                    # Under load the next keep-alive request has usually arrived by the
+                    # time this task runs again: take it without arming the keep-alive
+                    # deadline and without yielding (the request's app call yields).
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    data = self.receive_nowait()
+                    if data is None:
+                        self.idle = True
+                        timeout.deadline = trio.current_time() + keep_alive
+                        data = await self.receive_bytes(wait_first=True)
+                        self.idle = False
+                else:
+                    if timeout.deadline != head_deadline:
+                        timeout.deadline = head_deadline
+                    data = await self.receive_bytes()
                 conn.receive_data(data)
                 unscreened = unscreened[-3:] + data
                 if data and head_deadline is None:
                     head_deadline = trio.current_time() + header_timeout
                 continue
-            if isinstance(event, h11.Request):
+            # (type() checks: h11's events derive from an ABC, so isinstance() is dear.)
+            if type(event) is h11.Request:
+                headers = header_list(event)  # one pass over h11's Headers per request
                 problem = check_request(
-                    event, max_head_size=self.state.config.h11_max_incomplete_event_size
+                    event,
+                    max_head_size=self.state.config.h11_max_incomplete_event_size,
+                    headers=headers,
                 )
                 if problem is not None:
                     await self._reject(*problem, method=event.method)
                     return None
-                return event
+                return event, headers
             # ConnectionClosed (clean EOF between requests) or PAUSED after an error.
             return None
 
@@ -446,7 +458,12 @@ class HTTPConnection:
             return True
         return False
 
-    async def _handle_request(self, request: h11.Request, app_calls: trio.Nursery) -> bool:
+    async def _handle_request(
+        self,
+        request: h11.Request,
+        headers: list[tuple[bytes, bytes]],
+        app_calls: trio.Nursery,
+    ) -> bool:
         """Run one request to response completion; True if the connection can be reused."""
         state = self.state
         config = state.config
@@ -458,7 +475,7 @@ class HTTPConnection:
             await self.answer_and_close(503, method=request.method)
             return False
         state.count_request()
-        if config.ws != "none" and is_websocket_upgrade(request):
+        if config.ws != "none" and is_websocket_upgrade(request, headers):
             return await self._upgrade(request, app_calls)
         scope = build_http_scope(
             request,
@@ -467,6 +484,7 @@ class HTTPConnection:
             server=self.server,
             root_path=config.root_path,
             state=state.lifespan_state,
+            headers=headers,
         )
         if self.completes_scope:
             self.complete_scope(scope)
@@ -479,7 +497,7 @@ class HTTPConnection:
         if cycle.reading is not None:
             # The app still awaits receive() on the socket: take the reader role back.
             cycle.reading.cancel()
-            await cycle.reader_idle.wait()
+            await cycle.wait_reader_idle()
         # Not reusable after an abort or during a drain, nor when we never sent the 100 the
         # client waits for (it may or may not send the body, RFC 9110 §10.1.1).
         reusable = not (
@@ -521,7 +539,7 @@ class HTTPConnection:
                 return False
             if event is h11.NEED_DATA:
                 break
-            if isinstance(event, h11.Data):
+            if type(event) is h11.Data:
                 discarded += len(event.data)
                 if discarded > MAX_DISCARD_BODY:
                     return False
@@ -537,7 +555,7 @@ class HTTPConnection:
                         if not data:
                             return False
                         conn.receive_data(data)
-                    elif isinstance(event, h11.Data):
+                    elif type(event) is h11.Data:
                         discarded += len(event.data)
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
@@ -566,7 +584,9 @@ class RequestCycle:
         "_buffer",
         "_buffered",
         "_continue_write",
+        "_done_event",
         "_pending",
+        "_reader_idle",
         "_start_time",
         "_write_turn",
         "_writing",
@@ -575,12 +595,11 @@ class RequestCycle:
         "body_done",
         "conn",
         "disconnected",
+        "done",
         "expect_100",
         "peer_error",
-        "reader_idle",
         "reading",
         "request",
-        "response_done",
         "scope",
         "writer",
     )
@@ -589,8 +608,14 @@ class RequestCycle:
         self.conn = conn
         self.request = request
         self.scope = scope
-        self.writer = ResponseWriter(conn.h11, request.method, conn.state.response_headers())
-        self.response_done = trio.Event()
+        state = conn.state
+        self.writer = ResponseWriter(
+            conn.h11, request.method, state.response_headers(), state.checked_fields
+        )
+        # The response completed (or was aborted); _done_event only exists while something
+        # waits for that (rare: an app that will not read while pipelined bytes pile up).
+        self.done = False
+        self._done_event: trio.Event | None = None
         # Set when the response completes or when streamed chunks were left buffered.
         self.attention = trio.Event()
         self._buffer: list[bytes] = []
@@ -598,8 +623,10 @@ class RequestCycle:
         self.aborted = False
         self.body_done = False
         self.disconnected = False
+        # The app task reading the socket in receive(), and an Event set when it stops
+        # (made by each waiting read).
         self.reading: trio.CancelScope | None = None
-        self.reader_idle = trio.Event()
+        self._reader_idle: trio.Event | None = None
         self.peer_error: h11.RemoteProtocolError | None = None
         self._pending: Any = None
         # The client waits for 100 before sending its body; True until the app reads.
@@ -609,7 +636,7 @@ class RequestCycle:
         # interleave on the wire (and trio never sees two senders on the stream).
         self._writing = False
         self._write_turn: trio.Event | None = None
-        self._start_time = time.perf_counter() if conn.state.access_log_enabled() else 0.0
+        self._start_time = time.perf_counter() if state.access_log_enabled() else 0.0
 
     # -- the app call task -----------------------------------------------------------------
 
@@ -621,7 +648,7 @@ class RequestCycle:
             exc = await call_app(state.app, self.scope, self.receive, self.send)
             if exc is not None:
                 state.report_app_error(exc)
-            if self.response_done.is_set():
+            if self.done:
                 return
             writer = self.writer
             if not writer.started:
@@ -640,7 +667,7 @@ class RequestCycle:
                 self._finish(aborted=True)
         finally:
             state.active_requests -= 1
-            if not self.response_done.is_set():
+            if not self.done:
                 self._finish(aborted=True)
 
     async def _send_error(self, status: int) -> None:
@@ -651,7 +678,9 @@ class RequestCycle:
     def _finish(self, *, aborted: bool) -> None:
         self.aborted = aborted
         self._buffer = []  # (after an abort: a truncated response, the connection closes)
-        self.response_done.set()
+        self.done = True
+        if self._done_event is not None:
+            self._done_event.set()
         self.attention.set()
         if self._start_time:
             log_access(
@@ -678,14 +707,14 @@ class RequestCycle:
             # (After an invalid request body the app was told http.disconnect; run() then
             # answers with the 4xx itself.)
             raise ClientDisconnected(f"{conn.peer} disconnected")
-        if self.response_done.is_set():
+        if self.done:
             raise AppProtocolError(f"{message_type!r} sent after the response completed")
         if message_type == "http.response.body":
             if self._writing or self._continue_write is not None:
                 await self._wait_write_turn()
                 if conn.peer_gone or conn.broken:
                     raise ClientDisconnected(f"{conn.peer} disconnected")
-                if self.response_done.is_set():
+                if self.done:
                     raise AppProtocolError(f"{message_type!r} sent after the response completed")
             pieces = self.writer.body_pieces(message)
             if pieces and not self.writer.complete:
@@ -736,7 +765,7 @@ class RequestCycle:
         """
         while True:
             await self.attention.wait()
-            if self.response_done.is_set():
+            if self.done:
                 return
             self.attention = trio.Event()
             try:
@@ -749,7 +778,7 @@ class RequestCycle:
         """Write the buffered chunks, taking a write turn (see :meth:`send`)."""
         if self._writing or self._continue_write is not None:
             await self._wait_write_turn()
-        if not self._buffer or self.response_done.is_set():
+        if not self._buffer or self.done:
             return
         pieces = self._buffer
         self._buffer = []
@@ -777,30 +806,32 @@ class RequestCycle:
 
     async def receive(self) -> dict[str, Any]:
         """The app's ``receive``: request body pieces, then ``http.disconnect``."""
-        if self.disconnected or self.response_done.is_set() or self.conn.peer_gone:
+        if self.disconnected or self.done or self.conn.peer_gone:
             return _DISCONNECT
         if self.reading is not None:
             # Another task of this app is already reading: wait for it, then report.
-            await self.reader_idle.wait()
-            return (
-                _DISCONNECT
-                if self.disconnected or self.response_done.is_set()
-                else await self.receive()
-            )
+            await self.wait_reader_idle()
+            return _DISCONNECT if self.disconnected or self.done else await self.receive()
         if not self.body_done:
             return await self._receive_body()
         return await self._wait_for_disconnect()
 
+    async def wait_reader_idle(self) -> None:
+        """Wait until the read in progress in receive() (``reading``) has stopped."""
+        if self.reading is not None and self._reader_idle is not None:
+            await self._reader_idle.wait()
+
     async def _read(self) -> bytes | None:
-        """Read as the app's reader; None when the response completed meanwhile."""
-        self.reader_idle = trio.Event()
+        """Read as the app's reader (nothing has arrived: callers tried receive_nowait
+        first); None when the response completed meanwhile."""
+        idle = self._reader_idle = trio.Event()
         with trio.CancelScope() as scope:
             self.reading = scope
             try:
-                return await self.conn.receive_bytes()
+                return await self.conn.receive_bytes(wait_first=True)
             finally:
                 self.reading = None
-                self.reader_idle.set()
+                idle.set()
         return None
 
     async def _receive_body(self) -> dict[str, Any]:
@@ -846,24 +877,24 @@ class RequestCycle:
                 h11_conn.receive_data(data)  # (fed before any yield: bytes stay in order)
                 if not waited:
                     await conn.read_fairly(len(data))
-                    if self.response_done.is_set():  # the connection task reads now
+                    if self.done:  # the connection task reads now
                         self.disconnected = True
                         return _DISCONNECT
                 continue
-            if isinstance(event, h11.Data):
+            if type(event) is h11.Data:
                 # Peek so a body that is complete in the buffer ends with more_body=False.
                 following: object
                 try:
                     following = h11_conn.next_event()
                 except h11.RemoteProtocolError as exc:
                     following = exc
-                if isinstance(following, h11.EndOfMessage):
+                if type(following) is h11.EndOfMessage:
                     self.body_done = True
                     return {"type": "http.request", "body": event.data, "more_body": False}
                 if following is not h11.NEED_DATA:
                     self._pending = following
                 return {"type": "http.request", "body": event.data, "more_body": True}
-            if isinstance(event, h11.EndOfMessage):
+            if type(event) is h11.EndOfMessage:
                 self.body_done = True
                 return {"type": "http.request", "body": b"", "more_body": False}
             # ConnectionClosed / PAUSED cannot precede EndOfMessage; treat as a disconnect.
@@ -881,9 +912,11 @@ class RequestCycle:
     async def _wait_for_disconnect(self) -> dict[str, Any]:
         """Body fully received: block until the client leaves or the response completes."""
         h11_conn = self.conn.h11
-        while not self.response_done.is_set():
+        while not self.done:
             if len(h11_conn.trailing_data[0]) > MAX_PIPELINE_BUFFER:
-                await self.response_done.wait()
+                if self._done_event is None:
+                    self._done_event = trio.Event()
+                await self._done_event.wait()
                 break
             # First without waiting: a receive() in an already-cancelled scope (Starlette's
             # Request.is_disconnected() polls that way) still learns of a closed peer.

@@ -87,6 +87,8 @@ class ServerState:
             (``--limit-concurrency``).
         total_requests: requests and WebSocket handshakes accepted so far
             (``--limit-max-requests``).
+        checked_fields: response header fields already found valid, shared by the
+            server's response writers.
     """
 
     __slots__ = (
@@ -97,6 +99,7 @@ class ServerState:
         "access_template",
         "active_requests",
         "app",
+        "checked_fields",
         "config",
         "connections",
         "default_headers",
@@ -129,6 +132,8 @@ class ServerState:
         self.on_max_requests = on_max_requests
         self.on_app_error = on_app_error
         self.default_headers = config.default_headers
+        # Response header fields already found valid (http_messages.check_fields).
+        self.checked_fields: set[tuple[bytes, bytes]] = set()
         self._date_second = -1
         self._date_value = b""
         self._date_headers: tuple[tuple[bytes, bytes], ...] = ()
