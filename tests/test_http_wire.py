@@ -8,6 +8,7 @@ vectors are sent whole and one byte per write.
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 from typing import Any
 
@@ -941,3 +942,94 @@ async def test_many_headers_and_non_ascii_header_values_reach_the_scope_exactly(
     [headers] = seen
     assert headers[:2] == [(b"host", b"t"), (b"x-name", value)]
     assert headers[2:] == [(b"x-h%d" % i, b"v%d" % i) for i in range(200)]
+
+
+# -- the app call runs in the connection's task until it first waits ----------------------
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+
+
+async def test_contextvars_set_by_an_app_do_not_leak_into_the_next_request() -> None:
+    # Apps that answer without waiting run in the connection's own task: each call still
+    # gets a context of its own, as a task of its own would.
+    seen: list[str | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(REQUEST_ID.get(None))
+        REQUEST_ID.set(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    async with (
+        run_server(app, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        await stream.send_all(get("/a") + get("/b") + get("/c", b"Connection: close\r\n"))
+        data = await read_until_eof(stream)
+    assert [b for _, b in parse_responses(data)] == [b"/a", b"/b", b"/c"]
+    assert seen == [None, None, None]
+
+
+@pytest.mark.parametrize("wait_at", ["before-start", "between-start-and-body", "after-body"])
+async def test_an_app_that_waits_hands_the_connection_on(wait_at: str) -> None:
+    # The first wait moves the connection's reading to a new task; pipelined requests are
+    # still answered in order, and an app still running after its response (BackgroundTasks)
+    # does not hold up the next one.
+    release = trio.Event()
+    done: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == "/wait" and wait_at == "before-start":
+            await trio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if path == "/wait" and wait_at == "between-start-and-body":
+            await trio.sleep(0.01)
+        await send({"type": "http.response.body", "body": path.encode()})
+        if path == "/wait" and wait_at == "after-body":
+            await release.wait()
+        done.append(path)
+
+    async with (
+        run_server(app, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        await stream.send_all(get("/wait") + get("/next") + get("/last"))
+        data = await receive_until(stream, b"/last")
+        assert [b for _, b in parse_responses(data, eof=False)] == [b"/wait", b"/next", b"/last"]
+        release.set()
+        await stream.send_all(get("/bye", b"Connection: close\r\n"))
+        data = await read_until_eof(stream)
+        assert [b for _, b in parse_responses(data)] == [b"/bye"]
+    assert sorted(done) == ["/bye", "/last", "/next", "/wait"]
+
+
+async def test_a_pipelining_client_does_not_starve_other_connections() -> None:
+    # Apps that never wait still give the scheduler a turn once per request: a second
+    # connection is answered while the first one's long pipeline is being served.
+    calls: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    flood_size = 1000
+    async with (
+        run_server(app, **EXACT) as server,
+        await connect(server.addresses[0]) as flood,
+        await connect(server.addresses[0]) as other,
+    ):
+        await flood.send_all(get("/f") * (flood_size - 1) + get("/f", b"Connection: close\r\n"))
+        await other.send_all(get("/other", b"Connection: close\r\n"))
+        data = await read_until_eof(other)
+        assert [b for _, b in parse_responses(data)] == [b"/other"]
+        flood_data = await read_until_eof(flood)
+        assert len(parse_responses(flood_data)) == flood_size
+    assert calls.index("/other") < flood_size - 10, calls.index("/other")

@@ -1,10 +1,13 @@
 """The task that serves one accepted connection over HTTP/1.1 (layer 3).
 
 One :class:`HTTPConnection` per accepted stream owns that stream and its
-``h11.Connection``. Its task reads request heads; each request starts exactly one app-call
-task (:class:`RequestCycle`) in the connection's own nursery and the connection task then
-waits for *response complete*, not for the app to return, so the next pipelined or
-keep-alive request is read while Starlette's ``BackgroundTasks`` still run.
+``h11.Connection``. Its task reads request heads and calls the app of each request
+(:class:`RequestCycle`) itself. An app that answers without waiting for anything (the
+common case) costs no task spawn and no hand-off. The first time an app waits, the
+connection moves on to a new task in the connection's own nursery, which waits for
+*response complete*, not for the app to return, so the next pipelined or keep-alive
+request is read while Starlette's ``BackgroundTasks`` still run; the old task is then
+only the app call's.
 
 Ownership of the stream (one reader, one writer, no locks):
 
@@ -24,10 +27,13 @@ trio's resource errors are translated in :meth:`HTTPConnection.receive_bytes` an
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
 import time
+import types
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Final
 
 import h11
@@ -65,6 +71,7 @@ MAX_DISCARD_BODY: Final = 1024 * 1024
 LINGER_TIMEOUT: Final = 1.0
 
 _DISCONNECT: Final = {"type": "http.disconnect"}
+_CONTINUE_TASK_NAME: Final = "trioserve.http_connection.HTTPConnection.continue_serving"
 
 
 class HTTPConnection:
@@ -407,8 +414,6 @@ class HTTPConnection:
                     data = await self.receive_bytes()
                 conn.receive_data(data)
                 unscreened = unscreened[-3:] + data
-                if data and head_deadline is None:
-                    head_deadline = trio.current_time() + header_timeout
                 continue
             # (type() checks: h11's events derive from an ABC, so isinstance() is dear.)
             if type(event) is h11.Request:
@@ -492,8 +497,37 @@ class HTTPConnection:
         # Counted here, not when the task starts: requests arriving in the same scheduler
         # batch on several connections must all see each other (RequestCycle.run undoes it).
         state.active_requests += 1
-        app_calls.start_soon(cycle.run)
-        await cycle.flush_until_done()
+
+        # The app is called in this task; only if it waits for anything (I/O, a lock, a
+        # sleep, a write that blocks) does the connection move on to a new task, so that the
+        # next request is read while the app (BackgroundTasks...) still runs. An app that
+        # answers without waiting, the common case, costs no task spawn and no hand-off.
+        # (Its context is a copy, as a task of its own would get: contextvars it sets do not
+        # leak into the next request.)
+        def move_on() -> None:
+            # This task's timeout scope now encloses only the app call: drain() must not
+            # cancel it (the new task's _serve_requests sets its own).
+            self._timeout_scope = None
+            app_calls.start_soon(self._continue_serving, cycle, app_calls, name=_CONTINUE_TASK_NAME)
+
+        detached = await _run_until_first_wait(cycle.run(), contextvars.copy_context(), move_on)
+        if detached:
+            return False  # this task only ran the app; the new one serves the connection
+        # The request's one trip through the scheduler: other connections run before this
+        # one reads its next request (fairness; a pipelining client cannot hog the loop).
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return await self._after_response(cycle)
+
+    async def _continue_serving(self, cycle: RequestCycle, app_calls: trio.Nursery) -> None:
+        """Serve the connection on after ``cycle`` 's app waited for something."""
+        if await self._after_response(cycle):
+            self.h11.start_next_cycle()
+            await self._serve_requests(app_calls)
+
+    async def _after_response(self, cycle: RequestCycle) -> bool:
+        """Wait for ``cycle`` 's response to complete; True if the connection can be reused."""
+        if not cycle.done:  # (an app call that returned in this task is always done)
+            await cycle.flush_until_done()
         if cycle.reading is not None:
             # The app still awaits receive() on the socket: take the reader role back.
             cycle.reading.cancel()
@@ -575,7 +609,8 @@ class HTTPConnection:
 class RequestCycle:
     """One request/response: the app-call task with its ``receive`` and ``send``.
 
-    The app call is the only per-request task. It may outlive its response (Starlette's
+    The app call runs in the connection's task until it first waits (see the module
+    docstring), then the connection moves on. It may outlive its response (Starlette's
     BackgroundTasks); once the response is complete its ``receive()`` answers
     ``http.disconnect`` and further ``send()`` calls raise :class:`AppProtocolError`.
     """
@@ -930,3 +965,35 @@ class RequestCycle:
                 break
             h11_conn.receive_data(data)  # pipelined bytes: kept for the next cycle
         return _DISCONNECT
+
+
+@types.coroutine
+def _run_until_first_wait(
+    coro: Coroutine[Any, Any, None], context: contextvars.Context, on_wait: Callable[[], None]
+) -> Generator[Any, Any, bool]:
+    """Run ``coro`` in the calling task, in ``context``; call ``on_wait()`` the first time
+    it yields to trio (it is about to wait or checkpoint). Every trap and every value trio
+    sends back (outcomes, so cancellation too) passes through unchanged.
+
+    Returns:
+        Whether ``on_wait`` was called.
+    """
+    waited = False
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            if error is None:
+                trap = context.run(coro.send, value)
+            else:
+                trap = context.run(coro.throw, error)
+        except StopIteration:
+            return waited
+        error = None
+        if not waited:
+            waited = True
+            on_wait()
+        try:
+            value = yield trap
+        except BaseException as exc:  # what trio throws in (it passes outcomes by send)
+            error = exc
