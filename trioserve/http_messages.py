@@ -239,9 +239,12 @@ def validate_headers(raw: object) -> list[tuple[bytes, bytes]]:
             name, value = pair
         except (TypeError, ValueError):
             raise AppProtocolError(f"header must be a [name, value] pair, got {pair!r}") from None
-        if not isinstance(name, bytes) or not isinstance(value, bytes):
+        if type(name) is bytes and type(value) is bytes:
+            out.append(pair if type(pair) is tuple else (name, value))
+        elif isinstance(name, bytes) and isinstance(value, bytes):
+            out.append((bytes(name), bytes(value)))  # (subclasses: plain bytes from here on)
+        else:
             raise AppProtocolError(f"header name and value must be bytes, got {pair!r}")
-        out.append((name, value))
     return out
 
 
