@@ -210,6 +210,27 @@ class HTTPConnection:
             self.peer_gone = True
         return data
 
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the socket takes now, without waiting; return how many bytes it took.
+
+        Always 0 for streams other than a plain socket (TLS, PROXY-protocol wrappers): those
+        are only written by :meth:`write`.
+
+        Raises:
+            ClientDisconnected: the peer is gone (the connection will be closed).
+        """
+        if self._fd < 0:
+            return 0
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self.peer_gone = True
+            self.broken = True
+            self.h11.send_failed()
+            raise ClientDisconnected(f"{self.peer} disconnected") from exc
+
     async def read_fairly(self, size: int) -> None:
         """After a read that did not wait: yield once per ``WRITE_YIELD_BYTES`` read, so a
         fast upload cannot keep the other connections from running."""

@@ -8,53 +8,70 @@ closes the WebSocket within a bound however the app, the peer or the server ends
 Task tree (everything inside ``run()``'s nursery)::
 
     HTTPConnection task ── WebSocketConnection.run()
-        ├── app call          (in the connection task: receive() / send())
-        ├── _write_loop       the only task that writes to the stream
-        ├── _read_loop        the only task that reads from the stream (after the accept)
+        ├── app call          (in the connection task: receive() reads, send() writes)
+        ├── _write_loop       writes what the socket did not take at once (backpressure)
+        ├── _watch            reads for an app that stays away from receive(); close and
+        │                     failure deadlines
         └── _keepalive        pings every --ws-ping-interval, drops a silent peer
 
-One writer, without locks
--------------------------
-trio forbids two tasks in ``send_all`` at once, and several parties produce bytes: the
-app (messages, close, denial responses), the reader (pongs, close replies), the keepalive
-task (pings) and the server (drain: close 1012). All of them produce bytes *synchronously*
-with ``wsproto.WSConnection.send`` (or ``h11`` for plain HTTP answers) and append them to
-one ``outbox``; only ``_write_loop`` awaits ``send_all``. Consequences:
+A message costs one task switch
+-------------------------------
+As on the HTTP path, the app's ``receive()`` reads the socket on demand: it waits until
+the socket is readable (the peer usually answers what the app just sent), reads, and
+decodes (wsproto) in the app's own task. The app's ``send()`` writes the frame to the
+socket at once when nothing else is queued.
 
-* bytes leave in exactly the order wsproto produced them, which permessage-deflate's
-  shared compressor and the close handshake both depend on;
+Reading when the app does not
+-----------------------------
+Pings must be answered and a peer's Close seen even while the app is busy elsewhere (an
+app that only sends). ``_watch`` wakes :data:`IDLE_READ_DELAY` after the app left
+``receive()``; if the app has not been back since, it becomes the reader, queueing up to
+``--ws-max-queue`` messages for the app and then stopping: TCP then pushes back on the
+peer instead of memory growing. Only one task ever reads: an app calling ``receive()``
+while ``_watch`` reads waits for it to hand the reader role back after its next read.
+
+One writer at a time, without locks
+-----------------------------------
+Several parties produce bytes: the app (messages, close, denial responses), the reader
+(pongs, close replies), the keepalive task (pings) and the server (drain: close 1012). All
+of them produce bytes *synchronously* (wsproto, or h11 for plain HTTP answers) and hand
+them to :meth:`WebSocketConnection._send_bytes`, which writes them to the socket without
+waiting when nothing is queued, and otherwise appends them to the ``outbox`` that only
+``_write_loop`` writes with ``send_all``. Consequences:
+
+* bytes leave in exactly the order they were produced, which permessage-deflate's shared
+  compressor and the close handshake both depend on;
 * wsproto's state never changes across an ``await``, so it stays truthful;
+* a cancelled app never leaves a frame half-written: its writes never wait;
 * backpressure is explicit: the app's ``send()`` waits while more than
-  :data:`OUTBOX_HIGH_WATER` bytes are unsent, and the reader stops reading while more than
+  :data:`OUTBOX_HIGH_WATER` bytes are unsent, and reading pauses while more than
   :data:`READER_PAUSE_OUTBOX` are (a peer that floods pings but never reads cannot make us
-  buffer pongs without bound);
-* a cancelled or failed ``send_all`` happens in one place, where ``HTTPConnection.write``
-  marks the connection broken.
+  buffer pongs without bound).
 
-The one write outside ``_write_loop`` is the 400 answer to an invalid upgrade, made by the
+The one write outside this scheme is the 400 answer to an invalid upgrade, made by the
 connection task before any other task exists.
-
-Incoming messages go through a memory channel of ``--ws-max-queue`` slots: when the app
-does not keep up the reader blocks on it and stops reading the socket, so TCP pushes back
-on the peer instead of memory growing.
 
 Closing
 -------
 Every close we start (app ``websocket.close``, app return → 1000, app error → 1011, drain →
-1012) moves the reader's deadline to now + :data:`CLOSE_TIMEOUT`, so a peer that never
-answers the Close frame cannot keep the connection. A peer's Close is answered at once
-(RFC 6455 §5.5.1). A frame wsproto rejects (1002, 1007) or a message over
-``--ws-max-size`` (1009) fails the connection (§7.1.7): the messages received before it are
-still delivered, and the Close frame is sent once the app has read them (so its replies to
-them are not lost), or after :data:`FAILURE_CLOSE_DELAY` at the latest.
+1012) sets the close deadline to now + :data:`CLOSE_TIMEOUT`: a peer that never answers the
+Close frame cannot keep the connection (``_watch`` ends a read still waiting then). A
+peer's Close is answered at once (RFC 6455 §5.5.1). A frame wsproto rejects (1002, 1007) or
+a message over ``--ws-max-size`` (1009) fails the connection (§7.1.7): the messages
+received before it are still delivered, and the Close frame is sent once the app has read
+them (so its replies to them are not lost), or after :data:`FAILURE_CLOSE_DELAY` at the
+latest.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import zlib
+from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
@@ -66,6 +83,7 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Event,
     Ping,
     Pong,
     RejectConnection,
@@ -121,6 +139,11 @@ ABORT_FLUSH_TIMEOUT: Final = 1.0
 OUTBOX_HIGH_WATER: Final = 64 * 1024
 # The reader pauses while this many bytes are unsent.
 READER_PAUSE_OUTBOX: Final = 1024 * 1024
+# An app that has stayed away from receive() this long gets a reader of its own.
+IDLE_READ_DELAY: Final = 0.25
+# Fairness: an app sending faster than anything else lets the other tasks run once per
+# this many bytes written without waiting.
+WRITE_YIELD_BYTES: Final = 64 * 1024
 
 
 class BoundedPerMessageDeflate(PerMessageDeflate):
@@ -182,13 +205,17 @@ class WebSocketConnection:
         config = http.state.config
         self._assembler = MessageAssembler(config.ws_max_size)
         self._app_messages = AppMessages(())
-        self._messages: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
         self._response: ResponseWriter | None = None
+        stream = http.stream
+        # The socket's descriptor for writes that never wait; -1 for other streams (TLS,
+        # PROXY-protocol wrappers), whose bytes all go through _write_loop.
+        self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
         # The outbox (see the module docstring).
         self._outbox = bytearray()
         self._in_flight = 0
         self._has_output = trio.Event()
         self._written = trio.Event()  # replaced after every completed (or failed) write
+        self._written_since_yield = 0
         self._gone = False  # the transport is unusable: send() raises ClientDisconnected
         # The handshake: resolved by an accept or by any HTTP answer.
         self._handshake_done = trio.Event()
@@ -196,12 +223,27 @@ class WebSocketConnection:
         self._connect_delivered = False
         self._scope: dict[str, Any] = {}
         self._start_time = time.perf_counter() if http.state.access_log_enabled() else 0.0
-        # Reading, closing, failing.
-        self._read_scope = trio.CancelScope()
-        self._reader_done = trio.Event()
+        # Reading (see the module docstring).
+        self._unread = bytearray()  # received, not yet handed to wsproto
+        self._events: Iterator[Event] | None = None  # a wsproto events() not yet exhausted
+        self._inbox: deque[dict[str, Any]] = deque()  # messages ready for the app
+        self._max_queue = config.ws_max_queue
+        self._eof = False  # the peer closed its side (or the read failed)
+        self._read_done = False  # no more reading: close, EOF, failure, timeout or drop
+        self._reading = False  # a read is in progress (the app's or _watch's)
+        # Around _watch's reads, or a read on a stream other than a plain socket.
+        self._read_cancel: trio.CancelScope | None = None
+        self._in_receive = False  # the app waits in receive()
+        self._handover: trio.Event | None = None  # the app waits for _watch to stop reading
+        self._receives = 0  # messages the app has received
+        self._receives_at_check = -1
+        # Closing, failing, watching.
         self._disconnect: dict[str, Any] | None = None
         self._failure: tuple[int, str] | None = None
-        self._failure_due = trio.Event()
+        self._close_deadline = math.inf
+        self._failure_deadline = math.inf
+        self._idle_check_at = math.inf
+        self._watch_scope: trio.CancelScope | None = None  # _watch's sleep
         self._draining = False
         # Keepalive.
         self._ping_payload = b""
@@ -245,10 +287,9 @@ class WebSocketConnection:
         if http.completes_scope:  # TLS extension, trusted proxy headers
             http.complete_scope(scope)
         self._app_messages = AppMessages(scope["subprotocols"])
-        send_channel, self._messages = trio.open_memory_channel[dict[str, Any]](config.ws_max_queue)
         async with trio.open_nursery() as io:
             io.start_soon(self._write_loop)
-            io.start_soon(self._read_loop, send_channel)
+            io.start_soon(self._watch)
             if config.ws_ping_interval:
                 io.start_soon(self._keepalive, config.ws_ping_interval, config.ws_ping_timeout)
             app_exc = await call_app(state.app, scope, self.receive, self.send)
@@ -271,15 +312,11 @@ class WebSocketConnection:
     async def _after_app(self, exc: Exception | None) -> None:
         """The app returned (or raised): end the handshake or the WebSocket, bounded."""
         http = self.http
-        if self._messages is not None:
-            # Nobody reads messages any more: a reader blocked on a full queue moves on.
-            self._messages.close()
-        self._failure_due.set()
         app_failed = exc is not None and not isinstance(exc, ClientDisconnected)
         if self._accepted:
             self._send_failure()
             self._start_close(CLOSE_INTERNAL_ERROR if app_failed else CLOSE_NORMAL)
-            await self._reader_done.wait()  # bounded by the close timeout
+            await self._finish_reading()  # bounded by the close deadline
         elif self._handshake_done.is_set():
             pass  # refused with 403 or the app's complete denial response
         elif self._response is not None and self._response.started:
@@ -296,6 +333,17 @@ class WebSocketConnection:
         if not self._gone:
             http.linger = True
 
+    async def _finish_reading(self) -> None:
+        """Read (and drop) what the peer still sends until its Close or the close deadline."""
+        self._idle_check_at = math.inf  # nobody to read for any more
+        with trio.CancelScope(deadline=self._close_deadline) as scope:
+            while not self._read_done:
+                self._inbox.clear()
+                await self._fill_inbox()
+        self._inbox.clear()
+        if scope.cancelled_caught:
+            self._stop_reading()
+
     # -- the app's receive and send -------------------------------------------------------
 
     async def receive(self) -> dict[str, Any]:
@@ -303,19 +351,31 @@ class WebSocketConnection:
         if not self._connect_delivered:
             self._connect_delivered = True
             return connect_message()
-        await self._handshake_done.wait()
-        if not self._accepted or self._messages is None:
-            return disconnect_message(CLOSE_ABNORMAL)
-        try:
-            return await self._messages.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            # The app has read everything: a pending failure Close may go now.
-            self._failure_due.set()
-            self._send_failure()
-            return self._disconnect or disconnect_message(CLOSE_ABNORMAL)
+        if not self._accepted:
+            await self._handshake_done.wait()
+            if not self._accepted:
+                return disconnect_message(CLOSE_ABNORMAL)
+        inbox = self._inbox
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not inbox:
+            self._in_receive = True
+            try:
+                await self._fill_inbox()
+            finally:
+                self._in_receive = False
+                if self._idle_check_at == math.inf and not self._read_done:
+                    self._arm_idle_check()  # (also when cancelled)
+            if not inbox:
+                # The app has read everything: a pending failure Close may go now.
+                self._send_failure()
+                return self._disconnect or disconnect_message(CLOSE_ABNORMAL)
+        self._receives += 1
+        if self._idle_check_at == math.inf and not self._read_done:
+            self._arm_idle_check()
+        return inbox.popleft()
 
     async def send(self, message: Any) -> None:
-        """The app's ``send``: validate, translate to bytes in the outbox, wait for room.
+        """The app's ``send``: validate, write (or queue) the bytes, wait for room.
 
         Raises:
             AppProtocolError: invalid or out-of-order message.
@@ -329,10 +389,17 @@ class WebSocketConnection:
                 if self._gone or ws.state is not ConnectionState.OPEN:
                     raise ClientDisconnected(f"{self.http.peer} WebSocket is closed")
                 if isinstance(data, str):
-                    self._queue(ws.send(TextMessage(data=data)))
+                    frame = ws.send(TextMessage(data=data))
                 else:
-                    self._queue(ws.send(BytesMessage(data=data)))
-                await self._wait_writable()
+                    frame = ws.send(BytesMessage(data=data))
+                self._send_bytes(frame)
+                if self._outbox or self._in_flight:
+                    await self._wait_writable()
+                else:
+                    self._written_since_yield += len(frame)
+                    if self._written_since_yield >= WRITE_YIELD_BYTES:
+                        self._written_since_yield = 0
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                 if self._gone:
                     raise ClientDisconnected(f"{self.http.peer} disconnected")
             case Accept():
@@ -356,7 +423,7 @@ class WebSocketConnection:
                     self._log_handshake(response.status or 0, response.body_bytes)
                     self.http.linger = True
                     self._handshake_done.set()
-                self._queue(data)
+                self._send_bytes(data)
                 await self._wait_writable()
             case _:
                 assert_never(action)
@@ -372,20 +439,23 @@ class WebSocketConnection:
         if config.ws_per_message_deflate:
             deflate = BoundedPerMessageDeflate(config.ws_max_size)
         extensions: list[Extension] = [deflate] if deflate is not None else []
-        self._queue(
-            self.ws.send(
-                AcceptConnection(
-                    subprotocol=action.subprotocol, extensions=extensions, extra_headers=headers
-                )
+        handshake = self.ws.send(
+            AcceptConnection(
+                subprotocol=action.subprotocol, extensions=extensions, extra_headers=headers
             )
         )
         if deflate is not None and deflate.enabled():
             # Inflating with the largest window decodes any smaller window too, so a
             # client that cannot honour a small client_max_window_bits is still read.
             deflate.client_max_window_bits = 15
+        data, eof = http.h11.trailing_data  # bytes that arrived with the handshake
+        self._unread += data
+        self._eof = eof
         self._accepted = True
         self._log_handshake(101)
         self._handshake_done.set()
+        self._send_bytes(handshake)
+        self._arm_idle_check()
         if self._draining:
             self._start_close(CLOSE_SERVICE_RESTART)
 
@@ -395,7 +465,7 @@ class WebSocketConnection:
         data = error_response(http.h11, status, http.state.response_headers())
         if data:
             self._log_handshake(status)
-            self._queue(data)
+            self._send_bytes(data)
         http.linger = True
         self._handshake_done.set()
 
@@ -421,36 +491,78 @@ class WebSocketConnection:
     def _start_close(self, code: int, reason: str = "") -> None:
         """Send our Close frame if the WebSocket is open; bound the wait for the answer."""
         if self.ws.state is ConnectionState.OPEN and not self._gone:
-            self._queue(self.ws.send(CloseConnection(code=code, reason=reason)))
+            self._send_bytes(self.ws.send(CloseConnection(code=code, reason=reason)))
             deadline = trio.current_time() + CLOSE_TIMEOUT
-            self._read_scope.deadline = min(self._read_scope.deadline, deadline)
+            if deadline < self._close_deadline:
+                self._close_deadline = deadline
+                if self._read_cancel is not None:
+                    self._read_cancel.deadline = min(self._read_cancel.deadline, deadline)
+                self._rewatch()
 
     def _send_failure(self) -> None:
         if self._failure is not None:
             code, reason = self._failure
             self._failure = None
+            self._failure_deadline = math.inf
             self._start_close(code, reason)
 
     def _set_disconnect(self, code: int, reason: str = "") -> None:
         if self._disconnect is None:
             self._disconnect = disconnect_message(int(code), reason or "")
 
+    def _stop_reading(self) -> None:
+        """End reading now (close timeout, peer gone or dropped); a waiting read ends too."""
+        if self._read_done:
+            return
+        self._read_done = True
+        self._set_disconnect(CLOSE_ABNORMAL)
+        if not self._reading:
+            return
+        if self._read_cancel is not None:
+            self._read_cancel.cancel()
+        elif self._fd >= 0:
+            # The app waits in a plain read (no cancel scope: one per read would cost more
+            # than the read): wake it as if the socket were closed; it then sees EOF.
+            trio.lowlevel.notify_closing(self._fd)
+
     async def _abort(self, code: int, reason: str) -> None:
         """Drop the peer now: a last Close frame (briefly), then an abortive close."""
         self._set_disconnect(code, reason)
         self._start_close(code, reason)
-        self._read_scope.cancel()
+        self._stop_reading()
         await self._flush(ABORT_FLUSH_TIMEOUT)
         self._gone = True
         self.http.linger = False
         await trio.aclose_forcefully(self.http.stream)
 
-    # -- the writer -----------------------------------------------------------------------
+    # -- writing --------------------------------------------------------------------------
 
-    def _queue(self, data: bytes | bytearray) -> None:
-        if data and not self._gone:
+    def _send_bytes(self, data: bytes | bytearray) -> None:
+        """Write ``data`` now as far as the socket takes it without waiting; queue the rest.
+
+        Never waits, so every producer (any task, or a synchronous caller such as
+        :meth:`drain`) can call it and a cancellation can never cut a frame in two.
+        """
+        if not data or self._gone:
+            return
+        if self._outbox or self._in_flight or self._fd < 0:
             self._outbox += data
             self._has_output.set()
+            return
+        try:
+            sent = self.http.write_nowait(data)
+        except ClientDisconnected:
+            self._lost_while_writing()
+            return
+        if sent < len(data):
+            self._outbox += memoryview(data)[sent:]
+            self._has_output.set()
+
+    def _lost_while_writing(self) -> None:
+        logger.debug("%s - WebSocket peer gone while writing", self.http.peer)
+        self._gone = True
+        self._outbox.clear()
+        self._stop_reading()
 
     def _pending(self) -> int:
         return len(self._outbox) + self._in_flight
@@ -464,7 +576,7 @@ class WebSocketConnection:
             await self._wait_writable(0)
 
     async def _write_loop(self) -> None:
-        """Write the outbox until cancelled or the peer is gone (the single writer)."""
+        """Write what the socket did not take at once, until cancelled or the peer is gone."""
         while True:
             if not self._outbox:
                 await self._has_output.wait()
@@ -476,91 +588,140 @@ class WebSocketConnection:
             try:
                 await self.http.write(data)
             except ClientDisconnected:
-                logger.debug("%s - WebSocket peer gone while writing", self.http.peer)
-                self._gone = True
-                self._outbox.clear()
-                self._set_disconnect(CLOSE_ABNORMAL)
-                self._read_scope.cancel()
+                self._lost_while_writing()
                 return
             finally:
                 self._in_flight = 0
                 self._written.set()
                 self._written = trio.Event()
 
-    # -- the reader -----------------------------------------------------------------------
+    # -- reading --------------------------------------------------------------------------
 
-    async def _read_loop(self, messages: trio.MemorySendChannel[dict[str, Any]]) -> None:
-        """Read frames after the accept; end on close, failure, EOF or the close timeout."""
-        async with messages:
-            await self._handshake_done.wait()
-            if not self._accepted:
-                return
-            with self._read_scope:
-                await self._read_frames(messages)
-            if self._read_scope.cancelled_caught and self._disconnect is None:
-                logger.debug("%s - WebSocket close handshake timed out", self.http.peer)
-            self._set_disconnect(CLOSE_ABNORMAL)
-            self._reader_done.set()
-            await messages.aclose()  # the app's receive() now returns the disconnect
-            if self._failure is not None:
-                with trio.move_on_after(FAILURE_CLOSE_DELAY):
-                    await self._failure_due.wait()
-                self._send_failure()
-
-    async def _read_frames(self, messages: trio.MemorySendChannel[dict[str, Any]]) -> None:
-        http = self.http
-        ws = self.ws
-        data, eof = http.h11.trailing_data  # bytes that arrived with the handshake
+    async def _fill_inbox(self) -> None:
+        """Read and decode until a message is in the inbox or reading has ended."""
+        inbox = self._inbox
         while True:
-            if data:
-                ws.receive_data(data)
-            if eof:
-                ws.receive_data(None)
-            for event in ws.events():
-                if isinstance(event, (TextMessage, BytesMessage)):
-                    try:
-                        message = self._assembler.feed(event)
-                    except MessageTooBigError as exc:
-                        self._fail(CLOSE_TOO_BIG, str(exc))
-                        return
-                    if message is not None:
-                        await self._deliver(messages, message)
-                elif isinstance(event, Ping):
-                    if ws.state is ConnectionState.OPEN:
-                        self._queue(ws.send(event.response()))
-                elif isinstance(event, Pong):
-                    if self._ping_payload and event.payload == self._ping_payload:
-                        self._pong.set()
-                elif isinstance(event, CloseConnection):
-                    self._on_close(event)
-                    return
-                else:  # handshake events cannot follow the accept
-                    assert isinstance(
-                        event, (Request, AcceptConnection, RejectConnection, RejectData)
-                    ), event
-                    raise AssertionError(f"unexpected wsproto event {event!r}")
-            if eof:
-                return  # pragma: no cover - receive_data(None) always yields a close
-            await self._wait_writable(READER_PAUSE_OUTBOX)
-            # Everything received so far is handled: the peer's next frame (often a reply
-            # to what the app just sent) has usually not arrived yet.
-            data = await http.receive_bytes(wait_first=True)
-            eof = not data
+            self._decode(1)
+            if inbox or self._read_done:
+                return
+            if self._reading:
+                # Another task reads (_watch, or a second app task): it hands the reader
+                # role over after its read.
+                if self._handover is None:
+                    self._handover = trio.Event()
+                await self._handover.wait()
+                continue
+            self._reading = True
+            try:
+                data = await self._read()
+            finally:
+                self._reading = False
+                self._hand_over()
+            self._received(data)
 
-    async def _deliver(
-        self, messages: trio.MemorySendChannel[dict[str, Any]], message: dict[str, Any]
-    ) -> None:
-        """Queue a message for the app; blocks (stops reading) while the queue is full."""
-        try:
-            await messages.send(message)
-        except trio.BrokenResourceError:
-            pass  # the app has returned: nobody will read it (the close handshake goes on)
+    def _hand_over(self) -> None:
+        handover = self._handover
+        if handover is not None:
+            self._handover = None
+            handover.set()
+
+    async def _read(self) -> bytes:
+        """One read from the socket (b"" at EOF), once our unsent bytes have shrunk."""
+        if self._pending() > READER_PAUSE_OUTBOX:
+            await self._wait_writable(READER_PAUSE_OUTBOX)
+            if self._read_done:  # stopped meanwhile (_stop_reading)
+                return b""
+        # Everything received so far is handled: the peer's next frame (often a reply to
+        # what the app just sent) has usually not arrived yet. Under load it has once the
+        # other connections had their turn: yield first, then read without registering
+        # with epoll (one epoll_ctl per wait otherwise); wait only when it has not.
+        if self._fd >= 0:
+            await trio.lowlevel.checkpoint()
+            if self._read_done:  # stopped meanwhile (_stop_reading)
+                return b""
+            data = self.http.receive_nowait()
+            if data is not None:
+                return data
+            return await self.http.receive_bytes(wait_first=True)
+        if self._read_cancel is not None:
+            return await self.http.receive_bytes(wait_first=True)
+        with trio.CancelScope(deadline=self._close_deadline) as self._read_cancel:  # not plain
+            try:
+                return await self.http.receive_bytes(wait_first=True)
+            finally:
+                self._read_cancel = None
+        return b""  # cancelled by _stop_reading
+
+    def _received(self, data: bytes) -> None:
+        if self._read_done:
+            return
+        if data:
+            self._unread += data
+        else:
+            self._eof = True
+
+    def _decode(self, limit: int) -> None:
+        """Decode received bytes until the inbox holds ``limit`` messages or input runs out.
+
+        wsproto's events are taken one at a time (its generator stays suspended in
+        ``_events``): a compressed frame is only inflated when the app wants more.
+        """
+        inbox = self._inbox
+        ws = self.ws
+        while len(inbox) < limit and not self._read_done:
+            events = self._events
+            if events is not None:
+                for event in events:
+                    self._on_event(event)
+                    if len(inbox) >= limit or self._read_done:
+                        return
+                self._events = None
+            unread = self._unread
+            if unread:
+                ws.receive_data(bytes(unread))
+                unread.clear()
+            elif self._eof:
+                ws.receive_data(None)  # yields the 1006 CloseConnection
+            else:
+                return
+            self._events = ws.events()
+
+    def _on_event(self, event: Event) -> None:
+        ws = self.ws
+        if isinstance(event, (TextMessage, BytesMessage)):
+            try:
+                message = self._assembler.feed(event)
+            except MessageTooBigError as exc:
+                self._fail(CLOSE_TOO_BIG, str(exc))
+                return
+            if message is not None:
+                self._inbox.append(message)
+        elif isinstance(event, Ping):
+            if ws.state is ConnectionState.OPEN:
+                self._send_bytes(ws.send(event.response()))
+        elif isinstance(event, Pong):
+            if self._ping_payload and event.payload == self._ping_payload:
+                self._pong.set()
+        elif isinstance(event, CloseConnection):
+            self._on_close(event)
+            self._end_reading()
+        else:  # handshake events cannot follow the accept
+            assert isinstance(event, (Request, AcceptConnection, RejectConnection, RejectData)), (
+                event
+            )
+            raise AssertionError(f"unexpected wsproto event {event!r}")
+
+    def _end_reading(self) -> None:
+        """The peer's bytes are done with (close, EOF or failure)."""
+        self._read_done = True
+        self._events = None
+        self._set_disconnect(CLOSE_ABNORMAL)
 
     def _on_close(self, event: CloseConnection) -> None:
         kind = classify_close(event, self.ws.state)
         if kind is CloseKind.PEER_CLOSING:
             # RFC 6455 §5.5.1: answer with a Close frame, echoing the status code.
-            self._queue(self.ws.send(event.response()))
+            self._send_bytes(self.ws.send(event.response()))
             self._set_disconnect(event.code, event.reason or "")
         elif kind is CloseKind.HANDSHAKE_DONE:
             self._set_disconnect(event.code, event.reason or "")
@@ -574,7 +735,66 @@ class WebSocketConnection:
         """A bad frame or an oversized message: fail the WebSocket (RFC 6455 §7.1.7)."""
         logger.info("%s - WebSocket protocol error: %s (%d)", self.http.peer, reason, code)
         self._set_disconnect(code, reason)
+        self._end_reading()
         self._failure = (int(code), reason)
+        self._failure_deadline = trio.current_time() + FAILURE_CLOSE_DELAY
+        self._rewatch()
+
+    # -- the watcher ----------------------------------------------------------------------
+
+    def _arm_idle_check(self) -> None:
+        self._receives_at_check = self._receives
+        self._idle_check_at = trio.current_time() + IDLE_READ_DELAY
+        self._rewatch()
+
+    def _rewatch(self) -> None:
+        if self._watch_scope is not None:
+            self._watch_scope.deadline = min(
+                self._idle_check_at, self._close_deadline, self._failure_deadline
+            )
+
+    async def _watch(self) -> None:
+        """Read for an app that stays away from receive(); enforce the close deadlines.
+
+        Returns once reading has ended and no failure Close is pending.
+        """
+        await self._handshake_done.wait()
+        if not self._accepted:
+            return
+        while not self._read_done or self._failure is not None:
+            deadline = min(self._idle_check_at, self._close_deadline, self._failure_deadline)
+            with trio.CancelScope(deadline=deadline) as self._watch_scope:
+                await trio.sleep_forever()
+            self._watch_scope = None
+            now = trio.current_time()
+            if now >= self._failure_deadline:
+                self._send_failure()  # the app did not read the earlier messages in time
+            if now >= self._close_deadline and not self._read_done:
+                logger.debug("%s - WebSocket close handshake timed out", self.http.peer)
+                self._stop_reading()
+            if now >= self._idle_check_at:
+                self._idle_check_at = math.inf
+                if self._in_receive or self._reading or self._read_done:
+                    continue  # the app reads; its next message re-arms the check
+                if self._receives != self._receives_at_check:
+                    self._arm_idle_check()  # the app is busy but still receiving
+                    continue
+                await self._read_for_app()
+
+    async def _read_for_app(self) -> None:
+        """Be the reader until the app comes back to receive() or its queue is full."""
+        self._reading = True
+        try:
+            with trio.CancelScope(deadline=self._close_deadline) as self._read_cancel:
+                while self._handover is None:
+                    self._decode(self._max_queue)
+                    if self._read_done or len(self._inbox) >= self._max_queue:
+                        break  # a full queue: stop reading, TCP pushes back on the peer
+                    self._received(await self._read())
+        finally:
+            self._read_cancel = None
+            self._reading = False
+            self._hand_over()
 
     # -- keepalive ------------------------------------------------------------------------
 
@@ -589,7 +809,7 @@ class WebSocketConnection:
                 return
             self._ping_payload = os.urandom(4)
             self._pong = trio.Event()
-            self._queue(self.ws.send(Ping(payload=self._ping_payload)))
+            self._send_bytes(self.ws.send(Ping(payload=self._ping_payload)))
             if not timeout:
                 continue
             with trio.move_on_after(timeout):
