@@ -7,13 +7,15 @@ when ``--workers`` > 1 or ``--reload``.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
 import signal
 import sys
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import trio
 
@@ -30,6 +32,9 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 logger = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD: Final = -1  # glibc's mallopt() parameter number
+TRIM_THRESHOLD: Final = 4 * 1024 * 1024
 
 
 def run(app: str | Any, **options: Any) -> None:
@@ -68,7 +73,23 @@ def run_config(app: str | Any, config: Config) -> None:
         run_supervisor(app, config)
         return
     asgi_app = load_app(app, config)
+    tune_allocator()
     trio.run(serve_until_signal, asgi_app, config)
+
+
+def tune_allocator() -> None:
+    """In a server process we own: keep freed heap memory up to 4 MiB instead of 128 KiB.
+
+    With glibc's default trim threshold, a request or response body of a few dozen KiB
+    freed at the top of the heap is handed back to the kernel, and the next request maps
+    it again: a 64 KiB echo then costs ~15 page faults and a brk call per request (a
+    fifth of its CPU time). Not done by ``serve()``: a program embedding trioserve owns
+    its allocator settings. A no-op where the C library is not glibc.
+    """
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return
+        ctypes.CDLL(None).mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def load_env_file(config: Config) -> None:

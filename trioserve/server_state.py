@@ -3,7 +3,8 @@
 There are no module globals in trioserve: everything several connections share (the
 config, the app, lifespan state, the set of live connections, counters for
 ``--limit-concurrency`` / ``--limit-max-requests``, the cached ``Date`` header) lives in
-one :class:`ServerState` per ``serve()`` call.
+one :class:`ServerState` per ``serve()`` call (and the scratch buffer socket reads go
+through).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from .access_format import access_fields, compile_access_format
 from .asgi_types import ASGIApp
@@ -21,6 +22,9 @@ from .errors import ClientDisconnected
 from .transport import EdgeSettings
 
 access_logger = logging.getLogger("trioserve.access")
+
+# Bytes per socket read on plain TCP connections (see ServerState.read_buffer).
+READ_BUFFER_SIZE: Final = 256 * 1024
 
 
 def log_access(
@@ -109,6 +113,7 @@ class ServerState:
         "max_requests",
         "on_app_error",
         "on_max_requests",
+        "read_buffer",
         "total_requests",
     )
 
@@ -132,6 +137,9 @@ class ServerState:
         self.on_max_requests = on_max_requests
         self.on_app_error = on_app_error
         self.default_headers = config.default_headers
+        # Scratch space for the connections' socket reads (each read is copied out at once,
+        # before any other task runs).
+        self.read_buffer = bytearray(READ_BUFFER_SIZE)
         # Response header fields already found valid (http_messages.check_fields).
         self.checked_fields: set[tuple[bytes, bytes]] = set()
         self._date_second = -1

@@ -43,7 +43,7 @@ from .asgi_types import ASGIApp
 from .config import Config
 from .errors import AppLoadError, LifespanError
 from .logs import configure_logging
-from .runner import serve_until_signal
+from .runner import serve_until_signal, tune_allocator
 from .server import Server
 from .worker_protocol import SPEC_ENV, WorkerEvent, WorkerSpec
 
@@ -250,6 +250,7 @@ def main() -> int:
             sock.sendall(WorkerEvent("failed", kind="load", error=text).encode())
         sock.close()
         return EXIT_LOAD_FAILED
+    tune_allocator()
     with _StartupLogCapture() as capture:
         link = ParentLink(sock, spec.stack_fd, interval, config.timeout_worker_healthcheck)
         try:
