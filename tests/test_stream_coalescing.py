@@ -131,3 +131,51 @@ async def test_chunks_then_an_app_error_still_arrive_before_the_close() -> None:
             data = await read_until_eof(stream)
     assert b"before-error" in data
     assert not data.endswith(b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("chunks", [1, 600, 5000])
+async def test_thousands_of_tiny_chunks_sent_back_to_back_all_arrive(chunks: int) -> None:
+    # Coalescing must respect the kernel's limit on pieces per vectored write (IOV_MAX):
+    # 5000 one-byte chunks are 15000 pieces with their chunk framing.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(chunks):
+            body = b"%d," % i
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    with trio.fail_after(10):
+        async with run_server(app) as server, await connect(server.addresses[0]) as stream:
+            await stream.send_all(GET + GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            data = await read_until_eof(stream)
+    expected = b"".join(b"%d," % i for i in range(chunks))
+    assert [body for _, body in parse_responses(data)] == [expected, expected]
+
+
+async def test_a_large_streamed_response_to_a_slow_reader_arrives_whole() -> None:
+    # Writes the socket does not take at once continue piece by piece (no joined copy),
+    # across many waits for the peer; every byte arrives in order.
+    chunk = bytes(range(256)) * 64  # 16 KiB
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(256):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    with trio.fail_after(20):
+        async with run_server(app) as server, await connect(server.addresses[0]) as stream:
+            await stream.send_all(GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            data = b""
+            while True:
+                piece = await stream.receive_some(7000)
+                if not piece:
+                    break
+                data += piece
+                await trio.sleep(0)
+    [(_, body)] = parse_responses(data)
+    assert body == chunk * 256

@@ -64,6 +64,8 @@ MAX_PIPELINE_BUFFER: Final = 256 * 1024
 # Streamed body chunks the app hands over back to back (without awaiting anything in
 # between) are written together, up to this many bytes: one syscall instead of several.
 COALESCE_BYTES: Final = 256 * 1024
+# ... and at most this many pieces per vectored write (the kernel's IOV_MAX is 1024).
+MAX_WRITE_PIECES: Final = 512
 # An unread request body is drained (so the connection can be reused) up to this size.
 MAX_DISCARD_BODY: Final = 1024 * 1024
 # Lingering close: after an error response, read and discard for at most this long so
@@ -277,12 +279,11 @@ class HTTPConnection:
                     sent = os.write(self._fd, data)
                 else:  # one vectored write: the pieces (a large body) are not copied
                     total = sum(map(len, data))
-                    sent = os.writev(self._fd, data)
+                    sent = os.writev(self._fd, data[:MAX_WRITE_PIECES])
             except BlockingIOError:
                 sent = 0
             if sent < total:
-                rest = data if isinstance(data, bytes) else b"".join(data)
-                await self.stream.send_all(memoryview(rest)[sent:])  # waits: a checkpoint
+                await self._write_rest(data, sent)  # waits: a checkpoint
                 self._written_since_yield = 0
             else:
                 # Fairness: a response streamed faster than the peer reads still lets the
@@ -301,6 +302,21 @@ class HTTPConnection:
             self.broken = True
             self.h11.send_failed()
             raise
+
+    async def _write_rest(self, data: bytes | list[bytes], sent: int) -> None:
+        """Write what a first non-blocking write left, waiting until the socket takes more.
+
+        The pieces stay pieces (a large body is never joined into a copy).
+        """
+        fd = self._fd
+        pieces = _after(data if isinstance(data, list) else [data], sent)
+        while pieces:
+            await trio.lowlevel.wait_writable(fd)
+            try:
+                sent = os.writev(fd, pieces[:MAX_WRITE_PIECES])
+            except BlockingIOError:
+                continue
+            pieces = _after(pieces, sent)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -786,7 +802,10 @@ class RequestCycle:
             pieces = self.writer.body_pieces(message)
             if pieces and not self.writer.complete:
                 size = sum(map(len, pieces))
-                if self._buffered + size < COALESCE_BYTES:
+                if (
+                    self._buffered + size < COALESCE_BYTES
+                    and len(self._buffer) + len(pieces) <= MAX_WRITE_PIECES
+                ):
                     # Coalesce: an app streaming chunks back to back gets them written
                     # together. Whenever this app task waits for anything else, the
                     # connection task (woken here) writes what is buffered, so an app that
@@ -997,6 +1016,18 @@ class RequestCycle:
                 break
             h11_conn.receive_data(data)  # pipelined bytes: kept for the next cycle
         return _DISCONNECT
+
+
+def _after(pieces: list[bytes], count: int) -> list[bytes]:
+    """``pieces`` without their first ``count`` bytes (a partly sent piece is sliced)."""
+    index = 0
+    while count and count >= len(pieces[index]):
+        count -= len(pieces[index])
+        index += 1
+    rest = pieces[index:]
+    if count:
+        rest[0] = memoryview(rest[0])[count:]  # type: ignore[call-overload]
+    return rest
 
 
 @types.coroutine
