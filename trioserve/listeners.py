@@ -8,9 +8,11 @@ they surface as :class:`~trioserve.errors.BindError` (an ``OSError``) naming the
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,6 +25,12 @@ from .errors import BindError
 MEMORY_URL: Final = "http://testserver"
 MEMORY_CLIENT: Final = ("testclient", 50000)
 MEMORY_SERVER: Final = ("testserver", 80)
+# Connections accepted at once when the listening socket becomes readable.
+ACCEPT_BURST: Final = 64
+# accept() errors about one connection only (trio.SocketListener skips them too).
+IGNORED_ACCEPT_ERRNOS: Final = frozenset(
+    getattr(errno, name) for name in ("ECONNABORTED", "EPERM", "EPROTO") if hasattr(errno, name)
+)
 
 
 @dataclass(frozen=True)
@@ -130,9 +138,52 @@ def describe(sock: socket.socket) -> BoundSocket:
     return BoundSocket(sock, f"http://{shown}:{port}", (host, port))
 
 
-def to_listener(bound: BoundSocket) -> trio.SocketListener:
+def to_listener(bound: BoundSocket) -> SocketListener:
     """Wrap a bound socket; trio sets TCP_NODELAY on every accepted stream."""
-    return trio.SocketListener(trio.socket.from_stdlib_socket(bound.sock))
+    return SocketListener(bound.sock)
+
+
+class SocketListener(trio.abc.Listener[trio.SocketStream]):
+    """A listening socket that takes every connection already waiting in one go.
+
+    ``trio.SocketListener`` accepts one connection per scheduler round; under a storm of
+    short connections (``Connection: close``) the backlog then drains slowly and every
+    round does little work. Here, once the socket is readable, everything waiting is
+    accepted at once (asyncio does the same) and handed out by :meth:`accept` without
+    another wait. Accept errors (EMFILE...) surface from :meth:`accept` as from trio's.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = trio.socket.from_stdlib_socket(sock)  # (also makes it non-blocking)
+        self._sock = sock
+        self._waiting: deque[socket.socket] = deque()
+
+    async def accept(self) -> trio.SocketStream:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waiting = self._waiting
+        while not waiting:
+            if self._sock.fileno() < 0:
+                raise trio.ClosedResourceError("the listening socket was closed")
+            while len(waiting) < ACCEPT_BURST:
+                try:
+                    waiting.append(self._sock.accept()[0])
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in IGNORED_ACCEPT_ERRNOS:
+                        continue  # that client is gone already; as trio does
+                    if waiting:
+                        break  # hand out what we have; the error comes back next time
+                    raise
+            if not waiting:
+                await trio.lowlevel.wait_readable(self._sock)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(waiting.popleft()))
+
+    async def aclose(self) -> None:
+        self.socket.close()  # (wakes a waiting accept: ClosedResourceError)
+        while self._waiting:
+            self._waiting.popleft().close()
+        await trio.lowlevel.checkpoint()
 
 
 def peer_addresses(
