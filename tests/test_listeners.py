@@ -1,0 +1,70 @@
+"""trioserve's listening socket: every connection waiting in the backlog is taken at once."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from trioserve.listeners import ACCEPT_BURST, SocketListener
+
+
+def listening_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+async def test_connections_waiting_in_the_backlog_are_accepted_in_one_go() -> None:
+    sock = listening_socket()
+    listener = SocketListener(sock)
+    clients = [socket.create_connection(sock.getsockname()) for _ in range(10)]
+    try:
+        streams = [await listener.accept()]
+        # The other nine were taken with the first: no further wait on the listener.
+        assert len(listener._waiting) == 9
+        for _ in range(9):
+            streams.append(await listener.accept())
+        # Each stream is a real, connected socket: bytes flow both ways.
+        for index, (client, stream) in enumerate(zip(clients, streams, strict=True)):
+            client.sendall(b"%d" % index)
+            assert await stream.receive_some(10) == b"%d" % index
+            await stream.send_all(b"ok")
+            assert client.recv(10) == b"ok"
+            await stream.aclose()
+    finally:
+        for client in clients:
+            client.close()
+        await listener.aclose()
+
+
+async def test_a_burst_is_bounded() -> None:
+    sock = listening_socket()
+    listener = SocketListener(sock)
+    clients = [socket.create_connection(sock.getsockname()) for _ in range(ACCEPT_BURST + 5)]
+    try:
+        stream = await listener.accept()
+        assert len(listener._waiting) == ACCEPT_BURST - 1
+        await stream.aclose()
+    finally:
+        for client in clients:
+            client.close()
+        await listener.aclose()
+
+
+async def test_closing_wakes_a_waiting_accept_and_later_accepts_fail() -> None:
+    listener = SocketListener(listening_socket())
+    async with trio.open_nursery() as nursery:
+
+        async def accept() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await listener.accept()
+
+        nursery.start_soon(accept)
+        await trio.testing.wait_all_tasks_blocked()
+        await listener.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await listener.accept()
