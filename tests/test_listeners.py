@@ -68,3 +68,19 @@ async def test_closing_wakes_a_waiting_accept_and_later_accepts_fail() -> None:
         await listener.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await listener.accept()
+
+
+async def test_a_shared_socket_takes_one_connection_per_wakeup() -> None:
+    # Several worker processes accept on one socket: none may grab the whole backlog.
+    sock = listening_socket()
+    listener = SocketListener(sock, burst=1)
+    clients = [socket.create_connection(sock.getsockname()) for _ in range(3)]
+    try:
+        for _ in range(3):
+            stream = await listener.accept()
+            assert not listener._waiting
+            await stream.aclose()
+    finally:
+        for client in clients:
+            client.close()
+        await listener.aclose()

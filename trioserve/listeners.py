@@ -138,9 +138,13 @@ def describe(sock: socket.socket) -> BoundSocket:
     return BoundSocket(sock, f"http://{shown}:{port}", (host, port))
 
 
-def to_listener(bound: BoundSocket) -> SocketListener:
-    """Wrap a bound socket; trio sets TCP_NODELAY on every accepted stream."""
-    return SocketListener(bound.sock)
+def to_listener(bound: BoundSocket, *, shared: bool = False) -> SocketListener:
+    """Wrap a bound socket; trio sets TCP_NODELAY on every accepted stream.
+
+    ``shared``: other worker processes accept on the same socket: take one connection per
+    wakeup, so that the load spreads over the workers.
+    """
+    return SocketListener(bound.sock, burst=1 if shared else ACCEPT_BURST)
 
 
 class SocketListener(trio.abc.Listener[trio.SocketStream]):
@@ -151,11 +155,15 @@ class SocketListener(trio.abc.Listener[trio.SocketStream]):
     round does little work. Here, once the socket is readable, everything waiting is
     accepted at once (asyncio does the same) and handed out by :meth:`accept` without
     another wait. Accept errors (EMFILE...) surface from :meth:`accept` as from trio's.
+
+    With ``burst=1`` (a socket shared by several worker processes) it behaves as trio's:
+    one connection, then a turn for everyone else, so that no worker grabs them all.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, burst: int = ACCEPT_BURST) -> None:
         self.socket = trio.socket.from_stdlib_socket(sock)  # (also makes it non-blocking)
         self._sock = sock
+        self._burst = burst
         self._waiting: deque[socket.socket] = deque()
 
     async def accept(self) -> trio.SocketStream:
@@ -164,7 +172,7 @@ class SocketListener(trio.abc.Listener[trio.SocketStream]):
         while not waiting:
             if self._sock.fileno() < 0:
                 raise trio.ClosedResourceError("the listening socket was closed")
-            while len(waiting) < ACCEPT_BURST:
+            while len(waiting) < self._burst:
                 try:
                     waiting.append(self._sock.accept()[0])
                 except BlockingIOError:
@@ -177,7 +185,10 @@ class SocketListener(trio.abc.Listener[trio.SocketStream]):
                     raise
             if not waiting:
                 await trio.lowlevel.wait_readable(self._sock)
-        return trio.SocketStream(trio.socket.from_stdlib_socket(waiting.popleft()))
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(waiting.popleft()))
+        if self._burst == 1:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
 
     async def aclose(self) -> None:
         self.socket.close()  # (wakes a waiting accept: ClosedResourceError)

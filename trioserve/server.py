@@ -231,7 +231,10 @@ async def _serve(
             listeners: list[trio.abc.Listener[Any]]
             if memory is None:
                 bound = bind_sockets(config)
-                listeners = [to_listener(b) for b in bound]
+                # An inherited socket (--fd; every --workers process gets one) may have
+                # other processes accepting on it.
+                shared = config.fd is not None
+                listeners = [to_listener(b, shared=shared) for b in bound]
             else:
                 listeners = [memory]
             server = Server(config, bound, memory=memory)
