@@ -56,8 +56,10 @@ from .server_state import ServerState, log_access
 logger = logging.getLogger(__name__)
 
 RECEIVE_SIZE: Final = 64 * 1024  # per read from a TLS or other wrapped stream
-# write() yields to the scheduler after this many bytes written without waiting.
-WRITE_YIELD_BYTES: Final = 64 * 1024
+# write() (and a body read) yields to the scheduler after this many bytes moved without
+# waiting: a large upload or download lets the other connections run, while a request of
+# a few dozen KiB completes without a trip through the scheduler (it yields once anyway).
+WRITE_YIELD_BYTES: Final = 256 * 1024
 # Bytes of pipelined requests buffered while a response is in progress; beyond this we
 # stop reading (the client's TCP window then pushes back).
 MAX_PIPELINE_BUFFER: Final = 256 * 1024
