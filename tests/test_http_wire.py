@@ -386,7 +386,7 @@ async def test_request_body_is_streamed_in_pieces_with_backpressure() -> None:
             # The app asked once: the server read no further than that, so the client is
             # blocked by TCP flow control with most of the upload still unsent.
             assert len(pieces) == 1
-            assert 0 < pieces[0] <= 65536
+            assert 0 < pieces[0] <= READ_BUFFER_SIZE
             assert sent < UPLOAD_SIZE // 4
             proceed.set()
         data = await receive_until(stream, str(UPLOAD_SIZE).encode())

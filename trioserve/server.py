@@ -6,7 +6,9 @@ The task tree (STYLE.md §1.4)::
     └── async with lifespan(...)                 startup done before any accept
         └── nursery "connections"                drain: cancel_scope.deadline = now + grace
             ├── accepting (own cancel scope)     one accept loop per listener; cancelled first
-            └── HTTPConnection.run() per client  owns stream + h11; app calls are its children
+            └── HTTPConnection.run() per client  owns stream + h11; calls the apps itself; when
+                                                 an app call waits, serving moves on to a new
+                                                 task here (the connection closes once both end)
 
 ``serve()`` installs no signal handlers and never exits the process: embedders and the
 runner ask for a graceful stop through :class:`Server` or ``shutdown_trigger``; cancelling
@@ -51,6 +53,9 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
 ACCEPT_RETRY_SLEEP: Final = 0.1
+# The connection tasks' name, given as a constant: trio would build the same string once
+# per task (~80 bytes per connection).
+_CONNECTION_TASK_NAME: Final = "trioserve.server.serve_connection"
 
 
 class Server:
@@ -325,11 +330,19 @@ async def _accept_loop(
                 await trio.sleep(ACCEPT_RETRY_SLEEP)
                 continue
             raise
-        connections.start_soon(serve_connection, stream, state)
+        connections.start_soon(
+            serve_connection, stream, state, connections, name=_CONNECTION_TASK_NAME
+        )
 
 
-async def serve_connection(stream: trio.abc.HalfCloseableStream, state: ServerState) -> None:
-    """Serve one accepted stream; a bug here is logged and costs only this connection."""
+async def serve_connection(
+    stream: trio.abc.HalfCloseableStream, state: ServerState, connections: trio.Nursery
+) -> None:
+    """Serve one accepted stream; a bug here is logged and costs only this connection.
+
+    ``connections`` is the nursery this task runs in: the connection moves on to a new task
+    there when an app call waits (see ``HTTPConnection.run``).
+    """
     try:
         client, server = peer_addresses(stream)
     except OSError:  # the peer is already gone
@@ -346,10 +359,11 @@ async def serve_connection(stream: trio.abc.HalfCloseableStream, state: ServerSt
         scheme=prepared.scheme,
     )
     prepared.attach(conn)
+    del prepared  # (not kept for the connection's whole life)
     if state.draining:
         conn.closing = True
     try:
-        await conn.run()
+        await conn.run(connections)
     except Exception:
         logger.exception("%s - internal error in connection task", conn.peer)
     except BaseExceptionGroup as group:
