@@ -57,6 +57,11 @@ async def echo_app(scope: Any, receive: Any, send: Any) -> None:
     assert scope["type"] == "websocket"
     assert (await receive())["type"] == "websocket.connect"
     await send({"type": "websocket.accept"})
+    await echo_messages(receive, send)
+
+
+async def echo_messages(receive: Any, send: Any) -> None:
+    """Send every message back until the client disconnects."""
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":

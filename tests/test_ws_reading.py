@@ -16,7 +16,7 @@ import trustme
 import wsproto
 from conftest import run_server
 from test_tls import ca, client_context, open_tls, pki, tls_options  # noqa: F401 (fixtures)
-from test_websocket_wire import RawWS, Recorder, echo_app, frame
+from test_websocket_wire import RawWS, Recorder, echo_app, echo_messages, frame
 from wsproto.events import BytesMessage, CloseConnection, Pong, TextMessage
 
 from trioserve import ClientDisconnected
@@ -107,7 +107,7 @@ async def test_messages_read_while_the_app_was_busy_arrive_in_order(autojump_clo
         await receive()
         await send({"type": "websocket.accept"})
         await trio.sleep(10)  # the watcher reads meanwhile (at most ws_max_queue messages)
-        await echo_app_loop(receive, send)
+        await echo_messages(receive, send)
 
     async with run_server(body, ws_max_queue=3, ws_ping_interval=None) as server:
         ws, _ = await RawWS.open(server.addresses[0])
@@ -123,16 +123,6 @@ async def test_messages_read_while_the_app_was_busy_arrive_in_order(autojump_clo
             assert trio.current_time() >= 10
 
 
-async def echo_app_loop(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        await send(
-            {"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")}
-        )
-
-
 async def test_receive_while_the_watcher_reads_gets_the_next_message(
     autojump_clock: Any,
 ) -> None:
@@ -143,7 +133,7 @@ async def test_receive_while_the_watcher_reads_gets_the_next_message(
         await send({"type": "websocket.accept"})
         await trio.sleep(IDLE_READ_DELAY * 5)  # the watcher now waits in a read
         woke.set()
-        await echo_app_loop(receive, send)  # takes the reader role back after its read
+        await echo_messages(receive, send)  # takes the reader role back after its read
 
     async with run_server(body, ws_ping_interval=None) as server:
         ws, _ = await RawWS.open(server.addresses[0])

@@ -37,7 +37,7 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from typing import Any, Final
 
 import h11
@@ -259,10 +259,14 @@ class HTTPConnection:
         except BlockingIOError:
             return 0
         except OSError as exc:
-            self.peer_gone = True
-            self.broken = True
-            self.h11.send_failed()
-            raise ClientDisconnected(f"{self.peer} disconnected") from exc
+            raise self._write_failed() from exc
+
+    def _write_failed(self) -> ClientDisconnected:
+        """Record that a write found the peer gone; the error for the caller to raise."""
+        self.peer_gone = True
+        self.broken = True
+        self.h11.send_failed()
+        return ClientDisconnected(f"{self.peer} disconnected")
 
     async def read_fairly(self, size: int) -> None:
         """After a read that did not wait: yield once per ``WRITE_YIELD_BYTES`` read, so a
@@ -313,10 +317,7 @@ class HTTPConnection:
                     self._written_since_yield = 0
                     await trio.lowlevel.cancel_shielded_checkpoint()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.peer_gone = True
-            self.broken = True
-            self.h11.send_failed()
-            raise ClientDisconnected(f"{self.peer} disconnected") from exc
+            raise self._write_failed() from exc
         except BaseException:
             # Cancelled mid-write: part of the data may be on the wire (h11 must know).
             self.broken = True
@@ -385,10 +386,26 @@ class HTTPConnection:
         """
         self.state.connections.add(self)
         self._holders = 1
+        with self._bugs_logged():
+            try:
+                await self._serve_requests(tasks)
+            finally:
+                await self._release()
+
+    @contextlib.contextmanager
+    def _bugs_logged(self) -> Iterator[None]:
+        """A bug in a task serving this connection is logged and costs only this connection
+        (trioserve's own code: the app's exceptions are handled in ``call_app``)."""
         try:
-            await self._serve_requests(tasks)
-        finally:
-            await self._release()
+            yield
+        except Exception:
+            logger.exception("%s - internal error in connection task", self.peer)
+        except BaseExceptionGroup as group:
+            bugs, rest = group.split(Exception)
+            if bugs is not None:
+                logger.error("%s - internal error in connection task", self.peer, exc_info=bugs)
+            if rest is not None:
+                raise rest from None
 
     async def _release(self) -> None:
         """This task is done with the connection: close it if no other task needs it."""
@@ -611,25 +628,17 @@ class HTTPConnection:
         """Serve the connection on after ``cycle`` 's app waited for something.
 
         A task of the server's connection nursery, the connection's only reader from now on
-        (see :meth:`run`); a bug here is logged and costs only this connection (as in
-        ``server.serve_connection``).
+        (see :meth:`run`).
         """
-        try:
-            reusable = await self._after_response(cycle)
-            del cycle  # (not kept while the connection waits for its next request)
-            if reusable:
-                self.h11.start_next_cycle()
-                await self._serve_requests(tasks)
-        except Exception:
-            logger.exception("%s - internal error in connection task", self.peer)
-        except BaseExceptionGroup as group:
-            bugs, rest = group.split(Exception)
-            if bugs is not None:
-                logger.error("%s - internal error in connection task", self.peer, exc_info=bugs)
-            if rest is not None:
-                raise rest from None
-        finally:
-            await self._release()
+        with self._bugs_logged():
+            try:
+                reusable = await self._after_response(cycle)
+                del cycle  # (not kept while the connection waits for its next request)
+                if reusable:
+                    self.h11.start_next_cycle()
+                    await self._serve_requests(tasks)
+            finally:
+                await self._release()
 
     async def _after_response(self, cycle: RequestCycle) -> bool:
         """Wait for ``cycle`` 's response to complete; True if the connection can be reused."""

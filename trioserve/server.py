@@ -21,7 +21,6 @@ import errno
 import logging
 import random
 import socket
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -42,9 +41,6 @@ from .listeners import (
 )
 from .server_state import ServerState
 from .transport import prepare_connection
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 logger = logging.getLogger(__name__)
 
@@ -362,13 +358,4 @@ async def serve_connection(
     del prepared  # (not kept for the connection's whole life)
     if state.draining:
         conn.closing = True
-    try:
-        await conn.run(connections)
-    except Exception:
-        logger.exception("%s - internal error in connection task", conn.peer)
-    except BaseExceptionGroup as group:
-        bugs, rest = group.split(Exception)
-        if bugs is not None:
-            logger.error("%s - internal error in connection task", conn.peer, exc_info=bugs)
-        if rest is not None:
-            raise rest from None
+    await conn.run(connections)  # (logs a bug of its own rather than raising it)
