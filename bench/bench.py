@@ -7,6 +7,7 @@ Usage::
     python bench/bench.py --quick   # 1 round of 2 s (smoke)
     python bench/bench.py --servers trioserve,uvicorn-h11 --scenarios hello,json
     python bench/bench.py --workers-scaling  # also 2-worker lines (hello and json only)
+    python bench/bench.py --fifo-check       # also trioserve on FIFO-ordered trio batches
 
 How it measures:
 
@@ -113,6 +114,7 @@ class ServerSpec:
     scenarios: frozenset[str] | None = None  # None: all
     workers: int = 1
     cpus: str = SERVER_CPU  # taskset list for the server's processes
+    pythonpath: tuple[str, ...] = ()  # extra PYTHONPATH entries (before the bench dir)
 
     def command(self, app: str, port: int) -> list[str]:
         argv = self._command(app, port)
@@ -129,7 +131,13 @@ class ServerSpec:
                 RAW_APP: "apps.uvicorn_nodelay:raw",
                 FASTAPI_APP: "apps.uvicorn_nodelay:fastapi",
             }[app]
-        if self.name in ("trioserve", "trioserve-accesslog", "trioserve-asyncio", "trioserve-2w"):
+        if self.name in (
+            "trioserve",
+            "trioserve-accesslog",
+            "trioserve-asyncio",
+            "trioserve-2w",
+            "trioserve-fifo",
+        ):
             log = (
                 ["--access-log", "--log-level", "info"]
                 if self.name.endswith("accesslog")
@@ -241,7 +249,14 @@ WORKER_SERVERS: dict[str, ServerSpec] = {
         ),
     )
 }
-ALL_SERVERS = {**SERVERS, **WORKER_SERVERS}
+# Not in the default server list either: --fifo-check adds it (see the module it loads).
+FIFO_SERVER = ServerSpec(
+    "trioserve-fifo",
+    "trioserve on trio with FIFO batch order (bench-only diagnostic, bench/fifo_scheduling)",
+    frozenset({"hello", "close", "json"}),
+    pythonpath=(str(BENCH_DIR / "fifo_scheduling"),),
+)
+ALL_SERVERS = {**SERVERS, **WORKER_SERVERS, FIFO_SERVER.name: FIFO_SERVER}
 
 
 # -- one measurement ------------------------------------------------------------------------
@@ -350,7 +365,7 @@ def _rss_mib(pids: Iterable[int]) -> tuple[float, float]:
 def running_server(spec: ServerSpec, app: str, log_path: Path) -> Iterator[tuple[int, int]]:
     """Start ``spec`` on a free port pinned to the server CPU; yield (port, pid)."""
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(BENCH_DIR))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*spec.pythonpath, str(BENCH_DIR)]))
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             ["taskset", "-c", spec.cpus, *spec.command(app, port)],
@@ -761,6 +776,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run " + ", ".join(WORKER_SERVERS) + " (hello and json only)",
     )
     parser.add_argument(
+        "--fifo-check",
+        action="store_true",
+        help=f"also run {FIFO_SERVER.name}: {FIFO_SERVER.description}",
+    )
+    parser.add_argument(
         "--output",
         default=None,
         help=f"markdown file (default: {RESULTS_PATH.name} unless --quick)",
@@ -772,6 +792,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers = [s for s in args.servers.split(",") if s]
     if args.workers_scaling:
         servers += [s for s in WORKER_SERVERS if s not in servers]
+    if args.fifo_check and FIFO_SERVER.name not in servers:
+        servers.append(FIFO_SERVER.name)
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = [s for s in servers if s not in ALL_SERVERS] + [
         s for s in scenarios if s not in SCENARIOS

@@ -261,6 +261,8 @@ def resolve_forwarded(
             xfp.append(value.decode("latin-1"))
         elif name == b"forwarded":
             forwarded.append(value.decode("latin-1"))
+    if not (forwarded or xff or xfp):
+        return None, None  # the common case, even behind a proxy that sends none
     if forwarded:
         elements = parse_forwarded(forwarded)
         if elements:
