@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint fmt bench autobahn clean
+.PHONY: venv run test lint fmt bench bench-instructions autobahn clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,14 @@ bench: venv
 	$(PY) -m pip install --quiet -e '.[bench]'
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# Instructions per request under valgrind (deterministic; for changes of a few percent on a
+# noisy machine): writes bench/RESULTS-instructions.md. About 20 minutes.
+bench-instructions: venv
+	$(PY) -m pip install --quiet -e '.[bench]'
+	command -v valgrind >/dev/null && command -v h2load >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq valgrind nghttp2-client)
+	$(PY) bench/bench.py --instructions $(BENCH_ARGS)
 
 # Autobahn|Testsuite's fuzzing client against an echo app (autobahn/run.py). wstest runs only
 # on Python 2.7 with old pinned dependencies: they live in their own virtualenv. wsaccel (C

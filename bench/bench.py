@@ -8,6 +8,7 @@ Usage::
     python bench/bench.py --servers trioserve,uvicorn-h11 --scenarios hello,json
     python bench/bench.py --workers-scaling  # also 2-worker lines (hello and json only)
     python bench/bench.py --fifo-check       # also trioserve on FIFO-ordered trio batches
+    python bench/bench.py --instructions     # instructions per request under valgrind
 
 How it measures:
 
@@ -52,6 +53,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_PATH = BENCH_DIR / "RESULTS.md"
+INSTRUCTIONS_PATH = BENCH_DIR / "RESULTS-instructions.md"
 SERVER_CPU = "0"
 LOAD_CPU = "1"
 CONNECTIONS = 50
@@ -362,13 +364,25 @@ def _rss_mib(pids: Iterable[int]) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def running_server(spec: ServerSpec, app: str, log_path: Path) -> Iterator[tuple[int, int]]:
-    """Start ``spec`` on a free port pinned to the server CPU; yield (port, pid)."""
+def running_server(
+    spec: ServerSpec,
+    app: str,
+    log_path: Path,
+    *,
+    wrapper: Sequence[str] = (),
+    start_timeout: float = 20,
+    stop_signal: int = signal.SIGINT,
+    stop_timeout: float = 5,
+) -> Iterator[tuple[int, int]]:
+    """Start ``spec`` on a free port pinned to the server CPU; yield (port, pid).
+
+    ``wrapper`` goes before the server's command (``valgrind ...``).
+    """
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([*spec.pythonpath, str(BENCH_DIR)]))
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            ["taskset", "-c", spec.cpus, *spec.command(app, port)],
+            ["taskset", "-c", spec.cpus, *wrapper, *spec.command(app, port)],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -376,7 +390,7 @@ def running_server(spec: ServerSpec, app: str, log_path: Path) -> Iterator[tuple
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{spec.name} exited with {proc.returncode}; see {log_path}")
@@ -390,9 +404,9 @@ def running_server(spec: ServerSpec, app: str, log_path: Path) -> Iterator[tuple
         yield port, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, stop_signal)
         try:
-            proc.wait(5)
+            proc.wait(stop_timeout)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -688,6 +702,155 @@ def render_overview(scenarios: Sequence[Scenario], results: dict[str, list[Row]]
 # -- environment ----------------------------------------------------------------------------
 
 
+# -- instructions per request (--instructions) -----------------------------------------------
+#
+# Wall-clock ratios on a shared machine move by 10-30 % from round to round. For changes of a
+# few percent the harness can instead count the instructions the server executes: each server
+# runs under ``valgrind --tool=callgrind`` and answers a fixed number of requests from
+# ``h2load``, twice (N1, then N2 requests, each in a fresh process); the difference of the
+# totals divided by N2 - N1 is the user-space work per request, start-up and shutdown
+# cancelled out. Repeatable to a fraction of a percent whatever else the machine does; blind
+# to kernel time, cache misses and the scheduling order of the requests.
+
+INSTRUCTION_REQUESTS: dict[str, tuple[int, int]] = {
+    "hello": (300, 1300),
+    "close": (300, 1300),
+    "json": (300, 1300),
+    "echo64k": (100, 600),
+    "stream1m": (20, 120),
+}
+INSTRUCTION_CONNECTIONS = 20
+INSTRUCTION_SERVERS = ("trioserve", "hypercorn-trio", "uvicorn-h11", "trio-h11-min")
+
+
+def callgrind_total(text: str) -> int:
+    """The instruction total of one callgrind output file."""
+    for line in text.splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise ValueError("no 'totals:' or 'summary:' line in the callgrind output")
+
+
+def per_request(totals: tuple[int, int], requests: tuple[int, int]) -> float:
+    """Instructions per request from the totals of two runs of different lengths."""
+    (low_total, high_total), (low, high) = totals, requests
+    if high <= low:
+        raise ValueError("the second run must answer more requests than the first")
+    return (high_total - low_total) / (high - low)
+
+
+def _h2load(scenario: Scenario, port: int, requests: int, body: Path | None) -> None:
+    cmd = ["h2load", "--h1", "-n", str(requests), "-c", str(INSTRUCTION_CONNECTIONS)]
+    for i in range(0, len(scenario.wrk_args), 2):  # ("-H", "Connection: close")
+        cmd += list(scenario.wrk_args[i : i + 2])
+    if body is not None:
+        cmd += ["-d", str(body)]
+    cmd.append(f"http://127.0.0.1:{port}{scenario.path}")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    # Every request answered, none errored or timed out. (h2load counts a response whose
+    # status line has an empty reason phrase, as hypercorn sends, as "failed": valid HTTP.)
+    if f"{requests} done" not in done.stdout or "0 errored, 0 timeout" not in done.stdout:
+        raise RuntimeError(f"h2load: {done.stdout.strip() or done.stderr.strip()}")
+
+
+def count_instructions(spec: ServerSpec, scenario: Scenario, requests: int, workdir: Path) -> int:
+    """Total instructions of ``spec``'s processes (all of them) answering ``requests``."""
+    prefix = f"callgrind.{spec.name}.{scenario.name}.{requests}"
+    for old in workdir.glob(prefix + ".*"):
+        old.unlink()
+    body = None
+    if scenario.lua is not None:  # the echo scenario's 64 KiB POST body
+        body = workdir / "body64k"
+        body.write_bytes(b"x" * 65536)
+    wrapper = [
+        "valgrind",
+        "--tool=callgrind",
+        "--trace-children=yes",
+        f"--callgrind-out-file={workdir / prefix}.%p",
+    ]
+    log_path = workdir / f"{spec.name}.valgrind.log"
+    # SIGTERM: every server here stops on it (a bare trio loop under valgrind may not on
+    # SIGINT), and valgrind writes the counts out even when the signal ends the process.
+    with running_server(
+        spec,
+        scenario.app,
+        log_path,
+        wrapper=wrapper,
+        start_timeout=300,
+        stop_signal=signal.SIGTERM,
+        stop_timeout=120,
+    ) as (port, _pid):
+        _h2load(scenario, port, requests, body)
+    files = sorted(workdir.glob(prefix + ".*"))
+    if not files:
+        raise RuntimeError(f"no callgrind output; see {log_path}")
+    return sum(callgrind_total(f.read_text()) for f in files)
+
+
+def render_instructions(results: dict[str, dict[str, float | None]], servers: Sequence[str]) -> str:
+    """``results[scenario][server]``: instructions per request, as a table and ratios."""
+    header = ["scenario", *servers]
+    lines = [
+        "#### Instructions per request (thousands; lower is better)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for scenario, by_server in results.items():
+        cells = [_fmt(None if v is None else v / 1000, ",.0f") for v in by_server.values()]
+        lines.append("| " + " | ".join([scenario, *cells]) + " |")
+    for ref in REFERENCES:
+        if ref not in servers:
+            continue
+        lines += [
+            "",
+            f"#### Ratio to {ref} (instructions; lower is better)",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for scenario, by_server in results.items():
+            base = by_server.get(ref)
+            cells = [
+                _fmt(v / base if v is not None and base else None, ".2f")
+                for v in by_server.values()
+            ]
+            lines.append("| " + " | ".join([scenario, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def run_instructions(servers: Sequence[str], scenarios: Sequence[str]) -> str:
+    workdir = Path(tempfile.gettempdir()) / "trioserve-bench-instructions"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir()
+    results: dict[str, dict[str, float | None]] = {}
+    for scenario_name in scenarios:
+        if scenario_name not in INSTRUCTION_REQUESTS:
+            continue  # ws, idle: not counted per request
+        scenario = SCENARIOS[scenario_name]
+        requests = INSTRUCTION_REQUESTS[scenario_name]
+        results[scenario_name] = {}
+        for name in servers:
+            spec = ALL_SERVERS[name]
+            value: float | None = None
+            if spec.scenarios is None or scenario_name in spec.scenarios:
+                try:
+                    totals = (
+                        count_instructions(spec, scenario, requests[0], workdir),
+                        count_instructions(spec, scenario, requests[1], workdir),
+                    )
+                    value = per_request(totals, requests)
+                except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+                    print(f"[{scenario_name}] {name}: failed: {exc}", file=sys.stderr)
+            results[scenario_name][name] = value
+            print(
+                f"[{scenario_name}] {name}: {_fmt(value, ',.0f')} instructions/request",
+                file=sys.stderr,
+                flush=True,
+            )
+    return render_instructions(results, servers)
+
+
 def machine_info() -> list[str]:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -768,8 +931,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s (smoke use)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--duration", type=float, default=None, help="seconds per measurement")
-    parser.add_argument("--servers", default=",".join(SERVERS))
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--servers", default=None, help="default: all in SERVERS")
+    parser.add_argument("--scenarios", default=None, help="default: all")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per request under valgrind instead of timing (servers "
+        f"default to {','.join(INSTRUCTION_SERVERS)}; writes {INSTRUCTIONS_PATH.name}; "
+        "about 20 minutes)",
+    )
     parser.add_argument(
         "--workers-scaling",
         action="store_true",
@@ -789,17 +959,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.duration or (2.0 if args.quick else 3.0)
     warmup = 1.0
-    servers = [s for s in args.servers.split(",") if s]
+    default_servers = INSTRUCTION_SERVERS if args.instructions else tuple(SERVERS)
+    servers = [s for s in (args.servers or ",".join(default_servers)).split(",") if s]
     if args.workers_scaling:
         servers += [s for s in WORKER_SERVERS if s not in servers]
     if args.fifo_check and FIFO_SERVER.name not in servers:
         servers.append(FIFO_SERVER.name)
-    scenarios = [s for s in args.scenarios.split(",") if s]
+    default_scenarios = INSTRUCTION_REQUESTS if args.instructions else SCENARIOS
+    scenarios = [s for s in (args.scenarios or ",".join(default_scenarios)).split(",") if s]
     unknown = [s for s in servers if s not in ALL_SERVERS] + [
         s for s in scenarios if s not in SCENARIOS
     ]
     if unknown:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")
+    if args.instructions:
+        return _main_instructions(parser, servers, scenarios, args.output, argv)
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         parser.error("wrk and taskset are required (make bench installs wrk)")
     if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
@@ -823,13 +997,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     output = args.output or (None if args.quick else str(RESULTS_PATH))
     if output:
-        path = Path(output)
-        if path.exists():  # hand-written notes below the marker survive a new run
-            old = path.read_text()
-            if NOTES_MARKER in old:
-                text += "\n" + old[old.index(NOTES_MARKER) :]
-        path.write_text(text)
+        write_report(Path(output), text)
     return 0
+
+
+def _main_instructions(
+    parser: argparse.ArgumentParser,
+    servers: Sequence[str],
+    scenarios: Sequence[str],
+    output: str | None,
+    argv: Sequence[str] | None,
+) -> int:
+    missing = [tool for tool in ("valgrind", "h2load", "taskset") if shutil.which(tool) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (make bench-instructions installs them)")
+    multi = [s for s in servers if ALL_SERVERS[s].workers > 1]
+    if multi:
+        parser.error(f"one process per server only: {', '.join(multi)}")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    report = run_instructions(servers, scenarios)
+    counts = ", ".join(
+        f"{name} {low}/{high}"
+        for name, (low, high) in INSTRUCTION_REQUESTS.items()
+        if name in scenarios
+    )
+    header = [
+        "# trioserve benchmark results: instructions per request",
+        "",
+        f"Generated by `{' '.join(['python bench/bench.py', *(argv or sys.argv[1:])])}` "
+        f"on {started:%Y-%m-%d %H:%M} UTC. Each server ran under `valgrind --tool=callgrind "
+        f"--trace-children=yes` twice per scenario, answering N1 and then N2 requests from "
+        f"`h2load --h1 -c {INSTRUCTION_CONNECTIONS}` ({counts}); the figure is the "
+        "difference of the two totals (all of the server's processes) divided by N2 - N1: "
+        "user-space instructions per request, repeatable on a noisy machine, blind to kernel "
+        "time, cache misses and scheduling order.",
+        "",
+        *machine_info(),
+        "",
+    ]
+    text = "\n".join(header) + "\n" + report + "\n"
+    print(text)
+    write_report(Path(output) if output else INSTRUCTIONS_PATH, text)
+    return 0
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``; hand-written notes below the marker survive a new run."""
+    if path.exists():
+        old = path.read_text()
+        if NOTES_MARKER in old:
+            text += "\n" + old[old.index(NOTES_MARKER) :]
+    path.write_text(text)
 
 
 if __name__ == "__main__":

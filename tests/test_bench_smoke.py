@@ -188,3 +188,43 @@ def test_fifo_check_server_runs_trio_batches_first_in_first_out() -> None:
     assert fifo == {"abcde" * 4}
     # Stock trio flips a coin per batch: over 6 runs of 4 flips, not always FIFO.
     assert _batch_orders(()) != {"abcde" * 4}
+
+
+CALLGRIND_OUTPUT = """# callgrind format
+version: 1
+creator: callgrind-3.19.0
+cmd: python -m trioserve apps.asgi_app:app
+events: Ir
+fl=(1) ???
+fn=(1) main
+0 5
+summary: 1242073488
+totals: 1242073488
+"""
+
+
+def test_callgrind_total_reads_the_totals_line() -> None:
+    assert bench.callgrind_total(CALLGRIND_OUTPUT) == 1242073488
+    with pytest.raises(ValueError):
+        bench.callgrind_total("events: Ir\nfn=main\n")
+
+
+def test_per_request_subtracts_the_shorter_run() -> None:
+    # 500 and 2,500 requests: start-up and shutdown cancel out.
+    assert bench.per_request((1_000_000, 5_000_000), (500, 2500)) == 2000.0
+    with pytest.raises(ValueError):
+        bench.per_request((1, 2), (500, 500))
+
+
+def test_render_instructions_shows_counts_and_ratios() -> None:
+    results = {
+        "hello": {"trioserve": 515_000.0, "uvicorn-h11": 626_000.0, "trio-h11-min": None},
+        "json": {"trioserve": 846_000.0, "uvicorn-h11": 881_000.0, "trio-h11-min": None},
+    }
+    text = bench.render_instructions(results, ["trioserve", "uvicorn-h11", "trio-h11-min"])
+    assert "| hello | 515 | 626 | - |" in text
+    assert "| json | 846 | 881 | - |" in text
+    assert "#### Ratio to uvicorn-h11 (instructions; lower is better)" in text
+    assert "| hello | 0.82 | 1.00 | - |" in text
+    assert "| json | 0.96 | 1.00 | - |" in text
+    assert "hypercorn-trio" not in text  # not measured: no ratio table for it
