@@ -44,16 +44,23 @@ def request_objects(task: trio.lowlevel.Task) -> list[object]:
     return kept
 
 
-async def test_idle_keep_alive_connection_is_one_task_without_nursery_or_request() -> None:
-    async with run_server(hello_app) as server, await connect(server.addresses[0]) as stream:
+async def idle_serving_task_name(app: Any) -> str:
+    """Serve two keep-alive requests with ``app``; check that the idle connection is then
+    one task without a nursery or anything of a request; return that task's name."""
+    async with run_server(app) as server, await connect(server.addresses[0]) as stream:
         client = Client(stream)
         for _ in range(2):
             response, _ = await client.request()
             assert response.status_code == 200
         await trio.testing.wait_all_tasks_blocked()
-        [task] = serving_tasks()
+        [task] = serving_tasks()  # (an app call's task has ended with it)
         assert task.child_nurseries == []
         assert request_objects(task) == []
+        return task.name
+
+
+async def test_idle_keep_alive_connection_is_one_task_without_nursery_or_request() -> None:
+    await idle_serving_task_name(hello_app)
 
 
 async def test_after_an_app_waited_the_idle_connection_is_one_task_too() -> None:
@@ -61,13 +68,4 @@ async def test_after_an_app_waited_the_idle_connection_is_one_task_too() -> None
         await trio.sleep(0)  # the connection moves on to a new task
         await hello_app(scope, receive, send)
 
-    async with run_server(app) as server, await connect(server.addresses[0]) as stream:
-        client = Client(stream)
-        for _ in range(2):
-            response, _ = await client.request()
-            assert response.status_code == 200
-        await trio.testing.wait_all_tasks_blocked()
-        [task] = serving_tasks()  # the app calls' tasks have ended with them
-        assert task.name.endswith(".continue_serving")
-        assert task.child_nurseries == []
-        assert request_objects(task) == []
+    assert (await idle_serving_task_name(app)).endswith(".continue_serving")

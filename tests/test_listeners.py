@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -18,11 +20,24 @@ def listening_socket() -> socket.socket:
     return sock
 
 
-async def test_connections_waiting_in_the_backlog_are_accepted_in_one_go() -> None:
+@contextlib.asynccontextmanager
+async def listener_with_clients(
+    count: int, *, burst: int = ACCEPT_BURST
+) -> AsyncIterator[tuple[SocketListener, list[socket.socket]]]:
+    """A listener and ``count`` clients already connected to it (in its backlog)."""
     sock = listening_socket()
-    listener = SocketListener(sock)
-    clients = [socket.create_connection(sock.getsockname()) for _ in range(10)]
+    listener = SocketListener(sock, burst=burst)
+    clients = [socket.create_connection(sock.getsockname()) for _ in range(count)]
     try:
+        yield listener, clients
+    finally:
+        for client in clients:
+            client.close()
+        await listener.aclose()
+
+
+async def test_connections_waiting_in_the_backlog_are_accepted_in_one_go() -> None:
+    async with listener_with_clients(10) as (listener, clients):
         streams = [await listener.accept()]
         # The other nine were taken with the first: no further wait on the listener.
         assert len(listener._waiting) == 9
@@ -35,24 +50,13 @@ async def test_connections_waiting_in_the_backlog_are_accepted_in_one_go() -> No
             await stream.send_all(b"ok")
             assert client.recv(10) == b"ok"
             await stream.aclose()
-    finally:
-        for client in clients:
-            client.close()
-        await listener.aclose()
 
 
 async def test_a_burst_is_bounded() -> None:
-    sock = listening_socket()
-    listener = SocketListener(sock)
-    clients = [socket.create_connection(sock.getsockname()) for _ in range(ACCEPT_BURST + 5)]
-    try:
+    async with listener_with_clients(ACCEPT_BURST + 5) as (listener, _):
         stream = await listener.accept()
         assert len(listener._waiting) == ACCEPT_BURST - 1
         await stream.aclose()
-    finally:
-        for client in clients:
-            client.close()
-        await listener.aclose()
 
 
 async def test_closing_wakes_a_waiting_accept_and_later_accepts_fail() -> None:
@@ -72,15 +76,8 @@ async def test_closing_wakes_a_waiting_accept_and_later_accepts_fail() -> None:
 
 async def test_a_shared_socket_takes_one_connection_per_wakeup() -> None:
     # Several worker processes accept on one socket: none may grab the whole backlog.
-    sock = listening_socket()
-    listener = SocketListener(sock, burst=1)
-    clients = [socket.create_connection(sock.getsockname()) for _ in range(3)]
-    try:
+    async with listener_with_clients(3, burst=1) as (listener, _):
         for _ in range(3):
             stream = await listener.accept()
             assert not listener._waiting
             await stream.aclose()
-    finally:
-        for client in clients:
-            client.close()
-        await listener.aclose()

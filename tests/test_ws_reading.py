@@ -171,6 +171,19 @@ async def test_cancelled_receive_loses_no_message(autojump_clock: Any) -> None:
     ]
 
 
+async def receive_while_closing(receive: Any, send: Any) -> Any:
+    """The app's ``receive()``, while another task of the app sends a Close (code 4000)
+    a second later: the receive is waiting in a read when the close goes out."""
+    async with trio.open_nursery() as nursery:
+
+        async def close_soon() -> None:
+            await trio.sleep(1)
+            await send({"type": "websocket.close", "code": 4000})
+
+        nursery.start_soon(close_soon)
+        return await receive()
+
+
 async def test_close_from_another_task_ends_a_waiting_receive_when_unanswered(
     autojump_clock: Any,
 ) -> None:
@@ -179,15 +192,8 @@ async def test_close_from_another_task_ends_a_waiting_receive_when_unanswered(
     async def body(scope: Any, receive: Any, send: Any) -> None:
         await receive()
         await send({"type": "websocket.accept"})
-        async with trio.open_nursery() as nursery:
-
-            async def close_soon() -> None:
-                await trio.sleep(1)
-                await send({"type": "websocket.close", "code": 4000})
-
-            nursery.start_soon(close_soon)
-            got.append(await receive())  # waits in a read when the close is sent
-            got.append(trio.current_time())
+        got.append(await receive_while_closing(receive, send))  # waits in a read
+        got.append(trio.current_time())
 
     async with run_server(body, ws_ping_interval=None) as server:
         ws, _ = await RawWS.open(server.addresses[0])
@@ -297,14 +303,7 @@ async def test_over_tls_reads_on_demand_and_an_unanswered_close_is_bounded(
         for _ in range(3):
             got.append(await receive())
             await send({"type": "websocket.send", "text": got[-1]["text"]})
-        async with trio.open_nursery() as nursery:
-
-            async def close_soon() -> None:
-                await trio.sleep(1)
-                await send({"type": "websocket.close", "code": 4000})
-
-            nursery.start_soon(close_soon)
-            got.append(await receive())  # waits in a (TLS) read when the close is sent
+        got.append(await receive_while_closing(receive, send))  # waits in a (TLS) read
 
     async with run_server(body, ws_ping_interval=None, **tls_options(pki)) as server:
         stream = await open_tls(server, client_context(ca))

@@ -223,7 +223,7 @@ class HTTPConnection:
         unmap a large block every time).
         """
         scratch = self.state.read_buffer
-        return bytes(memoryview(scratch)[: os.readv(self._fd, (scratch,))])
+        return bytes(scratch[: os.readv(self._fd, (scratch,))])
 
     def receive_nowait(self) -> bytes | None:
         """Read what has already arrived, without waiting; None when nothing has.

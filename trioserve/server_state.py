@@ -138,8 +138,8 @@ class ServerState:
         self.on_app_error = on_app_error
         self.default_headers = config.default_headers
         # Scratch space for the connections' socket reads (each read is copied out at once,
-        # before any other task runs).
-        self.read_buffer = bytearray(READ_BUFFER_SIZE)
+        # before any other task runs); a view made once, so a read slices it directly.
+        self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
         # Response header fields already found valid (http_messages.check_fields).
         self.checked_fields: set[tuple[bytes, bytes]] = set()
         self._date_second = -1
