@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +15,16 @@ import trio.testing
 from trioserve import Config, Server, serve
 
 BASE_CONFIG = Config(port=0, lifespan="off", access_log=False)
+# The parser run_server() uses; test modules that mark themselves with
+# ``pytestmark = pytest.mark.usefixtures("both_parsers")`` run each test on both.
+HTTP_IMPL = "h11"
+
+
+@pytest.fixture(params=["h11", "httptools"])
+def both_parsers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per HTTP parser (``--http h11`` and ``--http httptools``)."""
+    monkeypatch.setattr(sys.modules[__name__], "HTTP_IMPL", request.param)
+    return str(request.param)
 
 
 async def hello_app(scope: Any, receive: Any, send: Any) -> None:
@@ -71,7 +82,7 @@ class Recorder:
 @asynccontextmanager
 async def run_server(app: Any, **options: Any) -> AsyncIterator[Server]:
     """Run ``app`` with ``BASE_CONFIG`` overridden by ``options``; hard-stop on exit."""
-    config = dataclasses.replace(BASE_CONFIG, **options)
+    config = dataclasses.replace(BASE_CONFIG, **{"http": HTTP_IMPL, **options})
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(serve, app, config)
         try:

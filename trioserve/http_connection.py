@@ -108,9 +108,9 @@ class HTTPConnection:
         "client",
         "closing",
         "completes_scope",
-        "h11",
         "idle",
         "linger",
+        "parser",
         "peer_gone",
         "scheme",
         "server",
@@ -134,9 +134,7 @@ class HTTPConnection:
         self.client = client
         self.server = server
         self.scheme = scheme
-        self.h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=state.config.h11_max_incomplete_event_size
-        )
+        self.parser = state.new_parser()
         # The socket's descriptor for write()'s non-blocking fast path; -1 for other streams
         # (TLS, PROXY-protocol wrappers), which always go through send_all.
         self._fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
@@ -265,7 +263,7 @@ class HTTPConnection:
         """Record that a write found the peer gone; the error for the caller to raise."""
         self.peer_gone = True
         self.broken = True
-        self.h11.send_failed()
+        self.parser.send_failed()
         return ClientDisconnected(f"{self.peer} disconnected")
 
     async def read_fairly(self, size: int) -> None:
@@ -321,7 +319,7 @@ class HTTPConnection:
         except BaseException:
             # Cancelled mid-write: part of the data may be on the wire (h11 must know).
             self.broken = True
-            self.h11.send_failed()
+            self.parser.send_failed()
             raise
 
     async def _write_rest(self, data: bytes | list[bytes], sent: int) -> None:
@@ -359,7 +357,7 @@ class HTTPConnection:
     @property
     def _fresh(self) -> bool:
         """No request has been received on this connection yet."""
-        return self.h11.their_http_version is None
+        return self.parser.their_http_version is None
 
     def complete_scope(self, scope: dict[str, Any]) -> None:
         """Add this connection's edge facts to a new ``http`` or ``websocket`` scope.
@@ -443,7 +441,7 @@ class HTTPConnection:
 
     async def _serve_requests(self, tasks: trio.Nursery) -> None:
         config = self.state.config
-        conn = self.h11
+        conn = self.parser
         with trio.CancelScope() as timeout:
             self._timeout_scope = timeout
             while True:
@@ -478,7 +476,7 @@ class HTTPConnection:
         """Return the next request and its header list, or None when the connection should
         end, or None with ``idle`` set when nothing has arrived yet: the caller then waits
         for the next request under the keep-alive timeout."""
-        conn = self.h11
+        conn = self.parser
         # Deadlines are armed only right before a read that has to wait: a pipelined head
         # already in the buffer, or a head that has already arrived whole (the common case
         # under load), moves none (each move costs a deadline-heap update).
@@ -555,7 +553,7 @@ class HTTPConnection:
             Whether the whole response was written.
         """
         headers = self.state.response_headers()
-        data = error_response(self.h11, status, extra_headers + headers, method=method)
+        data = error_response(self.parser, status, extra_headers + headers, method=method)
         self.linger = True
         if not data or self.peer_gone:
             return False
@@ -635,7 +633,7 @@ class HTTPConnection:
                 reusable = await self._after_response(cycle)
                 del cycle  # (not kept while the connection waits for its next request)
                 if reusable:
-                    self.h11.start_next_cycle()
+                    self.parser.start_next_cycle()
                     await self._serve_requests(tasks)
             finally:
                 await self._release()
@@ -663,7 +661,7 @@ class HTTPConnection:
 
     def _body_in_flight(self) -> bool:
         """Whether request body bytes may still come (what h11 buffers is consumed)."""
-        conn = self.h11
+        conn = self.parser
         if conn.their_state is h11.ERROR:  # a malformed body: the rest is still coming
             return True
         try:
@@ -676,7 +674,7 @@ class HTTPConnection:
 
     async def _finish_request_body(self) -> bool:
         """Make the connection reusable: consume an unread request body (bounded)."""
-        conn = self.h11
+        conn = self.parser
         if conn.our_state is not h11.DONE:
             return False
         discarded = 0
@@ -761,7 +759,7 @@ class RequestCycle:
         self.scope = scope
         state = conn.state
         self.writer = ResponseWriter(
-            conn.h11, request.method, state.response_headers(), state.checked_fields
+            conn.parser, request.method, state.response_headers(), state.checked_fields
         )
         # The response completed (or was aborted); _done_event only exists while something
         # waits for that (rare: an app that will not read while pipelined bytes pile up).
@@ -781,7 +779,7 @@ class RequestCycle:
         self.peer_error: h11.RemoteProtocolError | None = None
         self._pending: Any = None
         # The client waits for 100 before sending its body; True until the app reads.
-        self.expect_100 = conn.h11.they_are_waiting_for_100_continue
+        self.expect_100 = conn.parser.they_are_waiting_for_100_continue
         self._continue_write: trio.Event | None = None
         # send() from several tasks of one app: writes take turns, so their bytes never
         # interleave on the wire (and trio never sees two senders on the stream).
@@ -990,7 +988,7 @@ class RequestCycle:
 
     async def _receive_body(self) -> dict[str, Any]:
         conn = self.conn
-        h11_conn = conn.h11
+        h11_conn = conn.parser
         if self.expect_100:
             self.expect_100 = False
             if not self.writer.started and h11_conn.they_are_waiting_for_100_continue:
@@ -1065,7 +1063,7 @@ class RequestCycle:
 
     async def _wait_for_disconnect(self) -> dict[str, Any]:
         """Body fully received: block until the client leaves or the response completes."""
-        h11_conn = self.conn.h11
+        h11_conn = self.conn.parser
         while not self.done:
             if len(h11_conn.trailing_data[0]) > MAX_PIPELINE_BUFFER:
                 if self._done_event is None:

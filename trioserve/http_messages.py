@@ -29,12 +29,15 @@ import enum
 import re
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
 import h11
 
 from .errors import AppProtocolError
+
+if TYPE_CHECKING:
+    from .httptools_parser import HTTPParser
 
 ASGI_VERSION: Final = {"version": "3.0", "spec_version": "2.4"}
 _EMPTY_BODY_STATUSES: Final = frozenset({204, 304})
@@ -270,7 +273,8 @@ class ResponseWriter:
     """The response half of one request/response cycle (see module docstring).
 
     Args:
-        conn: the connection's ``h11.Connection``; only its sans-IO ``send`` is used.
+        conn: the connection's parser (``h11.Connection`` or its httptools twin); only its
+            sans-IO ``send`` is used.
         method: the request method (HEAD responses carry no body).
         default_headers: encoded headers added unless the app sets the same name.
         checked_fields: header fields known to be valid (see :func:`check_fields`), shared
@@ -291,7 +295,7 @@ class ResponseWriter:
 
     def __init__(
         self,
-        conn: h11.Connection,
+        conn: HTTPParser,
         method: bytes,
         default_headers: tuple[tuple[bytes, bytes], ...],
         checked_fields: set[tuple[bytes, bytes]] | None = None,
@@ -420,7 +424,7 @@ class ResponseWriter:
 
 
 def error_response(
-    conn: h11.Connection,
+    conn: HTTPParser,
     status: int,
     default_headers: tuple[tuple[bytes, bytes], ...],
     *,

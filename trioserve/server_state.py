@@ -13,13 +13,18 @@ import logging
 import time
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import h11
 
 from .access_format import access_fields, compile_access_format
 from .asgi_types import ASGIApp
-from .config import Config
+from .config import Config, http_implementation
 from .errors import ClientDisconnected
 from .transport import EdgeSettings
+
+if TYPE_CHECKING:
+    from .httptools_parser import HTTPParser
 
 access_logger = logging.getLogger("trioserve.access")
 
@@ -93,6 +98,9 @@ class ServerState:
             (``--limit-max-requests``).
         checked_fields: response header fields already found valid, shared by the
             server's response writers.
+        new_parser: makes each connection's HTTP/1.1 state machine: ``h11.Connection``, or
+            its httptools-parsed equivalent for ``--http httptools`` (one interface,
+            ``httptools_parser.HTTPParser``).
     """
 
     __slots__ = (
@@ -111,6 +119,7 @@ class ServerState:
         "edge",
         "lifespan_state",
         "max_requests",
+        "new_parser",
         "on_app_error",
         "on_max_requests",
         "read_buffer",
@@ -137,6 +146,7 @@ class ServerState:
         self.on_max_requests = on_max_requests
         self.on_app_error = on_app_error
         self.default_headers = config.default_headers
+        self.new_parser = _parser_factory(config)
         # Scratch space for the connections' socket reads (each read is copied out at once,
         # before any other task runs); a view made once, so a read slices it directly.
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
@@ -184,3 +194,13 @@ class ServerState:
         (the peer left, the app did nothing wrong)."""
         if self.on_app_error is not None and not isinstance(exc, ClientDisconnected):
             self.on_app_error(exc)
+
+
+def _parser_factory(config: Config) -> Callable[[], HTTPParser]:
+    """What ``--http`` chose: a maker of per-connection parsers (``auto`` resolved)."""
+    limit = config.h11_max_incomplete_event_size
+    if http_implementation(config.http) == "httptools":
+        from .httptools_parser import HttptoolsConnection  # only with the optional extra
+
+        return lambda: HttptoolsConnection(max_incomplete_event_size=limit)
+    return lambda: h11.Connection(h11.SERVER, max_incomplete_event_size=limit)

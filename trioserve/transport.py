@@ -81,7 +81,7 @@ class PreparedConnection:
         conn.trusted_proxies = self.trusted
         conn.completes_scope = self.tls is not None or self.trusted is not None
         if self.leftover:
-            conn.h11.receive_data(self.leftover)
+            conn.parser.receive_data(self.leftover)
 
 
 async def prepare_connection(

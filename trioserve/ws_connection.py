@@ -413,7 +413,7 @@ class WebSocketConnection:
                 await self._wait_writable()
             case ResponseStart(message=start):
                 http = self.http
-                self._response = ResponseWriter(http.h11, b"GET", http.state.response_headers())
+                self._response = ResponseWriter(http.parser, b"GET", http.state.response_headers())
                 self._response.start(start, close=True)
             case ResponseBody(message=body, last=last):
                 assert self._response is not None
@@ -448,7 +448,7 @@ class WebSocketConnection:
             # Inflating with the largest window decodes any smaller window too, so a
             # client that cannot honour a small client_max_window_bits is still read.
             deflate.client_max_window_bits = 15
-        data, eof = http.h11.trailing_data  # bytes that arrived with the handshake
+        data, eof = http.parser.trailing_data  # bytes that arrived with the handshake
         self._unread += data
         self._eof = eof
         self._accepted = True
@@ -462,7 +462,7 @@ class WebSocketConnection:
     def _answer_http(self, status: int) -> None:
         """Refuse the handshake with a plain HTTP response (403 or 500)."""
         http = self.http
-        data = error_response(http.h11, status, http.state.response_headers())
+        data = error_response(http.parser, status, http.state.response_headers())
         if data:
             self._log_handshake(status)
             self._send_bytes(data)

@@ -1,0 +1,438 @@
+"""The server half of ``h11.Connection``, parsed by httptools (llhttp) (layer 2, sans-IO).
+
+``--http httptools`` swaps this class in for ``h11.Connection`` and nothing else changes:
+the connection task, keep-alive and framing policy, scope builder and response path are the
+ones h11 uses (:mod:`.http_connection`, :mod:`.http_messages`). It offers exactly the part of
+h11's API trioserve calls (:class:`HTTPParser` names it) with h11's semantics, and hands out
+h11's own event objects and exceptions, so the code above cannot tell the two apart:
+
+* reading: llhttp parses each chunk as it arrives (push); the events wait in a queue and
+  :meth:`next_event` hands them out one at a time (pull), stopping at the end of a request
+  (``PAUSED``) as h11 does. Bytes that arrive once the current request has ended are kept
+  unparsed (``trailing_data``) until :meth:`start_next_cycle`, so pipelined input is bounded
+  and screened like h11's, and an upgrade leaves what followed its head untouched.
+* strictness: the request head becomes an ``h11.Request`` built by h11 itself (lower-cased
+  names, Content-Length and Transfer-Encoding checks, one Host for HTTP/1.1, method and
+  target characters); llhttp rejects obs-fold, bare CR/LF, duplicate Content-Length and
+  Content-Length with Transfer-Encoding on its own. What llhttp would buffer without bound
+  (an endless head) is capped at ``max_incomplete_event_size`` (431), as in h11.
+* writing: a small response writer. The head's fields were already validated as strictly as
+  h11 does (``http_messages.check_fields`` and ``h11.Response``); here only h11's framing
+  rules are applied (chunked or Content-Length, HTTP/1.0 peers, HEAD/204/304,
+  ``Connection: close``), producing the same bytes h11 would.
+
+One difference remains, documented in the README: llhttp only knows registered methods
+(GET ... PROPFIND, PURGE, QUERY), so an unknown but well-formed method gets 501 here where
+h11 passes it to the app.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Any, Final, Protocol
+
+import h11
+import httptools
+
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+_EMPTY_BODY: Final = (204, 304)
+_END_OF_MESSAGE: Final = h11.EndOfMessage()
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_OWS: Final = b" \t"
+# A request line whose method llhttp does not know, but which is a well-formed token.
+_TOKEN_METHOD: Final = re.compile(rb"(?:\r?\n)*[-!#$%&'*+.^_`|~0-9a-zA-Z]+ ")
+
+# Body framing of the response being sent.
+_FRAMED_BY_LENGTH: Final = 0
+_CHUNKED: Final = 1
+_UNTIL_CLOSE: Final = 2  # an HTTP/1.0 peer and no Content-Length: the close ends the body
+
+
+class HTTPParser(Protocol):
+    """The part of ``h11.Connection`` (server role) trioserve uses; both parsers offer it."""
+
+    @property
+    def our_state(self) -> Any: ...  # (h11's state sentinels, h11.IDLE ... h11.ERROR)
+
+    @property
+    def their_state(self) -> Any: ...
+
+    @property
+    def their_http_version(self) -> bytes | None: ...
+
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool: ...
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> Any: ...
+
+    def send(self, event: Any) -> bytes | None: ...
+
+    def send_with_data_passthrough(self, event: Any) -> list[Any] | None: ...
+
+    def send_failed(self) -> None: ...
+
+    def start_next_cycle(self) -> None: ...
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop llhttp (the reason is already queued)."""
+
+
+class HttptoolsConnection:
+    """A server-side ``h11.Connection`` whose reading is done by llhttp.
+
+    Args:
+        max_incomplete_event_size: the largest request head buffered before 431.
+    """
+
+    __slots__ = (
+        "_body_left",
+        "_ends_queued",
+        "_events",
+        "_framing",
+        "_head_fed",
+        "_headers",
+        "_in_head",
+        "_keep_alive",
+        "_max_head",
+        "_parser",
+        "_raw",
+        "_raw_closed",
+        "_request_method",
+        "_url",
+        "our_state",
+        "their_http_version",
+        "their_state",
+        "they_are_waiting_for_100_continue",
+    )
+
+    def __init__(self, *, max_incomplete_event_size: int = 16 * 1024) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._max_head = max_incomplete_event_size
+        self._events: deque[Any] = deque()  # events, then maybe a RemoteProtocolError
+        self._ends_queued = 0  # EndOfMessage events in _events
+        self._raw = bytearray()  # bytes not fed to llhttp yet (see trailing_data)
+        self._raw_closed = False
+        self._in_head = False
+        self._head_fed = 0
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._request_method: bytes | None = None
+        self._keep_alive = True
+        self._framing = _FRAMED_BY_LENGTH
+        self._body_left = 0
+        self.our_state: Any = h11.IDLE
+        self.their_state: Any = h11.IDLE
+        self.their_http_version: bytes | None = None
+        self.they_are_waiting_for_100_continue = False
+
+    # -- llhttp's callbacks (called while feeding) ----------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url  # (llhttp may hand the target over in pieces)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # (not the trailer fields of a chunked body: h11 drops them too)
+            self._headers.append((name, value.rstrip(_OWS)))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_fed = 0
+        parser = self._parser
+        version = parser.get_http_version()
+        try:
+            request = h11.Request(
+                method=parser.get_method(),
+                target=self._url,
+                headers=self._headers,
+                http_version=_VERSIONS.get(version) or version.encode("ascii"),
+                _parsed=True,
+            )
+        except h11.LocalProtocolError as exc:
+            self._fail(str(exc), exc.error_status_hint)
+            raise _Stop from None
+        self._url = b""
+        self._headers = []
+        self._events.append(request)
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(h11.Data(data=body))
+
+    def on_message_complete(self) -> None:
+        self._events.append(_END_OF_MESSAGE)
+        self._ends_queued += 1
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _fail(self, message: str, status: int = 400) -> None:
+        self._events.append(h11.RemoteProtocolError(message, error_status_hint=status))
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        """Parse ``data``: its events (or its error) join the queue."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # The head asked to switch protocols: what follows it is not HTTP (yet).
+            offset = upgrade.args[0]
+            self._raw[:0] = data[offset:]
+        except httptools.HttpParserCallbackError:
+            pass  # _Stop: the reason is queued already
+        except httptools.HttpParserInvalidMethodError:
+            if _TOKEN_METHOD.match(data):
+                self._fail("request method not recognized by httptools", 501)
+            else:
+                self._fail("invalid request method")
+        except httptools.HttpParserError as exc:
+            message = str(exc)
+            self._fail(message, 505 if message == "Invalid HTTP version" else 400)
+        if self._in_head:
+            self._head_fed += len(data)
+            if self._head_fed > self._max_head:
+                self._fail("Receive buffer too long", 431)
+                self._in_head = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the peer (b"": the peer closed), as ``h11.Connection`` does."""
+        if not data:
+            self._raw_closed = True
+        elif self._raw_closed:
+            raise RuntimeError("received close, then received more data?")
+        elif (
+            self._ends_queued
+            or self._raw
+            or (self.their_state is not h11.IDLE and self.their_state is not h11.SEND_BODY)
+        ):
+            # The current request has ended (or failed): the next one waits unparsed.
+            self._raw += data
+        else:
+            self._feed(data)
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]:
+        """Bytes received but not parsed (pipelined, or after an upgrade's head); EOF."""
+        return bytes(self._raw), self._raw_closed
+
+    def next_event(self) -> Any:
+        """The next event, ``h11.NEED_DATA`` or ``h11.PAUSED``, as ``h11.Connection``.
+
+        Raises:
+            h11.RemoteProtocolError: the peer broke the protocol (their_state is then ERROR).
+        """
+        state = self.their_state
+        if state is h11.ERROR:
+            raise h11.RemoteProtocolError("Can't receive data when peer state is ERROR")
+        events = self._events
+        if state is h11.IDLE or state is h11.SEND_BODY:
+            if not events and self._raw and not self._ends_queued:
+                raw = self._raw
+                self._raw = bytearray()
+                self._feed(raw)
+            if events:
+                event = events.popleft()
+                kind = type(event)
+                if kind is h11.Data:
+                    self.they_are_waiting_for_100_continue = False
+                    return event
+                if kind is h11.EndOfMessage:
+                    self._ends_queued -= 1
+                    self.they_are_waiting_for_100_continue = False
+                    self.their_state = h11.DONE if self._keep_alive else h11.MUST_CLOSE
+                    if self.our_state is h11.DONE and not self._keep_alive:
+                        self.our_state = h11.MUST_CLOSE
+                    return event
+                if kind is h11.Request:
+                    self._start_request(event)
+                    return event
+                self.their_state = h11.ERROR
+                raise event
+        elif (events or self._raw) and (state is h11.DONE or state is h11.MUST_CLOSE):
+            return h11.PAUSED
+        if self._raw_closed:
+            if state is h11.SEND_BODY:
+                self.their_state = h11.ERROR
+                raise h11.RemoteProtocolError(
+                    "peer closed connection without sending complete message body"
+                )
+            if self._in_head or self._url or self._headers:
+                self.their_state = h11.ERROR
+                raise h11.RemoteProtocolError("peer unexpectedly closed connection")
+            self.their_state = h11.CLOSED
+            return h11.ConnectionClosed()
+        return h11.NEED_DATA
+
+    def _start_request(self, request: h11.Request) -> None:
+        self.their_state = h11.SEND_BODY
+        if self.our_state is h11.IDLE:
+            self.our_state = h11.SEND_RESPONSE
+        version = request.http_version
+        self.their_http_version = version
+        self._request_method = request.method
+        if version < b"1.1":
+            self._keep_alive = False
+        else:
+            for name, value in request.headers:
+                if name == b"connection" and _has_token(value, b"close"):
+                    self._keep_alive = False
+                elif name == b"expect" and _has_token(value, b"100-continue"):
+                    self.they_are_waiting_for_100_continue = True
+
+    def start_next_cycle(self) -> None:
+        """Reset for the next request on a reusable connection (both sides DONE)."""
+        if self.our_state is not h11.DONE or self.their_state is not h11.DONE:
+            raise h11.LocalProtocolError(
+                f"not in a reusable state (ours {self.our_state}, theirs {self.their_state})"
+            )
+        self.our_state = h11.IDLE
+        self.their_state = h11.IDLE
+        self._request_method = None
+        self.they_are_waiting_for_100_continue = False
+
+    # -- writing --------------------------------------------------------------------------
+
+    def send(self, event: Any) -> bytes | None:
+        """Serialise ``event`` (a response head, body data or its end) as h11 would."""
+        pieces = self.send_with_data_passthrough(event)
+        if pieces is None:
+            return None
+        return b"".join(pieces)
+
+    def send_with_data_passthrough(self, event: Any) -> list[Any] | None:
+        """Like :meth:`send`, leaving body data uncopied in the returned pieces.
+
+        Raises:
+            h11.LocalProtocolError: an event the state does not allow, or a body that
+                contradicts its Content-Length; our state is then ERROR, as in h11.
+        """
+        try:
+            kind = type(event)
+            state = self.our_state
+            if kind is h11.Data:
+                if state is not h11.SEND_BODY:
+                    raise h11.LocalProtocolError(f"can't send data in state {state}")
+                data = event.data
+                if self._framing is _CHUNKED:
+                    return [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
+                if self._framing is _FRAMED_BY_LENGTH:
+                    self._body_left -= len(data)
+                    if self._body_left < 0:
+                        raise h11.LocalProtocolError("Too much data for declared Content-Length")
+                return [data]
+            if kind is h11.EndOfMessage:
+                if state is not h11.SEND_BODY:
+                    raise h11.LocalProtocolError(f"can't end a message in state {state}")
+                if self._framing is _FRAMED_BY_LENGTH and self._body_left:
+                    raise h11.LocalProtocolError("Too little data for declared Content-Length")
+                if self._keep_alive:
+                    self.our_state = h11.DONE
+                else:
+                    self.our_state = h11.MUST_CLOSE
+                    if self.their_state is h11.DONE:
+                        self.their_state = h11.MUST_CLOSE
+                return [_LAST_CHUNK] if self._framing is _CHUNKED else []
+            if kind is h11.Response:
+                if state is not h11.IDLE and state is not h11.SEND_RESPONSE:
+                    raise h11.LocalProtocolError(f"can't send a response in state {state}")
+                return [self._response_head(event)]
+            if kind is h11.InformationalResponse:
+                if state is not h11.SEND_RESPONSE:
+                    raise h11.LocalProtocolError(f"can't send a 1xx response in state {state}")
+                self.they_are_waiting_for_100_continue = False
+                return [_head(event.status_code, event.reason, event.headers.raw_items())]
+            raise h11.LocalProtocolError(f"can't send {kind.__name__}")
+        except BaseException:
+            self.our_state = h11.ERROR
+            raise
+
+    def _response_head(self, response: h11.Response) -> bytes:
+        """The head of ``response`` with h11's framing applied; sets up the body writer."""
+        status = response.status_code
+        fields = response.headers.raw_items()
+        method = self._request_method
+        length: bytes | None = None
+        chunked = False
+        connection: list[bytes] | None = None
+        for raw_name, value in fields:
+            name = raw_name.lower()
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection":
+                connection = [value] if connection is None else [*connection, value]
+        keep_alive = self._keep_alive
+        if connection is not None and any(_has_token(v, b"close") for v in connection):
+            self._keep_alive = False  # (after the header rewrite below, as in h11)
+        need_close = False
+        framing = _FRAMED_BY_LENGTH
+        if status in _EMPTY_BODY:
+            self._body_left = 0
+        elif chunked or length is None:
+            # A body of unknown length: chunked for HTTP/1.1, the close for HTTP/1.0.
+            version = self.their_http_version
+            fields = _without(fields, b"content-length")
+            if version is None or version < b"1.1":
+                fields = _without(fields, b"transfer-encoding")
+                framing = _UNTIL_CLOSE
+                if method != b"HEAD":
+                    need_close = True
+            else:
+                fields = [
+                    *_without(fields, b"transfer-encoding"),
+                    (b"Transfer-Encoding", b"chunked"),
+                ]
+                framing = _CHUNKED
+        else:
+            self._body_left = int(length)
+        if method == b"HEAD":  # the framing headers a GET would have had, and no body
+            framing = _FRAMED_BY_LENGTH
+            self._body_left = 0
+        elif status in _EMPTY_BODY:
+            framing = _FRAMED_BY_LENGTH
+        self._framing = framing
+        if not keep_alive or need_close:
+            tokens = {b"close"}
+            for value in connection or ():
+                tokens.update(t.strip() for t in value.lower().split(b",") if t.strip())
+            tokens.discard(b"keep-alive")
+            fields = _without(fields, b"connection") + [(b"Connection", t) for t in sorted(tokens)]
+            self._keep_alive = False
+        self.our_state = h11.SEND_BODY
+        self.they_are_waiting_for_100_continue = False
+        return _head(status, response.reason, fields)
+
+    def send_failed(self) -> None:
+        """A write failed part-way: nothing more can be sent (as ``h11.Connection``)."""
+        self.our_state = h11.ERROR
+
+
+def _has_token(value: bytes, token: bytes) -> bool:
+    """Whether the comma-separated, case-insensitive ``value`` lists ``token``."""
+    return any(part.strip() == token for part in value.lower().split(b","))
+
+
+def _without(fields: list[tuple[bytes, bytes]], name: bytes) -> list[tuple[bytes, bytes]]:
+    return [field for field in fields if field[0].lower() != name]
+
+
+def _head(status: int, reason: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+    """A status line and header fields, as h11 writes them (Host first)."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    for name, value in fields:
+        if name.lower() == b"host":
+            lines.append(b"%s: %s\r\n" % (name, value))
+    for name, value in fields:
+        if name.lower() != b"host":
+            lines.append(b"%s: %s\r\n" % (name, value))
+    lines.append(b"\r\n")
+    return b"".join(lines)
