@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import h11
+import pytest
 import trio
 import trio.testing
 from conftest import hello_app, run_server
@@ -30,6 +31,8 @@ from trioserve.http_messages import (
     check_request,
     head_has_obs_fold,
 )
+
+pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 
 FRAGMENTS = [
     b"GET ",

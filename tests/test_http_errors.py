@@ -15,6 +15,8 @@ from wire import Client, connect, header, parse_responses, read_until_eof, recei
 import trioserve
 from trioserve.errors import AppProtocolError
 
+pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
+
 EXACT = {"date_header": False, "server_header": False}
 SECRET = "secret-detail-1234"
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"

@@ -30,6 +30,8 @@ from wire import (
 
 from trioserve.server_state import READ_BUFFER_SIZE
 
+pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
+
 BYTEWISE = pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
 EXACT = {"date_header": False, "server_header": False}  # deterministic response bytes
 

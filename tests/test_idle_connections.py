@@ -9,12 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 import h11
+import pytest
 import trio
 import trio.testing
 from conftest import hello_app, run_server
 from wire import Client, connect
 
 from trioserve.http_connection import RequestCycle
+
+pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 
 
 def serving_tasks() -> list[trio.lowlevel.Task]:

@@ -16,6 +16,8 @@ import trio
 from conftest import run_server
 from wire import connect, parse_responses, read_until_eof, receive_until
 
+pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
+
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
 
 

@@ -15,6 +15,8 @@ import trio.testing
 from conftest import hello_app, run_server
 from wire import Client, connect, parse_responses, read_until_eof, readable, receive_until
 
+pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
+
 EXACT = {"date_header": False, "server_header": False}
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 13\r\n\r\nHello, world!"

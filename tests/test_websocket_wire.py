@@ -42,6 +42,8 @@ from wsproto.extensions import PerMessageDeflate
 from trioserve import ClientDisconnected
 from trioserve.ws_connection import CLOSE_TIMEOUT
 
+pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
+
 KEY = base64.b64encode(b"0123456789abcdef")
 UPGRADE_HEADERS = [
     ("upgrade", "websocket"),

@@ -444,17 +444,20 @@ class HTTPConnection:
         conn = self.parser
         with trio.CancelScope() as timeout:
             self._timeout_scope = timeout
+            received = b""  # what the keep-alive wait read: the start of the next head
             while True:
-                head = await self._read_head(timeout, config.timeout_request_header)
+                head = await self._read_head(timeout, config.timeout_request_header, received)
                 if head is None:
                     if not self.idle:
                         return
                     # The keep-alive wait is here rather than in _read_head: an idle
                     # connection then parks one coroutine frame less (~0.3 KiB).
                     timeout.deadline = trio.current_time() + config.timeout_keep_alive
-                    conn.receive_data(await self.receive_bytes(wait_first=True))
+                    received = await self.receive_bytes(wait_first=True)
+                    conn.receive_data(received)
                     self.idle = False
                     continue
+                received = b""
                 if timeout.deadline != math.inf:
                     timeout.deadline = math.inf
                 reusable = await self._handle_request(*head, tasks)
@@ -471,11 +474,14 @@ class HTTPConnection:
             logger.info("%s - request head not received in time, closing", self.peer)
 
     async def _read_head(
-        self, timeout: trio.CancelScope, header_timeout: float
+        self, timeout: trio.CancelScope, header_timeout: float, received: bytes
     ) -> tuple[h11.Request, list[tuple[bytes, bytes]]] | None:
         """Return the next request and its header list, or None when the connection should
         end, or None with ``idle`` set when nothing has arrived yet: the caller then waits
-        for the next request under the keep-alive timeout."""
+        for the next request under the keep-alive timeout.
+
+        ``received``: what the caller's keep-alive wait read and fed to the parser (b"" if
+        nothing), which begins this head."""
         conn = self.parser
         # Deadlines are armed only right before a read that has to wait: a pipelined head
         # already in the buffer, or a head that has already arrived whole (the common case
@@ -485,7 +491,9 @@ class HTTPConnection:
         # (and silently unfolds) it: what is buffered once, then only each new read plus
         # 3 bytes of context (enough to see a fold or the head's end across the boundary),
         # so a head trickling in byte by byte costs linear, not quadratic, time.
-        unscreened = conn.trailing_data[0]
+        # (The parser's unparsed bytes: pipelined input. h11 also keeps ``received`` there
+        # until it has a whole head; httptools parses as bytes arrive.)
+        unscreened = received or conn.trailing_data[0]
         while True:
             if unscreened and head_has_obs_fold(unscreened):
                 await self._reject(400, "obs-fold in request head")

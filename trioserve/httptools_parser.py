@@ -43,6 +43,14 @@ _OWS: Final = b" \t"
 # A request line whose method llhttp does not know, but which is a well-formed token.
 _TOKEN_METHOD: Final = re.compile(rb"(?:\r?\n)*[-!#$%&'*+.^_`|~0-9a-zA-Z]+ ")
 
+# llhttp's error messages answered other than with 400, as h11 answers the same input.
+_STATUS_FOR: Final = {
+    "Invalid HTTP version": 505,
+    # A transfer coding other than a lone, final "chunked" (h11: 501 Not Implemented).
+    "Invalid `Transfer-Encoding` header value": 501,
+    "Request has invalid `Transfer-Encoding`": 501,
+}
+
 # Body framing of the response being sent.
 _FRAMED_BY_LENGTH: Final = 0
 _CHUNKED: Final = 1
@@ -99,6 +107,7 @@ class HttptoolsConnection:
         "_head_fed",
         "_headers",
         "_in_head",
+        "_between",
         "_keep_alive",
         "_max_head",
         "_parser",
@@ -120,6 +129,7 @@ class HttptoolsConnection:
         self._raw = bytearray()  # bytes not fed to llhttp yet (see trailing_data)
         self._raw_closed = False
         self._in_head = False
+        self._between = True  # no message begun since the last one ended
         self._head_fed = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -136,6 +146,7 @@ class HttptoolsConnection:
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._between = False
         self._url = b""
         self._headers = []
 
@@ -151,6 +162,11 @@ class HttptoolsConnection:
         self._head_fed = 0
         parser = self._parser
         version = parser.get_http_version()
+        if version == "0.9" and not self._headers:
+            # A request line without a version, which llhttp takes for HTTP/0.9 (h11: 400).
+            # (An explicit HTTP/0.9 with header fields gets 505 from check_request.)
+            self._fail("no HTTP version in the request line")
+            raise _Stop
         try:
             request = h11.Request(
                 method=parser.get_method(),
@@ -170,6 +186,7 @@ class HttptoolsConnection:
         self._events.append(h11.Data(data=body))
 
     def on_message_complete(self) -> None:
+        self._between = True
         self._events.append(_END_OF_MESSAGE)
         self._ends_queued += 1
 
@@ -180,6 +197,12 @@ class HttptoolsConnection:
 
     def _feed(self, data: bytes | bytearray) -> None:
         """Parse ``data``: its events (or its error) join the queue."""
+        if self._between and data[:1] in b"\r\n":
+            # An empty line where a request line belongs: h11 answers 400 (llhttp would
+            # skip any number of them, RFC 9112 §2.2's leniency).
+            self._fail("no request line received")
+            self._between = False
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -195,7 +218,7 @@ class HttptoolsConnection:
                 self._fail("invalid request method")
         except httptools.HttpParserError as exc:
             message = str(exc)
-            self._fail(message, 505 if message == "Invalid HTTP version" else 400)
+            self._fail(message, _STATUS_FOR.get(message, 400))
         if self._in_head:
             self._head_fed += len(data)
             if self._head_fed > self._max_head:
