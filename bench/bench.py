@@ -61,7 +61,7 @@ IDLE_CONNECTIONS = 1000
 KEEP_ALIVE = "60"  # long enough for the idle-connection scenario
 RAW_APP = "apps.asgi_app:app"
 FASTAPI_APP = "apps.fastapi_app:app"
-REFERENCES = ("hypercorn-trio", "uvicorn-h11")
+REFERENCES = ("hypercorn-trio", "uvicorn-h11", "uvicorn-httptools")
 NOTES_MARKER = "<!-- notes: kept when bench.py rewrites this file -->"
 
 ECHO_LUA = """wrk.method = "POST"
@@ -139,6 +139,7 @@ class ServerSpec:
             "trioserve-asyncio",
             "trioserve-2w",
             "trioserve-fifo",
+            "trioserve-httptools",
         ):
             log = (
                 ["--access-log", "--log-level", "info"]
@@ -147,6 +148,8 @@ class ServerSpec:
             )
             if self.name.endswith("asyncio"):
                 log += ["--app-loop", "asyncio"]
+            if self.name.endswith("httptools"):
+                log += ["--http", "httptools"]
             return [
                 py,
                 "-m",
@@ -216,6 +219,7 @@ SERVERS: dict[str, ServerSpec] = {
     s.name: s
     for s in (
         ServerSpec("trioserve", "trioserve, access log off"),
+        ServerSpec("trioserve-httptools", "trioserve --http httptools, access log off"),
         ServerSpec("hypercorn-trio", "hypercorn -k trio"),
         ServerSpec("uvicorn-h11", "uvicorn --http h11 --loop asyncio --ws wsproto"),
         ServerSpec("uvicorn-httptools", "uvicorn --http httptools --loop uvloop (context)"),

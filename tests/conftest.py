@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import h11
 import pytest
 import trio
 import trio.testing
 
 from trioserve import Config, Server, serve
-from trioserve.httptools_parser import HTTPParser, HttptoolsConnection
+from trioserve.http_parser import H11Connection, HTTPParser
+from trioserve.httptools_parser import HttptoolsConnection
 
 BASE_CONFIG = Config(port=0, lifespan="off", access_log=False)
 # The parser run_server() uses; test modules that mark themselves with
@@ -26,7 +26,7 @@ def server_parser() -> HTTPParser:
     """A server-side parser of the kind ``HTTP_IMPL`` names, for sans-IO tests."""
     if HTTP_IMPL == "httptools":
         return HttptoolsConnection()
-    return h11.Connection(h11.SERVER)
+    return H11Connection(max_incomplete_event_size=16 * 1024)
 
 
 @pytest.fixture(params=["h11", "httptools"])

@@ -25,7 +25,7 @@ from trioserve.http_messages import (
     is_websocket_upgrade,
     split_target,
 )
-from trioserve.httptools_parser import HTTPParser
+from trioserve.http_parser import HTTPParser
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 
@@ -253,13 +253,13 @@ def test_is_websocket_upgrade(headers: list[tuple[bytes, bytes]], expected: bool
     ],
 )
 def test_check_request(raw: bytes, status: int | None) -> None:
-    try:
-        _, request = parse_request(raw)
-    except h11.RemoteProtocolError as exc:
-        # llhttp rejects some of these itself (CL with TE), with the status h11's path gives.
-        assert conftest.HTTP_IMPL == "httptools"
-        assert exc.error_status_hint == status
+    if conftest.HTTP_IMPL == "httptools" and b"Transfer-Encoding" in raw and b"Content-Len" in raw:
+        # llhttp rejects CL with TE itself, with the status h11's path gives.
+        with pytest.raises(h11.RemoteProtocolError) as info:
+            parse_request(raw)
+        assert info.value.error_status_hint == status
         return
+    _, request = parse_request(raw)
     result = check_request(request, max_head_size=1024)
     if status is None:
         assert result is None

@@ -495,7 +495,7 @@ class HTTPConnection:
         # until it has a whole head; httptools parses as bytes arrive.)
         unscreened = received or conn.trailing_data[0]
         while True:
-            if unscreened and head_has_obs_fold(unscreened):
+            if unscreened and not conn.rejects_obs_fold and head_has_obs_fold(unscreened):
                 await self._reject(400, "obs-fold in request head")
                 return None
             try:

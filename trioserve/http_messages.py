@@ -37,7 +37,7 @@ import h11
 from .errors import AppProtocolError
 
 if TYPE_CHECKING:
-    from .httptools_parser import HTTPParser
+    from .http_parser import HTTPParser
 
 ASGI_VERSION: Final = {"version": "3.0", "spec_version": "2.4"}
 _EMPTY_BODY_STATUSES: Final = frozenset({204, 304})
@@ -95,9 +95,10 @@ def header_list(request: h11.Request) -> list[tuple[bytes, bytes]]:
     """The request's headers as a plain list, made once per request.
 
     Iterating h11's ``Headers`` (a ``Sequence``) costs a generator, an indexing call per
-    header and an IndexError at the end: the checks below and the scope share one list.
+    header and an IndexError at the end: the checks below and the scope share one list,
+    made from the (name, lower-case name, value) triples the ``Headers`` keeps.
     """
-    return list(request.headers)
+    return [(name, value) for _, name, value in request.headers._full_items]
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:
@@ -352,7 +353,8 @@ class ResponseWriter:
         self.status = status
         self.state = ResponseState.STARTED
 
-    def _head(self, body: bytes, more_body: bool) -> h11.Response:
+    def _head(self, body: bytes, more_body: bool) -> list[bytes]:
+        """The head's bytes, handed to the parser (which applies the framing rules)."""
         headers = self._headers
         if (
             not more_body
@@ -365,18 +367,12 @@ class ResponseWriter:
             headers.append((b"content-length", str(len(body)).encode("ascii")))
         status = self.status
         assert status is not None  # set by start() before any body
-        # Names and values are checked here, as strictly as h11 would (h11 is then told
-        # they are clean: its own per-header regular expressions were a tenth of the
-        # server's time on a small response). h11 still checks the framing headers.
+        # Names and values are checked here, as strictly as h11 would (the parser is then
+        # told they are clean: h11's own per-header regular expressions were a tenth of the
+        # server's time on a small response). The parser still checks the framing headers.
         check_fields(headers, self._checked_fields)
         try:
-            return h11.Response(
-                status_code=status,
-                headers=headers,
-                reason=REASONS.get(status, b""),
-                http_version=b"1.1",
-                _parsed=True,
-            )
+            return self._conn.send_response_head(status, REASONS.get(status, b""), headers)
         except h11.LocalProtocolError as exc:
             raise AppProtocolError(f"invalid response head: {exc}") from None
 
@@ -403,15 +399,13 @@ class ResponseWriter:
             raise AppProtocolError("'http.response.body' sent after the response completed")
         body, more_body = parse_body(message)
         conn = self._conn
+        pieces: list[bytes]
         if self.state is ResponseState.STARTED:
-            head = self._head(body, more_body)  # may raise before anything is written
+            pieces = self._head(body, more_body)  # may raise before anything is written
             self.state = ResponseState.STREAMING
         else:
-            head = None
-        pieces: list[bytes] = []
+            pieces = []
         try:
-            if head is not None:
-                pieces += conn.send_with_data_passthrough(head) or ()
             if body and not self._no_body:
                 self.body_bytes += len(body)
                 pieces += conn.send_with_data_passthrough(h11.Data(data=body)) or ()

@@ -3,7 +3,7 @@
 ``--http httptools`` swaps this class in for ``h11.Connection`` and nothing else changes:
 the connection task, keep-alive and framing policy, scope builder and response path are the
 ones h11 uses (:mod:`.http_connection`, :mod:`.http_messages`). It offers exactly the part of
-h11's API trioserve calls (:class:`HTTPParser` names it) with h11's semantics, and hands out
+h11's API trioserve calls (``http_parser.HTTPParser`` names it) with h11's semantics, and hands out
 h11's own event objects and exceptions, so the code above cannot tell the two apart:
 
 * reading: llhttp parses each chunk as it arrives (push); the events wait in a queue and
@@ -30,16 +30,20 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import h11
 import httptools
+from h11._headers import Headers  # (the type of h11.Request.headers)
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 _EMPTY_BODY: Final = (204, 304)
 _END_OF_MESSAGE: Final = h11.EndOfMessage()
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _OWS: Final = b" \t"
+_OWS_BYTES: Final = (b" ", b"\t")
+_new_request = object.__new__
+_set = object.__setattr__  # (h11's events are frozen dataclasses)
 # A request line whose method llhttp does not know, but which is a well-formed token.
 _TOKEN_METHOD: Final = re.compile(rb"(?:\r?\n)*[-!#$%&'*+.^_`|~0-9a-zA-Z]+ ")
 
@@ -57,37 +61,6 @@ _CHUNKED: Final = 1
 _UNTIL_CLOSE: Final = 2  # an HTTP/1.0 peer and no Content-Length: the close ends the body
 
 
-class HTTPParser(Protocol):
-    """The part of ``h11.Connection`` (server role) trioserve uses; both parsers offer it."""
-
-    @property
-    def our_state(self) -> Any: ...  # (h11's state sentinels, h11.IDLE ... h11.ERROR)
-
-    @property
-    def their_state(self) -> Any: ...
-
-    @property
-    def their_http_version(self) -> bytes | None: ...
-
-    @property
-    def they_are_waiting_for_100_continue(self) -> bool: ...
-
-    @property
-    def trailing_data(self) -> tuple[bytes, bool]: ...
-
-    def receive_data(self, data: bytes) -> None: ...
-
-    def next_event(self) -> Any: ...
-
-    def send(self, event: Any) -> bytes | None: ...
-
-    def send_with_data_passthrough(self, event: Any) -> list[Any] | None: ...
-
-    def send_failed(self) -> None: ...
-
-    def start_next_cycle(self) -> None: ...
-
-
 class _Stop(Exception):
     """Raised in a parser callback to stop llhttp (the reason is already queued)."""
 
@@ -99,15 +72,19 @@ class HttptoolsConnection:
         max_incomplete_event_size: the largest request head buffered before 431.
     """
 
+    rejects_obs_fold = True  # (llhttp: "Unexpected whitespace after header value")
+
     __slots__ = (
+        "_between",
         "_body_left",
+        "_chunked",
         "_ends_queued",
         "_events",
         "_framing",
         "_head_fed",
         "_headers",
+        "_hosts",
         "_in_head",
-        "_between",
         "_keep_alive",
         "_max_head",
         "_parser",
@@ -132,7 +109,9 @@ class HttptoolsConnection:
         self._between = True  # no message begun since the last one ended
         self._head_fed = 0
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[bytes, bytes, bytes]] = []  # (name, lower-case name, value)
+        self._hosts = 0
+        self._chunked = False
         self._request_method: bytes | None = None
         self._keep_alive = True
         self._framing = _FRAMED_BY_LENGTH
@@ -149,37 +128,59 @@ class HttptoolsConnection:
         self._between = False
         self._url = b""
         self._headers = []
+        self._hosts = 0
+        self._chunked = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url  # (llhttp may hand the target over in pieces)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:  # (not the trailer fields of a chunked body: h11 drops them too)
-            self._headers.append((name, value.rstrip(_OWS)))
+        if not self._in_head:  # (the trailer fields of a chunked body: h11 drops them too)
+            return
+        lower = name.lower()
+        if value[-1:] in _OWS_BYTES:
+            value = value.rstrip(_OWS)  # (llhttp drops leading whitespace only)
+        if lower == b"host":
+            self._hosts += 1
+        elif lower == b"transfer-encoding":
+            # Only a lone "chunked" (h11 answers anything else with 501).
+            value = value.lower()
+            if self._chunked or value != b"chunked":
+                self._fail("Only Transfer-Encoding: chunked is supported", 501)
+                raise _Stop
+            self._chunked = True
+        self._headers.append((name, lower, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_fed = 0
         parser = self._parser
         version = parser.get_http_version()
-        if version == "0.9" and not self._headers:
+        headers = self._headers
+        if version == "0.9" and not headers:
             # A request line without a version, which llhttp takes for HTTP/0.9 (h11: 400).
             # (An explicit HTTP/0.9 with header fields gets 505 from check_request.)
             self._fail("no HTTP version in the request line")
             raise _Stop
-        try:
-            request = h11.Request(
-                method=parser.get_method(),
-                target=self._url,
-                headers=self._headers,
-                http_version=_VERSIONS.get(version) or version.encode("ascii"),
-                _parsed=True,
+        http_version = _VERSIONS.get(version) or version.encode("ascii")
+        # RFC 9112 §3.2: exactly one Host in an HTTP/1.1 request (h11's check).
+        if self._hosts != 1 and (self._hosts or http_version == b"1.1"):
+            self._fail(
+                "Found multiple Host: headers" if self._hosts else "Missing mandatory Host: header"
             )
-        except h11.LocalProtocolError as exc:
-            self._fail(str(exc), exc.error_status_hint)
-            raise _Stop from None
+            raise _Stop
+        # The h11 event, filled in directly: llhttp has checked the method, target and
+        # fields (and the Content-Length), on_header the Host and Transfer-Encoding rules, so
+        # h11's constructor would only check them again (a tenth of a small request's time).
+        request = _new_request(h11.Request)
+        _set(request, "method", parser.get_method())
+        _set(request, "target", self._url)
+        _set(request, "http_version", http_version)
+        _set(request, "headers", Headers(headers))
         self._url = b""
         self._headers = []
+        self._hosts = 0
+        self._chunked = False
         self._events.append(request)
 
     def on_body(self, body: bytes) -> None:
@@ -304,7 +305,7 @@ class HttptoolsConnection:
         if version < b"1.1":
             self._keep_alive = False
         else:
-            for name, value in request.headers:
+            for _, name, value in request.headers._full_items:
                 if name == b"connection" and _has_token(value, b"close"):
                     self._keep_alive = False
                 elif name == b"expect" and _has_token(value, b"100-continue"):
@@ -366,33 +367,48 @@ class HttptoolsConnection:
             if kind is h11.Response:
                 if state is not h11.IDLE and state is not h11.SEND_RESPONSE:
                     raise h11.LocalProtocolError(f"can't send a response in state {state}")
-                return [self._response_head(event)]
+                fields = event.headers.raw_items()  # (h11 validated the event)
+                framing = _framing_fields(fields)
+                return [self._response_head(event.status_code, event.reason, *framing)]
             if kind is h11.InformationalResponse:
                 if state is not h11.SEND_RESPONSE:
                     raise h11.LocalProtocolError(f"can't send a 1xx response in state {state}")
                 self.they_are_waiting_for_100_continue = False
-                return [_head(event.status_code, event.reason, event.headers.raw_items())]
+                return [_head(event.status_code, event.reason, event.headers.raw_items(), True)]
             raise h11.LocalProtocolError(f"can't send {kind.__name__}")
         except BaseException:
             self.our_state = h11.ERROR
             raise
 
-    def _response_head(self, response: h11.Response) -> bytes:
-        """The head of ``response`` with h11's framing applied; sets up the body writer."""
-        status = response.status_code
-        fields = response.headers.raw_items()
+    def send_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> list[Any]:
+        """The head's bytes, h11's framing rules applied (``HTTPParser``'s addition).
+
+        Raises:
+            h11.LocalProtocolError: bad framing headers (nothing changed), or a response the
+                state does not allow (our state is then ERROR).
+        """
+        framing = _framing_fields(headers)  # (raises before any state changes)
+        state = self.our_state
+        if state is not h11.IDLE and state is not h11.SEND_RESPONSE:
+            self.our_state = h11.ERROR
+            raise h11.LocalProtocolError(f"can't send a response in state {state}")
+        return [self._response_head(status, reason, *framing)]
+
+    def _response_head(
+        self,
+        status: int,
+        reason: bytes,
+        fields: list[tuple[bytes, bytes]],
+        length: bytes | None,
+        chunked: bool,
+        connection: list[bytes] | None,
+        host: bool,
+    ) -> bytes:
+        """The head with h11's framing applied (see ``_framing_fields``); sets up the body
+        writer and the keep-alive decision."""
         method = self._request_method
-        length: bytes | None = None
-        chunked = False
-        connection: list[bytes] | None = None
-        for raw_name, value in fields:
-            name = raw_name.lower()
-            if name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                chunked = True
-            elif name == b"connection":
-                connection = [value] if connection is None else [*connection, value]
         keep_alive = self._keep_alive
         if connection is not None and any(_has_token(v, b"close") for v in connection):
             self._keep_alive = False  # (after the header rewrite below, as in h11)
@@ -404,16 +420,13 @@ class HttptoolsConnection:
             # A body of unknown length: chunked for HTTP/1.1, the close for HTTP/1.0.
             version = self.their_http_version
             fields = _without(fields, b"content-length")
+            fields = _without(fields, b"transfer-encoding") if chunked else fields
             if version is None or version < b"1.1":
-                fields = _without(fields, b"transfer-encoding")
                 framing = _UNTIL_CLOSE
                 if method != b"HEAD":
                     need_close = True
             else:
-                fields = [
-                    *_without(fields, b"transfer-encoding"),
-                    (b"Transfer-Encoding", b"chunked"),
-                ]
+                fields.append((b"Transfer-Encoding", b"chunked"))
                 framing = _CHUNKED
         else:
             self._body_left = int(length)
@@ -432,7 +445,7 @@ class HttptoolsConnection:
             self._keep_alive = False
         self.our_state = h11.SEND_BODY
         self.they_are_waiting_for_100_continue = False
-        return _head(status, response.reason, fields)
+        return _head(status, reason, fields, host)
 
     def send_failed(self) -> None:
         """A write failed part-way: nothing more can be sent (as ``h11.Connection``)."""
@@ -448,14 +461,75 @@ def _without(fields: list[tuple[bytes, bytes]], name: bytes) -> list[tuple[bytes
     return [field for field in fields if field[0].lower() != name]
 
 
-def _head(status: int, reason: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
-    """A status line and header fields, as h11 writes them (Host first)."""
+def _framing_fields(
+    fields: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], bytes | None, bool, list[bytes] | None, bool]:
+    """Check a response's framing headers as h11 does, and find what framing needs.
+
+    Returns:
+        The fields (Content-Length normalised and kept once, Transfer-Encoding lower-case),
+        the Content-Length, whether the body is chunked, the Connection values, and
+        whether there is a Host field.
+
+    Raises:
+        h11.LocalProtocolError: a bad or conflicting Content-Length, or a transfer coding
+            other than one "chunked" (h11's messages).
+    """
+    length: bytes | None = None
+    chunked = False
+    connection: list[bytes] | None = None
+    host = False
+    out: list[tuple[bytes, bytes]] | None = None  # made only when a field changes
+    for index, (raw_name, value) in enumerate(fields):
+        name = raw_name.lower()
+        if name == b"content-length":
+            lengths = {part.strip() for part in value.split(b",")}
+            if len(lengths) != 1:
+                raise h11.LocalProtocolError("conflicting Content-Length headers")
+            normal = lengths.pop()
+            if not normal.isdigit() or not normal.isascii():
+                raise h11.LocalProtocolError("bad Content-Length")
+            if len(normal) > 20:
+                raise h11.LocalProtocolError("Content-Length too long")
+            if length is not None and length != normal:
+                raise h11.LocalProtocolError("conflicting Content-Length headers")
+            if normal != value or length is not None:
+                out = fields[:index] if out is None else out
+                if length is None:
+                    out.append((raw_name, normal))
+                length = normal
+                continue
+            length = normal
+        elif name == b"transfer-encoding":
+            if chunked:
+                raise h11.LocalProtocolError(
+                    "multiple Transfer-Encoding headers", error_status_hint=501
+                )
+            if value.lower() != b"chunked":
+                raise h11.LocalProtocolError(
+                    "Only Transfer-Encoding: chunked is supported", error_status_hint=501
+                )
+            chunked = True
+            if value != b"chunked":
+                out = fields[:index] if out is None else out
+                out.append((raw_name, b"chunked"))
+                continue
+        elif name == b"connection":
+            connection = [value] if connection is None else [*connection, value]
+        elif name == b"host":
+            host = True
+        if out is not None:
+            out.append((raw_name, value))
+    return (fields if out is None else out), length, chunked, connection, host
+
+
+def _head(status: int, reason: bytes, fields: list[tuple[bytes, bytes]], host: bool) -> bytes:
+    """A status line and header fields, as h11 writes them (a Host field first)."""
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    for name, value in fields:
-        if name.lower() == b"host":
-            lines.append(b"%s: %s\r\n" % (name, value))
-    for name, value in fields:
-        if name.lower() != b"host":
-            lines.append(b"%s: %s\r\n" % (name, value))
+    if host:
+        lines += [b"%s: %s\r\n" % field for field in fields if field[0].lower() == b"host"]
+        lines += [b"%s: %s\r\n" % field for field in fields if field[0].lower() != b"host"]
+    else:
+        lines += [b"%s: %s\r\n" % field for field in fields]
     lines.append(b"\r\n")
     return b"".join(lines)

@@ -13,18 +13,14 @@ import logging
 import time
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any, Final, Protocol
-
-import h11
+from typing import Any, Final, Protocol
 
 from .access_format import access_fields, compile_access_format
 from .asgi_types import ASGIApp
 from .config import Config, http_implementation
 from .errors import ClientDisconnected
+from .http_parser import H11Connection, HTTPParser
 from .transport import EdgeSettings
-
-if TYPE_CHECKING:
-    from .httptools_parser import HTTPParser
 
 access_logger = logging.getLogger("trioserve.access")
 
@@ -100,7 +96,7 @@ class ServerState:
             server's response writers.
         new_parser: makes each connection's HTTP/1.1 state machine: ``h11.Connection``, or
             its httptools-parsed equivalent for ``--http httptools`` (one interface,
-            ``httptools_parser.HTTPParser``).
+            ``http_parser.HTTPParser``).
     """
 
     __slots__ = (
@@ -203,4 +199,4 @@ def _parser_factory(config: Config) -> Callable[[], HTTPParser]:
         from .httptools_parser import HttptoolsConnection  # only with the optional extra
 
         return lambda: HttptoolsConnection(max_incomplete_event_size=limit)
-    return lambda: h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+    return lambda: H11Connection(max_incomplete_event_size=limit)

@@ -1,0 +1,84 @@
+"""The per-connection HTTP/1.1 state machine's interface, and its h11 implementation
+(layer 2, sans-IO).
+
+``--http`` picks the parser behind :class:`HTTPParser`: :class:`H11Connection` (h11, pure
+Python, the default) or ``httptools_parser.HttptoolsConnection`` (llhttp in C). Everything
+above it (the connection task, keep-alive and framing policy, scope builder, response path)
+is shared. The interface is h11's own server-side API, so h11 needs only a thin subclass,
+plus two additions:
+
+* :meth:`HTTPParser.send_response_head` takes a response head as plain values whose
+  header fields the caller has already checked (``http_messages.check_fields``): h11 still
+  applies its framing checks; the httptools side skips building an ``h11.Response``.
+* ``rejects_obs_fold``: whether the parser refuses obs-fold itself (llhttp does); h11
+  unfolds it silently, so trioserve screens heads for it when the parser does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import h11
+
+
+class HTTPParser(Protocol):
+    """The server side of one HTTP/1.1 connection, as trioserve drives it (h11's API)."""
+
+    @property
+    def rejects_obs_fold(self) -> bool: ...
+
+    @property
+    def our_state(self) -> Any: ...  # (h11's state sentinels, h11.IDLE ... h11.ERROR)
+
+    @property
+    def their_state(self) -> Any: ...
+
+    @property
+    def their_http_version(self) -> bytes | None: ...
+
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool: ...
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> Any: ...
+
+    def send(self, event: Any) -> bytes | None: ...
+
+    def send_with_data_passthrough(self, event: Any) -> list[Any] | None: ...
+
+    def send_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> list[Any]:
+        """The bytes of a response head whose fields were checked by the caller.
+
+        Raises:
+            h11.LocalProtocolError: the framing headers are invalid (bad Content-Length, a
+                transfer coding other than chunked), before any state changed.
+        """
+        ...
+
+    def send_failed(self) -> None: ...
+
+    def start_next_cycle(self) -> None: ...
+
+
+class H11Connection(h11.Connection):
+    """``h11.Connection`` in the server role, with :class:`HTTPParser`'s two additions."""
+
+    rejects_obs_fold = False
+
+    def __init__(self, *, max_incomplete_event_size: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
+
+    def send_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> list[Any]:
+        # (Built before send(): an invalid head leaves h11's state untouched.)
+        response = h11.Response(
+            status_code=status, headers=headers, reason=reason, http_version=b"1.1", _parsed=True
+        )
+        return self.send_with_data_passthrough(response) or []
