@@ -130,7 +130,9 @@ def connection_tasks() -> list[trio.lowlevel.Task]:
             for child in nursery.child_tasks:
                 walk(child)
 
-    walk(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    walk(root)
     return found
 
 

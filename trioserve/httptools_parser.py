@@ -44,8 +44,12 @@ _OWS: Final = b" \t"
 _OWS_BYTES: Final = (b" ", b"\t")
 _new_request = object.__new__
 _set = object.__setattr__  # (h11's events are frozen dataclasses)
-# A request line whose method llhttp does not know, but which is a well-formed token.
-_TOKEN_METHOD: Final = re.compile(rb"(?:\r?\n)*[-!#$%&'*+.^_`|~0-9a-zA-Z]+ ")
+# A well-formed request line (as h11 reads one), to tell a method llhttp does not know
+# (501) from garbage (400); and the beginnings that may still become one.
+_REQUEST_LINE: Final = re.compile(
+    rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r?\n"
+)
+_MAYBE_REQUEST_LINE: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]*(?: [\x20-\x7e]*\r?)?")
 
 # llhttp's error messages answered other than with 400, as h11 answers the same input.
 _STATUS_FOR: Final = {
@@ -86,7 +90,9 @@ class HttptoolsConnection:
         "_hosts",
         "_in_head",
         "_keep_alive",
+        "_line",
         "_max_head",
+        "_method_refused",
         "_parser",
         "_raw",
         "_raw_closed",
@@ -107,6 +113,8 @@ class HttptoolsConnection:
         self._raw_closed = False
         self._in_head = False
         self._between = True  # no message begun since the last one ended
+        self._line = b""  # the start of a message begun at a chunk's start
+        self._method_refused = False  # llhttp refused the method; 400 or 501 undecided
         self._head_fed = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []  # (name, lower-case name, value)
@@ -198,6 +206,15 @@ class HttptoolsConnection:
 
     def _feed(self, data: bytes | bytearray) -> None:
         """Parse ``data``: its events (or its error) join the queue."""
+        if self._method_refused:
+            self._line += data
+            self._judge_method()
+            return
+        # (Kept for telling an unknown method from garbage, should llhttp refuse it.)
+        if self._between:
+            self._line = bytes(data[:256])
+        elif self._in_head and not self._url and len(self._line) < 256:
+            self._line += data[:256]
         if self._between and data[:1] in b"\r\n":
             # An empty line where a request line belongs: h11 answers 400 (llhttp would
             # skip any number of them, RFC 9112 §2.2's leniency).
@@ -213,10 +230,8 @@ class HttptoolsConnection:
         except httptools.HttpParserCallbackError:
             pass  # _Stop: the reason is queued already
         except httptools.HttpParserInvalidMethodError:
-            if _TOKEN_METHOD.match(data):
-                self._fail("request method not recognized by httptools", 501)
-            else:
-                self._fail("invalid request method")
+            self._method_refused = True
+            self._judge_method()
         except httptools.HttpParserError as exc:
             message = str(exc)
             self._fail(message, _STATUS_FOR.get(message, 400))
@@ -226,10 +241,28 @@ class HttptoolsConnection:
                 self._fail("Receive buffer too long", 431)
                 self._in_head = False
 
+    def _judge_method(self) -> None:
+        """llhttp refused the request's method: 501 if it is a well-formed token llhttp does
+        not know, 400 if not; undecided until the request line shows which."""
+        line = self._line
+        if _REQUEST_LINE.match(line):
+            self._fail("request method not recognized by httptools", 501)
+        elif (
+            len(line) <= self._max_head
+            and not self._raw_closed
+            and _MAYBE_REQUEST_LINE.fullmatch(line)
+        ):
+            return
+        else:
+            self._fail("invalid request method")
+        self._method_refused = False
+
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the peer (b"": the peer closed), as ``h11.Connection`` does."""
         if not data:
             self._raw_closed = True
+            if self._method_refused:
+                self._judge_method()
         elif self._raw_closed:
             raise RuntimeError("received close, then received more data?")
         elif (

@@ -1,0 +1,291 @@
+"""``--http httptools``: choosing the parser, and the httptools side held to h11's behaviour.
+
+The wire suites run on both parsers (``both_parsers``); here: the option itself (config,
+``auto``, a missing extra, a real process) and a differential fuzz of the two parsers fed
+the same bytes: httptools never accepts a request h11 refuses, and where both accept they
+produce the same events.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from server_process import CLI_APP, started_process
+from test_fuzz import http_like
+from wire import Client, connect
+
+from trioserve import Config
+from trioserve.config import http_implementation
+from trioserve.errors import ConfigError
+from trioserve.http_messages import check_request
+from trioserve.http_parser import H11Connection, HTTPParser
+from trioserve.httptools_parser import HttptoolsConnection
+from trioserve.server_state import ServerState
+
+# -- choosing the parser ---------------------------------------------------------------
+
+
+def parser_kind(config: Config) -> type:
+    return type(ServerState(config, app=None).new_parser())  # type: ignore[arg-type]
+
+
+def test_default_is_h11_and_httptools_is_chosen_by_name() -> None:
+    assert Config().http == "h11"
+    assert parser_kind(Config()) is H11Connection
+    assert parser_kind(Config(http="httptools")) is HttptoolsConnection
+
+
+def test_auto_picks_httptools_when_installed_and_h11_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert http_implementation("auto") == "httptools"  # (the test extra installs it)
+    assert parser_kind(Config(http="auto")) is HttptoolsConnection
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "httptools" else real(name)
+    )
+    assert http_implementation("auto") == "h11"
+    assert parser_kind(Config(http="auto")) is H11Connection
+
+
+def test_httptools_without_the_extra_is_a_clear_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "httptools" else real(name)
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'trioserve\[fast\]'"):
+        Config(http="httptools")
+
+
+def test_unknown_parser_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="http"):
+        Config(http="llhttp")  # type: ignore[arg-type]
+
+
+UNKNOWN_METHOD = b"FROB / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(("http", "status"), [("httptools", 501), ("h11", 200)])
+async def test_cli_http_option_selects_the_parser(tmp_path: Path, http: str, status: int) -> None:
+    """A real process: an unregistered method is the one input the parsers answer apart
+    (llhttp knows only registered methods: 501; h11 hands any token to the app)."""
+    (tmp_path / "cliapp.py").write_text(CLI_APP)
+    args = ["cliapp:app", "--app-dir", str(tmp_path), "--port", "0", "--http", http]
+    async with started_process(args) as server:
+        async with await connect(("127.0.0.1", server.port)) as stream:
+            response, _ = await Client(stream).request(target="/")
+            assert response.status_code == 200
+        async with await connect(("127.0.0.1", server.port)) as stream:
+            client = Client(stream)
+            await client.send_raw(UNKNOWN_METHOD)
+            response, _ = await client.read_response()
+            assert response.status_code == status
+        assert await server.stop() == 0
+
+
+# -- the two parsers side by side --------------------------------------------------------
+
+
+def events_of(parser: HTTPParser, pieces: list[bytes]) -> list[Any]:
+    """Feed ``pieces`` then EOF and pull every event of the first request (answering it
+    with a 200 so a keep-alive connection may go on); ("error", status) ends the list."""
+    out: list[Any] = []
+    for piece in [*pieces, b""]:
+        parser.receive_data(piece)
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                if "closed" in str(exc):  # incomplete at EOF: no one is there to answer
+                    return [*out, ("error", "eof")]
+                return [*out, ("error", exc.error_status_hint)]
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                break
+            if type(event) is h11.Request:
+                problem = check_request(event, max_head_size=16 * 1024)
+                if problem is not None:
+                    return [*out, ("error", problem[0])]
+                headers = [(n, v) for _, n, v in event.headers._full_items]
+                out.append(("request", event.method, event.target, event.http_version, headers))
+            elif type(event) is h11.Data:
+                if out and out[-1][0] == "data":
+                    out[-1] = ("data", out[-1][1] + event.data)
+                else:
+                    out.append(("data", event.data))
+            elif type(event) is h11.EndOfMessage:
+                out.append(("end",))
+                return out
+            else:
+                out.append((type(event).__name__,))
+                return out
+    return out
+
+
+def accepted(events: list[Any]) -> bool:
+    return any(event[0] == "request" for event in events) and events[-1][0] != "error"
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=http_like, cut=st.integers(min_value=0, max_value=512))
+def test_httptools_accepts_only_what_h11_accepts_with_the_same_events(raw: bytes, cut: int) -> None:
+    raw = b"GET /v HTTP/1.1\r\nHost: t\r\n\r\n" * (cut % 2) + raw
+    pieces = [raw[:cut], raw[cut:]]
+    ours = events_of(HttptoolsConnection(), pieces)
+    theirs = events_of(H11Connection(max_incomplete_event_size=16 * 1024), pieces)
+    if accepted(ours):
+        assert ours == theirs, (raw, ours, theirs)
+    refused = [events[-1][1] for events in (ours, theirs) if events and events[-1][0] == "error"]
+    if len(refused) == 2 and "eof" not in refused:
+        # Both refuse a complete head: with the same class of status (4xx/5xx).
+        assert refused[0] // 100 == refused[1] // 100, (raw, ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        pytest.param(b"GET / HTTP/1.1\r\n\r\n", 400, id="no-host"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, id="two-hosts"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400, id="obs-fold"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            id="cl-and-te",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+            id="te-not-only-chunked",
+        ),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 4000, 431, id="endless"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: " + b"a" * 20000, 431, id="endless-value"),
+        pytest.param(UNKNOWN_METHOD, 501, id="unregistered-method"),
+    ],
+)
+def test_httptools_refuses_where_llhttp_alone_would_be_lenient(raw: bytes, status: int) -> None:
+    """llhttp accepts a missing or repeated Host, any transfer coding list ending in
+    chunked and any head size; the parser adds h11's checks (whole and byte by byte)."""
+    for pieces in ([raw], [raw[i : i + 1] for i in range(len(raw))]):
+        events = events_of(HttptoolsConnection(max_incomplete_event_size=16 * 1024), pieces)
+        assert events[-1] == ("error", status), events[-3:]
+
+
+def test_pipelined_bytes_wait_unparsed_until_the_next_cycle() -> None:
+    parser = HttptoolsConnection()
+    parser.receive_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert type(parser.next_event()) is h11.Request
+    assert type(parser.next_event()) is h11.EndOfMessage
+    parser.receive_data(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert parser.trailing_data == (b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n", False)
+    assert parser.next_event() is h11.PAUSED
+    parser.send_response_head(200, b"OK", [(b"content-length", b"0")])
+    parser.send(h11.EndOfMessage())
+    parser.start_next_cycle()
+    request = parser.next_event()
+    assert type(request) is h11.Request
+    assert request.target == b"/2"
+    assert parser.trailing_data == (b"", False)
+
+
+def test_bytes_after_an_upgrade_head_are_left_for_the_new_protocol() -> None:
+    parser = HttptoolsConnection()
+    parser.receive_data(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"\x81\x05hello"
+    )
+    assert type(parser.next_event()) is h11.Request
+    assert type(parser.next_event()) is h11.EndOfMessage
+    assert parser.trailing_data == (b"\x81\x05hello", False)
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "headers", "body", "expected"),
+    [
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            200,
+            [(b"Content-Length", b" 2 , 2")],
+            b"hi",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+            id="content-length-normalised",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            200,
+            [(b"x", b"1")],
+            b"hi",
+            b"HTTP/1.1 200 OK\r\nx: 1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+            id="chunked-for-http11",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.0\r\n\r\n",
+            200,
+            [(b"x", b"1")],
+            b"hi",
+            b"HTTP/1.1 200 OK\r\nx: 1\r\nConnection: close\r\n\r\nhi",
+            id="close-delimited-for-http10",
+        ),
+        pytest.param(
+            b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
+            200,
+            [(b"content-length", b"5")],
+            b"",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            id="head",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            204,
+            [(b"connection", b"keep-alive, x")],
+            b"",
+            b"HTTP/1.1 204 No Content\r\nConnection: close\r\nConnection: x\r\n\r\n",
+            id="close-requested",
+        ),
+    ],
+)
+def test_response_bytes_are_the_ones_h11_writes(
+    request_head: bytes,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    expected: bytes,
+) -> None:
+    written = []
+    for parser in (HttptoolsConnection(), H11Connection(max_incomplete_event_size=16384)):
+        parser.receive_data(request_head)
+        assert type(parser.next_event()) is h11.Request
+        reason = {200: b"OK", 204: b"No Content"}[status]
+        data = b"".join(parser.send_response_head(status, reason, list(headers)))
+        if body:
+            data += parser.send(h11.Data(data=body)) or b""
+        data += parser.send(h11.EndOfMessage()) or b""
+        written.append(data)
+    assert written[0] == written[1] == expected
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"content-length", b"1x")],
+        [(b"content-length", b"1"), (b"content-length", b"2")],
+        [(b"transfer-encoding", b"gzip")],
+        [(b"transfer-encoding", b"chunked"), (b"transfer-encoding", b"chunked")],
+    ],
+)
+def test_bad_framing_headers_are_refused_before_any_state_changes(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    for parser in (HttptoolsConnection(), H11Connection(max_incomplete_event_size=16384)):
+        parser.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        parser.next_event()
+        with pytest.raises(h11.LocalProtocolError):
+            parser.send_response_head(200, b"OK", headers)
+        assert parser.our_state is h11.SEND_RESPONSE  # a clean 500 can still be sent
