@@ -773,8 +773,9 @@ class RequestCycle:
         # waits for that (rare: an app that will not read while pipelined bytes pile up).
         self.done = False
         self._done_event: trio.Event | None = None
-        # Set when the response completes or when streamed chunks were left buffered.
-        self.attention = trio.Event()
+        # Set when the response completes or when streamed chunks were left buffered; made
+        # only when someone waits or signals (most responses complete without either).
+        self.attention: trio.Event | None = None
         self._buffer: list[bytes] = []
         self._buffered = 0
         self.aborted = False
@@ -838,7 +839,8 @@ class RequestCycle:
         self.done = True
         if self._done_event is not None:
             self._done_event.set()
-        self.attention.set()
+        if self.attention is not None:
+            self.attention.set()
         if self._start_time:
             log_access(
                 self.conn.state,
@@ -887,6 +889,8 @@ class RequestCycle:
                     # a write is.
                     await trio.lowlevel.checkpoint_if_cancelled()
                     if not self._buffer:
+                        if self.attention is None:
+                            self.attention = trio.Event()
                         self.attention.set()
                     self._buffer += pieces
                     self._buffered += size
@@ -923,11 +927,13 @@ class RequestCycle:
         once the app task waits for anything else. It takes its write turn like any task
         of the app would, so bytes never interleave and there is one writer at a time.
         """
-        while True:
+        while not self.done:
+            if self.attention is None:
+                self.attention = trio.Event()
             await self.attention.wait()
             if self.done:
                 return
-            self.attention = trio.Event()
+            self.attention = None  # (made again by the next wait or signal)
             try:
                 await self._write_buffered()
             except ClientDisconnected:

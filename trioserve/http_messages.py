@@ -67,7 +67,9 @@ def build_http_scope(
     # Invalid UTF-8 after percent-decoding becomes U+FFFD (as uvicorn and hypercorn do):
     # a lone surrogate would make every app that encodes the path (a JSON echo of a path
     # parameter) fail with a 500 that any client can trigger. raw_path keeps the bytes.
-    path = unquote(raw_path.decode("latin-1"), encoding="utf-8", errors="replace")
+    path = raw_path.decode("latin-1")
+    if "%" in path:
+        path = unquote(path, encoding="utf-8", errors="replace")
     if root_path:
         path = root_path + path
         raw_path = root_path.encode("utf-8") + raw_path
@@ -405,12 +407,13 @@ class ResponseWriter:
             self.state = ResponseState.STREAMING
         else:
             pieces = []
+        if self._no_body:
+            body = b""
         try:
-            if body and not self._no_body:
-                self.body_bytes += len(body)
-                pieces += conn.send_with_data_passthrough(h11.Data(data=body)) or ()
+            if body or not more_body:
+                pieces += conn.send_body(body, not more_body)
+            self.body_bytes += len(body)
             if not more_body:
-                pieces += conn.send_with_data_passthrough(h11.EndOfMessage()) or ()
                 self.state = ResponseState.COMPLETE
         except h11.LocalProtocolError as exc:
             raise AppProtocolError(f"invalid response body: {exc}") from None

@@ -5,11 +5,12 @@
 Python, the default) or ``httptools_parser.HttptoolsConnection`` (llhttp in C). Everything
 above it (the connection task, keep-alive and framing policy, scope builder, response path)
 is shared. The interface is h11's own server-side API, so h11 needs only a thin subclass,
-plus two additions:
+plus these additions:
 
 * :meth:`HTTPParser.send_response_head` takes a response head as plain values whose
   header fields the caller has already checked (``http_messages.check_fields``): h11 still
   applies its framing checks; the httptools side skips building an ``h11.Response``.
+* :meth:`HTTPParser.send_body`: body bytes and the end of the response in one call.
 * ``rejects_obs_fold``: whether the parser refuses obs-fold itself (llhttp does); h11
   unfolds it silently, so trioserve screens heads for it when the parser does not.
 """
@@ -61,6 +62,15 @@ class HTTPParser(Protocol):
         """
         ...
 
+    def send_body(self, data: bytes, end: bool) -> list[Any]:
+        """The bytes of a piece of response body (maybe empty) and, if ``end``, of the
+        response's end: h11's ``Data`` and ``EndOfMessage`` events in one call.
+
+        Raises:
+            h11.LocalProtocolError: more or less body than the Content-Length declared.
+        """
+        ...
+
     def send_failed(self) -> None: ...
 
     def start_next_cycle(self) -> None: ...
@@ -82,3 +92,9 @@ class H11Connection(h11.Connection):
             status_code=status, headers=headers, reason=reason, http_version=b"1.1", _parsed=True
         )
         return self.send_with_data_passthrough(response) or []
+
+    def send_body(self, data: bytes, end: bool) -> list[Any]:
+        pieces = self.send_with_data_passthrough(h11.Data(data=data)) or [] if data else []
+        if end:
+            pieces += self.send_with_data_passthrough(h11.EndOfMessage()) or ()
+        return pieces

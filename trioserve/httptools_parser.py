@@ -82,8 +82,11 @@ class HttptoolsConnection:
         "_between",
         "_body_left",
         "_chunked",
+        "_close",
         "_ends_queued",
         "_events",
+        "_expect",
+        "_flags",
         "_framing",
         "_head_fed",
         "_headers",
@@ -119,7 +122,9 @@ class HttptoolsConnection:
         self._url = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []  # (name, lower-case name, value)
         self._hosts = 0
-        self._chunked = False
+        self._chunked = self._close = self._expect = False
+        # (keep-alive refused, 100-continue expected) of each queued request
+        self._flags: deque[tuple[bool, bool]] = deque()
         self._request_method: bytes | None = None
         self._keep_alive = True
         self._framing = _FRAMED_BY_LENGTH
@@ -137,7 +142,7 @@ class HttptoolsConnection:
         self._url = b""
         self._headers = []
         self._hosts = 0
-        self._chunked = False
+        self._chunked = self._close = self._expect = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url  # (llhttp may hand the target over in pieces)
@@ -150,6 +155,12 @@ class HttptoolsConnection:
             value = value.rstrip(_OWS)  # (llhttp drops leading whitespace only)
         if lower == b"host":
             self._hosts += 1
+        elif lower == b"connection":
+            if _has_token(value, b"close"):
+                self._close = True
+        elif lower == b"expect":
+            if _has_token(value, b"100-continue"):
+                self._expect = True
         elif lower == b"transfer-encoding":
             # Only a lone "chunked" (h11 answers anything else with 501).
             value = value.lower()
@@ -185,10 +196,12 @@ class HttptoolsConnection:
         _set(request, "target", self._url)
         _set(request, "http_version", http_version)
         _set(request, "headers", Headers(headers))
+        # What next_event needs when it hands this request out (later, if pipelined).
+        self._flags.append((self._close or http_version < b"1.1", self._expect))
         self._url = b""
         self._headers = []
         self._hosts = 0
-        self._chunked = False
+        self._chunked = self._close = self._expect = False
         self._events.append(request)
 
     def on_body(self, body: bytes) -> None:
@@ -278,7 +291,8 @@ class HttptoolsConnection:
     @property
     def trailing_data(self) -> tuple[bytes, bool]:
         """Bytes received but not parsed (pipelined, or after an upgrade's head); EOF."""
-        return bytes(self._raw), self._raw_closed
+        raw = self._raw
+        return (bytes(raw) if raw else b""), self._raw_closed
 
     def next_event(self) -> Any:
         """The next event, ``h11.NEED_DATA`` or ``h11.PAUSED``, as ``h11.Connection``.
@@ -332,17 +346,13 @@ class HttptoolsConnection:
         self.their_state = h11.SEND_BODY
         if self.our_state is h11.IDLE:
             self.our_state = h11.SEND_RESPONSE
-        version = request.http_version
-        self.their_http_version = version
+        self.their_http_version = request.http_version
         self._request_method = request.method
-        if version < b"1.1":
+        close, expect = self._flags.popleft()
+        if close:
             self._keep_alive = False
-        else:
-            for _, name, value in request.headers._full_items:
-                if name == b"connection" and _has_token(value, b"close"):
-                    self._keep_alive = False
-                elif name == b"expect" and _has_token(value, b"100-continue"):
-                    self.they_are_waiting_for_100_continue = True
+        elif expect:  # (HTTP/1.1 only: an HTTP/1.0 expectation is ignored, RFC 9110 §10.1.1)
+            self.they_are_waiting_for_100_continue = True
 
     def start_next_cycle(self) -> None:
         """Reset for the next request on a reusable connection (both sides DONE)."""
@@ -390,12 +400,7 @@ class HttptoolsConnection:
                     raise h11.LocalProtocolError(f"can't end a message in state {state}")
                 if self._framing is _FRAMED_BY_LENGTH and self._body_left:
                     raise h11.LocalProtocolError("Too little data for declared Content-Length")
-                if self._keep_alive:
-                    self.our_state = h11.DONE
-                else:
-                    self.our_state = h11.MUST_CLOSE
-                    if self.their_state is h11.DONE:
-                        self.their_state = h11.MUST_CLOSE
+                self._end_response()
                 return [_LAST_CHUNK] if self._framing is _CHUNKED else []
             if kind is h11.Response:
                 if state is not h11.IDLE and state is not h11.SEND_RESPONSE:
@@ -412,6 +417,41 @@ class HttptoolsConnection:
         except BaseException:
             self.our_state = h11.ERROR
             raise
+
+    def send_body(self, data: bytes, end: bool) -> list[Any]:
+        """Body bytes and, if ``end``, the response's end (``HTTPParser``'s addition)."""
+        state = self.our_state
+        if state is not h11.SEND_BODY:
+            self.our_state = h11.ERROR
+            raise h11.LocalProtocolError(f"can't send a body in state {state}")
+        framing = self._framing
+        if framing is _CHUNKED:
+            pieces = [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
+        else:
+            pieces = [data] if data else []
+            if framing is _FRAMED_BY_LENGTH:
+                left = self._body_left - len(data)
+                if left < 0 or (end and left):
+                    self.our_state = h11.ERROR
+                    raise h11.LocalProtocolError(
+                        "Too much data for declared Content-Length"
+                        if left < 0
+                        else "Too little data for declared Content-Length"
+                    )
+                self._body_left = left
+        if end:
+            self._end_response()
+            if framing is _CHUNKED:
+                pieces.append(_LAST_CHUNK)
+        return pieces
+
+    def _end_response(self) -> None:
+        if self._keep_alive:
+            self.our_state = h11.DONE
+        else:
+            self.our_state = h11.MUST_CLOSE
+            if self.their_state is h11.DONE:
+                self.their_state = h11.MUST_CLOSE
 
     def send_response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
@@ -516,6 +556,11 @@ def _framing_fields(
     for index, (raw_name, value) in enumerate(fields):
         name = raw_name.lower()
         if name == b"content-length":
+            if value.isdigit() and value.isascii() and len(value) <= 20 and length is None:
+                length = value  # (the common case: one plain number)
+                if out is not None:
+                    out.append((raw_name, value))
+                continue
             lengths = {part.strip() for part in value.split(b",")}
             if len(lengths) != 1:
                 raise h11.LocalProtocolError("conflicting Content-Length headers")
