@@ -35,6 +35,7 @@ from urllib.parse import unquote
 import h11
 
 from .errors import AppProtocolError
+from .http_parser import FRAMING_FIELDS, FieldLines
 
 if TYPE_CHECKING:
     from .http_parser import HTTPParser
@@ -202,15 +203,14 @@ def is_websocket_upgrade(
 # check (field-vchar is anything but NUL and whitespace; no CR/LF, no surrounding blanks).
 _FIELD_NAME: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _FIELD_VALUE: Final = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
-# Fields already checked, per server (apps send the same headers over and over): a set
-# lookup instead of two regular expressions per header per response. Bounded.
-MAX_CHECKED_FIELDS: Final = 1024
+MAX_CHECKED_FIELDS: Final = 1024  # (the size bound of a server's FieldLines)
 
 
-def check_fields(headers: list[tuple[bytes, bytes]], checked: set[tuple[bytes, bytes]]) -> None:
+def check_fields(headers: list[tuple[bytes, bytes]], checked: FieldLines) -> None:
     """Check response header names and values (no CR/LF/NUL injection, RFC 9110 syntax).
 
-    ``checked`` remembers the fields that passed; it is emptied when it grows too large.
+    ``checked`` remembers the fields that passed, with their encoded lines (see
+    ``http_parser.FieldLines``); it is emptied when it grows too large.
 
     Raises:
         AppProtocolError: a name or value h11 would refuse.
@@ -225,7 +225,8 @@ def check_fields(headers: list[tuple[bytes, bytes]], checked: set[tuple[bytes, b
             raise AppProtocolError(f"invalid response head: illegal header value {value!r}")
         if len(checked) >= MAX_CHECKED_FIELDS:
             checked.clear()
-        checked.add(field)
+        lower = name.lower()
+        checked[field] = (b"%s: %s\r\n" % field, lower if lower in FRAMING_FIELDS else None)
 
 
 def validate_headers(raw: object) -> list[tuple[bytes, bytes]]:
@@ -301,10 +302,10 @@ class ResponseWriter:
         conn: HTTPParser,
         method: bytes,
         default_headers: tuple[tuple[bytes, bytes], ...],
-        checked_fields: set[tuple[bytes, bytes]] | None = None,
+        checked_fields: FieldLines | None = None,
     ) -> None:
         self._conn = conn
-        self._checked_fields = set() if checked_fields is None else checked_fields
+        self._checked_fields: FieldLines = {} if checked_fields is None else checked_fields
         self._no_body = method == b"HEAD"
         self._headers: list[tuple[bytes, bytes]] = []
         self._framed = False

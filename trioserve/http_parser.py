@@ -17,9 +17,16 @@ plus these additions:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import h11
+
+# Response fields h11's framing rules act on.
+FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
+# Response header fields found valid, per server: field -> (its encoded line, its lower-case
+# name if ``FRAMING_FIELDS`` has it, else None). Apps send the same fields over and over: a
+# lookup then replaces two regular expressions and a formatting per field per response.
+FieldLines = dict[tuple[bytes, bytes], tuple[bytes, bytes | None]]
 
 
 class HTTPParser(Protocol):

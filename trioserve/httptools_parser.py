@@ -36,6 +36,8 @@ import h11
 import httptools
 from h11._headers import Headers  # (the type of h11.Request.headers)
 
+from .http_parser import FieldLines
+
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 _EMPTY_BODY: Final = (204, 304)
 _END_OF_MESSAGE: Final = h11.EndOfMessage()
@@ -86,6 +88,7 @@ class HttptoolsConnection:
         "_ends_queued",
         "_events",
         "_expect",
+        "_field_lines",
         "_flags",
         "_framing",
         "_head_fed",
@@ -107,8 +110,12 @@ class HttptoolsConnection:
         "they_are_waiting_for_100_continue",
     )
 
-    def __init__(self, *, max_incomplete_event_size: int = 16 * 1024) -> None:
+    def __init__(
+        self, *, max_incomplete_event_size: int = 16 * 1024, field_lines: FieldLines | None = None
+    ) -> None:
         self._parser = httptools.HttpRequestParser(self)
+        # The server's checked response fields (filled by http_messages.check_fields).
+        self._field_lines: FieldLines = {} if field_lines is None else field_lines
         self._max_head = max_incomplete_event_size
         self._events: deque[Any] = deque()  # events, then maybe a RemoteProtocolError
         self._ends_queued = 0  # EndOfMessage events in _events
@@ -462,8 +469,45 @@ class HttptoolsConnection:
             h11.LocalProtocolError: bad framing headers (nothing changed), or a response the
                 state does not allow (our state is then ERROR).
         """
-        framing = _framing_fields(headers)  # (raises before any state changes)
         state = self.our_state
+        if (
+            state is h11.SEND_RESPONSE
+            and self._keep_alive
+            and self._request_method != b"HEAD"
+            and self.their_http_version == b"1.1"
+        ):
+            # The common case in one pass: a keep-alive HTTP/1.1 exchange whose response has
+            # one plain Content-Length and no other framing field (nor Connection or Host),
+            # which h11's rules leave as it is; its fields were checked (and encoded) by
+            # the caller, so each is one lookup.
+            length = None
+            cached = self._field_lines
+            lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+            for field in headers:
+                entry = cached.get(field)
+                if entry is None:
+                    break
+                if entry[1] is not None:
+                    value = field[1]
+                    if (
+                        entry[1] != b"content-length"
+                        or length is not None
+                        or not (value.isdigit() and value.isascii() and len(value) <= 20)
+                    ):
+                        break
+                    length = value
+                lines.append(entry[0])
+            else:
+                if length is not None or status in _EMPTY_BODY:
+                    self._framing = _FRAMED_BY_LENGTH
+                    self._body_left = int(length) if length is not None else 0
+                    if status in _EMPTY_BODY:
+                        self._body_left = 0
+                    self.our_state = h11.SEND_BODY
+                    self.they_are_waiting_for_100_continue = False
+                    lines.append(b"\r\n")
+                    return [b"".join(lines)]
+        framing = _framing_fields(headers)  # (raises before any state changes)
         if state is not h11.IDLE and state is not h11.SEND_RESPONSE:
             self.our_state = h11.ERROR
             raise h11.LocalProtocolError(f"can't send a response in state {state}")

@@ -19,7 +19,7 @@ from .access_format import access_fields, compile_access_format
 from .asgi_types import ASGIApp
 from .config import Config, http_implementation
 from .errors import ClientDisconnected
-from .http_parser import H11Connection, HTTPParser
+from .http_parser import FieldLines, H11Connection, HTTPParser
 from .transport import EdgeSettings
 
 access_logger = logging.getLogger("trioserve.access")
@@ -142,12 +142,12 @@ class ServerState:
         self.on_max_requests = on_max_requests
         self.on_app_error = on_app_error
         self.default_headers = config.default_headers
-        self.new_parser = _parser_factory(config)
         # Scratch space for the connections' socket reads (each read is copied out at once,
         # before any other task runs); a view made once, so a read slices it directly.
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
         # Response header fields already found valid (http_messages.check_fields).
-        self.checked_fields: set[tuple[bytes, bytes]] = set()
+        self.checked_fields: FieldLines = {}
+        self.new_parser = _parser_factory(self)
         self._date_second = -1
         self._date_value = b""
         self._date_headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -192,11 +192,13 @@ class ServerState:
             self.on_app_error(exc)
 
 
-def _parser_factory(config: Config) -> Callable[[], HTTPParser]:
+def _parser_factory(state: ServerState) -> Callable[[], HTTPParser]:
     """What ``--http`` chose: a maker of per-connection parsers (``auto`` resolved)."""
+    config = state.config
     limit = config.h11_max_incomplete_event_size
     if http_implementation(config.http) == "httptools":
         from .httptools_parser import HttptoolsConnection  # only with the optional extra
 
-        return lambda: HttptoolsConnection(max_incomplete_event_size=limit)
+        lines = state.checked_fields
+        return lambda: HttptoolsConnection(max_incomplete_event_size=limit, field_lines=lines)
     return lambda: H11Connection(max_incomplete_event_size=limit)
