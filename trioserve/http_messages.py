@@ -229,8 +229,11 @@ def check_fields(headers: list[tuple[bytes, bytes]], checked: FieldLines) -> Non
         checked[field] = (b"%s: %s\r\n" % field, lower if lower in FRAMING_FIELDS else None)
 
 
-def validate_headers(raw: object) -> list[tuple[bytes, bytes]]:
-    """Check an app-provided header list: an iterable of ``[bytes, bytes]`` pairs."""
+def validate_headers(raw: object, names: set[bytes] | None = None) -> list[tuple[bytes, bytes]]:
+    """Check an app-provided header list: an iterable of ``[bytes, bytes]`` pairs.
+
+    ``names``, when given, receives each field's lower-case name.
+    """
     if raw is None:
         return []
     # (Lists and tuples first: isinstance() against the ABCs is dear, per response.)
@@ -252,6 +255,8 @@ def validate_headers(raw: object) -> list[tuple[bytes, bytes]]:
             out.append((bytes(name), bytes(value)))  # (subclasses: plain bytes from here on)
         else:
             raise AppProtocolError(f"header name and value must be bytes, got {pair!r}")
+        if names is not None:
+            names.add(name.lower())
     return out
 
 
@@ -339,14 +344,15 @@ class ResponseWriter:
         if self.state is not ResponseState.WAITING:
             raise AppProtocolError("'http.response.start' sent twice")
         status = message.get("status")
-        if isinstance(status, bool) or not isinstance(status, int):
+        if type(status) is not int and (isinstance(status, bool) or not isinstance(status, int)):
             raise AppProtocolError(f"'status' must be an int, got {status!r}")
         if not 200 <= status <= 999:
             raise AppProtocolError(f"'status' must be a final status 200-999, got {status}")
-        headers = validate_headers(message.get("headers"))
-        names = {name.lower() for name, _ in headers}
-        if self._default_headers:
-            headers.extend(h for h in self._default_headers if h[0] not in names)
+        names: set[bytes] = set()
+        headers = validate_headers(message.get("headers"), names)
+        for default in self._default_headers:
+            if default[0] not in names:
+                headers.append(default)
         if close:
             headers.append(_CLOSE_HEADER)
         if status in _EMPTY_BODY_STATUSES:
