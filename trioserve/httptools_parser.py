@@ -1,29 +1,31 @@
 """The server half of ``h11.Connection``, parsed by httptools (llhttp) (layer 2, sans-IO).
 
-``--http httptools`` swaps this class in for ``h11.Connection`` and nothing else changes:
-the connection task, keep-alive and framing policy, scope builder and response path are the
-ones h11 uses (:mod:`.http_connection`, :mod:`.http_messages`). It offers exactly the part of
-h11's API trioserve calls (``http_parser.HTTPParser`` names it) with h11's semantics, and hands out
-h11's own event objects and exceptions, so the code above cannot tell the two apart:
+``--http httptools`` swaps this class in for h11's and nothing else changes: the connection
+task, keep-alive and framing policy, scope builder and response path are the ones h11 uses
+(:mod:`.http_connection`, :mod:`.http_messages`). It offers the part of h11's API trioserve
+calls (:class:`.http_parser.HTTPParser`) with h11's semantics, and hands out h11's own event
+objects and exceptions, so the code above cannot tell the two apart:
 
 * reading: llhttp parses each chunk as it arrives (push); the events wait in a queue and
   :meth:`next_event` hands them out one at a time (pull), stopping at the end of a request
   (``PAUSED``) as h11 does. Bytes that arrive once the current request has ended are kept
   unparsed (``trailing_data``) until :meth:`start_next_cycle`, so pipelined input is bounded
   and screened like h11's, and an upgrade leaves what followed its head untouched.
-* strictness: the request head becomes an ``h11.Request`` built by h11 itself (lower-cased
-  names, Content-Length and Transfer-Encoding checks, one Host for HTTP/1.1, method and
-  target characters); llhttp rejects obs-fold, bare CR/LF, duplicate Content-Length and
-  Content-Length with Transfer-Encoding on its own. What llhttp would buffer without bound
-  (an endless head) is capped at ``max_incomplete_event_size`` (431), as in h11.
+* strictness: llhttp checks the request line, field syntax and Content-Length, and refuses
+  obs-fold, bare CR/LF, duplicate Content-Length and Content-Length with Transfer-Encoding.
+  h11's remaining rules are applied here: one Host in an HTTP/1.1 request, a lone
+  "chunked" as the only transfer coding (501), no empty line before the request line, and
+  a head that never ends capped at ``max_incomplete_event_size`` (431). The ``h11.Request``
+  is then filled in directly, as h11's constructor would only repeat these checks.
 * writing: a small response writer. The head's fields were already validated as strictly as
-  h11 does (``http_messages.check_fields`` and ``h11.Response``); here only h11's framing
-  rules are applied (chunked or Content-Length, HTTP/1.0 peers, HEAD/204/304,
-  ``Connection: close``), producing the same bytes h11 would.
+  h11 does (``http_messages.check_fields``); here h11's checks of the framing fields and its
+  framing rules are applied (chunked or Content-Length, HTTP/1.0 peers, HEAD/204/304,
+  ``Connection: close``), producing the bytes h11 would.
 
-One difference remains, documented in the README: llhttp only knows registered methods
+Two differences remain, documented in the README: llhttp knows only registered methods
 (GET ... PROPFIND, PURGE, QUERY), so an unknown but well-formed method gets 501 here where
-h11 passes it to the app.
+h11 passes it to the app; and two identical Content-Length fields are refused (h11 merges
+them).
 """
 
 from __future__ import annotations
