@@ -724,7 +724,14 @@ INSTRUCTION_REQUESTS: dict[str, tuple[int, int]] = {
     "stream1m": (20, 120),
 }
 INSTRUCTION_CONNECTIONS = 20
-INSTRUCTION_SERVERS = ("trioserve", "hypercorn-trio", "uvicorn-h11", "trio-h11-min")
+INSTRUCTION_SERVERS = (
+    "trioserve",
+    "trioserve-httptools",
+    "hypercorn-trio",
+    "uvicorn-h11",
+    "uvicorn-httptools",
+    "trio-h11-min",
+)
 
 
 def callgrind_total(text: str) -> int:
