@@ -8,6 +8,7 @@ produce the same events.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ from wire import Client, connect
 
 from trioserve import Config
 from trioserve.config import http_implementation
-from trioserve.errors import ConfigError
-from trioserve.http_messages import check_request
-from trioserve.http_parser import H11Connection, HTTPParser
+from trioserve.errors import AppProtocolError, ConfigError
+from trioserve.http_messages import check_fields, check_request
+from trioserve.http_parser import FieldLines, H11Connection, HTTPParser
 from trioserve.httptools_parser import HttptoolsConnection
 from trioserve.server_state import ServerState
 
@@ -243,6 +244,14 @@ def test_bytes_after_an_upgrade_head_are_left_for_the_new_protocol() -> None:
         ),
         pytest.param(
             b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            200,
+            [(b"content-length", b"2")],
+            b"hi",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: close\r\n\r\nhi",
+            id="close-requested-one-pass",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
             204,
             [(b"connection", b"keep-alive, x")],
             b"",
@@ -258,17 +267,27 @@ def test_response_bytes_are_the_ones_h11_writes(
     body: bytes,
     expected: bytes,
 ) -> None:
+    """Both parsers, and the httptools side both ways: its general path (fields it has
+    not seen) and its one-pass path (fields the server has checked, as ResponseWriter
+    does first); whole bodies through send_body, as ResponseWriter sends them."""
+    checked: FieldLines = {}
+    for field in headers:
+        with contextlib.suppress(AppProtocolError):  # (" 2 , 2" is refused there)
+            check_fields([field], checked)
+    parsers: list[HTTPParser] = [
+        H11Connection(max_incomplete_event_size=16384),
+        HttptoolsConnection(),
+        HttptoolsConnection(field_lines=checked),
+    ]
     written = []
-    for parser in (HttptoolsConnection(), H11Connection(max_incomplete_event_size=16384)):
+    for parser in parsers:
         parser.receive_data(request_head)
         assert type(parser.next_event()) is h11.Request
         reason = {200: b"OK", 204: b"No Content"}[status]
         data = b"".join(parser.send_response_head(status, reason, list(headers)))
-        if body:
-            data += parser.send(h11.Data(data=body)) or b""
-        data += parser.send(h11.EndOfMessage()) or b""
+        data += b"".join(parser.send_body(body, True))
         written.append(data)
-    assert written[0] == written[1] == expected
+    assert written == [expected] * 3
 
 
 @pytest.mark.parametrize(

@@ -474,14 +474,13 @@ class HttptoolsConnection:
         state = self.our_state
         if (
             state is h11.SEND_RESPONSE
-            and self._keep_alive
             and self._request_method != b"HEAD"
             and self.their_http_version == b"1.1"
         ):
-            # The common case in one pass: a keep-alive HTTP/1.1 exchange whose response has
-            # one plain Content-Length and no other framing field (nor Connection or Host),
-            # which h11's rules leave as it is; its fields were checked (and encoded) by
-            # the caller, so each is one lookup.
+            # The common case in one pass: an HTTP/1.1 exchange whose response has one plain
+            # Content-Length and no other framing field (nor Connection or Host), which h11's
+            # rules leave as it is but for "Connection: close" when the client asked for it;
+            # its fields were checked (and encoded) by the caller, so each is one lookup.
             length = None
             cached = self._field_lines
             lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
@@ -507,7 +506,7 @@ class HttptoolsConnection:
                         self._body_left = 0
                     self.our_state = h11.SEND_BODY
                     self.they_are_waiting_for_100_continue = False
-                    lines.append(b"\r\n")
+                    lines.append(b"\r\n" if self._keep_alive else b"Connection: close\r\n\r\n")
                     return [b"".join(lines)]
         framing = _framing_fields(headers)  # (raises before any state changes)
         if state is not h11.IDLE and state is not h11.SEND_RESPONSE:
