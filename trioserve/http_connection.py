@@ -1,7 +1,8 @@
 """The task that serves one accepted connection over HTTP/1.1 (layer 3).
 
-One :class:`HTTPConnection` per accepted stream owns that stream and its
-``h11.Connection``. Its task reads request heads and calls the app of each request
+One :class:`HTTPConnection` per accepted stream owns that stream and its HTTP/1.1 parser
+(``http_parser.HTTPParser``: h11's, or its httptools twin for ``--http httptools``). Its
+task reads request heads and calls the app of each request
 (:class:`RequestCycle`) itself. An app that answers without waiting for anything (the
 common case) costs no task spawn and no hand-off. The first time an app waits, the
 connection moves on to a new task, a sibling in the server's connection nursery, which
@@ -317,7 +318,7 @@ class HTTPConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._write_failed() from exc
         except BaseException:
-            # Cancelled mid-write: part of the data may be on the wire (h11 must know).
+            # Cancelled mid-write: part of the data may be on the wire (the parser must know).
             self.broken = True
             self.parser.send_failed()
             raise
@@ -1002,17 +1003,17 @@ class RequestCycle:
 
     async def _receive_body(self) -> dict[str, Any]:
         conn = self.conn
-        h11_conn = conn.parser
+        parser = conn.parser
         if self.expect_100:
             self.expect_100 = False
-            if not self.writer.started and h11_conn.they_are_waiting_for_100_continue:
+            if not self.writer.started and parser.they_are_waiting_for_100_continue:
                 # RFC 9110 §10.1.1: send 100 only once the app asks for the body.
                 self._continue_write = trio.Event()
                 try:
                     continue_ = h11.InformationalResponse(
                         status_code=100, headers=[], reason=b"Continue"
                     )
-                    await conn.write(h11_conn.send(continue_) or b"")
+                    await conn.write(parser.send(continue_) or b"")
                 except ClientDisconnected:
                     self.disconnected = True
                     return _DISCONNECT
@@ -1024,7 +1025,7 @@ class RequestCycle:
             self._pending = None
             if event is None:
                 try:
-                    event = h11_conn.next_event()
+                    event = parser.next_event()
                 except h11.RemoteProtocolError as exc:
                     return self._peer_error(exc)
             if isinstance(event, h11.RemoteProtocolError):
@@ -1040,7 +1041,7 @@ class RequestCycle:
                 if not data:  # peer gone, EOF, or the response completed meanwhile
                     self.disconnected = True
                     return _DISCONNECT
-                h11_conn.receive_data(data)  # (fed before any yield: bytes stay in order)
+                parser.receive_data(data)  # (fed before any yield: bytes stay in order)
                 if not waited:
                     await conn.read_fairly(len(data))
                     if self.done:  # the connection task reads now
@@ -1051,7 +1052,7 @@ class RequestCycle:
                 # Peek so a body that is complete in the buffer ends with more_body=False.
                 following: object
                 try:
-                    following = h11_conn.next_event()
+                    following = parser.next_event()
                 except h11.RemoteProtocolError as exc:
                     following = exc
                 if type(following) is h11.EndOfMessage:
@@ -1077,9 +1078,9 @@ class RequestCycle:
 
     async def _wait_for_disconnect(self) -> dict[str, Any]:
         """Body fully received: block until the client leaves or the response completes."""
-        h11_conn = self.conn.parser
+        parser = self.conn.parser
         while not self.done:
-            if len(h11_conn.trailing_data[0]) > MAX_PIPELINE_BUFFER:
+            if len(parser.trailing_data[0]) > MAX_PIPELINE_BUFFER:
                 if self._done_event is None:
                     self._done_event = trio.Event()
                 await self._done_event.wait()
@@ -1094,7 +1095,7 @@ class RequestCycle:
             if not data:
                 self.disconnected = True
                 break
-            h11_conn.receive_data(data)  # pipelined bytes: kept for the next cycle
+            parser.receive_data(data)  # pipelined bytes: kept for the next cycle
         return _DISCONNECT
 
 

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-``http_connection`` owns the socket and the ``h11.Connection``; this module holds
+``http_connection`` owns the socket and the parser (h11's ``Connection`` or its
+httptools twin, one interface: ``http_parser.HTTPParser``); this module holds
 everything about a request/response pair that can be decided without awaiting:
 
 * :func:`build_http_scope` turns an ``h11.Request`` into the ASGI ``http`` scope.

@@ -6,7 +6,7 @@ The task tree (STYLE.md §1.4)::
     └── async with lifespan(...)                 startup done before any accept
         └── nursery "connections"                drain: cancel_scope.deadline = now + grace
             ├── accepting (own cancel scope)     one accept loop per listener; cancelled first
-            └── HTTPConnection.run() per client  owns stream + h11; calls the apps itself; when
+            └── HTTPConnection.run() per client  owns stream + parser; calls the apps itself; when
                                                  an app call waits, serving moves on to a new
                                                  task here (the connection closes once both end)
 

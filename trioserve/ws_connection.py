@@ -191,8 +191,8 @@ class WebSocketConnection:
     """Serve one WebSocket upgrade on an accepted HTTP connection.
 
     Args:
-        http: the connection the upgrade request arrived on; its stream, its ``h11``
-            connection (whose ``trailing_data`` holds bytes already received after the
+        http: the connection the upgrade request arrived on; its stream, its ``parser``
+            (whose ``trailing_data`` holds bytes already received after the
             request head: the first frames, if the client did not wait for the 101) and its
             write/read helpers are used.
         request: the upgrade request.
