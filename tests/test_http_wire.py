@@ -1037,3 +1037,24 @@ async def test_a_pipelining_client_does_not_starve_other_connections() -> None:
         flood_data = await read_until_eof(flood)
         assert len(parse_responses(flood_data)) == flood_size
     assert calls.index("/other") < flood_size - 10, calls.index("/other")
+
+
+@pytest.mark.parametrize("ws", ["none", "auto"])
+async def test_upgrade_the_server_does_not_take_is_answered_and_so_is_the_next_request(
+    ws: str,
+) -> None:
+    """A request asking to switch to a protocol trioserve does not speak (h2c) is an
+    ordinary request; bytes pipelined behind its head are the next request, not the new
+    protocol (llhttp stops at such a head: they must be parsed once the response is done)."""
+    recorder = Recorder()
+    async with run_server(recorder, ws=ws) as server, await connect(server.addresses[0]) as s:
+        await s.send_all(
+            b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        responses = parse_responses(await read_until_eof(s))
+    assert [(r.status_code, body) for r, body in responses] == [
+        (200, b"GET /a "),
+        (200, b"GET /b "),
+    ]
+    assert recorder.paths == ["/a", "/b"]
