@@ -41,6 +41,16 @@ from h11._headers import Headers  # (the type of h11.Request.headers)
 from .http_parser import FieldLines
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+# (h11's names bound once: the hot paths below look each up per request.)
+_IDLE: Final = h11.IDLE
+_SEND_BODY: Final = h11.SEND_BODY
+_DONE: Final = h11.DONE
+_DATA: Final = h11.Data
+_END: Final = h11.EndOfMessage
+_REQUEST: Final = h11.Request
+_SEND_RESPONSE: Final = h11.SEND_RESPONSE
+# Request fields on_header looks at (any other is only kept).
+_NOTED_FIELDS: Final = frozenset({b"host", b"transfer-encoding", b"connection", b"expect"})
 _EMPTY_BODY: Final = (204, 304)
 _END_OF_MESSAGE: Final = h11.EndOfMessage()
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -138,8 +148,8 @@ class HttptoolsConnection:
         self._keep_alive = True
         self._framing = _FRAMED_BY_LENGTH
         self._body_left = 0
-        self.our_state: Any = h11.IDLE
-        self.their_state: Any = h11.IDLE
+        self.our_state: Any = _IDLE
+        self.their_state: Any = _IDLE
         self.their_http_version: bytes | None = None
         self.they_are_waiting_for_100_continue = False
 
@@ -162,7 +172,9 @@ class HttptoolsConnection:
         lower = name.lower()
         if value[-1:] in _OWS_BYTES:
             value = value.rstrip(_OWS)  # (llhttp drops leading whitespace only)
-        if lower == b"host":
+        if lower not in _NOTED_FIELDS:
+            pass
+        elif lower == b"host":
             self._hosts += 1
         elif lower == b"connection":
             if _has_token(value, b"close"):
@@ -290,7 +302,7 @@ class HttptoolsConnection:
         elif (
             self._ends_queued
             or self._raw
-            or (self.their_state is not h11.IDLE and self.their_state is not h11.SEND_BODY)
+            or (self.their_state is not _IDLE and self.their_state is not _SEND_BODY)
         ):
             # The current request has ended (or failed): the next one waits unparsed.
             self._raw += data
@@ -309,37 +321,47 @@ class HttptoolsConnection:
         Raises:
             h11.RemoteProtocolError: the peer broke the protocol (their_state is then ERROR).
         """
+        events = self._events
         state = self.their_state
+        if events and (state is _IDLE or state is _SEND_BODY):
+            event = events.popleft()
+            kind = type(event)
+            if kind is _DATA:
+                self.they_are_waiting_for_100_continue = False
+                return event
+            if kind is _END:
+                self._ends_queued -= 1
+                self.they_are_waiting_for_100_continue = False
+                if self._keep_alive:
+                    self.their_state = _DONE
+                else:
+                    self.their_state = h11.MUST_CLOSE
+                    if self.our_state is _DONE:
+                        self.our_state = h11.MUST_CLOSE
+                return event
+            if kind is _REQUEST:
+                self._start_request(event)
+                return event
+            self.their_state = h11.ERROR
+            raise event
+        return self._no_queued_event(state)
+
+    def _no_queued_event(self, state: Any) -> Any:
+        """:meth:`next_event` when no event of the current request is queued."""
         if state is h11.ERROR:
             raise h11.RemoteProtocolError("Can't receive data when peer state is ERROR")
         events = self._events
-        if state is h11.IDLE or state is h11.SEND_BODY:
-            if not events and self._raw and not self._ends_queued:
+        if state is _IDLE or state is _SEND_BODY:
+            if self._raw and not self._ends_queued:
                 raw = self._raw
                 self._raw = bytearray()
                 self._feed(raw)
-            if events:
-                event = events.popleft()
-                kind = type(event)
-                if kind is h11.Data:
-                    self.they_are_waiting_for_100_continue = False
-                    return event
-                if kind is h11.EndOfMessage:
-                    self._ends_queued -= 1
-                    self.they_are_waiting_for_100_continue = False
-                    self.their_state = h11.DONE if self._keep_alive else h11.MUST_CLOSE
-                    if self.our_state is h11.DONE and not self._keep_alive:
-                        self.our_state = h11.MUST_CLOSE
-                    return event
-                if kind is h11.Request:
-                    self._start_request(event)
-                    return event
-                self.their_state = h11.ERROR
-                raise event
-        elif (events or self._raw) and (state is h11.DONE or state is h11.MUST_CLOSE):
+                if events:
+                    return self.next_event()
+        elif (events or self._raw) and (state is _DONE or state is h11.MUST_CLOSE):
             return h11.PAUSED
         if self._raw_closed:
-            if state is h11.SEND_BODY:
+            if state is _SEND_BODY:
                 self.their_state = h11.ERROR
                 raise h11.RemoteProtocolError(
                     "peer closed connection without sending complete message body"
@@ -352,9 +374,9 @@ class HttptoolsConnection:
         return h11.NEED_DATA
 
     def _start_request(self, request: h11.Request) -> None:
-        self.their_state = h11.SEND_BODY
-        if self.our_state is h11.IDLE:
-            self.our_state = h11.SEND_RESPONSE
+        self.their_state = _SEND_BODY
+        if self.our_state is _IDLE:
+            self.our_state = _SEND_RESPONSE
         self.their_http_version = request.http_version
         self._request_method = request.method
         close, expect = self._flags.popleft()
@@ -365,12 +387,12 @@ class HttptoolsConnection:
 
     def start_next_cycle(self) -> None:
         """Reset for the next request on a reusable connection (both sides DONE)."""
-        if self.our_state is not h11.DONE or self.their_state is not h11.DONE:
+        if self.our_state is not _DONE or self.their_state is not _DONE:
             raise h11.LocalProtocolError(
                 f"not in a reusable state (ours {self.our_state}, theirs {self.their_state})"
             )
-        self.our_state = h11.IDLE
-        self.their_state = h11.IDLE
+        self.our_state = _IDLE
+        self.their_state = _IDLE
         self._request_method = None
         self.they_are_waiting_for_100_continue = False
 
@@ -393,8 +415,8 @@ class HttptoolsConnection:
         try:
             kind = type(event)
             state = self.our_state
-            if kind is h11.Data:
-                if state is not h11.SEND_BODY:
+            if kind is _DATA:
+                if state is not _SEND_BODY:
                     raise h11.LocalProtocolError(f"can't send data in state {state}")
                 data = event.data
                 if self._framing is _CHUNKED:
@@ -404,21 +426,21 @@ class HttptoolsConnection:
                     if self._body_left < 0:
                         raise h11.LocalProtocolError("Too much data for declared Content-Length")
                 return [data]
-            if kind is h11.EndOfMessage:
-                if state is not h11.SEND_BODY:
+            if kind is _END:
+                if state is not _SEND_BODY:
                     raise h11.LocalProtocolError(f"can't end a message in state {state}")
                 if self._framing is _FRAMED_BY_LENGTH and self._body_left:
                     raise h11.LocalProtocolError("Too little data for declared Content-Length")
                 self._end_response()
                 return [_LAST_CHUNK] if self._framing is _CHUNKED else []
             if kind is h11.Response:
-                if state is not h11.IDLE and state is not h11.SEND_RESPONSE:
+                if state is not _IDLE and state is not _SEND_RESPONSE:
                     raise h11.LocalProtocolError(f"can't send a response in state {state}")
                 fields = event.headers.raw_items()  # (h11 validated the event)
                 framing = _framing_fields(fields)
                 return [self._response_head(event.status_code, event.reason, *framing)]
             if kind is h11.InformationalResponse:
-                if state is not h11.SEND_RESPONSE:
+                if state is not _SEND_RESPONSE:
                     raise h11.LocalProtocolError(f"can't send a 1xx response in state {state}")
                 self.they_are_waiting_for_100_continue = False
                 return [_head(event.status_code, event.reason, event.headers.raw_items(), True)]
@@ -430,7 +452,7 @@ class HttptoolsConnection:
     def send_body(self, data: bytes, end: bool) -> list[Any]:
         """Body bytes and, if ``end``, the response's end (``HTTPParser``'s addition)."""
         state = self.our_state
-        if state is not h11.SEND_BODY:
+        if state is not _SEND_BODY:
             self.our_state = h11.ERROR
             raise h11.LocalProtocolError(f"can't send a body in state {state}")
         framing = self._framing
@@ -456,10 +478,10 @@ class HttptoolsConnection:
 
     def _end_response(self) -> None:
         if self._keep_alive:
-            self.our_state = h11.DONE
+            self.our_state = _DONE
         else:
             self.our_state = h11.MUST_CLOSE
-            if self.their_state is h11.DONE:
+            if self.their_state is _DONE:
                 self.their_state = h11.MUST_CLOSE
 
     def send_response_head(
@@ -473,7 +495,7 @@ class HttptoolsConnection:
         """
         state = self.our_state
         if (
-            state is h11.SEND_RESPONSE
+            state is _SEND_RESPONSE
             and self._request_method != b"HEAD"
             and self.their_http_version == b"1.1"
         ):
@@ -504,12 +526,12 @@ class HttptoolsConnection:
                     self._body_left = int(length) if length is not None else 0
                     if status in _EMPTY_BODY:
                         self._body_left = 0
-                    self.our_state = h11.SEND_BODY
+                    self.our_state = _SEND_BODY
                     self.they_are_waiting_for_100_continue = False
                     lines.append(b"\r\n" if self._keep_alive else b"Connection: close\r\n\r\n")
                     return [b"".join(lines)]
         framing = _framing_fields(headers)  # (raises before any state changes)
-        if state is not h11.IDLE and state is not h11.SEND_RESPONSE:
+        if state is not _IDLE and state is not _SEND_RESPONSE:
             self.our_state = h11.ERROR
             raise h11.LocalProtocolError(f"can't send a response in state {state}")
         return [self._response_head(status, reason, *framing)]
@@ -561,7 +583,7 @@ class HttptoolsConnection:
             tokens.discard(b"keep-alive")
             fields = _without(fields, b"connection") + [(b"Connection", t) for t in sorted(tokens)]
             self._keep_alive = False
-        self.our_state = h11.SEND_BODY
+        self.our_state = _SEND_BODY
         self.they_are_waiting_for_100_continue = False
         return _head(status, reason, fields, host)
 
