@@ -80,6 +80,7 @@ async def test_cli_http_option_selects_the_parser(tmp_path: Path, http: str, sta
     (llhttp knows only registered methods: 501; h11 hands any token to the app)."""
     (tmp_path / "cliapp.py").write_text(CLI_APP)
     args = ["cliapp:app", "--app-dir", str(tmp_path), "--port", "0", "--http", http]
+    args += ["--log-level", "debug"]
     async with started_process(args) as server:
         async with await connect(("127.0.0.1", server.port)) as stream:
             response, _ = await Client(stream).request(target="/")
@@ -90,6 +91,7 @@ async def test_cli_http_option_selects_the_parser(tmp_path: Path, http: str, sta
             response, _ = await client.read_response()
             assert response.status_code == status
         assert await server.stop() == 0
+    assert f"HTTP/1.1 parser: {http}" in server.stderr
 
 
 # -- the two parsers side by side --------------------------------------------------------

@@ -28,7 +28,7 @@ import trio
 
 from .asgi_types import ASGIApp
 from .asyncio_bridge import open_app_loop
-from .config import Config
+from .config import Config, http_implementation
 from .http_connection import HTTPConnection
 from .lifespan import lifespan
 from .listeners import (
@@ -247,6 +247,7 @@ async def _serve(
                     connections.start_soon(_wait_trigger, shutdown_trigger, server)
                 for url in server.urls:
                     logger.debug("listening on %s", url)
+                logger.debug("HTTP/1.1 parser: %s", http_implementation(config.http))
                 task_status.started(server)
                 await server._drain.wait()
                 await _drain(state, connections, accepting, listeners, server._grace)
