@@ -310,3 +310,72 @@ def test_bad_framing_headers_are_refused_before_any_state_changes(
         with pytest.raises(h11.LocalProtocolError):
             parser.send_response_head(200, b"OK", headers)
         assert parser.our_state is h11.SEND_RESPONSE  # a clean 500 can still be sent
+
+
+REQUEST_HEADS = [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"HEAD / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+]
+RESPONSE_FIELDS = st.sampled_from(
+    [
+        (b"content-length", b"2"),
+        (b"Content-Length", b"2"),
+        (b"content-length", b"0"),
+        (b"content-length", b"3"),
+        (b"transfer-encoding", b"chunked"),
+        (b"Transfer-Encoding", b"Chunked"),
+        (b"connection", b"close"),
+        (b"connection", b"keep-alive"),
+        (b"Connection", b"Upgrade, x"),
+        (b"host", b"h"),
+        (b"x-a", b"1"),
+        (b"date", b"d"),
+    ]
+)
+
+
+def response_outcome(
+    parser: HTTPParser, head: bytes, status: int, fields: list[tuple[bytes, bytes]], body: bytes
+) -> tuple[Any, ...]:
+    parser.receive_data(head)
+    assert type(parser.next_event()) is h11.Request
+    assert type(parser.next_event()) is h11.EndOfMessage
+    try:
+        data = b"".join(parser.send_response_head(status, b"R", list(fields)))
+    except h11.LocalProtocolError as exc:
+        return ("head refused", exc.error_status_hint, parser.our_state)
+    try:
+        data += b"".join(parser.send_body(body, True))
+    except h11.LocalProtocolError:
+        return ("body refused", data, parser.our_state)
+    return ("sent", data, parser.our_state, parser.their_state)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    head=st.sampled_from(REQUEST_HEADS),
+    status=st.sampled_from([200, 204, 304, 404]),
+    fields=st.lists(RESPONSE_FIELDS, max_size=4),
+    body=st.sampled_from([b"", b"hi"]),
+    cached=st.booleans(),
+)
+def test_httptools_responses_are_h11s_byte_for_byte(
+    head: bytes, status: int, fields: list[tuple[bytes, bytes]], body: bytes, cached: bool
+) -> None:
+    """The response writer against h11 itself: the same bytes, the same refusals, the same
+    states after, for heads of any framing, on both of its paths (``cached``: the fields
+    were checked first, as ResponseWriter does, which allows the one-pass path)."""
+    if head.startswith(b"HEAD") or status in (204, 304):
+        body = b""  # (ResponseWriter never sends a body there)
+    checked: FieldLines = {}
+    if cached:
+        check_fields(fields, checked)
+    ours = response_outcome(HttptoolsConnection(field_lines=checked), head, status, fields, body)
+    theirs = response_outcome(
+        H11Connection(max_incomplete_event_size=16384), head, status, fields, body
+    )
+    assert ours == theirs
