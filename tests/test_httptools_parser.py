@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
+import httptools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -379,3 +380,19 @@ def test_httptools_responses_are_h11s_byte_for_byte(
         H11Connection(max_incomplete_event_size=16384), head, status, fields, body
     )
     assert ours == theirs
+
+
+def test_a_bug_in_a_parser_callback_is_raised_not_swallowed() -> None:
+    """llhttp reports any callback exception as a callback error; only the parser's own
+    stop signal may be taken silently, anything else is a bug for the connection task to
+    log (never a connection left waiting for bytes that will not be parsed)."""
+
+    class Broken(HttptoolsConnection):
+        __slots__ = ()
+
+        def on_url(self, url: bytes) -> None:
+            raise ZeroDivisionError("bug")
+
+    with pytest.raises(httptools.HttpParserCallbackError) as info:
+        Broken().receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(info.value.__context__, ZeroDivisionError)

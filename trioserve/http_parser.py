@@ -101,7 +101,7 @@ class H11Connection(h11.Connection):
         return self.send_with_data_passthrough(response) or []
 
     def send_body(self, data: bytes, end: bool) -> list[Any]:
-        pieces = self.send_with_data_passthrough(h11.Data(data=data)) or [] if data else []
+        pieces = (self.send_with_data_passthrough(h11.Data(data=data)) or []) if data else []
         if end:
             pieces += self.send_with_data_passthrough(h11.EndOfMessage()) or ()
         return pieces

@@ -135,7 +135,7 @@ class HttptoolsConnection:
         self._raw_closed = False
         self._in_head = False
         self._between = True  # no message begun since the last one ended
-        self._line = b""  # the start of a message begun at a chunk's start
+        self._line = b""  # the request line so far, while llhttp has not finished it
         self._method_refused = False  # llhttp refused the method; 400 or 501 undecided
         self._head_fed = 0
         self._url = b""
@@ -156,12 +156,10 @@ class HttptoolsConnection:
     # -- llhttp's callbacks (called while feeding) ----------------------------------------
 
     def on_message_begin(self) -> None:
+        # (The head's fields were reset when the last head completed.)
         self._in_head = True
         self._between = False
-        self._url = b""
-        self._headers = []
-        self._hosts = 0
-        self._chunked = self._close = self._expect = False
+        self._line = b""
 
     def on_url(self, url: bytes) -> None:
         self._url += url  # (llhttp may hand the target over in pieces)
@@ -244,11 +242,6 @@ class HttptoolsConnection:
             self._line += data
             self._judge_method()
             return
-        # (Kept for telling an unknown method from garbage, should llhttp refuse it.)
-        if self._between:
-            self._line = bytes(data[:256])
-        elif self._in_head and not self._url and len(self._line) < 256:
-            self._line += data[:256]
         if self._between and data[:1] in b"\r\n":
             # An empty line where a request line belongs: h11 answers 400 (llhttp would
             # skip any number of them, RFC 9112 §2.2's leniency).
@@ -261,15 +254,22 @@ class HttptoolsConnection:
             # The head asked to switch protocols: what follows it is not HTTP (yet).
             offset = upgrade.args[0]
             self._raw[:0] = data[offset:]
-        except httptools.HttpParserCallbackError:
-            pass  # _Stop: the reason is queued already
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _Stop):
+                raise  # a bug in a callback: the connection task logs it
+            # (_Stop: the reason is queued already)
         except httptools.HttpParserInvalidMethodError:
+            self._line += data
             self._method_refused = True
             self._judge_method()
         except httptools.HttpParserError as exc:
             message = str(exc)
             self._fail(message, _STATUS_FOR.get(message, 400))
         if self._in_head:
+            if not self._url and not self._method_refused:
+                # The request line goes on in the next read: kept, should llhttp refuse
+                # its method (_judge_method tells an unknown method from garbage).
+                self._line += data
             self._head_fed += len(data)
             if self._head_fed > self._max_head:
                 self._fail("Receive buffer too long", 431)
@@ -332,12 +332,9 @@ class HttptoolsConnection:
             if kind is _END:
                 self._ends_queued -= 1
                 self.they_are_waiting_for_100_continue = False
-                if self._keep_alive:
-                    self.their_state = _DONE
-                else:
-                    self.their_state = h11.MUST_CLOSE
-                    if self.our_state is _DONE:
-                        self.our_state = h11.MUST_CLOSE
+                self.their_state = _DONE
+                if not self._keep_alive:
+                    self._must_close()
                 return event
             if kind is _REQUEST:
                 self._start_request(event)
@@ -366,7 +363,7 @@ class HttptoolsConnection:
                 raise h11.RemoteProtocolError(
                     "peer closed connection without sending complete message body"
                 )
-            if self._in_head or self._url or self._headers:
+            if self._in_head:
                 self.their_state = h11.ERROR
                 raise h11.RemoteProtocolError("peer unexpectedly closed connection")
             self.their_state = h11.CLOSED
@@ -416,29 +413,13 @@ class HttptoolsConnection:
             kind = type(event)
             state = self.our_state
             if kind is _DATA:
-                if state is not _SEND_BODY:
-                    raise h11.LocalProtocolError(f"can't send data in state {state}")
-                data = event.data
-                if self._framing is _CHUNKED:
-                    return [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
-                if self._framing is _FRAMED_BY_LENGTH:
-                    self._body_left -= len(data)
-                    if self._body_left < 0:
-                        raise h11.LocalProtocolError("Too much data for declared Content-Length")
-                return [data]
+                return self.send_body(event.data, False)
             if kind is _END:
-                if state is not _SEND_BODY:
-                    raise h11.LocalProtocolError(f"can't end a message in state {state}")
-                if self._framing is _FRAMED_BY_LENGTH and self._body_left:
-                    raise h11.LocalProtocolError("Too little data for declared Content-Length")
-                self._end_response()
-                return [_LAST_CHUNK] if self._framing is _CHUNKED else []
-            if kind is h11.Response:
-                if state is not _IDLE and state is not _SEND_RESPONSE:
-                    raise h11.LocalProtocolError(f"can't send a response in state {state}")
-                fields = event.headers.raw_items()  # (h11 validated the event)
-                framing = _framing_fields(fields)
-                return [self._response_head(event.status_code, event.reason, *framing)]
+                return self.send_body(b"", True)
+            if kind is h11.Response:  # (h11 validated the event's fields)
+                return self.send_response_head(
+                    event.status_code, event.reason, event.headers.raw_items()
+                )
             if kind is h11.InformationalResponse:
                 if state is not _SEND_RESPONSE:
                     raise h11.LocalProtocolError(f"can't send a 1xx response in state {state}")
@@ -471,18 +452,19 @@ class HttptoolsConnection:
                     )
                 self._body_left = left
         if end:
-            self._end_response()
+            self.our_state = _DONE
+            if not self._keep_alive:
+                self._must_close()
             if framing is _CHUNKED:
                 pieces.append(_LAST_CHUNK)
         return pieces
 
-    def _end_response(self) -> None:
-        if self._keep_alive:
-            self.our_state = _DONE
-        else:
+    def _must_close(self) -> None:
+        """h11's rule once keep-alive is off: a side whose message is DONE must close."""
+        if self.our_state is _DONE:
             self.our_state = h11.MUST_CLOSE
-            if self.their_state is _DONE:
-                self.their_state = h11.MUST_CLOSE
+        if self.their_state is _DONE:
+            self.their_state = h11.MUST_CLOSE
 
     def send_response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
