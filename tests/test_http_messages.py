@@ -17,6 +17,8 @@ import pytest
 from trioserve.errors import AppProtocolError
 from trioserve.http_messages import (
     ASGI_VERSION,
+    MAX_CHECKED_FIELDS,
+    ResponseHeads,
     ResponseWriter,
     build_http_scope,
     check_request,
@@ -592,6 +594,54 @@ def test_writer_body_contradicting_content_length_raises(
         writer.body({"type": "http.response.body", "body": body, "more_body": more})
     with pytest.raises(AppProtocolError):
         writer.body({"type": "http.response.body", "body": last_body, "more_body": last_more})
+
+
+def test_response_heads_check_each_distinct_field_list_once() -> None:
+    heads = ResponseHeads()
+    first = heads.fields_of([(b"content-type", b"text/plain")])
+    assert heads.fields_of([(b"content-type", b"text/plain")]) is first  # a new, equal list
+    assert heads.fields_of(((b"content-type", b"text/plain"),)) is first
+    assert heads.fields_of(None) is heads.fields_of([])
+    # Pairs that are lists cannot be looked up: checked every time, and still accepted.
+    listed = heads.fields_of([[b"x-a", b"1"]])
+    assert listed.fields == ((b"x-a", b"1"),)
+    assert heads.fields_of([[b"x-a", b"1"]]) is not listed
+    # What fails is never remembered as checked.
+    for _ in range(2):
+        with pytest.raises(AppProtocolError):
+            heads.fields_of([(b"x-a", "1")])
+    # The app's invalid bytes are refused whenever they are sent, not only the first time.
+    bad = heads.fields_of([(b"x-a", b"1\r\nInjected: 1")])
+    for _ in range(2):
+        with pytest.raises(AppProtocolError):
+            heads.lines(bad, DEFAULTS)
+
+
+def test_response_heads_stay_bounded() -> None:
+    heads = ResponseHeads()
+    for n in range(MAX_CHECKED_FIELDS * 3):
+        fields = heads.fields_of([(b"content-length", b"%d" % n)])
+        assert heads.lines(fields, DEFAULTS) == b"content-length: %d\r\nserver: trioserve\r\n" % n
+    assert len(heads._known) <= MAX_CHECKED_FIELDS
+    assert len(heads.checked) <= MAX_CHECKED_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("fields", "defaults"),
+    [
+        pytest.param([(b"transfer-encoding", b"chunked")], DEFAULTS, id="chunked"),
+        pytest.param([(b"connection", b"close")], DEFAULTS, id="connection"),
+        pytest.param([(b"host", b"h")], DEFAULTS, id="host"),
+        pytest.param([(b"content-length", b"1"), (b"content-length", b"1")], DEFAULTS, id="2xCL"),
+        pytest.param([(b"Server", b"mine")], DEFAULTS, id="default-overridden"),
+        pytest.param([], ((b"connection", b"x"),), id="framing-default"),
+    ],
+)
+def test_response_heads_leave_what_framing_rules_change_to_the_parser(
+    fields: list[tuple[bytes, bytes]], defaults: tuple[tuple[bytes, bytes], ...]
+) -> None:
+    heads = ResponseHeads()
+    assert heads.lines(heads.fields_of(fields), defaults) is None
 
 
 # -- error_response -------------------------------------------------------------------

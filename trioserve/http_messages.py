@@ -36,7 +36,6 @@ from urllib.parse import unquote
 import h11
 
 from .errors import AppProtocolError
-from .http_parser import FRAMING_FIELDS, FieldLines
 
 if TYPE_CHECKING:
     from .http_parser import HTTPParser
@@ -204,14 +203,16 @@ def is_websocket_upgrade(
 # check (field-vchar is anything but NUL and whitespace; no CR/LF, no surrounding blanks).
 _FIELD_NAME: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _FIELD_VALUE: Final = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
-MAX_CHECKED_FIELDS: Final = 1024  # (the size bound of a server's FieldLines)
+MAX_CHECKED_FIELDS: Final = 1024  # (the size bound of a server's checked fields)
+# Response fields h11's framing rules act on.
+FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
 
 
-def check_fields(headers: list[tuple[bytes, bytes]], checked: FieldLines) -> None:
+def check_fields(headers: list[tuple[bytes, bytes]], checked: set[tuple[bytes, bytes]]) -> None:
     """Check response header names and values (no CR/LF/NUL injection, RFC 9110 syntax).
 
-    ``checked`` remembers the fields that passed, with their encoded lines (see
-    ``http_parser.FieldLines``); it is emptied when it grows too large.
+    ``checked`` remembers the fields that passed (apps send the same fields over and over:
+    a lookup then replaces two regular expressions); it is emptied when it grows too large.
 
     Raises:
         AppProtocolError: a name or value h11 would refuse.
@@ -226,8 +227,7 @@ def check_fields(headers: list[tuple[bytes, bytes]], checked: FieldLines) -> Non
             raise AppProtocolError(f"invalid response head: illegal header value {value!r}")
         if len(checked) >= MAX_CHECKED_FIELDS:
             checked.clear()
-        lower = name.lower()
-        checked[field] = (b"%s: %s\r\n" % field, lower if lower in FRAMING_FIELDS else None)
+        checked.add(field)
 
 
 def validate_headers(raw: object, names: set[bytes] | None = None) -> list[tuple[bytes, bytes]]:
@@ -279,6 +279,148 @@ class ResponseState(enum.Enum):
     COMPLETE = "complete"
 
 
+# (Bound once: an enum member looked up on its class costs as much as a small function
+# call in Python 3.11, and the writer checks its state several times per response.)
+_WAITING: Final = ResponseState.WAITING
+_STARTED: Final = ResponseState.STARTED
+_STREAMING: Final = ResponseState.STREAMING
+_COMPLETE: Final = ResponseState.COMPLETE
+
+
+class ResponseFields:
+    """An app's response header fields, type-checked once per distinct field list (see
+    :class:`ResponseHeads`).
+
+    Attributes:
+        fields: the fields as plain ``(bytes, bytes)`` tuples, in the app's order.
+        names: their lower-case names.
+        framed: whether Content-Length or Transfer-Encoding is among them.
+        plain: None until the fields' syntax was checked (at the first response that sends
+            them); then whether none is a framing field but one plain Content-Length.
+        lines: the encoded fields, when ``plain``.
+        length: that Content-Length, if any.
+    """
+
+    __slots__ = ("fields", "framed", "length", "lines", "names", "plain")
+
+    def __init__(self, fields: list[tuple[bytes, bytes]], names: set[bytes]) -> None:
+        self.fields = tuple(fields)
+        self.names = frozenset(names)
+        self.framed = b"content-length" in names or b"transfer-encoding" in names
+        self.plain: bool | None = None
+        self.lines = b""
+        self.length: int | None = None
+
+
+class ResponseHeads:
+    """What one server knows about the response heads its apps send.
+
+    Apps send the same header lists over and over. Each distinct list is type-checked,
+    then syntax-checked and encoded, once; a response that repeats it costs a dict lookup
+    instead of a pass per field. Both caches are bounded: they are emptied when they grow
+    past ``MAX_CHECKED_FIELDS`` entries (an app whose headers vary per response).
+
+    Attributes:
+        checked: header fields known to be valid (see :func:`check_fields`).
+    """
+
+    __slots__ = ("_defaults", "_defaults_lines", "_defaults_names", "_known", "checked")
+
+    def __init__(self) -> None:
+        self.checked: set[tuple[bytes, bytes]] = set()
+        self._known: dict[tuple[Any, ...], ResponseFields] = {}
+        self._defaults: tuple[tuple[bytes, bytes], ...] | None = None
+        self._defaults_lines: bytes | None = None
+        self._defaults_names: frozenset[bytes] = frozenset()
+
+    def fields_of(self, raw: object) -> ResponseFields:
+        """The app's ``headers`` (from ``http.response.start``), type-checked.
+
+        Raises:
+            AppProtocolError: not an iterable of ``[bytes, bytes]`` pairs.
+        """
+        key: tuple[Any, ...] | None
+        if type(raw) is list:
+            key = tuple(raw)
+        elif type(raw) is tuple:
+            key = raw
+        else:
+            key = () if raw is None else None
+        if key is not None:
+            try:
+                known = self._known.get(key)
+            except TypeError:  # pairs that are lists (or anything unhashable)
+                known = key = None
+            if known is not None:
+                return known
+        names: set[bytes] = set()
+        fields = ResponseFields(validate_headers(raw, names), names)
+        if key is not None:
+            if len(self._known) >= MAX_CHECKED_FIELDS:
+                self._known.clear()
+            self._known[key] = fields
+        return fields
+
+    def lines(
+        self, fields: ResponseFields, defaults: tuple[tuple[bytes, bytes], ...]
+    ) -> bytes | None:
+        """The encoded head fields: the app's, then the server's ``defaults`` (in their
+        order, as :class:`ResponseWriter` adds them); None unless all are plain (no
+        framing field but one Content-Length) and no default is overridden by the app.
+
+        Raises:
+            AppProtocolError: a name or value h11 would refuse (see :func:`check_fields`).
+        """
+        if fields.plain is None:
+            _encode(fields, self.checked)
+        if not fields.plain:
+            return None
+        if defaults is not self._defaults:  # (a new Date each second)
+            self._defaults_lines = _plain_lines(list(defaults), self.checked)
+            self._defaults_names = frozenset(name for name, _ in defaults)
+            self._defaults = defaults
+        if self._defaults_lines is None or not fields.names.isdisjoint(self._defaults_names):
+            return None
+        return fields.lines + self._defaults_lines
+
+
+def _encode(fields: ResponseFields, checked: set[tuple[bytes, bytes]]) -> None:
+    """Check ``fields`` (raises AppProtocolError) and note whether and how they encode."""
+    lines = _plain_lines(list(fields.fields), checked)
+    length = None
+    if lines is not None:
+        for name, value in fields.fields:
+            if name.lower() == b"content-length":
+                if length is not None or not (
+                    value.isdigit() and value.isascii() and len(value) <= 20
+                ):
+                    lines = None
+                    break
+                length = int(value)
+    fields.plain = lines is not None
+    fields.lines = lines or b""
+    fields.length = length
+
+
+def _plain_lines(
+    headers: list[tuple[bytes, bytes]], checked: set[tuple[bytes, bytes]]
+) -> bytes | None:
+    """``headers`` checked and encoded; None if one is a framing field other than
+    Content-Length (the parser's general path then applies h11's rules to it).
+
+    Raises:
+        AppProtocolError: a name or value h11 would refuse.
+    """
+    check_fields(headers, checked)
+    out = []
+    for field in headers:
+        name = field[0].lower()
+        if name in FRAMING_FIELDS and name != b"content-length":
+            return None
+        out.append(b"%s: %s\r\n" % field)
+    return b"".join(out)
+
+
 class ResponseWriter:
     """The response half of one request/response cycle (see module docstring).
 
@@ -287,18 +429,20 @@ class ResponseWriter:
             sans-IO ``send`` is used.
         method: the request method (HEAD responses carry no body).
         default_headers: encoded headers added unless the app sets the same name.
-        checked_fields: header fields known to be valid (see :func:`check_fields`), shared
-            by the writers of one server; a fresh set when omitted.
+        heads: the server's :class:`ResponseHeads`, shared by the writers of one server; a
+            fresh one when omitted.
     """
 
     __slots__ = (
-        "_checked_fields",
+        "_close",
         "_conn",
         "_default_headers",
-        "_framed",
-        "_headers",
+        "_fields",
+        "_heads",
         "_no_body",
         "body_bytes",
+        "complete",
+        "started",
         "state",
         "status",
     )
@@ -308,26 +452,20 @@ class ResponseWriter:
         conn: HTTPParser,
         method: bytes,
         default_headers: tuple[tuple[bytes, bytes], ...],
-        checked_fields: FieldLines | None = None,
+        heads: ResponseHeads | None = None,
     ) -> None:
         self._conn = conn
-        self._checked_fields: FieldLines = {} if checked_fields is None else checked_fields
+        self._heads = ResponseHeads() if heads is None else heads
         self._no_body = method == b"HEAD"
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._framed = False
+        self._fields: ResponseFields | None = None
+        self._close = False
         self._default_headers = default_headers
-        self.state = ResponseState.WAITING
+        self.state = _WAITING
         self.status: int | None = None
         self.body_bytes = 0  # response body bytes handed to h11 (for the access log)
-
-    @property
-    def started(self) -> bool:
-        """Whether the head has been handed to h11 (some bytes may be on the wire)."""
-        return self.state is ResponseState.STREAMING or self.state is ResponseState.COMPLETE
-
-    @property
-    def complete(self) -> bool:
-        return self.state is ResponseState.COMPLETE
+        # (Plain attributes, not properties of ``state``: read several times per response.)
+        self.started = False  # the head has been handed to the parser (maybe written)
+        self.complete = False
 
     def start(self, message: Mapping[str, object], *, close: bool = False) -> None:
         """Validate and hold ``http.response.start``; nothing is written yet.
@@ -342,47 +480,63 @@ class ResponseWriter:
         Raises:
             AppProtocolError: wrong state, bad status or bad headers.
         """
-        if self.state is not ResponseState.WAITING:
+        if self.state is not _WAITING:
             raise AppProtocolError("'http.response.start' sent twice")
         status = message.get("status")
         if type(status) is not int and (isinstance(status, bool) or not isinstance(status, int)):
             raise AppProtocolError(f"'status' must be an int, got {status!r}")
         if not 200 <= status <= 999:
             raise AppProtocolError(f"'status' must be a final status 200-999, got {status}")
-        names: set[bytes] = set()
-        headers = validate_headers(message.get("headers"), names)
-        for default in self._default_headers:
-            if default[0] not in names:
-                headers.append(default)
-        if close:
-            headers.append(_CLOSE_HEADER)
+        fields = self._heads.fields_of(message.get("headers"))
         if status in _EMPTY_BODY_STATUSES:
             self._no_body = True
-        self._headers = headers
-        self._framed = b"content-length" in names or b"transfer-encoding" in names
+        self._fields = fields
+        self._close = close
         self.status = status
-        self.state = ResponseState.STARTED
+        self.state = _STARTED
 
     def _head(self, body: bytes, more_body: bool) -> list[bytes]:
         """The head's bytes, handed to the parser (which applies the framing rules)."""
-        headers = self._headers
-        if (
-            not more_body
-            and not self._framed
-            and (body or not self._no_body)
-            and self.status not in _EMPTY_BODY_STATUSES
-        ):
-            # A complete body in one message: declare its length instead of chunking. For
-            # HEAD that is the length a GET would have had (RFC 9110 §9.3.2).
-            headers.append((b"content-length", str(len(body)).encode("ascii")))
+        fields = self._fields
         status = self.status
-        assert status is not None  # set by start() before any body
+        assert status is not None  # (both set by start() before any body)
+        assert fields is not None
+        # A complete body in one message: declare its length instead of chunking. For HEAD
+        # that is the length a GET would have had (RFC 9110 §9.3.2).
+        add_length = (
+            not more_body
+            and not fields.framed
+            and (body or not self._no_body)
+            and status not in _EMPTY_BODY_STATUSES
+        )
+        reason = REASONS.get(status, b"")
+        conn = self._conn
+        if not self._close:
+            # The common case: the encoded head, if the parser can take it as it is.
+            lines = self._heads.lines(fields, self._default_headers)
+            if lines is not None:
+                length = len(body) if add_length else fields.length
+                if add_length:
+                    lines += b"content-length: %d\r\n" % len(body)
+                if length is not None:
+                    head = conn.send_encoded_head(status, reason, lines, length)
+                    if head is not None:
+                        return head
+        names = fields.names
+        headers = list(fields.fields)
+        for default in self._default_headers:
+            if default[0] not in names:
+                headers.append(default)
+        if self._close:
+            headers.append(_CLOSE_HEADER)
+        if add_length:
+            headers.append((b"content-length", str(len(body)).encode("ascii")))
         # Names and values are checked here, as strictly as h11 would (the parser is then
         # told they are clean: h11's own per-header regular expressions were a tenth of the
         # server's time on a small response). The parser still checks the framing headers.
-        check_fields(headers, self._checked_fields)
+        check_fields(headers, self._heads.checked)
         try:
-            return self._conn.send_response_head(status, REASONS.get(status, b""), headers)
+            return conn.send_response_head(status, reason, headers)
         except h11.LocalProtocolError as exc:
             raise AppProtocolError(f"invalid response head: {exc}") from None
 
@@ -403,16 +557,20 @@ class ResponseWriter:
         Raises:
             AppProtocolError: as :meth:`body`.
         """
-        if self.state is ResponseState.WAITING:
+        if self.state is _WAITING:
             raise AppProtocolError("'http.response.body' sent before 'http.response.start'")
-        if self.state is ResponseState.COMPLETE:
+        if self.state is _COMPLETE:
             raise AppProtocolError("'http.response.body' sent after the response completed")
-        body, more_body = parse_body(message)
+        body = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        if type(body) is not bytes or (more_body is not False and more_body is not True):
+            body, more_body = parse_body(message)
         conn = self._conn
         pieces: list[bytes]
-        if self.state is ResponseState.STARTED:
+        if self.state is _STARTED:
             pieces = self._head(body, more_body)  # may raise before anything is written
-            self.state = ResponseState.STREAMING
+            self.state = _STREAMING
+            self.started = True
         else:
             pieces = []
         if self._no_body:
@@ -422,7 +580,8 @@ class ResponseWriter:
                 pieces += conn.send_body(body, not more_body)
             self.body_bytes += len(body)
             if not more_body:
-                self.state = ResponseState.COMPLETE
+                self.state = _COMPLETE
+                self.complete = True
         except h11.LocalProtocolError as exc:
             raise AppProtocolError(f"invalid response body: {exc}") from None
         return pieces

@@ -10,6 +10,9 @@ plus these additions:
 * :meth:`HTTPParser.send_response_head` takes a response head as plain values whose
   header fields the caller has already checked (``http_messages.check_fields``): h11 still
   applies its framing checks; the httptools side skips building an ``h11.Response``.
+* :meth:`HTTPParser.send_encoded_head`: the common head (plain fields and one
+  Content-Length) already encoded by the caller, which the httptools side takes as it is
+  when h11's rules would not change it (h11 declines: it takes fields one by one).
 * :meth:`HTTPParser.send_body`: body bytes and the end of the response in one call.
 * ``rejects_obs_fold``: whether the parser refuses obs-fold itself (llhttp does); h11
   unfolds it silently, so trioserve screens heads for it when the parser does not.
@@ -17,16 +20,9 @@ plus these additions:
 
 from __future__ import annotations
 
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import h11
-
-# Response fields h11's framing rules act on.
-FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
-# Response header fields found valid, per server: field -> (its encoded line, its lower-case
-# name if ``FRAMING_FIELDS`` has it, else None). Apps send the same fields over and over: a
-# lookup then replaces two regular expressions and a formatting per field per response.
-FieldLines = dict[tuple[bytes, bytes], tuple[bytes, bytes | None]]
 
 
 class HTTPParser(Protocol):
@@ -69,6 +65,15 @@ class HTTPParser(Protocol):
         """
         ...
 
+    def send_encoded_head(
+        self, status: int, reason: bytes, lines: bytes, length: int
+    ) -> list[Any] | None:
+        """The bytes of a response head whose fields the caller checked and encoded
+        (``lines``, no framing field among them but one Content-Length of ``length``); or
+        None, and nothing changed, when the parser would rather take the fields one by one
+        (:meth:`send_response_head`)."""
+        ...
+
     def send_body(self, data: bytes, end: bool) -> list[Any]:
         """The bytes of a piece of response body (maybe empty) and, if ``end``, of the
         response's end: h11's ``Data`` and ``EndOfMessage`` events in one call.
@@ -99,6 +104,11 @@ class H11Connection(h11.Connection):
             status_code=status, headers=headers, reason=reason, http_version=b"1.1", _parsed=True
         )
         return self.send_with_data_passthrough(response) or []
+
+    def send_encoded_head(
+        self, status: int, reason: bytes, lines: bytes, length: int
+    ) -> list[Any] | None:
+        return None  # (h11 takes the fields one by one)
 
     def send_body(self, data: bytes, end: bool) -> list[Any]:
         pieces = (self.send_with_data_passthrough(h11.Data(data=data)) or []) if data else []

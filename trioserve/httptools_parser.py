@@ -38,8 +38,6 @@ import h11
 import httptools
 from h11._headers import Headers  # (the type of h11.Request.headers)
 
-from .http_parser import FieldLines
-
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 # (h11's names bound once: the hot paths below look each up per request.)
 _IDLE: Final = h11.IDLE
@@ -100,7 +98,6 @@ class HttptoolsConnection:
         "_ends_queued",
         "_events",
         "_expect",
-        "_field_lines",
         "_flags",
         "_framing",
         "_head_fed",
@@ -122,12 +119,8 @@ class HttptoolsConnection:
         "they_are_waiting_for_100_continue",
     )
 
-    def __init__(
-        self, *, max_incomplete_event_size: int = 16 * 1024, field_lines: FieldLines | None = None
-    ) -> None:
+    def __init__(self, *, max_incomplete_event_size: int = 16 * 1024) -> None:
         self._parser = httptools.HttpRequestParser(self)
-        # The server's checked response fields (filled by http_messages.check_fields).
-        self._field_lines: FieldLines = {} if field_lines is None else field_lines
         self._max_head = max_incomplete_event_size
         self._events: deque[Any] = deque()  # events, then maybe a RemoteProtocolError
         self._ends_queued = 0  # EndOfMessage events in _events
@@ -466,6 +459,31 @@ class HttptoolsConnection:
         if self.their_state is _DONE:
             self.their_state = h11.MUST_CLOSE
 
+    def send_encoded_head(
+        self, status: int, reason: bytes, lines: bytes, length: int
+    ) -> list[Any] | None:
+        """A head of plain fields with one Content-Length, already encoded (``HTTPParser``'s
+        addition); None when h11's rules would change it (the caller then sends it through
+        :meth:`send_response_head`).
+
+        The common case: an HTTP/1.1 exchange, a response that is neither to HEAD nor a 204
+        or 304, whose fields h11 leaves as they are but for "Connection: close" when the
+        client asked for it.
+        """
+        if (
+            self.our_state is not _SEND_RESPONSE
+            or self._request_method == b"HEAD"
+            or self.their_http_version != b"1.1"
+            or status in _EMPTY_BODY
+        ):
+            return None
+        self._framing = _FRAMED_BY_LENGTH
+        self._body_left = length
+        self.our_state = _SEND_BODY
+        self.they_are_waiting_for_100_continue = False
+        end = b"\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
+        return [b"HTTP/1.1 %d %s\r\n%s%s" % (status, reason, lines, end)]
+
     def send_response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> list[Any]:
@@ -476,42 +494,6 @@ class HttptoolsConnection:
                 state does not allow (our state is then ERROR).
         """
         state = self.our_state
-        if (
-            state is _SEND_RESPONSE
-            and self._request_method != b"HEAD"
-            and self.their_http_version == b"1.1"
-        ):
-            # The common case in one pass: an HTTP/1.1 exchange whose response has one plain
-            # Content-Length and no other framing field (nor Connection or Host), which h11's
-            # rules leave as it is but for "Connection: close" when the client asked for it;
-            # its fields were checked (and encoded) by the caller, so each is one lookup.
-            length = None
-            cached = self._field_lines
-            lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-            for field in headers:
-                entry = cached.get(field)
-                if entry is None:
-                    break
-                if entry[1] is not None:
-                    value = field[1]
-                    if (
-                        entry[1] != b"content-length"
-                        or length is not None
-                        or not (value.isdigit() and value.isascii() and len(value) <= 20)
-                    ):
-                        break
-                    length = value
-                lines.append(entry[0])
-            else:
-                if length is not None or status in _EMPTY_BODY:
-                    self._framing = _FRAMED_BY_LENGTH
-                    self._body_left = int(length) if length is not None else 0
-                    if status in _EMPTY_BODY:
-                        self._body_left = 0
-                    self.our_state = _SEND_BODY
-                    self.they_are_waiting_for_100_continue = False
-                    lines.append(b"\r\n" if self._keep_alive else b"Connection: close\r\n\r\n")
-                    return [b"".join(lines)]
         framing = _framing_fields(headers)  # (raises before any state changes)
         if state is not _IDLE and state is not _SEND_RESPONSE:
             self.our_state = h11.ERROR

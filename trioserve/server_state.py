@@ -19,7 +19,8 @@ from .access_format import access_fields, compile_access_format
 from .asgi_types import ASGIApp
 from .config import Config, http_implementation
 from .errors import ClientDisconnected
-from .http_parser import FieldLines, H11Connection, HTTPParser
+from .http_messages import ResponseHeads
+from .http_parser import H11Connection, HTTPParser
 from .transport import EdgeSettings
 
 access_logger = logging.getLogger("trioserve.access")
@@ -92,8 +93,8 @@ class ServerState:
             (``--limit-concurrency``).
         total_requests: requests and WebSocket handshakes accepted so far
             (``--limit-max-requests``).
-        checked_fields: response header fields already found valid, shared by the
-            server's response writers.
+        response_heads: what the server's response writers learned of the heads its apps
+            send (checked, encoded fields; ``http_messages.ResponseHeads``).
         new_parser: makes each connection's HTTP/1.1 state machine: ``h11.Connection``, or
             its httptools-parsed equivalent for ``--http httptools`` (one interface,
             ``http_parser.HTTPParser``).
@@ -107,7 +108,6 @@ class ServerState:
         "access_template",
         "active_requests",
         "app",
-        "checked_fields",
         "config",
         "connections",
         "default_headers",
@@ -119,6 +119,7 @@ class ServerState:
         "on_app_error",
         "on_max_requests",
         "read_buffer",
+        "response_heads",
         "total_requests",
     )
 
@@ -145,8 +146,7 @@ class ServerState:
         # Scratch space for the connections' socket reads (each read is copied out at once,
         # before any other task runs); a view made once, so a read slices it directly.
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
-        # Response header fields already found valid (http_messages.check_fields).
-        self.checked_fields: FieldLines = {}
+        self.response_heads = ResponseHeads()
         self.new_parser = _parser_factory(self)
         self._date_second = -1
         self._date_value = b""
@@ -199,6 +199,5 @@ def _parser_factory(state: ServerState) -> Callable[[], HTTPParser]:
     if http_implementation(config.http) == "httptools":
         from .httptools_parser import HttptoolsConnection  # only with the optional extra
 
-        lines = state.checked_fields
-        return lambda: HttptoolsConnection(max_incomplete_event_size=limit, field_lines=lines)
+        return lambda: HttptoolsConnection(max_incomplete_event_size=limit)
     return lambda: H11Connection(max_incomplete_event_size=limit)

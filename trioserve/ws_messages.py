@@ -214,6 +214,9 @@ class Phase(enum.Enum):
     REJECTED = "rejected"  # the handshake was refused (403 or the app's own response)
 
 
+_ACCEPTED: Final = Phase.ACCEPTED  # (bound once: a member lookup on an enum class is dear)
+
+
 class AppMessages:
     """Validate what the app sends, in order (see the module docstring).
 
@@ -234,13 +237,13 @@ class AppMessages:
             AppProtocolError: not a message, unknown type, wrong phase or bad fields. The
                 phase is unchanged then.
         """
-        if not isinstance(message, Mapping):
+        if type(message) is not dict and not isinstance(message, Mapping):
             raise AppProtocolError(f"ASGI message must be a dict, got {message!r}")
         kind = message.get("type")
         phase = self.phase
         result: AppMessage
         if kind == "websocket.send":
-            if phase is not Phase.ACCEPTED:
+            if phase is not _ACCEPTED:
                 raise _out_of_order(kind, phase)
             return Send(_message_data(message))
         if kind == "websocket.accept":
