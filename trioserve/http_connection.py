@@ -524,7 +524,7 @@ class HTTPConnection:
                         timeout.deadline = head_deadline
                     data = await self.receive_bytes()
                 conn.receive_data(data)
-                unscreened = unscreened[-3:] + data
+                unscreened = data if conn.rejects_obs_fold else unscreened[-3:] + data
                 continue
             # (type() checks: h11's events derive from an ABC, so isinstance() is dear.)
             if type(event) is h11.Request:

@@ -433,19 +433,16 @@ class ResponseWriter:
             fresh one when omitted.
     """
 
-    __slots__ = (
-        "_close",
-        "_conn",
-        "_default_headers",
-        "_fields",
-        "_heads",
-        "_no_body",
-        "body_bytes",
-        "complete",
-        "started",
-        "state",
-        "status",
-    )
+    # (No __slots__: what a writer starts with is a class attribute, so making one, once
+    # per request, sets 4 attributes instead of 11.)
+    _fields: ResponseFields | None = None
+    _close = False
+    state = _WAITING
+    status: int | None = None
+    body_bytes = 0  # response body bytes handed to the parser (for the access log)
+    # (Plain attributes, not properties of ``state``: read several times per response.)
+    started = False  # the head has been handed to the parser (maybe written)
+    complete = False
 
     def __init__(
         self,
@@ -457,15 +454,7 @@ class ResponseWriter:
         self._conn = conn
         self._heads = ResponseHeads() if heads is None else heads
         self._no_body = method == b"HEAD"
-        self._fields: ResponseFields | None = None
-        self._close = False
         self._default_headers = default_headers
-        self.state = _WAITING
-        self.status: int | None = None
-        self.body_bytes = 0  # response body bytes handed to h11 (for the access log)
-        # (Plain attributes, not properties of ``state``: read several times per response.)
-        self.started = False  # the head has been handed to the parser (maybe written)
-        self.complete = False
 
     def start(self, message: Mapping[str, object], *, close: bool = False) -> None:
         """Validate and hold ``http.response.start``; nothing is written yet.
@@ -511,7 +500,7 @@ class ResponseWriter:
         )
         reason = REASONS.get(status, b"")
         conn = self._conn
-        if not self._close:
+        if conn.takes_encoded_heads and not self._close:
             # The common case: the encoded head, if the parser can take it as it is.
             lines = self._heads.lines(fields, self._default_headers)
             if lines is not None:

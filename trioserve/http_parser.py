@@ -32,6 +32,9 @@ class HTTPParser(Protocol):
     def rejects_obs_fold(self) -> bool: ...
 
     @property
+    def takes_encoded_heads(self) -> bool: ...  # (whether send_encoded_head may accept)
+
+    @property
     def our_state(self) -> Any: ...  # (h11's state sentinels, h11.IDLE ... h11.ERROR)
 
     @property
@@ -92,6 +95,7 @@ class H11Connection(h11.Connection):
     """``h11.Connection`` in the server role, with :class:`HTTPParser`'s two additions."""
 
     rejects_obs_fold = False
+    takes_encoded_heads = False
 
     def __init__(self, *, max_incomplete_event_size: int) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)

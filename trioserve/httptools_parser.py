@@ -89,6 +89,7 @@ class HttptoolsConnection:
     """
 
     rejects_obs_fold = True  # (llhttp: "Unexpected whitespace after header value")
+    takes_encoded_heads = True
 
     __slots__ = (
         "_between",
