@@ -9,9 +9,11 @@ vectors are sent whole and one byte per write.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import conftest
 import h11
 import pytest
 import trio
@@ -28,6 +30,7 @@ from wire import (
     send,
 )
 
+from trioserve import Server, serve
 from trioserve.server_state import READ_BUFFER_SIZE
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
@@ -81,6 +84,33 @@ async def test_pipelined_requests_are_answered_in_order(bytewise: bool) -> None:
     assert app.paths == ["/1", "/2", "/3", "/4", "/5"]
     assert header(responses[3][0], b"content-length") == b"8"  # "HEAD /4 ", as for GET
     assert header(responses[4][0], b"connection") == b"close"
+
+
+async def test_a_hard_stop_lets_no_pipelined_request_reach_the_app() -> None:
+    """A hard stop that comes while a request is served ends the connection once that
+    response is out: the requests pipelined behind it never start an app call."""
+    called: list[str] = []
+    server_scope = trio.CancelScope()
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        called.append(scope["path"])
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        await send_({"type": "http.response.body", "body": b"done"})
+        server_scope.cancel()  # the hard stop, while the connection task runs this call
+
+    async def run(task_status: trio.TaskStatus[Server]) -> None:
+        config = dataclasses.replace(conftest.BASE_CONFIG, http=conftest.HTTP_IMPL)
+        with server_scope:
+            await serve(app, config, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(run)
+        async with await connect(server.addresses[0]) as stream:
+            await stream.send_all(get("/1") + get("/2") + get("/3"))
+            data = await read_until_eof(stream)
+    assert called == ["/1"]
+    [(response, body)] = parse_responses(data, [b"GET"])
+    assert (response.status_code, body) == (200, b"done")
 
 
 async def test_pipelined_request_answered_while_previous_app_call_still_runs() -> None:

@@ -441,6 +441,9 @@ class HTTPConnection:
     # -- the request loop -----------------------------------------------------------------
 
     async def _serve_requests(self, tasks: trio.Nursery) -> None:
+        # (A task serving a connection checkpoints before each read, here or at the end of
+        # each request: a hard stop never lets it start another app call.)
+        await trio.lowlevel.checkpoint_if_cancelled()
         config = self.state.config
         conn = self.parser
         with trio.CancelScope() as timeout:
@@ -513,8 +516,9 @@ class HTTPConnection:
                         return None
                     # Under load the next keep-alive request has usually arrived by the
                     # time this task runs again: take it without arming the keep-alive
-                    # deadline and without yielding (the request's app call yields).
-                    await trio.lowlevel.checkpoint_if_cancelled()
+                    # deadline and without yielding. (No checkpoint here: this task
+                    # has passed one since it last read, in _handle_request or on
+                    # entering _serve_requests, and cannot have been cancelled since.)
                     data = self.receive_nowait()
                     if data is None:
                         self.idle = True
@@ -628,7 +632,9 @@ class HTTPConnection:
             return False  # this task only ran the app; the new one serves the connection
         # The request's one trip through the scheduler: other connections run before this
         # one reads its next request (fairness; a pipelining client cannot hog the loop).
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        # A hard stop that came meanwhile ends the connection here, before another
+        # request is read (the response is complete).
+        await trio.lowlevel.checkpoint()
         return await self._after_response(cycle)
 
     async def _continue_serving(self, cycle: RequestCycle, tasks: trio.Nursery) -> None:
@@ -661,7 +667,17 @@ class HTTPConnection:
             cycle.aborted or self.peer_gone or self.closing or self.broken or cycle.expect_100
         )
         if reusable:
-            reusable = await self._finish_request_body()
+            # Make the connection reusable: consume what is left of the request body. What
+            # is buffered (for a bodiless GET: just its EndOfMessage) is consumed without
+            # arming a timeout; only a body still in flight needs the bounded wait.
+            conn = self.parser
+            discarded = self._discard_buffered_body() if conn.our_state is h11.DONE else -1
+            if discarded < 0:
+                reusable = False
+            elif conn.their_state is h11.SEND_BODY:
+                reusable = await self._discard_body_in_flight(discarded)
+            else:
+                reusable = conn.their_state is h11.DONE
         if not reusable and self._body_in_flight():
             # Closing with request body unread: close gracefully, or the kernel resets the
             # connection and the response may be lost in flight (RFC 9112 §9.6).
@@ -681,39 +697,41 @@ class HTTPConnection:
             return True
         return False
 
-    async def _finish_request_body(self) -> bool:
-        """Make the connection reusable: consume an unread request body (bounded)."""
+    def _discard_buffered_body(self) -> int:
+        """Consume the request body bytes the parser has: how many (-1: too many, or a
+        malformed body)."""
         conn = self.parser
-        if conn.our_state is not h11.DONE:
-            return False
         discarded = 0
-        # What is already buffered (for a bodiless GET: just its EndOfMessage) is consumed
-        # without arming a timeout; the bounded wait below is for bodies still in flight.
         while conn.their_state is h11.SEND_BODY:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError:
-                return False
+                return -1
             if event is h11.NEED_DATA:
                 break
             if type(event) is h11.Data:
                 discarded += len(event.data)
                 if discarded > MAX_DISCARD_BODY:
+                    return -1
+        return discarded
+
+    async def _discard_body_in_flight(self, discarded: int) -> bool:
+        """Read and drop the rest of an unread request body, within the keep-alive timeout
+        and ``MAX_DISCARD_BODY`` bytes in all; True if it ended (the connection is reusable)."""
+        conn = self.parser
+        with trio.move_on_after(self.state.config.timeout_keep_alive):
+            while conn.their_state is h11.SEND_BODY and discarded <= MAX_DISCARD_BODY:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError:
                     return False
-        if conn.their_state is h11.SEND_BODY:
-            with trio.move_on_after(self.state.config.timeout_keep_alive):
-                while conn.their_state is h11.SEND_BODY and discarded <= MAX_DISCARD_BODY:
-                    try:
-                        event = conn.next_event()
-                    except h11.RemoteProtocolError:
+                if event is h11.NEED_DATA:
+                    data = await self.receive_bytes()
+                    if not data:
                         return False
-                    if event is h11.NEED_DATA:
-                        data = await self.receive_bytes()
-                        if not data:
-                            return False
-                        conn.receive_data(data)
-                    elif type(event) is h11.Data:
-                        discarded += len(event.data)
+                    conn.receive_data(data)
+                elif type(event) is h11.Data:
+                    discarded += len(event.data)
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     async def _upgrade(self, request: h11.Request) -> bool:
