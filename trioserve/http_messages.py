@@ -64,7 +64,11 @@ def build_http_scope(
     duplicates; h11 has already lower-cased the names. Pass ``headers`` when the caller
     already made the list (see :func:`header_list`); the scope takes it as is.
     """
-    raw_path, query_string = split_target(request.target)
+    target = request.target
+    if target[:1] == b"/":  # (origin-form: the common case, split here)
+        raw_path, _, query_string = target.partition(b"?")
+    else:
+        raw_path, query_string = split_target(target)
     # Invalid UTF-8 after percent-decoding becomes U+FFFD (as uvicorn and hypercorn do):
     # a lone surrogate would make every app that encodes the path (a JSON echo of a path
     # parameter) fail with a 500 that any client can trigger. raw_path keeps the bytes.
@@ -301,7 +305,16 @@ class ResponseFields:
         length: that Content-Length, if any.
     """
 
-    __slots__ = ("fields", "framed", "length", "lines", "names", "plain")
+    __slots__ = (
+        "_defaults",
+        "_head_lines",
+        "fields",
+        "framed",
+        "length",
+        "lines",
+        "names",
+        "plain",
+    )
 
     def __init__(self, fields: list[tuple[bytes, bytes]], names: set[bytes]) -> None:
         self.fields = tuple(fields)
@@ -310,6 +323,9 @@ class ResponseFields:
         self.plain: bool | None = None
         self.lines = b""
         self.length: int | None = None
+        # (ResponseHeads.lines for the last defaults, kept: the same until the next Date.)
+        self._defaults: tuple[tuple[bytes, bytes], ...] | None = None
+        self._head_lines: bytes | None = None
 
 
 class ResponseHeads:
@@ -371,6 +387,8 @@ class ResponseHeads:
         Raises:
             AppProtocolError: a name or value h11 would refuse (see :func:`check_fields`).
         """
+        if defaults is fields._defaults:
+            return fields._head_lines
         if fields.plain is None:
             _encode(fields, self.checked)
         if not fields.plain:
@@ -379,9 +397,12 @@ class ResponseHeads:
             self._defaults_lines = _plain_lines(list(defaults), self.checked)
             self._defaults_names = frozenset(name for name, _ in defaults)
             self._defaults = defaults
-        if self._defaults_lines is None or not fields.names.isdisjoint(self._defaults_names):
-            return None
-        return fields.lines + self._defaults_lines
+        lines = None
+        if self._defaults_lines is not None and fields.names.isdisjoint(self._defaults_names):
+            lines = fields.lines + self._defaults_lines
+        fields._defaults = defaults
+        fields._head_lines = lines
+        return lines
 
 
 def _encode(fields: ResponseFields, checked: set[tuple[bytes, bytes]]) -> None:

@@ -54,7 +54,7 @@ _END_OF_MESSAGE: Final = h11.EndOfMessage()
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _OWS: Final = b" \t"
 _OWS_BYTES: Final = (b" ", b"\t")
-_new_request = object.__new__
+_new = object.__new__
 _set = object.__setattr__  # (h11's events are frozen dataclasses)
 # A well-formed request line (as h11 reads one), to tell a method llhttp does not know
 # (501) from garbage (400); and the beginnings that may still become one.
@@ -204,11 +204,13 @@ class HttptoolsConnection:
         # The h11 event, filled in directly: llhttp has checked the method, target and
         # fields (and the Content-Length), on_header the Host and Transfer-Encoding rules, so
         # h11's constructor would only check them again (a tenth of a small request's time).
-        request = _new_request(h11.Request)
+        request = _new(_REQUEST)
         _set(request, "method", parser.get_method())
         _set(request, "target", self._url)
         _set(request, "http_version", http_version)
-        _set(request, "headers", Headers(headers))
+        fields = _new(Headers)  # (what Headers(headers) does, minus its Python frame)
+        _set(fields, "_full_items", headers)
+        _set(request, "headers", fields)
         # What next_event needs when it hands this request out (later, if pipelined).
         self._flags.append((self._close or http_version < b"1.1", self._expect))
         self._url = b""
@@ -331,7 +333,16 @@ class HttptoolsConnection:
                     self._must_close()
                 return event
             if kind is _REQUEST:
-                self._start_request(event)
+                self.their_state = _SEND_BODY
+                if self.our_state is _IDLE:
+                    self.our_state = _SEND_RESPONSE
+                self.their_http_version = event.http_version
+                self._request_method = event.method
+                close, expect = self._flags.popleft()
+                if close:
+                    self._keep_alive = False
+                elif expect:  # (HTTP/1.1 only: HTTP/1.0 expectations are ignored, RFC 9110)
+                    self.they_are_waiting_for_100_continue = True
                 return event
             self.their_state = h11.ERROR
             raise event
@@ -363,18 +374,6 @@ class HttptoolsConnection:
             self.their_state = h11.CLOSED
             return h11.ConnectionClosed()
         return h11.NEED_DATA
-
-    def _start_request(self, request: h11.Request) -> None:
-        self.their_state = _SEND_BODY
-        if self.our_state is _IDLE:
-            self.our_state = _SEND_RESPONSE
-        self.their_http_version = request.http_version
-        self._request_method = request.method
-        close, expect = self._flags.popleft()
-        if close:
-            self._keep_alive = False
-        elif expect:  # (HTTP/1.1 only: an HTTP/1.0 expectation is ignored, RFC 9110 §10.1.1)
-            self.they_are_waiting_for_100_continue = True
 
     def start_next_cycle(self) -> None:
         """Reset for the next request on a reusable connection (both sides DONE)."""
