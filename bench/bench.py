@@ -734,6 +734,9 @@ INSTRUCTION_SERVERS = (
 )
 
 
+CALLGRIND_WRITE_WAIT = 60.0  # seconds for the last process's counts to be written
+
+
 def callgrind_total(text: str) -> int:
     """The instruction total of one callgrind output file."""
     for line in text.splitlines():
@@ -795,7 +798,29 @@ def count_instructions(spec: ServerSpec, scenario: Scenario, requests: int, work
     files = sorted(workdir.glob(prefix + ".*"))
     if not files:
         raise RuntimeError(f"no callgrind output; see {log_path}")
-    return sum(callgrind_total(f.read_text()) for f in files)
+    return sum(callgrind_totals(files, CALLGRIND_WRITE_WAIT))
+
+
+def callgrind_totals(files: Sequence[Path], wait: float) -> list[int]:
+    """The instruction totals of ``files``, waiting up to ``wait`` seconds for any not
+    written yet: a helper process may outlive the server's main process (multiprocessing's
+    resource tracker, under hypercorn), and its file is written when it exits.
+
+    Raises:
+        ValueError: a file still has no totals after the wait.
+    """
+    deadline = time.monotonic() + wait
+    totals: list[int] = []
+    for path in files:
+        while True:
+            try:
+                totals.append(callgrind_total(path.read_text()))
+                break
+            except ValueError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+    return totals
 
 
 def _count_with_retry(spec: ServerSpec, scenario: Scenario, requests: int, workdir: Path) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -207,6 +208,23 @@ def test_callgrind_total_reads_the_totals_line() -> None:
     assert bench.callgrind_total(CALLGRIND_OUTPUT) == 1242073488
     with pytest.raises(ValueError):
         bench.callgrind_total("events: Ir\nfn=main\n")
+
+
+def test_callgrind_totals_wait_for_a_file_written_late(tmp_path: Path) -> None:
+    """A helper process that outlives the server writes its counts a moment after the
+    server stopped (hypercorn's resource tracker): they are waited for, within a bound."""
+    done, late = tmp_path / "callgrind.1", tmp_path / "callgrind.2"
+    done.write_text(CALLGRIND_OUTPUT)
+    late.write_text("")  # (valgrind creates the file when the process starts)
+    timer = threading.Timer(0.3, late.write_text, [CALLGRIND_OUTPUT])
+    timer.start()
+    try:
+        assert bench.callgrind_totals([done, late], wait=30) == [1242073488] * 2
+    finally:
+        timer.cancel()
+    late.write_text("")
+    with pytest.raises(ValueError, match="totals"):
+        bench.callgrind_totals([late], wait=0.2)
 
 
 def test_per_request_subtracts_the_shorter_run() -> None:
