@@ -18,6 +18,7 @@ from trioserve.errors import AppProtocolError
 from trioserve.http_messages import (
     ASGI_VERSION,
     MAX_CHECKED_FIELDS,
+    MAX_KNOWN_SIZE,
     ResponseHeads,
     ResponseWriter,
     build_http_scope,
@@ -624,6 +625,10 @@ def test_response_heads_stay_bounded() -> None:
         assert heads.lines(fields, DEFAULTS) == b"content-length: %d\r\nserver: trioserve\r\n" % n
     assert len(heads._known) <= MAX_CHECKED_FIELDS
     assert len(heads.checked) <= MAX_CHECKED_FIELDS
+    # A large list is checked every time rather than kept.
+    large = [(b"set-cookie", b"x" * MAX_KNOWN_SIZE)]
+    assert heads.fields_of(large) is not heads.fields_of(large)
+    assert heads.fields_of(large).fields == tuple(large)
 
 
 @pytest.mark.parametrize(

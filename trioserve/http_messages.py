@@ -208,6 +208,10 @@ def is_websocket_upgrade(
 _FIELD_NAME: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _FIELD_VALUE: Final = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
 MAX_CHECKED_FIELDS: Final = 1024  # (the size bound of a server's checked fields)
+# The largest header list (names and values, in bytes) a server remembers: larger ones (big
+# cookies, say, which also tend to differ per response) are checked every time, so the
+# cache stays within a few MiB.
+MAX_KNOWN_SIZE: Final = 4096
 # Response fields h11's framing rules act on.
 FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
 
@@ -334,7 +338,8 @@ class ResponseHeads:
     Apps send the same header lists over and over. Each distinct list is type-checked,
     then syntax-checked and encoded, once; a response that repeats it costs a dict lookup
     instead of a pass per field. Both caches are bounded: they are emptied when they grow
-    past ``MAX_CHECKED_FIELDS`` entries (an app whose headers vary per response).
+    past ``MAX_CHECKED_FIELDS`` entries (an app whose headers vary per response), and a
+    list larger than ``MAX_KNOWN_SIZE`` bytes is not kept.
 
     Attributes:
         checked: header fields known to be valid (see :func:`check_fields`).
@@ -371,7 +376,7 @@ class ResponseHeads:
                 return known
         names: set[bytes] = set()
         fields = ResponseFields(validate_headers(raw, names), names)
-        if key is not None:
+        if key is not None and sum(len(n) + len(v) for n, v in fields.fields) <= MAX_KNOWN_SIZE:
             if len(self._known) >= MAX_CHECKED_FIELDS:
                 self._known.clear()
             self._known[key] = fields
