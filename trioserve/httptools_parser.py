@@ -20,7 +20,9 @@ objects and exceptions, so the code above cannot tell the two apart:
 * writing: a small response writer. The head's fields were already validated as strictly as
   h11 does (``http_messages.check_fields``); here h11's checks of the framing fields and its
   framing rules are applied (chunked or Content-Length, HTTP/1.0 peers, HEAD/204/304,
-  ``Connection: close``), producing the bytes h11 would.
+  ``Connection: close``), producing the bytes h11 would. The common head (plain fields, one
+  Content-Length, an HTTP/1.1 GET-like exchange) arrives already encoded by the server's
+  ``http_messages.ResponseHeads`` and is taken as it is (``send_encoded_head``).
 
 Two differences remain, documented in the README: llhttp knows only registered methods
 (GET ... PROPFIND, PURGE, QUERY), so an unknown but well-formed method gets 501 here where
