@@ -823,15 +823,6 @@ def callgrind_totals(files: Sequence[Path], wait: float) -> list[int]:
     return totals
 
 
-def _count_with_retry(spec: ServerSpec, scenario: Scenario, requests: int, workdir: Path) -> int:
-    """:func:`count_instructions`, once more if a process's output came out incomplete (a
-    helper process of a multi-process server stopped before valgrind wrote its totals)."""
-    try:
-        return count_instructions(spec, scenario, requests, workdir)
-    except ValueError:
-        return count_instructions(spec, scenario, requests, workdir)
-
-
 def render_instructions(results: dict[str, dict[str, float | None]], servers: Sequence[str]) -> str:
     """``results[scenario][server]``: instructions per request, as a table and ratios."""
     header = ["scenario", *servers]
@@ -881,8 +872,8 @@ def run_instructions(servers: Sequence[str], scenarios: Sequence[str]) -> str:
             if spec.scenarios is None or scenario_name in spec.scenarios:
                 try:
                     totals = (
-                        _count_with_retry(spec, scenario, requests[0], workdir),
-                        _count_with_retry(spec, scenario, requests[1], workdir),
+                        count_instructions(spec, scenario, requests[0], workdir),
+                        count_instructions(spec, scenario, requests[1], workdir),
                     )
                     value = per_request(totals, requests)
                 except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:

@@ -250,7 +250,7 @@ def test_bytes_after_an_upgrade_head_are_left_for_the_new_protocol() -> None:
             [(b"content-length", b"2")],
             b"hi",
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: close\r\n\r\nhi",
-            id="close-requested-one-pass",
+            id="close-requested-with-length",
         ),
         pytest.param(
             b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",

@@ -9,15 +9,17 @@ everything about a request/response pair that can be decided without awaiting:
 * :func:`build_http_scope` turns an ``h11.Request`` into the ASGI ``http`` scope.
 * :class:`ResponseWriter` is the response state machine. The app's ``http.response.start``
   is validated and *held*; the head leaves together with the first body chunk, and a
-  complete small body (``more_body=False``) leaves as one byte string, so a hello-world
-  response is a single ``send_all``::
+  complete small body (``more_body=False``) leaves with it, so a hello-world response is
+  a single write::
 
       WAITING ──start──► STARTED ──body(more)──► STREAMING ──body(last)──► COMPLETE
          │                  └────────body(last)───────────────────────────►┘
          └── anything but start: AppProtocolError
 
   Bodies are dropped (never sent) for HEAD requests and 204/304 responses
-  (RFC 9110 §9.3.2, §15.3.5, §15.4.5); h11 keeps the framing honest.
+  (RFC 9110 §9.3.2, §15.3.5, §15.4.5); the parser keeps the framing honest.
+* :class:`ResponseHeads` (one per server) checks and encodes each distinct header list an
+  app sends once; the httptools parser takes the common head already encoded.
 * :func:`error_response` renders the plain 4xx/5xx responses trioserve sends itself.
 
 Messages from the app are untrusted: every field is type-checked here and violations raise
@@ -452,7 +454,8 @@ class ResponseWriter:
 
     Args:
         conn: the connection's parser (``h11.Connection`` or its httptools twin); only its
-            sans-IO ``send`` is used.
+            sans-IO response half is used (``send_response_head``, ``send_encoded_head``,
+            ``send_body``).
         method: the request method (HEAD responses carry no body).
         default_headers: encoded headers added unless the app sets the same name.
         heads: the server's :class:`ResponseHeads`, shared by the writers of one server; a

@@ -413,7 +413,10 @@ class WebSocketConnection:
                 await self._wait_writable()
             case ResponseStart(message=start):
                 http = self.http
-                self._response = ResponseWriter(http.parser, b"GET", http.state.response_headers())
+                state = http.state
+                self._response = ResponseWriter(
+                    http.parser, b"GET", state.response_headers(), state.response_heads
+                )
                 self._response.start(start, close=True)
             case ResponseBody(message=body, last=last):
                 assert self._response is not None
