@@ -11,11 +11,15 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,dev,examples,reload]'
+	$(PY) -m pip install --quiet -e '.[test,dev,examples]'
 	touch $(STAMP)
 
+# make run PORT=9000 HOST=0.0.0.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
 run: venv
-	$(VENV)/bin/trioserve fastapi_app:app --app-dir examples --host 127.0.0.1 --port 8000
+	$(VENV)/bin/trioserve fastapi_app:app --app-dir examples --host $(HOST) --port $(PORT)
 
 test: venv
 	sh scripts/install-nginx.sh

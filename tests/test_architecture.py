@@ -15,10 +15,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trioserve"
 # fmt: off
 LAYERS: dict[str, float] = {
     "asgi_types": 0, "errors": 0,
-    "access_format": 1.0, "config": 1.1, "app_loading": 1.2, "tls": 1.2,
+    "access_format": 1.0, "message_trace": 1.0, "config": 1.1, "app_loading": 1.2, "tls": 1.2,
     "http_parser": 2.0, "httptools_parser": 2.01, "http_messages": 2.05,
     "proxy_headers": 2.0, "proxy_protocol": 2.0, "ws_messages": 2.1,
-    "asyncio_bridge": 3.0, "listeners": 3.0, "transport": 3.0, "server_state": 3.05,
+    "asyncio_bridge": 3.0, "listeners": 3.0, "transport": 3.0, "wsgi": 3.0,
+    "server_state": 3.05,
     "app_call": 3.1, "lifespan": 3.2, "ws_connection": 3.2, "http_connection": 3.3,
     "server": 3.9,
     "logs": 4.0, "reload": 4.0, "worker_protocol": 4.0, "worker_process": 4.05,

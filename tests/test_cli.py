@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -21,10 +22,11 @@ from server_process import CLI_APP, clean_env, running_process, started_process
 from wire import Client, connect, header
 
 from trioserve import Config, __version__
-from trioserve.cli import main
+from trioserve.cli import main, uvicorn_variables_warning
 from trioserve.errors import ConfigError
 
-ACCESS_RE = re.compile(r'127\.0\.0\.1:\d+ - "GET /x\?q=1 HTTP/1\.1" 200 \d+\.\dms')
+# uvicorn's access line (the default): no duration, the status code and its phrase.
+ACCESS_RE = re.compile(r'127\.0\.0\.1:\d+ - "GET /x\?q=1 HTTP/1\.1" 200 OK\n')
 
 
 @pytest.fixture
@@ -413,15 +415,18 @@ def runner() -> Iterator[CliRunner]:
 
 
 def test_click_options_match_config_fields() -> None:
-    destinations = {param.name for param in main.params if isinstance(param, click.Option)} - {
-        "version"
+    # --version and the uvicorn-only options (refused or no-ops) pass no value.
+    destinations = {
+        param.name
+        for param in main.params
+        if isinstance(param, click.Option) and param.expose_value
     }
     assert destinations == {f.name for f in dataclasses.fields(Config)}
 
 
 def test_every_option_reads_a_trioserve_environment_variable() -> None:
     for param in main.params:
-        if isinstance(param, click.Option) and param.name != "version":
+        if isinstance(param, click.Option) and param.expose_value:
             envvars = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
             assert f"TRIOSERVE_{str(param.name).upper()}" in envvars, param.name
 
@@ -563,3 +568,229 @@ async def test_apps_own_os_error_keeps_its_traceback(tmp_path: Path) -> None:
     assert "Traceback" in stderr
     assert "FileNotFoundError" in stderr
     assert "settings-that-do-not-exist.toml" in stderr
+
+
+# -- uvicorn habits: its options, its environment variables, run(log_config=dict) ---------
+
+# Every option of `uvicorn --help`, read from uvicorn 0.55.0's main.py (`pip download
+# --no-deps uvicorn`), with a value to try: None where trioserve accepts it with the same
+# meaning (or it is already trioserve's behaviour), else a part of the one-line refusal.
+UVICORN_OPTIONS: list[tuple[list[str], str | None]] = [
+    (["--host", "0.0.0.0"], None),
+    (["--port", "9000"], None),
+    (["--uds", "/tmp/app.sock"], None),
+    (["--fd", "3"], None),
+    (["--reload"], None),
+    (["--reload-dir", "src"], None),
+    (["--reload-include", "*.html"], None),
+    (["--reload-exclude", "tests"], None),
+    (["--reload-delay", "0.5"], None),
+    (["--workers", "2"], None),
+    (["--loop", "auto"], None),
+    (["--loop", "asyncio"], "trioserve runs on trio"),
+    (["--loop", "uvloop"], "--app-loop asyncio; for speed: --http httptools"),
+    (["--loop", "none"], "trioserve runs on trio"),
+    (["--http", "auto"], None),
+    (["--http", "h11"], None),
+    (["--http", "httptools"], None),
+    (["--http", "zttp"], "use --http httptools"),
+    (["--http2"], "trioserve speaks HTTP/1.1 only"),
+    (["--ws", "auto"], None),
+    (["--ws", "none"], None),
+    (["--ws", "wsproto"], None),
+    (["--ws", "websockets"], "use --ws wsproto (or auto)"),
+    (["--ws", "websockets-sansio"], "use --ws wsproto (or auto)"),
+    (["--ws-max-size", "1000"], None),
+    (["--ws-max-queue", "8"], None),
+    (["--ws-ping-interval", "10"], None),
+    (["--ws-ping-timeout", "10"], None),
+    (["--ws-per-message-deflate", "false"], None),
+    (["--lifespan", "off"], None),
+    (["--interface", "asgi3"], None),
+    (["--env-file", ".env"], None),
+    (["--log-config", "logging.json"], None),
+    (["--log-level", "trace"], None),
+    (["--access-log"], None),
+    (["--no-access-log"], None),
+    (["--use-colors"], None),
+    (["--no-use-colors"], None),
+    (["--proxy-headers"], None),
+    (["--no-proxy-headers"], None),
+    (["--server-header"], None),
+    (["--no-server-header"], None),
+    (["--date-header"], None),
+    (["--no-date-header"], None),
+    (["--forwarded-allow-ips", "10.0.0.0/8"], None),
+    (["--root-path", "/api"], None),
+    (["--limit-concurrency", "100"], None),
+    (["--backlog", "100"], None),
+    (["--limit-max-requests", "1000"], None),
+    (["--limit-max-requests-jitter", "10"], None),
+    (["--timeout-keep-alive", "5"], None),
+    (["--timeout-graceful-shutdown", "10"], None),
+    (["--timeout-worker-healthcheck", "5"], None),
+    (["--ssl-keyfile", "key.pem"], None),
+    (["--ssl-certfile", "cert.pem"], None),
+    (["--ssl-keyfile-password", "secret"], None),
+    (["--ssl-version", "17"], None),  # uvicorn's default, ssl.PROTOCOL_TLS_SERVER
+    (["--ssl-version", "2"], "trioserve always uses ssl.PROTOCOL_TLS_SERVER"),
+    (["--ssl-cert-reqs", "2"], None),
+    (["--ssl-ca-certs", "ca.pem"], None),
+    (["--ssl-ciphers", "ECDHE"], None),
+    (["--header", "X-A:1"], None),
+    (["--version"], None),
+    (["--app-dir", "src"], None),
+    (["--h11-max-incomplete-event-size", "32768"], None),
+    (["--reset-contextvars"], None),  # each request already runs in its own context copy
+    (["--factory"], None),
+]
+UVICORN_FLAGS = {
+    "--host", "--port", "--uds", "--fd", "--reload", "--reload-dir", "--reload-include",
+    "--reload-exclude", "--reload-delay", "--workers", "--loop", "--http", "--http2", "--ws",
+    "--ws-max-size", "--ws-max-queue", "--ws-ping-interval", "--ws-ping-timeout",
+    "--ws-per-message-deflate", "--lifespan", "--interface", "--env-file", "--log-config",
+    "--log-level", "--access-log", "--no-access-log", "--use-colors", "--no-use-colors",
+    "--proxy-headers", "--no-proxy-headers", "--server-header", "--no-server-header",
+    "--date-header", "--no-date-header", "--forwarded-allow-ips", "--root-path",
+    "--limit-concurrency", "--backlog", "--limit-max-requests", "--limit-max-requests-jitter",
+    "--timeout-keep-alive", "--timeout-graceful-shutdown", "--timeout-worker-healthcheck",
+    "--ssl-keyfile", "--ssl-certfile", "--ssl-keyfile-password", "--ssl-version",
+    "--ssl-cert-reqs", "--ssl-ca-certs", "--ssl-ciphers", "--header", "--version", "--app-dir",
+    "--h11-max-incomplete-event-size", "--reset-contextvars", "--factory",
+}  # fmt: skip
+
+
+def test_the_uvicorn_option_table_covers_every_uvicorn_option() -> None:
+    assert {argv[0] for argv, _ in UVICORN_OPTIONS} == UVICORN_FLAGS
+
+
+@pytest.mark.parametrize(
+    ("argv", "refusal"), [pytest.param(argv, r, id=" ".join(argv)) for argv, r in UVICORN_OPTIONS]
+)
+def test_every_uvicorn_option_is_accepted_or_refused_in_one_line(
+    runner: CliRunner, argv: list[str], refusal: str | None
+) -> None:
+    if refusal is None and argv != ["--version"]:
+        main.make_context("trioserve", ["main:app", *argv])  # parses; runs nothing
+        help_text = runner.invoke(main, ["--help"]).output
+        assert re.search(rf"{re.escape(argv[0])}\b", help_text) or argv[0] in {
+            "--loop",  # auto: a no-op, not advertised
+            "--ssl-version",  # uvicorn's default value: a no-op
+            "--reset-contextvars",  # trioserve's behaviour anyway
+        }
+        return
+    result = runner.invoke(main, ["main:app", *argv])
+    if refusal is None:  # --version
+        assert result.exit_code == 0
+        return
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1  # one line: no usage text, no traceback
+    assert result.output.startswith(f"Error: {' '.join(argv)}: ")
+    assert refusal in result.output
+
+
+async def test_uvicorn_only_option_exits_2_with_one_line(app_dir: Path) -> None:
+    code, stderr = await run_to_exit(app_args(app_dir, "--port", "0", "--loop", "uvloop"))
+    assert code == 2
+    assert stderr.strip() == (
+        "Error: --loop uvloop: trioserve runs on trio, not on an asyncio event loop: drop "
+        "--loop (apps that need asyncio-only libraries: --app-loop asyncio; for speed: "
+        "--http httptools)"
+    )
+
+
+async def test_reset_contextvars_is_already_the_behaviour_lifespan_context_is_not_seen() -> None:
+    from trioserve.testing import running
+
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                LIFESPAN_VAR.set("set in lifespan")
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        seen.append(LIFESPAN_VAR.get())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with running(app) as server, server.client() as client:
+        assert (await client.get("/")).status_code == 204
+    assert seen == ["unset"]
+
+
+LIFESPAN_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("lifespan", default="unset")
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        pytest.param({}, None, id="none"),
+        pytest.param({"WEB_CONCURRENCY": "2", "UVICORN_LOOP": "uvloop"}, None, id="unknown"),
+        pytest.param(
+            {"UVICORN_PORT": "9000", "UVICORN_HEADERS": "X-A:1", "UVICORN_APP": "main:app"},
+            "trioserve does not read UVICORN_* variables; ignoring UVICORN_APP (use "
+            "TRIOSERVE_APP), UVICORN_PORT (use TRIOSERVE_PORT), UVICORN_HEADERS (use "
+            "TRIOSERVE_HEADERS).",
+            id="set",
+        ),
+        pytest.param(
+            {"UVICORN_PORT": "9000", "TRIOSERVE_PORT": "9000"}, None, id="switched-already"
+        ),
+        pytest.param({"UVICORN_HEADERS": "X-A:1", "TRIOSERVE_HEADER": "X-A:1"}, None, id="alias"),
+    ],
+)
+def test_uvicorn_variables_warning_names_the_trioserve_variable(
+    environ: dict[str, str], expected: str | None
+) -> None:
+    assert uvicorn_variables_warning(environ) == expected
+
+
+async def test_uvicorn_variables_are_not_applied_and_warned_about_once(app_dir: Path) -> None:
+    env = clean_env(UVICORN_ROOT_PATH="/uv", UVICORN_ACCESS_LOG="false")
+    async with started_process(app_args(app_dir, "--port", "0"), env=env) as server:
+        _, body = await get(("127.0.0.1", server.port), "/scope")
+        await server.wait_for('"GET /scope', which="stdout")  # access log still on
+        assert await server.stop() == 0
+    assert json.loads(body)["root_path"] == ""
+    assert server.stderr.count("UVICORN_") == 3  # one line
+    assert (
+        "WARNING:  trioserve does not read UVICORN_* variables; ignoring UVICORN_ROOT_PATH "
+        "(use TRIOSERVE_ROOT_PATH), UVICORN_ACCESS_LOG (use TRIOSERVE_ACCESS_LOG).\n"
+    ) in server.stderr
+
+
+async def test_run_accepts_a_log_config_dict(app_dir: Path) -> None:
+    # A formatter given as a class object, as uvicorn's LOGGING_CONFIG-style dicts do; the
+    # caller's dict is left as it was.
+    script = (
+        "import logging, sys; sys.path.insert(0, sys.argv[1]); import trioserve, cliapp\n"
+        "config = {'version': 1, 'disable_existing_loggers': False,\n"
+        " 'formatters': {'f': {'()': logging.Formatter, 'fmt': 'DICT %(name)s %(message)s'}},\n"
+        " 'handlers': {'h': {'class': 'logging.StreamHandler', 'formatter': 'f',\n"
+        "                    'stream': 'ext://sys.stderr'}},\n"
+        " 'loggers': {'trioserve.error': {'handlers': ['h'], 'level': 'INFO',\n"
+        "                                 'propagate': False}}}\n"
+        "trioserve.run(cliapp.app, port=0, log_config=config)\n"
+        "assert 'trioserve.error' in config['loggers'], config\n"
+        "assert config['formatters']['f']['()'] is logging.Formatter, config\n"
+    )
+    async with started_process(["-c", script, str(app_dir)], python_args=True) as server:
+        response, _ = await get(("127.0.0.1", server.port), "/x?q=1")
+        assert await server.stop() == 0
+    assert response.status_code == 200
+    assert re.search(r"DICT trioserve\.\S+ trioserve running on", server.stderr)
+    assert re.search(r'DICT trioserve\.access 127\.0\.0\.1:\d+ - "GET /x\?q=1 ', server.stderr)
+
+
+def test_run_with_workers_refuses_a_log_config_dict_that_is_not_json(runner: CliRunner) -> None:
+    import trioserve
+
+    log_config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"f": {"()": logging.Formatter}},
+    }
+    with pytest.raises(ConfigError, match="a log_config dict must be JSON-serializable"):
+        trioserve.run("main:app", workers=2, log_config=log_config)

@@ -32,9 +32,9 @@ from trioserve.errors import ConfigError
             id="uds-and-fd",
         ),
         pytest.param(
-            {"reload": True, "workers": 2},
-            "--reload and --workers are mutually",
-            id="reload-and-workers",
+            {"log_config": 5},
+            "log_config must be a file path or a logging.config.dictConfig dict, got 5",
+            id="log-config-int",
         ),
         pytest.param(
             {"timeout_keep_alive": 0}, "timeout_keep_alive must be > 0, got 0", id="keep-alive-zero"
@@ -68,6 +68,16 @@ from trioserve.errors import ConfigError
             {"h11_max_incomplete_event_size": 10},
             "h11_max_incomplete_event_size must be between 1024 and",
             id="head-size",
+        ),
+        pytest.param(
+            {"limit_request_body": -1},
+            "limit_request_body must be between 0 and",
+            id="limit-request-body-negative",
+        ),
+        pytest.param(
+            {"timeout_request_body": -1.0},
+            "timeout_request_body must be >= 0, got -1.0",
+            id="timeout-request-body-negative",
         ),
         pytest.param(
             {"lifespan": "maybe"},
@@ -125,9 +135,13 @@ def test_invalid_option_raises_config_error_naming_field_and_value(
         pytest.param({"fd": 0}, id="fd-zero"),
         pytest.param({"timeout_graceful_shutdown": 0}, id="graceful-zero"),
         pytest.param({"timeout_keep_alive": 1}, id="int-seconds"),
+        pytest.param({"limit_request_body": 0, "timeout_request_body": 0}, id="body-limits-off"),
         pytest.param({"lifespan": "on", "log_level": "trace"}, id="choices"),
         pytest.param({"headers": ("X-A: 1", ("X-B", "two words"))}, id="headers"),
         pytest.param({"workers": 4}, id="workers"),
+        # uvicorn warns and runs one reloading process; so does the runner.
+        pytest.param({"reload": True, "workers": 2}, id="reload-and-workers"),
+        pytest.param({"log_config": {"version": 1}}, id="log-config-dict"),
     ],
 )
 def test_valid_options_are_accepted(options: dict[str, Any]) -> None:
@@ -143,6 +157,8 @@ def test_defaults_match_uvicorn() -> None:
     assert config.timeout_keep_alive == 5.0
     assert config.app_dir == "."
     assert config.effective_log_level == "info"
+    assert config.forwarded_allow_ips == "127.0.0.1,::1"
+    assert config.timeout_worker_healthcheck == 5.0
 
 
 def test_headers_are_parsed_and_encoded() -> None:
@@ -197,3 +213,10 @@ def test_config_pickles_and_round_trips_through_json() -> None:
     data = json.loads(json.dumps(config.to_dict()))  # tuples become lists on the way
     assert Config(**data) == config
     assert set(data) == {f.name for f in dataclasses.fields(Config)}
+
+
+def test_log_config_dict_keeps_config_hashable_and_comparable() -> None:
+    config = Config(log_config={"version": 1, "loggers": {}})
+    assert hash(config) == hash(Config(log_config={"version": 1}))  # the dict is not hashed
+    assert config == Config(log_config={"version": 1, "loggers": {}})
+    assert config != Config(log_config={"version": 1})

@@ -190,20 +190,90 @@ async def test_invalid_message_before_response_is_logged_and_answered_500(
     assert data == ERROR_500
 
 
-async def test_body_contradicting_content_length_closes_cleanly(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    async def app(scope: Any, receive: Any, send_: Any) -> None:
-        await send_({**START, "headers": [(b"content-length", b"3")]})
-        await send_({"type": "http.response.body", "body": b"toolong"})
+def content_length_app(length: bytes, bodies: list[tuple[bytes, bool]]) -> Any:
+    """An app declaring ``Content-Length: length``, then sending ``(body, more_body)``s."""
 
-    async with run_server(with_ok(app), **EXACT) as server:
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_({**START, "headers": [(b"content-length", length)]})
+        for body, more_body in bodies:
+            await send_({"type": "http.response.body", "body": body, "more_body": more_body})
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("length", "bodies", "reason"),
+    [
+        pytest.param(
+            b"10",
+            [(b"12345", False)],
+            "ended at 5 bytes, short of its Content-Length 10",
+            id="short",
+        ),
+        pytest.param(
+            b"5",
+            [(b"x" * 10, False)],
+            "longer than its Content-Length 5 (10 bytes sent)",
+            id="long",
+        ),
+        pytest.param(
+            b"5",
+            [(b"x" * 10, True), (b"", False)],
+            "longer than its Content-Length 5 (10 bytes sent)",
+            id="long-first-chunk",
+        ),
+    ],
+)
+async def test_body_contradicting_content_length_before_the_head_left_gets_500(
+    length: bytes, bodies: list[tuple[bytes, bool]], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with run_server(with_ok(content_length_app(length, bodies)), **EXACT) as server:
         data = await fetch(server, GET + GET)
         await assert_still_serving(server)
-    # Nothing reached the wire; h11 refused the body, so the connection is just closed.
-    assert data == b""
+    # The head was still held (it leaves with the first body): a clean 500, never an empty
+    # reply (curl: "Empty reply from server"; nginx: 502), and a log line naming the fault.
+    assert data == ERROR_500
     [record] = error_records(caplog)
     assert isinstance(record.exc_info[1] if record.exc_info else None, AppProtocolError)
+    assert reason in str(record.exc_info[1] if record.exc_info else "")
+
+
+@pytest.mark.parametrize(
+    ("length", "bodies", "sent", "reason"),
+    [
+        pytest.param(
+            b"10",
+            [(b"12345", True), (b"", False)],
+            b"12345",
+            "ended at 5 bytes, short of its Content-Length 10",
+            id="short",
+        ),
+        pytest.param(
+            b"5",
+            [(b"123", True), (b"456", False)],
+            b"123",
+            "longer than its Content-Length 5 (6 bytes sent)",
+            id="long",
+        ),
+    ],
+)
+async def test_body_contradicting_content_length_after_the_head_left_closes(
+    length: bytes,
+    bodies: list[tuple[bytes, bool]],
+    sent: bytes,
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with run_server(with_ok(content_length_app(length, bodies)), **EXACT) as server:
+        data = await fetch(server, GET + GET)
+        await assert_still_serving(server)
+    # A body was accepted, so the head was committed (written, or coalesced with it): what
+    # fits the declared length is written, never a byte past it, and the connection closes
+    # (the client sees the truncation; the pipelined GET is not answered).
+    assert data == b"HTTP/1.1 200 OK\r\ncontent-length: %s\r\n\r\n%s" % (length, sent)
+    [record] = error_records(caplog)
+    assert isinstance(record.exc_info[1] if record.exc_info else None, AppProtocolError)
+    assert reason in str(record.exc_info[1] if record.exc_info else "")
 
 
 async def test_invalid_message_after_response_started_closes(
@@ -594,3 +664,169 @@ async def test_malformed_body_gets_400_even_when_the_app_ignores_the_disconnect(
     assert b"careless" not in data
     assert [type(e) for e in app.send_errors] == [trioserve.ClientDisconnected]
     assert error_records(caplog) == []
+
+
+# -- --limit-request-body --------------------------------------------------------------------
+
+BODY_LIMIT = 1000
+
+
+def body_limit_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "request body too large" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n" + b"x" * 1001,
+            id="body-sent",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n" + b"x" * 10,
+            id="body-partly-sent",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\nExpect: 100-continue\r\n\r\n",
+            id="expect-100-continue",
+        ),
+    ],
+)
+async def test_content_length_over_limit_request_body_gets_413_without_calling_the_app(
+    raw: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioserve")
+    app = Recorder()
+    async with run_server(with_ok(app), limit_request_body=BODY_LIMIT, **EXACT) as server:
+        data = await fetch(server, raw)
+        await assert_still_serving(server)
+    # (Not "HTTP/1.1 100 Continue" first: a client waiting for it learns at once.)
+    assert data.startswith(b"HTTP/1.1 413 ")
+    [(response, _)] = parse_responses(data)
+    assert header(response, b"connection") == b"close"
+    assert app.requests == []  # the app was never called
+    [record] = body_limit_records(caplog)
+    assert record.levelno == logging.INFO
+    assert record.exc_info is None
+    assert "1001" in record.getMessage()
+    assert error_records(caplog) == []
+
+
+async def test_default_limit_request_body_refuses_a_declared_body_over_100_mib() -> None:
+    app = Recorder()
+    raw = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (100 * 1024 * 1024 + 1)
+    async with run_server(app, **EXACT) as server:
+        data = await fetch(server, raw)
+    assert parse_responses(data)[0][0].status_code == 413
+    assert app.requests == []
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_chunked_body_over_limit_request_body_gets_413_after_the_app_read_some(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioserve")
+    app = Recorder()
+    async with run_server(with_ok(app), limit_request_body=BODY_LIMIT, **EXACT) as server:
+        async with await connect(server.addresses[0]) as stream:
+            await stream.send_all(
+                b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + chunk(b"a" * 600)
+            )
+            with trio.fail_after(10):  # the app has the first 600 bytes
+                while not (app.requests and app.requests[0]["pieces"]):
+                    await trio.sleep(0.01)
+            # 1200 bytes in all: the second chunk crosses the limit and is never handed over,
+            # whatever the client sends after it.
+            await send(stream, chunk(b"b" * 600) + chunk(b"c" * 600) * 100)
+            data = await read_until_eof(stream)
+        await assert_still_serving(server)
+    [(response, _)] = parse_responses(data)
+    assert response.status_code == 413
+    assert header(response, b"connection") == b"close"
+    [record] = app.requests
+    assert record["body"] == b"a" * 600
+    assert record["disconnect"] is True
+    assert len(body_limit_records(caplog)) == 1
+    assert error_records(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("limit", "size"),
+    [
+        pytest.param(BODY_LIMIT, BODY_LIMIT, id="at-the-limit"),
+        pytest.param(0, 300_000, id="limit-0-disables"),
+    ],
+)
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_body_within_limit_request_body_is_served(
+    limit: int, size: int, chunked: bool
+) -> None:
+    app = Recorder()
+    body = bytes(i % 251 for i in range(size))
+    if chunked:
+        framing = b"Transfer-Encoding: chunked\r\n\r\n"
+        raw = framing + b"".join(chunk(body[i : i + 400]) for i in range(0, size, 400))
+        raw += b"0\r\n\r\n"
+    else:
+        raw = b"Content-Length: %d\r\n\r\n" % size + body
+    async with (
+        run_server(app, limit_request_body=limit, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        await stream.send_all(b"POST /up HTTP/1.1\r\nHost: t\r\n" + raw + GET_CLOSE)
+        data = await read_until_eof(stream)
+    [(first, echoed), (second, _)] = parse_responses(data)
+    assert (first.status_code, echoed) == (200, b"POST /up " + body)
+    assert second.status_code == 200  # the connection was kept alive
+    assert app.requests[0]["disconnect"] is False
+
+
+async def test_body_over_limit_request_body_gets_413_while_the_apps_head_is_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    messages: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_(START)  # held until the first body: nothing has left yet
+        while True:
+            messages.append(await receive())
+            if messages[-1]["type"] == "http.disconnect":
+                return
+
+    raw = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b"x" * 1200)
+    async with run_server(with_ok(app), limit_request_body=BODY_LIMIT, **EXACT) as server:
+        data = await fetch(server, raw)
+        await assert_still_serving(server)
+    [(response, _)] = parse_responses(data)
+    assert response.status_code == 413
+    assert header(response, b"connection") == b"close"
+    assert messages == [{"type": "http.disconnect"}]
+    assert error_records(caplog) == []
+
+
+async def test_body_over_limit_request_body_cuts_a_response_already_streaming(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    messages: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_(START)
+        await send_({"type": "http.response.body", "body": b"streaming", "more_body": True})
+        while True:
+            messages.append(await receive())
+            if messages[-1]["type"] == "http.disconnect":
+                return
+
+    raw = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b"x" * 1200)
+    async with run_server(with_ok(app), limit_request_body=BODY_LIMIT, **EXACT) as server:
+        data = await fetch(server, raw)
+        await assert_still_serving(server)
+    # The head left with a 200: the response is cut (its chunked body never ends).
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert data.endswith(b"9\r\nstreaming\r\n")
+    assert messages == [{"type": "http.disconnect"}]
+    assert error_records(caplog) == []  # the peer's doing, not the app's

@@ -28,7 +28,7 @@ from trioserve.http_messages import (
     is_websocket_upgrade,
     split_target,
 )
-from trioserve.http_parser import HTTPParser
+from trioserve.http_parser import HTTPParser, refusal, transfer_coding_problem
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 
@@ -220,7 +220,53 @@ def test_is_websocket_upgrade(headers: list[tuple[bytes, bytes]], expected: bool
     assert is_websocket_upgrade(request) is expected
 
 
+@pytest.mark.parametrize(
+    ("method", "version"),
+    [(b"POST", b"1.1"), (b"get", b"1.1"), (b"HEAD", b"1.1"), (b"GET", b"1.0")],
+)
+def test_is_websocket_upgrade_only_for_an_http11_get(method: bytes, version: bytes) -> None:
+    # RFC 6455 §4.1: "The method of the request MUST be GET, and the HTTP version MUST be at
+    # least 1.1" (methods are case-sensitive, RFC 9110 §9.1).
+    headers = [(b"host", b"a"), (b"upgrade", b"websocket"), (b"connection", b"Upgrade")]
+    request = h11.Request(method=method, target="/", headers=headers, http_version=version)
+    assert is_websocket_upgrade(request) is False
+
+
 # -- request checks (smuggling and size, beyond what h11 enforces) ------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "status"),
+    [
+        pytest.param([b"chunked"], None, id="chunked"),
+        pytest.param([b"Chunked "], None, id="case-and-ows"),
+        pytest.param([b"gzip, chunked"], 501, id="gzip-then-chunked"),
+        pytest.param([b"gzip", b"chunked"], 501, id="two-fields-chunked-last"),
+        pytest.param([b"chunked, gzip"], 400, id="chunked-not-final"),
+        pytest.param([b"chunked", b"gzip"], 400, id="two-fields-chunked-first"),
+        pytest.param([b"gzip"], 400, id="no-chunked"),
+        pytest.param([b"chunked, chunked"], 400, id="chunked-twice"),
+        pytest.param([b"chunked", b"chunked"], 400, id="chunked-twice-two-fields"),
+        pytest.param([b"chunked,"], 400, id="empty-last-element"),
+    ],
+)
+def test_transfer_coding_problem(values: list[bytes], status: int | None) -> None:
+    # RFC 9112 §6.3 (400 and close when chunked is not final), §6.1 (501 for a coding we
+    # cannot decode; chunked applied once at most).
+    problem = transfer_coding_problem(values)
+    assert (problem and problem[0]) == status
+
+
+def test_refusal_judges_h11s_transfer_encoding_501_from_the_head() -> None:
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n"
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    with pytest.raises(h11.RemoteProtocolError) as info:
+        conn.next_event()
+    assert info.value.error_status_hint == 501  # (h11's answer to any coding but chunked)
+    assert refusal(info.value, head) == (400, "chunked is not the final transfer coding")
+    # Without the head (the httptools parser judges codings itself), h11's own answer.
+    assert refusal(info.value, b"") == (501, str(info.value))
 
 
 @pytest.mark.parametrize(
@@ -693,3 +739,24 @@ def test_error_response_is_empty_once_the_head_left() -> None:
     writer.start(start())
     writer.body({"type": "http.response.body", "body": b"a", "more_body": True})
     assert error_response(conn, 500, DEFAULTS) == b""
+
+
+@pytest.mark.parametrize(
+    ("raw", "max_body_size", "status"),
+    [
+        pytest.param(b"Content-Length: 1000\r\n", 1000, None, id="at-the-limit"),
+        pytest.param(b"Content-Length: 1001\r\n", 1000, 413, id="over-the-limit"),
+        pytest.param(b"Content-Length: 99999999999999\r\n", 0, None, id="no-limit"),
+        pytest.param(b"Transfer-Encoding: chunked\r\n", 1, None, id="chunked-counted-later"),
+        pytest.param(b"", 1, None, id="no-body"),
+    ],
+)
+def test_check_request_refuses_a_content_length_over_max_body_size(
+    raw: bytes, max_body_size: int, status: int | None
+) -> None:
+    _, request = parse_request(b"POST / HTTP/1.1\r\nHost: a\r\n" + raw + b"\r\n")
+    result = check_request(request, max_head_size=1024, max_body_size=max_body_size)
+    assert (result and result[0]) == status
+    if result is not None:
+        assert "1001" in result[1]
+        assert "1000" in result[1]

@@ -618,16 +618,35 @@ SMUGGLING_VECTORS = [
     pytest.param(
         b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, id="te-in-http10"
     ),
+    # RFC 9112 §6.3: chunked not the final coding (or applied twice, §6.1) is a 400; an
+    # unsupported coding before a final chunked is a 501 (§6.1).
     pytest.param(
-        POST + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", 501, id="unknown-transfer-coding"
+        POST + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", 400, id="unknown-transfer-coding"
+    ),
+    pytest.param(POST + b"Transfer-Encoding: gzip\r\n\r\n0\r\n\r\n", 400, id="te-gzip-only"),
+    pytest.param(
+        POST + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400, id="chunked-gzip"
+    ),
+    pytest.param(
+        POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n",
+        400,
+        id="chunked-then-gzip-field",
+    ),
+    pytest.param(
+        POST + b"Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", 400, id="chunked-chunked"
+    ),
+    pytest.param(
+        POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        id="te-twice",
     ),
     pytest.param(
         POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501, id="gzip-chunked"
     ),
     pytest.param(
-        POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         501,
-        id="te-twice",
+        id="gzip-then-chunked-field",
     ),
     pytest.param(CHUNKED + b"zz\r\nhello\r\n0\r\n\r\n", 400, id="chunk-size-not-hex"),
     pytest.param(CHUNKED + b"-5\r\nhello\r\n0\r\n\r\n", 400, id="chunk-size-negative"),
@@ -1088,3 +1107,51 @@ async def test_upgrade_the_server_does_not_take_is_answered_and_so_is_the_next_r
         (200, b"GET /b "),
     ]
     assert recorder.paths == ["/a", "/b"]
+
+
+UPGRADE_H2C = b"Connection: Upgrade\r\nUpgrade: h2c\r\n"
+UPGRADE_WS = b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+UPGRADE_WS += b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+LENGTH_35 = b"Content-Length: 35\r\n\r\n" + SMUGGLED  # (the body: a request, 35 bytes)
+CHUNKED_SMUGGLED = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+    len(SMUGGLED),
+    SMUGGLED,
+)
+UPGRADE_BODY_VECTORS = [
+    pytest.param(POST + UPGRADE_H2C + LENGTH_35, "auto", id="h2c-length"),
+    pytest.param(POST + UPGRADE_H2C + LENGTH_35, "none", id="h2c-length-ws-none"),
+    pytest.param(POST + UPGRADE_H2C + CHUNKED_SMUGGLED, "auto", id="h2c-chunked"),
+    pytest.param(POST + UPGRADE_H2C + CHUNKED_SMUGGLED, "none", id="h2c-chunked-ws-none"),
+    pytest.param(POST + UPGRADE_WS + LENGTH_35, "auto", id="post-websocket"),
+    pytest.param(POST + UPGRADE_WS + CHUNKED_SMUGGLED, "none", id="post-websocket-ws-none"),
+    pytest.param(
+        b"GET / HTTP/1.1\r\nHost: t\r\n" + UPGRADE_WS + LENGTH_35,
+        "none",
+        id="get-websocket-ws-none",
+    ),
+]
+
+
+@BYTEWISE
+@pytest.mark.parametrize(("raw", "ws"), UPGRADE_BODY_VECTORS)
+async def test_the_body_of_an_upgrade_not_taken_is_a_body_never_a_request(
+    raw: bytes, ws: str, bytewise: bool
+) -> None:
+    """A request that offers an upgrade trioserve does not take (h2c, or a WebSocket
+    handshake that is not a GET or with --ws none) is plain HTTP, body included: the body
+    goes to the app, and what follows it is the next request (h11 switches only when the
+    server answers 101). llhttp alone would end the message at the head and parse the
+    body as the next request: request smuggling."""
+    recorder = Recorder()
+    async with (
+        run_server(recorder, ws=ws, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        await send(stream, raw + get("/next", b"Connection: close\r\n"), bytewise=bytewise)
+        responses = parse_responses(await read_until_eof(stream))
+    method = raw[: raw.index(b" ")]
+    assert [(r.status_code, b) for r, b in responses] == [
+        (200, method + b" / " + SMUGGLED),
+        (200, b"GET /next "),
+    ]
+    assert recorder.paths == ["/", "/next"]

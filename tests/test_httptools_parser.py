@@ -97,9 +97,11 @@ async def test_cli_http_option_selects_the_parser(tmp_path: Path, http: str, sta
 # -- the two parsers side by side --------------------------------------------------------
 
 
-def events_of(parser: HTTPParser, pieces: list[bytes]) -> list[Any]:
-    """Feed ``pieces`` then EOF and pull every event of the first request (answering it
-    with a 200 so a keep-alive connection may go on); ("error", status) ends the list."""
+def events_of(parser: HTTPParser, pieces: list[bytes], *, every_request: bool = False) -> list[Any]:
+    """Feed ``pieces`` then EOF and pull every event of the first request; ("error",
+    status) ends the list. ``every_request``: go on through the connection, each request
+    answered with an empty 200 once its message has ended, for as long as keep-alive
+    allows (the answer is also what tells h11 that an offered upgrade was not taken)."""
     out: list[Any] = []
     for piece in [*pieces, b""]:
         parser.receive_data(piece)
@@ -125,7 +127,13 @@ def events_of(parser: HTTPParser, pieces: list[bytes]) -> list[Any]:
                     out.append(("data", event.data))
             elif type(event) is h11.EndOfMessage:
                 out.append(("end",))
-                return out
+                if not every_request:
+                    return out
+                parser.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+                parser.send(h11.EndOfMessage())
+                if parser.their_state is not h11.DONE or parser.our_state is not h11.DONE:
+                    return out  # (keep-alive is over)
+                parser.start_next_cycle()
             else:
                 out.append((type(event).__name__,))
                 return out
@@ -136,8 +144,15 @@ def accepted(events: list[Any]) -> bool:
     return any(event[0] == "request" for event in events) and events[-1][0] != "error"
 
 
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
+POST_UPGRADE = b"POST / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+UPGRADE_HEAD = b"POST /u HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+
+
 @settings(max_examples=500, deadline=None)
 @given(raw=http_like, cut=st.integers(min_value=0, max_value=512))
+@example(raw=UPGRADE_HEAD + b"Content-Length: 5\r\n\r\nhello", cut=90)
+@example(raw=UPGRADE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", cut=100)
 def test_httptools_accepts_only_what_h11_accepts_with_the_same_events(raw: bytes, cut: int) -> None:
     raw = b"GET /v HTTP/1.1\r\nHost: t\r\n\r\n" * (cut % 2) + raw
     pieces = [raw[:cut], raw[cut:]]
@@ -149,6 +164,105 @@ def test_httptools_accepts_only_what_h11_accepts_with_the_same_events(raw: bytes
     if len(refused) == 2 and "eof" not in refused:
         # Both refuse a complete head: with the same class of status (4xx/5xx).
         assert refused[0] // 100 == refused[1] // 100, (raw, ours, theirs)
+
+
+UPGRADES = [
+    b"Connection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+    b"Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+    # No "Connection: upgrade": h11 still holds what follows the body until the response,
+    # llhttp parses what came with the body as the next request, as after any request
+    # (trioserve switches no such request: the bytes are HTTP either way).
+    b"Upgrade: h2c\r\n",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.sampled_from([b"POST", b"PUT", b"GET"]),
+    upgrade=st.sampled_from(UPGRADES),
+    chunked=st.booleans(),
+    body=http_like,
+    after=http_like,
+    cut=st.integers(min_value=1, max_value=512),
+)
+def test_an_upgrade_request_s_body_is_read_as_h11_reads_it(
+    method: bytes, upgrade: bytes, chunked: bool, body: bytes, after: bytes, cut: int
+) -> None:
+    """A request offering an upgrade, with a body and then anything (a pipelined request,
+    the new protocol, noise), in two pieces: the same events as h11's for the request and
+    its body, and the same bytes left unparsed behind it (held until the response shows
+    whether the connection switches)."""
+    if chunked:
+        framing = b"Transfer-Encoding: chunked\r\n\r\n"
+        framing += (b"%x;ext=1\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    else:
+        framing = b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    raw = method + b" /u HTTP/1.1\r\nHost: t\r\n" + upgrade + framing + after
+    pieces = [raw[:cut], raw[cut:]]
+    ours, theirs = HttptoolsConnection(), H11Connection(max_incomplete_event_size=16 * 1024)
+    events = events_of(ours, pieces)
+    assert events == events_of(theirs, pieces), raw
+    assert events[1:] == [*([("data", body)] if body else []), ("end",)], raw
+    if b"Connection" in upgrade:  # (an upgrade to llhttp too: see UPGRADES)
+        assert ours.trailing_data == theirs.trailing_data, raw
+
+
+TRAILER_BODY = b"5;name=value\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(POST_UPGRADE + b"Content-Length: 35\r\n\r\n" + SMUGGLED, id="length"),
+        pytest.param(
+            POST_UPGRADE + b"Transfer-Encoding: chunked\r\n\r\n" + TRAILER_BODY, id="chunked"
+        ),
+        pytest.param(
+            POST_UPGRADE + b"Expect: 100-continue\r\nContent-Length: 35\r\n\r\n" + SMUGGLED,
+            id="expect-100-continue",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 35\r\n\r\n"
+            + SMUGGLED,
+            id="http-1.0",
+        ),
+        pytest.param(
+            POST_UPGRADE + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+            id="bad-chunk",
+        ),
+        pytest.param(POST_UPGRADE + b"Content-Length: 99\r\n\r\nhel", id="short-body"),
+        pytest.param(POST_UPGRADE + b"Content-Length: 0\r\n\r\n", id="empty-body"),
+    ],
+)
+def test_an_upgrade_request_s_body_is_its_body_never_the_next_request(raw: bytes) -> None:
+    """llhttp ends a request that offers an upgrade at its head; h11 reads its body (the
+    switch happens only at a 101). Whole and byte by byte, the same events as h11's."""
+    raw += b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    for pieces in ([raw], [raw[i : i + 1] for i in range(len(raw))]):
+        ours = events_of(HttptoolsConnection(), pieces, every_request=True)
+        theirs = events_of(
+            H11Connection(max_incomplete_event_size=16 * 1024), pieces, every_request=True
+        )
+        assert ours == theirs
+        assert b"/smuggled" not in [event[2] for event in ours if event[0] == "request"]
+
+
+def test_an_upgrade_request_s_body_waits_unparsed_until_it_is_read() -> None:
+    """Until the body is read as HTTP, the body and what follows it are held, as in h11,
+    for the new protocol should the server switch (a 101 comes before any body is read)."""
+    for framing, body in [
+        (b"Content-Length: 5\r\n", b"hello"),
+        (b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+    ]:
+        after = b"\r\n\r\n\x81\x05hello"  # (not HTTP: any parse of it would be refused)
+        for parser in (HttptoolsConnection(), H11Connection(max_incomplete_event_size=16384)):
+            parser.receive_data(POST_UPGRADE + framing + b"\r\n" + body + after)
+            assert type(parser.next_event()) is h11.Request
+            assert parser.trailing_data == (body + after, False)
+            assert parser.next_event().data == b"hello"
+            assert type(parser.next_event()) is h11.EndOfMessage
+            assert parser.next_event() is h11.PAUSED
+            assert parser.trailing_data == (after, False)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
+import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,14 +14,22 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import run_server
+import trio.testing
+from conftest import Recorder, run_server
 from server_process import started_process
-from wire import Client, connect
+from wire import Client, connect, receive_until
 
-from trioserve import Config
-from trioserve.access_format import access_fields, compile_access_format
+from trioserve import ClientDisconnected, Config
+from trioserve.access_format import (
+    DEFAULT_ACCESS_FORMAT,
+    TIMED_ACCESS_FORMAT,
+    access_fields,
+    compile_access_format,
+    status_phrase,
+)
 from trioserve.errors import ConfigError
 from trioserve.logs import JSONFormatter, LevelPrefixFormatter
+from trioserve.message_trace import TRACE_LOG_LEVEL, elided
 
 SCOPE: dict[str, Any] = {
     "type": "http",
@@ -45,6 +56,7 @@ def test_access_fields_from_scope_and_response() -> None:
         "http_version": "1.1",
         "scheme": "https",
         "status": 201,
+        "status_phrase": "Created",
         "bytes": 17,
         "duration": "0.012346",
         "duration_ms": "12.3",
@@ -74,6 +86,14 @@ def test_access_fields_defaults_for_missing_values() -> None:
         (
             '"{method} {target} HTTP/{http_version}" {status} {duration_ms}ms',
             '"POST /items/1?a=1&b=2 HTTP/1.1" 201 12.3ms',
+        ),
+        (
+            DEFAULT_ACCESS_FORMAT,
+            '203.0.113.7:5555 - "POST /items/1?a=1&b=2 HTTP/1.1" 201 Created',
+        ),
+        (
+            TIMED_ACCESS_FORMAT,
+            '203.0.113.7:5555 - "POST /items/1?a=1&b=2 HTTP/1.1" 201 Created 12.3ms',
         ),
         ("ua={header:User-Agent} missing={header:x-nope}", "ua=curl/8 missing=-"),
         ("{{literal}} {scheme}", "{literal} https"),
@@ -228,18 +248,120 @@ async def test_access_line_uses_template_and_forwarded_client(
     assert rec.status_code == 201  # type: ignore[attr-defined]
 
 
-async def test_default_access_line_is_unchanged(access_records: list[logging.LogRecord]) -> None:
+async def wait_for_records(records: list[logging.LogRecord], count: int = 1) -> None:
+    with trio.fail_after(5):
+        while len(records) < count:
+            await trio.sleep(0.01)
+
+
+async def test_default_access_line_is_uvicorns(access_records: list[logging.LogRecord]) -> None:
     async with run_server(body_app, access_log=True) as server:
         stream = await connect(server.addresses[0])
+        port = stream.socket.getsockname()[1]
         async with stream:
             await Client(stream).request("GET", "/x?y=1")
+        await wait_for_records(access_records)
+    [rec] = access_records
+    # uvicorn's exact line: log parsers written for uvicorn keep working.
+    assert rec.getMessage() == f'127.0.0.1:{port} - "GET /x?y=1 HTTP/1.1" 201 Created'
+    # ... and uvicorn's "INFO:     " prefix from the default formatter.
+    formatter = LevelPrefixFormatter("%(levelprefix)s%(message)s", use_colors=False)
+    assert formatter.format(rec).startswith("INFO:     127.0.0.1:")
+
+
+@pytest.mark.parametrize(
+    ("status", "phrase"),
+    [(200, "OK"), (404, "Not Found"), (499, "Client Closed Request"), (599, ""), (None, "-")],
+)
+def test_status_phrase(status: int | None, phrase: str) -> None:
+    assert status_phrase(status) == phrase
+
+
+@pytest.mark.usefixtures("both_parsers")
+async def test_abandoned_upload_is_logged_499_not_500(
+    access_records: list[logging.LogRecord],
+) -> None:
+    # Half of a Content-Length body, then the client leaves: nothing was answered and the
+    # server did not fail, so the line must not inflate the 5xx count (nginx: 499).
+    app = Recorder()
+    async with run_server(app, access_log=True) as server:
+        stream = await connect(server.addresses[0])
+        port = stream.socket.getsockname()[1]
+        async with stream:
+            await stream.send_all(
+                b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345"
+            )
+            await trio.testing.wait_all_tasks_blocked()
+        await wait_for_records(access_records)
+    assert app.requests[0]["disconnect"]  # the app did see the upload abandoned
+    [rec] = access_records
+    assert rec.getMessage() == (
+        f'127.0.0.1:{port} - "POST /upload HTTP/1.1" 499 Client Closed Request'
+    )
+    assert (rec.status_code, rec.aborted) == (499, True)  # type: ignore[attr-defined]
+
+
+async def test_response_cut_short_is_marked_aborted(
+    access_records: list[logging.LogRecord],
+) -> None:
+    # The app started a 200 and the client left mid-body: the status stays the app's, the
+    # line says the response did not complete.
+    gone = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await gone.wait()
+        with pytest.raises(ClientDisconnected):
+            while True:  # until the write finds the peer gone
+                await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+
+    async with run_server(app, access_log=True) as server:
+        stream = await connect(server.addresses[0])
+        async with stream:
+            await Client(stream).send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await receive_until(stream, b"x")
+        gone.set()
+        await wait_for_records(access_records)
+    [rec] = access_records
+    assert rec.getMessage().endswith('"GET / HTTP/1.1" 200 OK (aborted)')
+
+
+async def test_client_reset_right_after_its_request_is_logged_as_its_tcp_peer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A client that connects, sends its request and resets at once (SO_LINGER 0): by the
+    # time the server accepts, getpeername() fails (ENOTCONN). The request is still read
+    # and answered (in vain) and must name its TCP peer, never a UNIX socket.
+    caplog.set_level(logging.DEBUG, "trioserve")
+    clients: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        clients.append(scope["client"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    ports: list[int] = []
+    async with run_server(app, access_log=True) as server:
+        address = server.addresses[0]
+        assert isinstance(address, tuple)  # (TCP)
+        for _ in range(5):
+            # (Blocking stdlib calls with no checkpoint between them: the server cannot
+            # accept before the reset.)
+            sock = socket.create_connection(address)
+            ports.append(sock.getsockname()[1])
+            sock.sendall(b"GET /reset HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
         with trio.fail_after(5):
-            while not access_records:
+            while len(clients) < len(ports):
                 await trio.sleep(0.01)
-    message = access_records[0].getMessage()
-    assert message.startswith("127.0.0.1:")
-    assert ' - "GET /x?y=1 HTTP/1.1" 201 ' in message
-    assert message.endswith("ms")
+        await trio.testing.wait_all_tasks_blocked()
+    assert sorted(clients) == sorted(("127.0.0.1", port) for port in ports)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("trioserve")]
+    assert not [m for m in messages if "unix" in m]
+    access = [r.getMessage() for r in caplog.records if r.name == "trioserve.access"]
+    assert sorted(m.split(" ", 1)[0] for m in access) == sorted(f"127.0.0.1:{p}" for p in ports)
 
 
 # -- the CLI, as a real process ------------------------------------------------------------------
@@ -329,3 +451,128 @@ async def test_cli_use_colors(flag: str | None, colored: bool) -> None:
         assert await server.stop() == 0
     assert ("\x1b[32mINFO\x1b[0m:" in server.stderr) is colored
     assert ("\x1b[" in server.stderr) is colored
+
+
+# -- --log-level trace ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        pytest.param(
+            {"type": "http.request", "body": b"secret", "more_body": False},
+            {"type": "http.request", "body": "<6 bytes>", "more_body": False},
+            id="body",
+        ),
+        pytest.param(
+            {"type": "http.response.start", "status": 200, "headers": [(b"a", b"b")]},
+            {"type": "http.response.start", "status": 200, "headers": "<1 headers>"},
+            id="headers",
+        ),
+        pytest.param(
+            {"type": "websocket.send", "bytes": None, "text": "héllo"},
+            {"type": "websocket.send", "bytes": None, "text": "<5 chars>"},
+            id="ws-text",
+        ),
+        pytest.param(
+            {"type": "lifespan", "state": {"db": object()}, "extensions": {"tls": {}}},
+            {"type": "lifespan", "state": "<...>", "extensions": "<...>"},
+            id="app-objects",
+        ),
+        pytest.param("not a message", "not a message", id="garbage-passes"),
+    ],
+)
+def test_traced_messages_show_sizes_not_contents(message: Any, shown: Any) -> None:
+    assert elided(message) == shown
+
+
+def trace_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == TRACE_LOG_LEVEL]
+
+
+async def test_trace_level_logs_connections_and_each_asgi_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(TRACE_LOG_LEVEL, "trioserve")  # before serve(): it decides at start
+    async with run_server(body_app) as server:
+        stream = await connect(server.addresses[0])
+        peer = f"127.0.0.1:{stream.socket.getsockname()[1]}"
+        async with stream:
+            await Client(stream).request("POST", "/t?q=1", body=b"hello")
+        with trio.fail_after(5):
+            while f"{peer} - HTTP connection lost" not in trace_lines(caplog):
+                await trio.sleep(0.01)
+    lines = trace_lines(caplog)
+    assert lines[0] == f"{peer} - HTTP connection made"
+    [started] = [line for line in lines if "Started" in line]
+    number = started.split("[", 1)[1].split("]", 1)[0]
+    asgi = f"{peer} - ASGI [{number}]"
+    assert started.startswith(f"{asgi} Started scope={{'type': 'http', ")
+    assert "'path': '/t', " in started
+    assert "'headers': '<2 headers>'" in started  # host, content-length
+    assert lines[2:] == [
+        f"{asgi} Send {{'type': 'http.response.start', 'status': 201, 'headers': '<0 headers>'}}",
+        f"{asgi} Send {{'type': 'http.response.body', 'body': '<5 bytes>', 'more_body': True}}",
+        f"{asgi} Send {{'type': 'http.response.body', 'body': '<3 bytes>'}}",
+        f"{asgi} Completed",
+        f"{peer} - HTTP connection lost",
+    ]
+    assert not [line for line in lines if "hello" in line or "12345" in line]  # no bodies
+
+
+async def test_trace_level_logs_what_the_app_receives_and_how_it_ended(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(TRACE_LOG_LEVEL, "trioserve")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        raise RuntimeError("boom")
+
+    async with run_server(app) as server:
+        stream = await connect(server.addresses[0])
+        async with stream:
+            response, _ = await Client(stream).request("POST", "/", body=b"hello")
+        assert response.status_code == 500
+    lines = trace_lines(caplog)
+    assert any(
+        line.endswith("Receive {'type': 'http.request', 'body': '<5 bytes>', 'more_body': False}")
+        for line in lines
+    )
+    assert [line.split("] ", 1)[1] for line in lines if "ASGI [" in line][-1] == "Raised exception"
+    assert not [line for line in lines if line.endswith("Completed")]
+
+
+async def test_without_trace_the_app_gets_the_servers_own_receive_and_send(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Zero cost when trace is off: no wrapper between the app and the connection.
+    caplog.set_level(logging.DEBUG, "trioserve")
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((receive, send))
+        await body_app(scope, receive, send)
+
+    async with run_server(app) as server, await connect(server.addresses[0]) as stream:
+        await Client(stream).request()
+    [(receive, send)] = seen
+    assert type(receive.__self__).__name__ == type(send.__self__).__name__ == "RequestCycle"
+    assert not trace_lines(caplog)
+
+
+async def test_cli_log_level_trace_prints_uvicorns_trace_lines() -> None:
+    async with started_process([*APP, "--log-level", "trace"]) as server:
+        await hit(server.address)
+        await server.wait_for(r"TRACE:    127\.0\.0\.1:\d+ - HTTP connection lost\n")
+        assert await server.stop() == 0
+    assert re.search(r"TRACE:    127\.0\.0\.1:\d+ - HTTP connection made\n", server.stderr)
+    assert re.search(
+        r"TRACE:    127\.0\.0\.1:\d+ - ASGI \[\d+\] Send \{'type': 'http\.response\.start', "
+        r"'status': 200, 'headers': '<1 headers>'\}\n",
+        server.stderr,
+    )
+    # The access line on stdout is uvicorn's, level prefix included.
+    assert re.search(
+        r'^INFO:     127\.0\.0\.1:\d+ - "GET / HTTP/1\.1" 200 OK$', server.stdout, re.MULTILINE
+    )

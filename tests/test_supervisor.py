@@ -23,7 +23,6 @@ from server_process import (
     is_alive,
     live_children,
     parent_pid,
-    running_process,
     started_process,
     steady_load,
     wait_all_gone,
@@ -116,11 +115,32 @@ def test_run_with_an_app_object_and_workers_is_a_config_error() -> None:
         trioserve.run(app, reload=True)
 
 
-async def test_workers_with_reload_is_a_usage_error(app_dir: Path) -> None:
-    with trio.fail_after(15):
-        async with running_process([*args(app_dir), "--reload"]) as server:
-            assert await server.wait_exit() == 2
-            await server.wait_for("mutually exclusive")
+@pytest.mark.parametrize(
+    ("extra", "env"),
+    [
+        pytest.param(["--workers", "3"], {}, id="workers-flag"),
+        pytest.param([], {"WEB_CONCURRENCY": "3"}, id="web-concurrency"),
+    ],
+)
+async def test_reload_with_workers_warns_and_runs_one_reloading_process(
+    app_dir: Path, extra: list[str], env: dict[str, str]
+) -> None:
+    # uvicorn's behaviour: many Docker images set WEB_CONCURRENCY; --reload wins.
+    argv = ["workerapp:app", "--app-dir", str(app_dir), "--port", "0", "--no-access-log"]
+    argv += ["--reload", "--reload-dir", str(app_dir), *extra]
+    with trio.fail_after(20):
+        async with started_process(argv, env=clean_env(**env)) as server:
+            await server.wait_ready(1)
+            status, _ = await get(server.port)
+            assert status == 200
+            assert await server.stop() == 0
+    warning = (
+        "WARNING:  workers=3 (--workers or WEB_CONCURRENCY) is ignored with --reload; "
+        "running one reloading process."
+    )
+    assert server.stderr.count(warning) == 1
+    assert "using WatchFiles" in server.stderr
+    assert len(server.started_pids()) == 1
 
 
 async def test_connection_accepted_before_a_drain_gets_its_first_request_answered(

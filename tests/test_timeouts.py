@@ -9,11 +9,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio.testing
 from conftest import hello_app, run_server
-from wire import Client, connect, parse_responses, read_until_eof, readable, receive_until
+from wire import (
+    Client,
+    connect,
+    header,
+    parse_responses,
+    read_until_eof,
+    readable,
+    receive_until,
+)
+
+from trioserve.http_connection import DRAIN_IDLE_GRACE
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 
@@ -116,7 +127,7 @@ async def test_slow_app_and_slow_upload_are_not_cut_by_head_or_keep_alive_timeou
         assert (response.status_code, body) == (200, b"01234567890123456789")
 
 
-async def test_graceful_drain_closes_idle_at_once_and_waits_for_in_flight(
+async def test_graceful_drain_closes_idle_after_its_grace_and_waits_for_in_flight(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     app_started = trio.Event()
@@ -144,9 +155,11 @@ async def test_graceful_drain_closes_idle_at_once_and_waits_for_in_flight(
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.shutdown)
-                # The idle keep-alive connection is closed without delay.
+                # The keep-alive connection, idle since its response (at `start`), is closed
+                # once it has been idle for DRAIN_IDLE_GRACE (its next request might have
+                # been on the way: see the next tests).
                 assert await read_until_eof(idle) == b""
-                assert trio.current_time() == start
+                assert trio.current_time() - start == DRAIN_IDLE_GRACE
                 # New connections are refused.
                 with pytest.raises(OSError):
                     await connect(server.addresses[0])
@@ -157,6 +170,80 @@ async def test_graceful_drain_closes_idle_at_once_and_waits_for_in_flight(
             assert (response.status_code, body) == (200, b"Hello, world!")
             assert (b"connection", b"close") in [(k.lower(), v) for k, v in response.headers]
             assert app_finished.is_set()
+
+
+async def test_graceful_drain_answers_the_next_request_of_an_idle_connection_with_close(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The client's next request crosses the drain (under load it is usually already on the
+    # wire): it is answered, with Connection: close, instead of meeting a closed socket.
+    async with (
+        run_server(hello_app, timeout_keep_alive=60, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        client = Client(stream)
+        response, _ = await client.request()
+        assert header(response, b"connection") is None  # kept alive
+        server.shutdown_nowait()
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(DRAIN_IDLE_GRACE * 0.9)
+        response, body = await client.request()
+        assert (response.status_code, body) == (200, b"Hello, world!")
+        assert header(response, b"connection") == b"close"
+        assert await read_until_eof(stream) == b""
+
+
+async def test_graceful_drain_answers_a_request_after_a_response_that_promised_keep_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The response's head left (keep-alive) before the drain began: the client may send
+    # its next request as soon as the body ends, so that request is answered too.
+    release = trio.Event()
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/wait":  # (the head leaves with the first body chunk)
+            await send_({"type": "http.response.body", "body": b"1", "more_body": True})
+            await release.wait()
+        await send_({"type": "http.response.body", "body": b"done"})
+
+    async with (
+        run_server(app, timeout_keep_alive=60, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        client = Client(stream)
+        await client.send_raw(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n")
+        client.conn.send(h11.Request(method="GET", target="/wait", headers=[("host", "t")]))
+        client.conn.send(h11.EndOfMessage())
+        response = await client.next_event()
+        assert header(response, b"connection") is None  # the head promised keep-alive
+        assert (await client.next_event()).data == b"1"
+        server.shutdown_nowait()
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        assert (await client.next_event()).data == b"done"
+        assert type(await client.next_event()) is h11.EndOfMessage
+        client.conn.start_next_cycle()
+        response, body = await client.request()
+        assert (response.status_code, body) == (200, b"done")
+        assert header(response, b"connection") == b"close"
+        assert await read_until_eof(stream) == b""
+
+
+async def test_graceful_drain_closes_a_connection_idle_for_the_grace_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with (
+        run_server(hello_app, timeout_keep_alive=60, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        response, _ = await Client(stream).request()
+        assert response.status_code == 200
+        await trio.sleep(DRAIN_IDLE_GRACE + 5)
+        start = trio.current_time()
+        server.shutdown_nowait()
+        assert await read_until_eof(stream) == b""
+        assert trio.current_time() == start
 
 
 async def test_graceful_drain_cancels_in_flight_requests_after_the_timeout(
@@ -185,3 +272,117 @@ async def test_graceful_drain_cancels_in_flight_requests_after_the_timeout(
             assert await read_until_eof(stream) == b""
         assert 8.0 <= trio.current_time() - start < 8.1
         assert cancelled.is_set()
+
+
+# -- --timeout-request-body -----------------------------------------------------------------
+
+
+class BodyReader:
+    """Reads the whole body, records what it got and, at a disconnect, when; answers 200."""
+
+    def __init__(self) -> None:
+        self.body = b""
+        self.disconnected_at: float | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send_: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected_at = trio.current_time()
+                return
+            self.body += message["body"]
+            if not message["more_body"]:
+                break
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        await send_({"type": "http.response.body", "body": b"got %d" % len(self.body)})
+
+
+def body_timeout_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "request body timed out" in r.getMessage()]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_stalled_request_body_gets_408_after_timeout_request_body(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, chunked: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioserve")
+    app = BodyReader()
+    if chunked:
+        head = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        pieces = [b"3\r\nabc\r\n", b"3\r\ndef\r\n"]
+    else:
+        head = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
+        pieces = [b"abc", b"def"]
+    async with (
+        run_server(app, timeout_request_body=5, timeout_keep_alive=60, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        await stream.send_all(head + pieces[0])
+        # Body arriving within the timeout keeps it waiting: the timeout is between reads.
+        await trio.sleep(4)
+        assert not readable(stream)
+        await stream.send_all(pieces[1])
+        sent_at = trio.current_time()
+        data = await read_until_eof(stream)  # then nothing more: the body stalls
+        closed_after = trio.current_time() - sent_at
+    assert data.startswith(b"HTTP/1.1 408 ")
+    [(response, _)] = parse_responses(data)
+    assert (b"connection", b"close") in response.headers
+    assert 5.0 <= closed_after < 5.1
+    assert app.body == b"abcdef"
+    assert app.disconnected_at is not None
+    assert 5.0 <= app.disconnected_at - sent_at < 5.1
+    [record] = body_timeout_records(caplog)
+    assert record.levelno == logging.INFO
+    assert record.exc_info is None
+
+
+async def test_content_length_longer_than_the_body_sent_gets_408_instead_of_hanging(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = BodyReader()
+    async with (
+        run_server(app, **EXACT) as server,  # the default --timeout-request-body: 60 s
+        await connect(server.addresses[0]) as stream,
+    ):
+        await stream.send_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\nhello")
+        start = trio.current_time()
+        await trio.sleep(59)
+        assert not readable(stream)
+        data = await read_until_eof(stream)
+        assert 60.0 <= trio.current_time() - start < 60.1
+    [(response, _)] = parse_responses(data)
+    assert response.status_code == 408
+    assert app.body == b"hello"
+
+
+async def test_request_body_timeout_does_not_apply_while_the_app_is_busy_or_streaming(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Only a wait for *body* is bounded: not the app's own work before it reads, nor its
+    wait for a disconnect while it streams a long response."""
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        await trio.sleep(20)  # before reading the body
+        message = await receive()
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        async with trio.open_nursery() as nursery:
+
+            async def stream_slowly() -> None:
+                for _ in range(3):
+                    await trio.sleep(10)
+                    await send_({"type": "http.response.body", "body": b".", "more_body": True})
+                await send_({"type": "http.response.body", "body": message["body"]})
+
+            nursery.start_soon(stream_slowly)
+            assert await receive() == {"type": "http.disconnect"}  # after the response
+
+    async with (
+        run_server(app, timeout_request_body=5, **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        await stream.send_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nok")
+        await trio.sleep(45)
+        data = await receive_until(stream, b"\r\n0\r\n\r\n")  # the chunked body's end
+    [(response, body)] = parse_responses(data, eof=False)
+    assert (response.status_code, body) == (200, b"...ok")

@@ -27,7 +27,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
-from wire import Client, connect, header, read_until_eof
+from wire import Client, connect, header, parse_responses, read_until_eof
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import (
     BytesMessage,
@@ -380,6 +380,43 @@ async def test_ws_none_serves_upgrade_requests_as_plain_http() -> None:
         response, body = await http_answer(server.addresses[0])
     assert (response.status_code, body) == (200, b"plain")
     assert app_scope["type"] == "http"
+
+
+@pytest.mark.parametrize("ws", ["auto", "wsproto"])
+@pytest.mark.parametrize(
+    "request_line",
+    [b"POST /ws HTTP/1.1", b"PUT /ws HTTP/1.1", b"GET /ws HTTP/1.0"],
+    ids=["post", "put", "http-1.0-get"],
+)
+async def test_upgrade_offer_other_than_an_http11_get_is_plain_http(
+    request_line: bytes, ws: str
+) -> None:
+    # RFC 6455 §4.1: the handshake is a GET, HTTP/1.1 or later. Any other request that
+    # offers the upgrade is an HTTP request (RFC 9110 §7.8): the app answers it, never 101.
+    scopes: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scopes.append(scope)
+        await send({"type": "http.response.start", "status": 405, "headers": []})
+        await send({"type": "http.response.body", "body": b"use GET"})
+
+    offer = "".join(f"{name}: {value}\r\n" for name, value in UPGRADE_HEADERS[2:]).encode()
+    raw = (
+        request_line
+        + b"\r\nHost: t\r\nContent-Length: 0\r\nUpgrade: websocket\r\n"
+        + b"Connection: Upgrade, close\r\n"
+        + offer
+        + b"\r\n"
+    )
+    async with run_server(app, ws=ws) as server:
+        stream = await connect(server.addresses[0])
+        async with stream:
+            await stream.send_all(raw)
+            data = await read_until_eof(stream)
+    [(response, body)] = parse_responses(data)
+    assert (response.status_code, body) == (405, b"use GET")
+    assert [scope["type"] for scope in scopes] == ["http"]
+    assert scopes[0]["method"] == request_line.split()[0].decode()
 
 
 async def test_handshake_outcome_gets_an_access_line(caplog: pytest.LogCaptureFixture) -> None:

@@ -233,7 +233,8 @@ async def test_sigterm_kills_a_worker_still_busy_after_the_graceful_timeout(
     """--timeout-graceful-shutdown 1: a worker whose loop is blocked cannot drain; the
     parent kills it after 1 s + SHUTDOWN_MARGIN and still exits 0, leaving no orphan."""
     (tmp_path / "workerapp.py").write_text(WORKER_APP)
-    extra = ["--timeout-graceful-shutdown", "1"]
+    # The health check (5 s by default) would replace the blocked worker first.
+    extra = ["--timeout-graceful-shutdown", "1", "--timeout-worker-healthcheck", "60"]
     with trio.fail_after(40):
         async with started_process([*base_args(tmp_path, "workerapp:app"), *extra]) as server:
             workers = await server.wait_ready(2)

@@ -8,13 +8,14 @@ Public API (everything else is internal and may change):
 * :func:`run` — ``trioserve.run("main:app", port=8000)``, what the CLI calls;
 * :class:`ClientDisconnected`, :class:`LifespanError` (alias ``StartupFailed``);
 * :mod:`trioserve.testing` — run an app on a real socket inside a test.
+* :class:`trioserve.wsgi.WSGIMiddleware` — a WSGI app as an ASGI app (worker threads).
 
 General layout (each layer imports only from layers below it)::
 
     0 vocabulary      asgi_types, errors
     1 configuration   access_format ← config ← app_loading, tls
     2 sans-IO core    http_messages, proxy_headers, proxy_protocol ← ws_messages
-    3 trio I/O        asyncio_bridge, listeners, transport ← server_state ← app_call
+    3 trio I/O        asyncio_bridge, listeners, transport, wsgi ← server_state ← app_call
                       ← lifespan, ws_connection ← http_connection ← server
     4 process level   logs, reload, worker_protocol ← worker_process ← supervisor
                       ← runner ← worker ← cli

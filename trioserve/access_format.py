@@ -15,22 +15,33 @@ Template syntax: ``{field}`` placeholders, ``{header:NAME}`` for any request hea
 ``target``      path plus ``?query`` when there is one
 ``http_version`` ``1.1``
 ``scheme``      ``http``, ``https``, ``ws`` or ``wss``
-``status``      response status, or ``-`` when none was sent
+``status``      response status, or ``-`` when none was sent; ``499`` when the client
+                left before any response (nginx's "client closed request", never a 5xx)
+``status_phrase`` its reason phrase, ``OK`` (``http.HTTPStatus``'s, as uvicorn logs it)
 ``bytes``       response body bytes sent
 ``duration``    seconds from request head to response end, ``0.001234``
 ``duration_ms`` milliseconds, one decimal, ``1.2``
 ``request_id``  the ``X-Request-ID`` request header, or ``-``
 =============== =====================================================================
 
-The default (``--access-log-format`` unset) is uvicorn-like::
+The default (``--access-log-format`` unset) is uvicorn's own access line, so log parsers
+written for uvicorn keep working (the level prefix comes from the formatter)::
 
-    {client} - "{method} {target} HTTP/{http_version}" {status} {duration_ms}ms
+    {client} - "{method} {target} HTTP/{http_version}" {status} {status_phrase}
+
+that is ``INFO:     127.0.0.1:50312 - "GET /items?id=1 HTTP/1.1" 200 OK``. It is rendered
+without the template machinery (``server_state.log_access``); a response cut short after
+it started (the client left mid-body, or the app failed after starting it) gets
+``(aborted)`` after the phrase. For the duration, use :data:`TIMED_ACCESS_FORMAT`::
+
+    {client} - "{method} {target} HTTP/{http_version}" {status} {status_phrase} {duration_ms}ms
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any, Final
 
 from .errors import ConfigError
@@ -44,14 +55,26 @@ FIELDS: Final = (
     "http_version",
     "scheme",
     "status",
+    "status_phrase",
     "bytes",
     "duration",
     "duration_ms",
     "request_id",
 )
 DEFAULT_ACCESS_FORMAT: Final = (
-    '{client} - "{method} {target} HTTP/{http_version}" {status} {duration_ms}ms'
+    '{client} - "{method} {target} HTTP/{http_version}" {status} {status_phrase}'
 )
+# The default line plus the duration (the documented alternative).
+TIMED_ACCESS_FORMAT: Final = DEFAULT_ACCESS_FORMAT + " {duration_ms}ms"
+# nginx's status for a request whose client closed the connection before anything was
+# answered: nothing was sent and the server did not fail, so it must not count as a 5xx.
+CLIENT_CLOSED_REQUEST: Final = 499
+# Reason phrases by status code, looked up once per access line (an HTTPStatus(code) call
+# costs an enum lookup and raises for codes it does not know).
+STATUS_PHRASES: Final[dict[int, str]] = {
+    **{status.value: status.phrase for status in HTTPStatus},
+    CLIENT_CLOSED_REQUEST: "Client Closed Request",
+}
 _PLACEHOLDER: Final = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -136,11 +159,20 @@ def access_fields(
         "http_version": scope.get("http_version", "1.1"),
         "scheme": scope.get("scheme", "http"),
         "status": status if status is not None else "-",
+        "status_phrase": status_phrase(status),
         "bytes": body_bytes,
         "duration": f"{duration:.6f}",
         "duration_ms": f"{duration * 1000:.1f}",
         "request_id": _header(scope.get("headers", ()), b"x-request-id") or "-",
     }
+
+
+def status_phrase(status: int | None) -> str:
+    """The reason phrase logged after ``status``: ``OK``; ``-`` when no status was sent, and
+    empty for a code without one (uvicorn does the same)."""
+    if status is None:
+        return "-"
+    return STATUS_PHRASES.get(status, "")
 
 
 def _header(headers: Any, name: bytes) -> str | None:

@@ -64,7 +64,8 @@ def load_app(app: str | Any, config: Config) -> ASGIApp:
 
     Args:
         app: ``"module:attr"`` or an app object.
-        config: supplies ``app_dir`` and ``factory``.
+        config: supplies ``app_dir``, ``factory`` and ``interface`` (``"auto"`` detects
+            ASGI 2 apps and adapts them; ``"asgi2"``/``"asgi3"`` say which it is).
 
     Raises:
         AppLoadError: see :func:`import_from_string`; also when a factory fails or the
@@ -94,8 +95,10 @@ def load_app(app: str | Any, config: Config) -> ASGIApp:
         loaded = loaded()
     if not callable(loaded):
         raise AppLoadError(f"Application {app!r} is not callable (got {type(loaded).__name__}).")
-    if is_asgi2(loaded):
+    interface = config.interface
+    if interface == "asgi2" or (interface == "auto" and is_asgi2(loaded)):
         return asgi2_adapter(loaded)
+    # "wsgi": returned as it is; serve() runs it in worker threads (trioserve.wsgi).
     return cast(ASGIApp, loaded)
 
 

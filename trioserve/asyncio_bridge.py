@@ -38,9 +38,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from concurrent.futures import Executor
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import trio
 
@@ -105,6 +106,33 @@ def _rebind_stale_asyncio_imports() -> None:
             if value is not replacement and getattr(value, "__module__", None) in _ORIGINS:
                 namespace[name] = replacement
                 logger.debug("rebound %s.%s to trio-asyncio's version", module_name, name)
+
+
+def accept_any_executor(loop: Any, trio_executor: type[Executor]) -> None:
+    """Make ``loop.run_in_executor`` take any ``concurrent.futures.Executor``, as asyncio's does.
+
+    asyncio's ``run_in_executor(executor, func, *args)`` submits ``func`` to ``executor``
+    and wraps the ``concurrent.futures.Future`` it returns (``asyncio.wrap_future``).
+    trio-asyncio 0.16's ``TrioEventLoop.run_in_executor`` instead asserts that
+    ``executor`` is ``None`` or its own ``TrioExecutor``, so an app passing its own
+    ``ThreadPoolExecutor`` (a2wsgi's ``WSGIMiddleware`` does, on every request) fails with
+    a bare ``AssertionError``. Such executors get asyncio's behaviour here; ``None`` and
+    ``TrioExecutor`` keep trio-asyncio's (trio worker threads). The executor's threads are
+    the app's: ``runner.exit_watchdog`` bounds how long a stuck one can delay the exit.
+    """
+    trio_run_in_executor = loop.run_in_executor
+    if getattr(trio_run_in_executor, "accepts_any_executor", False):
+        return  # a reused loop, already done
+
+    def run_in_executor(
+        executor: Executor | None, func: Callable[..., Any], *args: Any
+    ) -> asyncio.Future[Any]:
+        if executor is None or isinstance(executor, trio_executor):
+            return cast("asyncio.Future[Any]", trio_run_in_executor(executor, func, *args))
+        return asyncio.wrap_future(executor.submit(func, *args), loop=loop)
+
+    run_in_executor.accepts_any_executor = True  # type: ignore[attr-defined]
+    loop.run_in_executor = run_in_executor
 
 
 class AsyncioApp:
@@ -275,10 +303,12 @@ async def open_app_loop(app: ASGIApp, config: Config) -> AsyncIterator[ASGIApp]:
     trio_asyncio = import_trio_asyncio()
     running = trio_asyncio.current_loop.get()
     if running is not None:
+        accept_any_executor(running, trio_asyncio.TrioExecutor)
         yield AsyncioApp(app, running)
         return
     body_error: Exception | None = None
     async with trio_asyncio.open_loop() as loop:
+        accept_any_executor(loop, trio_asyncio.TrioExecutor)
         try:
             yield AsyncioApp(app, loop)
         except Exception as exc:  # re-raised below, outside the loop's nurseries

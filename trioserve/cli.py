@@ -4,16 +4,25 @@ Options are generated from :class:`~trioserve.Config`'s fields (their ``metadata
 the help text), so the option list exists once. Every option also reads
 ``TRIOSERVE_<OPTION>`` from the environment (``--workers`` also ``WEB_CONCURRENCY``).
 This is the only module that turns exceptions into exit codes.
+
+Users switch from uvicorn by changing one word, so every ``uvicorn --help`` option means
+the same here or is answered: the uvicorn options and values trioserve has no field for
+are the two small tables below (:data:`UVICORN_ONLY_OPTIONS`, :data:`UVICORN_ONLY_VALUES`).
+Each is either already trioserve's behaviour (accepted, a no-op) or refused with one line
+saying what to use instead (exit 2), never click's bare "No such option". ``UVICORN_*``
+environment variables are not read; one warning names the ``TRIOSERVE_*`` ones to use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import ssl
 import sys
 import types
 import typing
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final, NamedTuple
 
 import click
 
@@ -26,10 +35,118 @@ EXIT_USAGE: Final = 2
 EXIT_STARTUP: Final = 3
 
 
+class UvicornOnly(NamedTuple):
+    """A uvicorn option trioserve has no field for."""
+
+    flag: str
+    is_flag: bool
+    # Values (a flag: "True") that are already trioserve's behaviour: accepted, a no-op.
+    no_op: tuple[str, ...]
+    # Any other value is refused with this, after "Error: <flag> <value>: ".
+    advice: str
+
+
+UVICORN_ONLY_OPTIONS: Final = (
+    UvicornOnly(
+        "--loop",
+        False,
+        # uvicorn's default ("pick the best loop"): here that is trio, so nothing to do.
+        ("auto",),
+        "trioserve runs on trio, not on an asyncio event loop: drop --loop (apps that need "
+        "asyncio-only libraries: --app-loop asyncio; for speed: --http httptools)",
+    ),
+    UvicornOnly(
+        "--http2",
+        True,
+        (),
+        "trioserve speaks HTTP/1.1 only: drop --http2 (terminate HTTP/2 at a proxy such as nginx)",
+    ),
+    UvicornOnly(
+        "--ssl-version",
+        False,
+        (str(int(ssl.PROTOCOL_TLS_SERVER)),),  # uvicorn's default, what tls.py always uses
+        f"trioserve always uses ssl.PROTOCOL_TLS_SERVER ({int(ssl.PROTOCOL_TLS_SERVER)}, "
+        "uvicorn's default), which negotiates the newest TLS version both sides support: "
+        "drop --ssl-version",
+    ),
+    UvicornOnly(
+        "--reset-contextvars",
+        True,
+        # Each request already runs in a copy of its connection's context, and the lifespan
+        # runs in a task of its own: context set there never reaches a request.
+        ("True",),
+        "",
+    ),
+)
+# (option, value) → advice, for values of trioserve's own choice options.
+UVICORN_ONLY_VALUES: Final[dict[str, dict[str, str]]] = {
+    "ws": dict.fromkeys(
+        ("websockets", "websockets-sansio"),
+        "trioserve implements WebSocket with wsproto: use --ws wsproto (or auto)",
+    ),
+    "http": {"zttp": "use --http httptools (the fast C parser) or --http h11"},
+}
+
+
+def _refuse(ctx: click.Context, what: str, advice: str) -> typing.NoReturn:
+    """One line on stderr and exit 2: no usage text, no traceback."""
+    click.echo(f"Error: {what}: {advice}", err=True)
+    ctx.exit(EXIT_USAGE)
+
+
+class _Choice(click.Choice):  # type: ignore[type-arg]  # Choice[str] fails on click 8.1
+    """``click.Choice`` that answers a uvicorn-only value with :func:`_refuse`."""
+
+    def __init__(self, choices: tuple[str, ...], refused: Mapping[str, str]) -> None:
+        super().__init__(choices)
+        self.refused = refused
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if ctx is not None and param is not None and value in self.refused:
+            _refuse(ctx, f"{param.opts[0]} {value}", self.refused[value])
+        return super().convert(value, param, ctx)
+
+
+def _uvicorn_only_option(option: UvicornOnly) -> Callable[[Any], Any]:
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is None or value is False or str(value) in option.no_op:
+            return
+        _refuse(ctx, option.flag if option.is_flag else f"{option.flag} {value}", option.advice)
+
+    return click.option(
+        option.flag,
+        is_flag=option.is_flag,
+        default=None,
+        hidden=True,
+        expose_value=False,
+        callback=check,
+    )
+
+
+def uvicorn_variables_warning(environ: Mapping[str, str]) -> str | None:
+    """The one-line warning about ``UVICORN_<OPTION>`` variables trioserve does not read.
+
+    Only options trioserve has, and only when no ``TRIOSERVE_*`` variable of that option is
+    set (then the user has already switched). None when there is nothing to say.
+    """
+    ignored = []
+    for param in main.params:
+        if not param.expose_value:
+            continue
+        envvars = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+        ours = [name for name in envvars if name.startswith("TRIOSERVE_")]
+        theirs = "UVICORN_" + str(param.name).upper()
+        if theirs in environ and ours and not any(name in environ for name in ours):
+            ignored.append(f"{theirs} (use {ours[0]})")
+    if not ignored:
+        return None
+    return f"trioserve does not read UVICORN_* variables; ignoring {', '.join(ignored)}."
+
+
 def _param_type(field: dataclasses.Field[Any], hints: dict[str, Any]) -> Any:
     choices = field.metadata.get("choices")
     if choices:
-        return click.Choice(choices)
+        return _Choice(choices, UVICORN_ONLY_VALUES.get(field.name, {}))
     hint = hints[field.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
@@ -90,13 +207,36 @@ def _envvars(name: str, flag: str) -> list[str]:
 
 
 def _command(func: Callable[..., Any]) -> click.Command:
-    for decorator in reversed(_options()):
+    for decorator in reversed(
+        [*_options(), *(_uvicorn_only_option(o) for o in UVICORN_ONLY_OPTIONS)]
+    ):
         func = decorator(func)
     func = click.argument("app", envvar="TRIOSERVE_APP")(func)
     func = click.version_option(
         __version__, "--version", message=f"trioserve %(version)s (Python {sys.version.split()[0]})"
     )(func)
-    return click.command(context_settings={"help_option_names": ["-h", "--help"]})(func)
+    return click.command(
+        cls=_ProcessCommand, context_settings={"help_option_names": ["-h", "--help"]}
+    )(func)
+
+
+class _ProcessCommand(click.Command):
+    """The command as the process runs it (the console script, ``python -m trioserve``).
+
+    Calling the command is what those entry points do (click's tests call ``main()``):
+    as the process is about to exit, :func:`~trioserve.runner.arm_exit_watchdog` bounds
+    how long a thread the app left running can hold the exit.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.main(*args, **kwargs)
+        except SystemExit as exc:
+            from .runner import arm_exit_watchdog
+
+            code = exc.code
+            arm_exit_watchdog(code if isinstance(code, int) else int(code is not None))
+            raise
 
 
 def _main(app: str, **options: Any) -> None:
@@ -107,8 +247,9 @@ def _main(app: str, **options: Any) -> None:
         config = Config(**options)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    warning = uvicorn_variables_warning(os.environ)
     try:
-        run_config(app, config)
+        run_config(app, config, warnings=[warning] if warning else [])
     except ConfigError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_USAGE)

@@ -30,6 +30,10 @@ WSMode = Literal["auto", "wsproto", "none"]
 # imports and cannot tell an optional aiohttp from a required asyncpg; the app_call hint
 # names --app-loop asyncio when an app fails for want of asyncio.
 AppLoop = Literal["trio", "asyncio"]
+# How the app is called: "auto" tells ASGI 3 from ASGI 2 (app_loading.is_asgi2); "wsgi" runs
+# a PEP 3333 app in worker threads (trioserve.wsgi). uvicorn's flag and values.
+Interface = Literal["auto", "asgi3", "asgi2", "wsgi"]
+INTERFACES: Final = ("auto", "asgi3", "asgi2", "wsgi")
 HTTPImpl = Literal["auto", "h11", "httptools"]
 LogFormat = Literal["text", "json"]
 
@@ -97,6 +101,14 @@ class Config:
             choices=("trio", "asyncio"),
         ),
     )
+    interface: Interface = field(
+        default="auto",
+        metadata=_opt(
+            "Application interface: auto (ASGI 3 or ASGI 2, detected), asgi3, asgi2, or wsgi "
+            "(a PEP 3333 app, run in up to 40 worker threads).",
+            choices=INTERFACES,
+        ),
+    )
     http: HTTPImpl = field(
         default="h11",
         metadata=_opt(
@@ -114,15 +126,19 @@ class Config:
         default=True,
         metadata=_opt("Enable/Disable access log.", flag="--access-log/--no-access-log"),
     )
-    log_config: str | None = field(
-        default=None, metadata=_opt("Logging configuration file (.json, .yaml or .ini).")
+    # A dict (dictConfig) only from Python, as uvicorn's run(log_config=...) takes one. It
+    # is left out of the hash (a dict has none); equality still compares it.
+    log_config: str | dict[str, Any] | None = field(
+        default=None,
+        hash=False,
+        metadata=_opt("Logging configuration file (.json, .yaml or .ini)."),
     )
     access_log_format: str | None = field(
         default=None,
         metadata=_opt(
             "Access line template with {field} placeholders: client, method, path, query, "
-            "target, http_version, scheme, status, bytes, duration, duration_ms, request_id, "
-            "{header:NAME} (see README). [default: uvicorn-like line]"
+            "target, http_version, scheme, status, status_phrase, bytes, duration, "
+            "duration_ms, request_id, {header:NAME} (see README). [default: uvicorn's line]"
         ),
     )
     log_format: LogFormat = field(
@@ -148,7 +164,7 @@ class Config:
         ),
     )
     forwarded_allow_ips: str = field(
-        default="127.0.0.1",
+        default="127.0.0.1,::1",
         metadata=_opt(
             "Comma-separated IPs and CIDR networks to trust with proxy headers; '*' trusts "
             "all, 'unix:' trusts UNIX-socket peers.",
@@ -207,6 +223,13 @@ class Config:
         default=10.0,
         metadata=_opt("Drop a client that has not sent a complete request head in this time."),
     )
+    timeout_request_body: float = field(
+        default=60.0,
+        metadata=_opt(
+            "Give up on a request body when none of it arrives for this long while the app "
+            "waits for it: the app gets http.disconnect, the client 408 (0: no limit)."
+        ),
+    )
     timeout_graceful_shutdown: float | None = field(
         default=None,
         metadata=_opt(
@@ -230,6 +253,14 @@ class Config:
     h11_max_incomplete_event_size: int = field(
         default=16 * 1024,
         metadata=_opt("Maximum size of a request head in bytes (431 beyond it)."),
+    )
+    limit_request_body: int = field(
+        default=100 * 1024 * 1024,
+        metadata=_opt(
+            "Maximum size of a request body in bytes: a larger declared Content-Length is "
+            "answered 413 without calling the app, a longer chunked body is cut off with "
+            "413 (0: no limit)."
+        ),
     )
     # -- WebSocket ------------------------------------------------------------------------
     ws: WSMode = field(
@@ -262,7 +293,7 @@ class Config:
         ),
     )
     timeout_worker_healthcheck: float = field(
-        default=30.0,
+        default=5.0,
         metadata=_opt("Replace a worker whose event loop is blocked for longer than this."),
     )
     reload: bool = field(default=False, metadata=_opt("Enable auto-reload."))
@@ -304,6 +335,7 @@ class Config:
         _check_range("ws_max_size", self.ws_max_size, 1, 2**63 - 1)
         _check_range("ws_max_queue", self.ws_max_queue, 1, 2**31 - 1)
         _check_range("limit_max_requests_jitter", self.limit_max_requests_jitter, 0, 2**31 - 1)
+        _check_range("limit_request_body", self.limit_request_body, 0, 2**63 - 1)
         for name in ("limit_concurrency", "limit_max_requests"):
             value = getattr(self, name)
             if value is not None:
@@ -315,6 +347,7 @@ class Config:
             "reload_delay",
         ):
             _check_positive(name, getattr(self, name))
+        _check_positive("timeout_request_body", self.timeout_request_body, allow_zero=True)
         for name in ("timeout_graceful_shutdown", "ws_ping_interval", "ws_ping_timeout"):
             value = getattr(self, name)
             if value is not None:
@@ -322,6 +355,7 @@ class Config:
         _check_choice("lifespan", self.lifespan, ("auto", "on", "off"))
         _check_choice("ws", self.ws, ("auto", "wsproto", "none"))
         _check_choice("app_loop", self.app_loop, ("trio", "asyncio"))
+        _check_choice("interface", self.interface, INTERFACES)
         _check_choice("http", self.http, ("auto", "h11", "httptools"))
         if self.http == "httptools" and not _httptools_installed():
             raise ConfigError("--http httptools needs httptools: pip install 'trioserve[fast]'")
@@ -329,12 +363,15 @@ class Config:
         self._check_edge()
         if self.log_level is not None:
             _check_choice("log_level", self.log_level, LOG_LEVELS)
+        if not isinstance(self.log_config, (str, dict, type(None))):
+            raise ConfigError(
+                "log_config must be a file path or a logging.config.dictConfig dict, "
+                f"got {self.log_config!r}"
+            )
         if self.uds is not None and self.fd is not None:
             raise ConfigError("--uds and --fd are mutually exclusive")
         if self.fd is not None and self.fd < 0:
             raise ConfigError(f"fd must be a non-negative file descriptor, got {self.fd}")
-        if self.reload and self.workers > 1:
-            raise ConfigError("--reload and --workers are mutually exclusive")
         if self.root_path and not self.root_path.startswith("/"):
             raise ConfigError(f"root_path must start with '/', got {self.root_path!r}")
         if self.root_path.endswith("/"):

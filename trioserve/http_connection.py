@@ -44,6 +44,7 @@ from typing import Any, Final
 import h11
 import trio
 
+from .access_format import CLIENT_CLOSED_REQUEST
 from .app_call import call_app
 from .errors import AppProtocolError, ClientDisconnected
 from .http_messages import (
@@ -55,6 +56,8 @@ from .http_messages import (
     header_list,
     is_websocket_upgrade,
 )
+from .http_parser import refusal
+from .message_trace import TRACE_LOG_LEVEL, peer_name
 from .proxy_headers import TrustedHosts, apply_proxy_headers
 from .server_state import ServerState, log_access
 
@@ -81,6 +84,10 @@ MAX_DISCARD_BODY: Final = 1024 * 1024
 # Lingering close: after an error response, read and discard for at most this long so
 # the kernel does not reset the connection under the client's feet (RFC 9112 §9.6).
 LINGER_TIMEOUT: Final = 1.0
+# Draining: a keep-alive connection idle for less than this may have its next request on
+# the way, so it is closed only once it has been idle this long (its next request, if it
+# comes sooner, is answered with Connection: close). See HTTPConnection.drain().
+DRAIN_IDLE_GRACE: Final = 1.0
 
 _DISCONNECT: Final = {"type": "http.disconnect"}
 _CONTINUE_TASK_NAME: Final = "trioserve.http_connection.HTTPConnection.continue_serving"
@@ -162,8 +169,7 @@ class HTTPConnection:
 
         (Made when needed: a string kept per connection would cost every idle connection.)
         """
-        client = self.client
-        return f"{client[0]}:{client[1]}" if client else "unix"
+        return peer_name(self.client)
 
     # -- stream boundary: trio resource errors are translated here only ----------------
 
@@ -341,19 +347,38 @@ class HTTPConnection:
     # -- lifecycle ------------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Graceful shutdown: close now if idle, else after the current response.
+        """Graceful shutdown: answer at most one more request, with ``Connection: close``.
 
-        A connection that has not sent its first request yet is not idle: it was accepted,
-        so its request (likely already on the way) is answered, with ``Connection: close``.
-        Closing it would fail a request the client had every right to send (a worker
-        recycled by ``--limit-max-requests`` under load). Its wait stays bounded by the
-        keep-alive / request-head timeouts and the graceful-shutdown deadline.
+        Closing a kept-alive connection races its client: its next request may already be
+        on the wire (under load it usually is), and a request that meets a close instead of
+        a response has failed (wrk retries nothing; careful clients retry only a request
+        they know was not sent, RFC 9112 §9.3.1). So the connection ends where the client
+        learns of it from a response, or where nothing is likely to be in flight:
+
+        * while a response is in progress: its head says ``Connection: close`` if it has not
+          left yet; if it has promised keep-alive, the next request is still read and is
+          answered with ``Connection: close`` (as below);
+        * idle after a response: the next request is answered with ``Connection: close``;
+          the connection is closed once it has been idle for :data:`DRAIN_IDLE_GRACE`
+          seconds (at once if it already has). That a request leaves at the very instant of
+          the close is the race any server has with an idle connection; a close with no
+          response pending is the one clients retry;
+        * accepted, no request yet: its first request is likely on the way; it is answered
+          (with ``Connection: close``) within the usual keep-alive / request-head timeouts.
+
+        The graceful-shutdown deadline bounds all of it.
         """
+        if self.closing:
+            return
         self.closing = True
         if self._upgraded_to is not None:
             self._upgraded_to.drain()
         elif self.idle and not self._fresh and self._timeout_scope is not None:
-            self._timeout_scope.cancel()
+            # Its deadline is the start of the idle period + the keep-alive timeout (see
+            # _serve_requests); a deadline already past closes it at once.
+            shorten = self.state.config.timeout_keep_alive - DRAIN_IDLE_GRACE
+            if shorten > 0:
+                self._timeout_scope.deadline -= shorten
 
     @property
     def _fresh(self) -> bool:
@@ -411,6 +436,8 @@ class HTTPConnection:
         self._holders -= 1
         if self._holders == 0:
             self.state.connections.discard(self)
+            if self.state.trace:
+                logger.log(TRACE_LOG_LEVEL, "%s - HTTP connection lost", self.peer)
             await self._close()
 
     async def _close(self) -> None:
@@ -456,7 +483,10 @@ class HTTPConnection:
                         return
                     # The keep-alive wait is here rather than in _read_head: an idle
                     # connection then parks one coroutine frame less (~0.3 KiB).
-                    timeout.deadline = trio.current_time() + config.timeout_keep_alive
+                    keep_alive = config.timeout_keep_alive
+                    if self.closing and not self._fresh:
+                        keep_alive = min(keep_alive, DRAIN_IDLE_GRACE)  # see drain()
+                    timeout.deadline = trio.current_time() + keep_alive
                     received = await self.receive_bytes(wait_first=True)
                     conn.receive_data(received)
                     self.idle = False
@@ -498,6 +528,9 @@ class HTTPConnection:
         # (The parser's unparsed bytes: pipelined input. h11 also keeps ``received`` there
         # until it has a whole head; httptools parses as bytes arrive.)
         unscreened = received or conn.trailing_data[0]
+        # (h11 only: the head as received, to judge a Transfer-Encoding h11 refused; see
+        # http_parser.refusal.)
+        seen: bytes | bytearray = b"" if conn.rejects_obs_fold else unscreened
         while True:
             if unscreened and not conn.rejects_obs_fold and head_has_obs_fold(unscreened):
                 await self._reject(400, "obs-fold in request head")
@@ -505,20 +538,19 @@ class HTTPConnection:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                await self._reject(exc.error_status_hint, str(exc))
+                await self._reject(*refusal(exc, seen))
                 return None
             if event is h11.NEED_DATA:
                 # (All that is buffered now is one incomplete head.)
                 if head_deadline is None and unscreened:
                     head_deadline = trio.current_time() + header_timeout
                 if head_deadline is None:
-                    if self.closing and not self._fresh:
-                        return None
                     # Under load the next keep-alive request has usually arrived by the
                     # time this task runs again: take it without arming the keep-alive
                     # deadline and without yielding. (No checkpoint here: this task
                     # has passed one since it last read, in _handle_request or on
                     # entering _serve_requests, and cannot have been cancelled since.)
+                    # Draining too: a request that has arrived is answered (drain()).
                     data = self.receive_nowait()
                     if data is None:
                         self.idle = True
@@ -528,15 +560,21 @@ class HTTPConnection:
                         timeout.deadline = head_deadline
                     data = await self.receive_bytes()
                 conn.receive_data(data)
-                unscreened = data if conn.rejects_obs_fold else unscreened[-3:] + data
+                if conn.rejects_obs_fold:
+                    unscreened = data
+                else:
+                    unscreened = unscreened[-3:] + data
+                    seen = _appended(seen, data) if seen else data
                 continue
             # (type() checks: h11's events derive from an ABC, so isinstance() is dear.)
             if type(event) is h11.Request:
                 headers = header_list(event)  # one pass over h11's Headers per request
+                config = self.state.config
                 problem = check_request(
                     event,
-                    max_head_size=self.state.config.h11_max_incomplete_event_size,
+                    max_head_size=config.h11_max_incomplete_event_size,
                     headers=headers,
+                    max_body_size=config.limit_request_body,
                 )
                 if problem is not None:
                     await self._reject(*problem, method=event.method)
@@ -661,10 +699,18 @@ class HTTPConnection:
             # The app still awaits receive() on the socket: take the reader role back.
             cycle.reading.cancel()
             await cycle.wait_reader_idle()
-        # Not reusable after an abort or during a drain, nor when we never sent the 100 the
-        # client waits for (it may or may not send the body, RFC 9110 §10.1.1).
+        # Not reusable after an abort or a bad or stalled request body, nor when we never
+        # sent the 100 the client waits for (it may or may not send the body, RFC 9110
+        # §10.1.1). During a drain, only if the response promised keep-alive (its head left
+        # before the drain began): the parser knows (a Connection: close response leaves it
+        # in MUST_CLOSE), and the client's next request is then answered with Connection:
+        # close rather than raced (drain()).
         reusable = not (
-            cycle.aborted or self.peer_gone or self.closing or self.broken or cycle.expect_100
+            cycle.aborted
+            or self.peer_gone
+            or self.broken
+            or cycle.expect_100
+            or cycle.peer_error is not None
         )
         if reusable:
             # Make the connection reusable: consume what is left of the request body. What
@@ -774,6 +820,7 @@ class RequestCycle:
     reading: trio.CancelScope | None = None
     _reader_idle: trio.Event | None = None
     peer_error: h11.RemoteProtocolError | None = None
+    _body_received = 0  # request body bytes handed to the app (for --limit-request-body)
     _pending: Any = None
     _continue_write: trio.Event | None = None
     # send() from several tasks of one app: writes take turns, so their bytes never
@@ -808,13 +855,21 @@ class RequestCycle:
                 return
             writer = self.writer
             if not writer.started:
-                if exc is None and self.peer_error is None and not conn.peer_gone:
+                if conn.peer_gone and self.peer_error is None:
+                    # The client left before anything was answered (an abandoned upload):
+                    # nothing was sent and the server did not fail. Logged as nginx's 499,
+                    # never as a 5xx. (An app error on the way is logged by call_app.)
+                    writer.status = CLIENT_CLOSED_REQUEST
+                    self._finish(aborted=True)
+                    return
+                if exc is None and self.peer_error is None:
                     logger.error("ASGI callable returned without starting response")
                 await self._send_error(
                     self.peer_error.error_status_hint if self.peer_error else 500
                 )
             else:
-                if exc is None and not conn.peer_gone:
+                # (Not the app's fault when the request body failed: it was told to stop.)
+                if exc is None and not conn.peer_gone and self.peer_error is None:
                     logger.error("ASGI callable returned without completing response")
                 if self._buffer and not (conn.peer_gone or conn.broken):
                     # What the app did send still reaches the client before the close.
@@ -985,11 +1040,13 @@ class RequestCycle:
         if self.reading is not None and self._reader_idle is not None:
             await self._reader_idle.wait()
 
-    async def _read(self) -> bytes | None:
+    async def _read(self, timeout: float = 0.0) -> bytes | None:
         """Read as the app's reader (nothing has arrived: callers tried receive_nowait
-        first); None when the response completed meanwhile."""
+        first); None when the response completed meanwhile, or when nothing arrived within
+        ``timeout`` seconds (0: no limit)."""
         idle = self._reader_idle = trio.Event()
-        with trio.CancelScope() as scope:
+        deadline = trio.current_time() + timeout if timeout else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
             self.reading = scope
             try:
                 return await self.conn.receive_bytes(wait_first=True)
@@ -1034,7 +1091,19 @@ class RequestCycle:
                 data = conn.receive_nowait()
                 waited = data is None
                 if data is None:
-                    data = await self._read()
+                    # --timeout-request-body bounds each wait for more of the body, as
+                    # nginx's client_body_timeout does: a body trickling in, or shorter
+                    # than its Content-Length, cannot hold the app and the connection.
+                    data = await self._read(conn.state.config.timeout_request_body)
+                    if data is None and not self.done:
+                        return self._peer_error(
+                            h11.RemoteProtocolError(
+                                "nothing received for "
+                                f"{conn.state.config.timeout_request_body:g} s",
+                                error_status_hint=408,
+                            ),
+                            "request body timed out",
+                        )
                 if not data:  # peer gone, EOF, or the response completed meanwhile
                     self.disconnected = True
                     return _DISCONNECT
@@ -1046,6 +1115,20 @@ class RequestCycle:
                         return _DISCONNECT
                 continue
             if type(event) is h11.Data:
+                limit = conn.state.config.limit_request_body
+                if limit:
+                    # What crosses --limit-request-body never reaches the app. (A chunked
+                    # body is counted here; a larger Content-Length got 413 before the app
+                    # was called, from check_request.)
+                    self._body_received += len(event.data)
+                    if self._body_received > limit:
+                        return self._peer_error(
+                            h11.RemoteProtocolError(
+                                f"over the {limit}-byte --limit-request-body",
+                                error_status_hint=413,
+                            ),
+                            "request body too large",
+                        )
                 # Peek so a body that is complete in the buffer ends with more_body=False.
                 following: object
                 try:
@@ -1065,8 +1148,16 @@ class RequestCycle:
             self.disconnected = True
             return _DISCONNECT
 
-    def _peer_error(self, exc: h11.RemoteProtocolError) -> dict[str, Any]:
-        logger.info("%s - invalid request body: %s", self.conn.peer, exc)
+    def _peer_error(
+        self, exc: h11.RemoteProtocolError, what: str = "invalid request body"
+    ) -> dict[str, Any]:
+        """Give up on the request body because of the peer (``what`` it did, for the log).
+
+        The app gets ``http.disconnect`` and its ``send()`` raises ``ClientDisconnected``;
+        once it returns, :meth:`run` answers ``exc.error_status_hint`` if no response head
+        has been sent, and the connection closes.
+        """
+        logger.info("%s - %s: %s (%d)", self.conn.peer, what, exc, exc.error_status_hint)
         self.peer_error = exc
         self.disconnected = True
         self.conn.linger = True
@@ -1094,6 +1185,15 @@ class RequestCycle:
                 break
             parser.receive_data(data)  # pipelined bytes: kept for the next cycle
         return _DISCONNECT
+
+
+def _appended(buffer: bytes | bytearray, data: bytes) -> bytes | bytearray:
+    """``buffer + data``, in place once ``buffer`` is a bytearray: linear when called
+    for each read of a head that trickles in."""
+    if type(buffer) is bytes:
+        buffer = bytearray(buffer)
+    buffer += data
+    return buffer
 
 
 def _after(pieces: list[bytes], count: int) -> list[bytes]:

@@ -142,12 +142,16 @@ def check_request(
     *,
     max_head_size: int,
     headers: list[tuple[bytes, bytes]] | None = None,
+    max_body_size: int = 0,
 ) -> tuple[int, str] | None:
     """Reject what h11 lets through: return ``(status, reason)`` or None when acceptable.
 
     * Content-Length together with Transfer-Encoding (RFC 9112 §6.3: "ought to be handled as
       an error"; h11 silently prefers chunked), and Transfer-Encoding in an HTTP/1.0 request
       (RFC 9112 §6.1: "MUST treat the message as if the framing is faulty").
+    * A Content-Length over ``max_body_size`` (0: no limit), answered 413 before the app is
+      called, as nginx's ``client_max_body_size`` does (RFC 9110 §15.5.14); a chunked body
+      is counted as it arrives (``http_connection``).
     * A major version other than 1 (RFC 9110 §15.6.6: 505).
     * ``CONNECT`` (501): ASGI has no tunnels, and h11 would turn the app's 2xx into one.
     * A head larger than ``max_head_size``: h11 only bounds heads that arrive in several
@@ -160,20 +164,27 @@ def check_request(
         # A 2xx would switch the connection to a tunnel (h11), which ASGI cannot express.
         return 501, "CONNECT is not supported"
     size = len(request.method) + len(request.target) + 12
-    content_length = transfer_encoding = False
+    content_length: bytes | None = None
+    transfer_encoding = False
     for name, value in header_list(request) if headers is None else headers:
         size += len(name) + len(value) + 4
         if name == b"content-length":
-            content_length = True
+            content_length = value
         elif name == b"transfer-encoding":
             transfer_encoding = True
     if size > max_head_size:
         return 431, f"request head larger than {max_head_size} bytes"
     if transfer_encoding:
-        if content_length:
+        if content_length is not None:
             return 400, "both Content-Length and Transfer-Encoding"
         if version == b"1.0":
             return 400, "Transfer-Encoding in an HTTP/1.0 request"
+    # (Both parsers have checked that the value is one decimal number.)
+    elif max_body_size and content_length is not None and int(content_length) > max_body_size:
+        return 413, (
+            f"request body too large: Content-Length {int(content_length)} over the "
+            f"{max_body_size}-byte --limit-request-body"
+        )
     return None
 
 
@@ -192,7 +203,16 @@ def head_has_obs_fold(buffer: bytes) -> bool:
 def is_websocket_upgrade(
     request: h11.Request, headers: list[tuple[bytes, bytes]] | None = None
 ) -> bool:
-    """Whether the request asks to switch to WebSocket (RFC 6455 §4.1)."""
+    """Whether the request is a WebSocket opening handshake (RFC 6455 §4.1).
+
+    "The method of the request MUST be GET, and the HTTP version MUST be at least 1.1"
+    (§4.1). Any other request offering the upgrade is plain HTTP: a server may ignore an
+    Upgrade field (RFC 9110 §7.8; in an HTTP/1.0 request it MUST), so the app answers it
+    as it answers that method on that path. (Not 405, as the ``websockets`` library
+    answers: only the app's routing knows which methods the path allows.)
+    """
+    if request.method != b"GET" or request.http_version != b"1.1":
+        return False
     upgrade = False
     connection_upgrade = False
     for key, value in header_list(request) if headers is None else headers:
@@ -309,11 +329,15 @@ class ResponseFields:
             them); then whether none is a framing field but one plain Content-Length.
         lines: the encoded fields, when ``plain``.
         length: that Content-Length, if any.
+        declared: the body length the fields declare, for the writer to check before the
+            head goes to the parser: one Content-Length (repeats must agree), no
+            Transfer-Encoding (chunked framing wins); else None.
     """
 
     __slots__ = (
         "_defaults",
         "_head_lines",
+        "declared",
         "fields",
         "framed",
         "length",
@@ -326,6 +350,7 @@ class ResponseFields:
         self.fields = tuple(fields)
         self.names = frozenset(names)
         self.framed = b"content-length" in names or b"transfer-encoding" in names
+        self.declared = _declared_length(self.fields) if self.framed else None
         self.plain: bool | None = None
         self.lines = b""
         self.length: int | None = None
@@ -410,6 +435,28 @@ class ResponseHeads:
         fields._defaults = defaults
         fields._head_lines = lines
         return lines
+
+
+def _declared_length(fields: tuple[tuple[bytes, bytes], ...]) -> int | None:
+    """The Content-Length ``fields`` frame the body with (see ``ResponseFields.declared``);
+    None when Transfer-Encoding frames it, or when the value is one the parser refuses (it
+    then names the fault)."""
+    declared = None
+    for name, value in fields:
+        name = name.lower()
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            values = {part.strip() for part in value.split(b",")}  # (h11 merges "5, 5")
+            if len(values) != 1:
+                return None
+            number = values.pop()
+            if not (number.isdigit() and number.isascii() and len(number) <= 20):
+                return None
+            if declared is not None and declared != int(number):
+                return None
+            declared = int(number)
+    return declared
 
 
 def _encode(fields: ResponseFields, checked: set[tuple[bytes, bytes]]) -> None:
@@ -519,6 +566,13 @@ class ResponseWriter:
         status = self.status
         assert status is not None  # (both set by start() before any body)
         assert fields is not None
+        # A first body that already contradicts the declared length fails here, before
+        # the head goes to the parser: it is unsent, so the client still gets a clean 500
+        # (handed to the parser, it could never be replaced by one).
+        if fields.declared is not None and not self._no_body:
+            mismatch = _length_mismatch(len(body), fields.declared, more_body)
+            if mismatch is not None:
+                raise AppProtocolError(mismatch)
         # A complete body in one message: declare its length instead of chunking. For HEAD
         # that is the length a GET would have had (RFC 9110 §9.3.2).
         add_length = (
@@ -601,8 +655,21 @@ class ResponseWriter:
                 self.state = _COMPLETE
                 self.complete = True
         except h11.LocalProtocolError as exc:
-            raise AppProtocolError(f"invalid response body: {exc}") from None
+            declared = self._fields.declared if self._fields is not None else None
+            mismatch = None
+            if declared is not None:
+                mismatch = _length_mismatch(self.body_bytes + len(body), declared, more_body)
+            raise AppProtocolError(mismatch or f"invalid response body: {exc}") from None
         return pieces
+
+
+def _length_mismatch(sent: int, declared: int, more_body: bool) -> str | None:
+    """How ``sent`` body bytes so far contradict a declared Content-Length, or None."""
+    if sent > declared:
+        return f"response body longer than its Content-Length {declared} ({sent} bytes sent)"
+    if sent < declared and not more_body:
+        return f"response body ended at {sent} bytes, short of its Content-Length {declared}"
+    return None
 
 
 def error_response(

@@ -16,13 +16,67 @@ plus these additions:
 * :meth:`HTTPParser.send_body`: body bytes and the end of the response in one call.
 * ``rejects_obs_fold``: whether the parser refuses obs-fold itself (llhttp does); h11
   unfolds it silently, so trioserve screens heads for it when the parser does not.
+
+Both parsers judge a request's Transfer-Encoding by :func:`transfer_coding_problem` (h11
+refuses every value but a lone "chunked" with 501, without saying which it saw:
+:func:`refusal` judges its refusal again from the head's bytes).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import re
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
 
 import h11
+
+# A Transfer-Encoding field of a request head, as h11 reads one (its value without OWS),
+# and the blank line that ends the head.
+_TRANSFER_ENCODING_FIELD: Final = re.compile(
+    rb"\ntransfer-encoding:[ \t]*([^\r\n]*?)[ \t]*\r?(?=\n)", re.IGNORECASE
+)
+_HEAD_END: Final = re.compile(rb"\n\r?\n")
+
+
+def transfer_coding_problem(values: Iterable[bytes]) -> tuple[int, str] | None:
+    """Judge a request's Transfer-Encoding field values: None for the one framing both
+    parsers read (a lone "chunked"), else the ``(status, reason)`` to answer and close with.
+
+    * chunked not the final coding (absent, or followed by another): 400. RFC 9112 §6.3:
+      "the message body length cannot be determined reliably; the server MUST respond
+      with the 400 (Bad Request) status code and then close the connection."
+    * chunked more than once: 400 ("A sender MUST NOT apply the chunked transfer coding
+      more than once to a message body", §6.1): the framing is faulty too.
+    * another coding (gzip, ...) before a final chunked: the body's length is known but
+      we cannot decode it: 501 ("A server that receives a request message with a
+      transfer coding it does not understand SHOULD respond with 501", §6.1).
+    """
+    codings = [coding.strip().lower() for value in values for coding in value.split(b",")]
+    if not codings or codings[-1] != b"chunked":
+        return 400, "chunked is not the final transfer coding"
+    if codings.count(b"chunked") > 1:
+        return 400, "chunked transfer coding applied more than once"
+    if len(codings) > 1:
+        unsupported = b", ".join(codings[:-1]).decode("ascii", "replace")
+        return 501, f"unsupported transfer coding {unsupported}"
+    return None
+
+
+def refusal(exc: h11.RemoteProtocolError, head: bytes | bytearray) -> tuple[int, str]:
+    """The ``(status, reason)`` to answer a request head the parser refused with.
+
+    Args:
+        exc: the parser's refusal.
+        head: the head's bytes as received, when the parser is h11 (else b""): h11's 501
+            for a Transfer-Encoding is judged again from them (see the module docstring).
+    """
+    if exc.error_status_hint == 501 and head:
+        end = _HEAD_END.search(head)
+        values = _TRANSFER_ENCODING_FIELD.findall(head, 0, len(head) if end is None else end.end())
+        problem = transfer_coding_problem(values) if values else None
+        if problem is not None:
+            return problem
+    return exc.error_status_hint, str(exc)
 
 
 class HTTPParser(Protocol):

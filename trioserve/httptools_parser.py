@@ -11,10 +11,16 @@ objects and exceptions, so the code above cannot tell the two apart:
   (``PAUSED``) as h11 does. Bytes that arrive once the current request has ended are kept
   unparsed (``trailing_data``) until :meth:`start_next_cycle`, so pipelined input is bounded
   and screened like h11's, and an upgrade leaves what followed its head untouched.
+* upgrades: llhttp ends a request that offers one (``Connection: upgrade`` and
+  ``Upgrade``, or CONNECT) at its head, body or not. h11 switches only when the server
+  answers 101, and until then reads the body as a body; so does this class (a fresh
+  llhttp parser reads the body, see ``HttptoolsConnection._unskip_body``), else the body
+  of an h2c or non-GET WebSocket request would be parsed as the next request.
 * strictness: llhttp checks the request line, field syntax and Content-Length, and refuses
   obs-fold, bare CR/LF, duplicate Content-Length and Content-Length with Transfer-Encoding.
   h11's remaining rules are applied here: one Host in an HTTP/1.1 request, a lone
-  "chunked" as the only transfer coding (501), no empty line before the request line, and
+  "chunked" as the only transfer coding (else 400 or 501, judged as on the h11 path by
+  ``http_parser.transfer_coding_problem``), no empty line before the request line, and
   a head that never ends capped at ``max_incomplete_event_size`` (431). The ``h11.Request``
   is then filled in directly, as h11's constructor would only repeat these checks.
 * writing: a small response writer. The head's fields were already validated as strictly as
@@ -39,6 +45,8 @@ from typing import Any, Final
 import h11
 import httptools
 from h11._headers import Headers  # (the type of h11.Request.headers)
+
+from .http_parser import transfer_coding_problem
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 # (h11's names bound once: the hot paths below look each up per request.)
@@ -66,12 +74,9 @@ _REQUEST_LINE: Final = re.compile(
 _MAYBE_REQUEST_LINE: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]*(?: [\x20-\x7e]*\r?)?")
 
 # llhttp's error messages answered other than with 400, as h11 answers the same input.
-_STATUS_FOR: Final = {
-    "Invalid HTTP version": 505,
-    # A transfer coding other than a lone, final "chunked" (h11: 501 Not Implemented).
-    "Invalid `Transfer-Encoding` header value": 501,
-    "Request has invalid `Transfer-Encoding`": 501,
-}
+# (llhttp's two Transfer-Encoding errors, a coding after chunked and chunked not final, are
+# the 400s of RFC 9112 §6.3: see http_parser.transfer_coding_problem.)
+_STATUS_FOR: Final = {"Invalid HTTP version": 505}
 
 # Body framing of the response being sent.
 _FRAMED_BY_LENGTH: Final = 0
@@ -95,9 +100,10 @@ class HttptoolsConnection:
 
     __slots__ = (
         "_between",
+        "_body_end",
         "_body_left",
-        "_chunked",
         "_close",
+        "_coded",
         "_ends_queued",
         "_events",
         "_expect",
@@ -134,10 +140,11 @@ class HttptoolsConnection:
         self._line = b""  # the request line so far, while llhttp has not finished it
         self._method_refused = False  # llhttp refused the method; 400 or 501 undecided
         self._head_fed = 0
+        self._body_end: _BodyEnd | None = None  # (an upgrade request's body is being read)
         self._url = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []  # (name, lower-case name, value)
         self._hosts = 0
-        self._chunked = self._close = self._expect = False
+        self._coded = self._close = self._expect = False  # (_coded: a Transfer-Encoding)
         # (keep-alive refused, 100-continue expected) of each queued request
         self._flags: deque[tuple[bool, bool]] = deque()
         self._request_method: bytes | None = None
@@ -177,12 +184,8 @@ class HttptoolsConnection:
             if _has_token(value, b"100-continue"):
                 self._expect = True
         elif lower == b"transfer-encoding":
-            # Only a lone "chunked" (h11 answers anything else with 501).
-            value = value.lower()
-            if self._chunked or value != b"chunked":
-                self._fail("Only Transfer-Encoding: chunked is supported", 501)
-                raise _Stop
-            self._chunked = True
+            value = value.lower()  # (as h11 keeps it; judged once the head is complete)
+            self._coded = True
         self._headers.append((name, lower, value))
 
     def on_headers_complete(self) -> None:
@@ -191,6 +194,11 @@ class HttptoolsConnection:
         parser = self._parser
         version = parser.get_http_version()
         headers = self._headers
+        if self._coded:
+            problem = transfer_coding_problem(v for _, n, v in headers if n == b"transfer-encoding")
+            if problem is not None:
+                self._fail(problem[1], problem[0])
+                raise _Stop
         if version == "0.9" and not headers:
             # A request line without a version, which llhttp takes for HTTP/0.9 (h11: 400).
             # (An explicit HTTP/0.9 with header fields gets 505 from check_request.)
@@ -218,7 +226,7 @@ class HttptoolsConnection:
         self._url = b""
         self._headers = []
         self._hosts = 0
-        self._chunked = self._close = self._expect = False
+        self._coded = self._close = self._expect = False
         self._events.append(request)
 
     def on_body(self, body: bytes) -> None:
@@ -246,12 +254,20 @@ class HttptoolsConnection:
             self._fail("no request line received")
             self._between = False
             return
+        body_end = self._body_end
+        if body_end is not None:  # (an upgrade request's body: see _unskip_body)
+            size = body_end.measure(data)
+            if body_end.ended:
+                self._body_end = None
+                self._raw[:0] = data[size:]
+                data = data[:size]
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             # The head asked to switch protocols: what follows it is not HTTP (yet).
             offset = upgrade.args[0]
             self._raw[:0] = data[offset:]
+            self._unskip_body()
         except httptools.HttpParserCallbackError as exc:
             if not isinstance(exc.__context__, _Stop):
                 raise  # a bug in a callback: the connection task logs it
@@ -272,6 +288,41 @@ class HttptoolsConnection:
             if self._head_fed > self._max_head:
                 self._fail("Receive buffer too long", 431)
                 self._in_head = False
+
+    def _unskip_body(self) -> None:
+        """Undo llhttp's end of an upgrade request at its head, if the head declared a body.
+
+        llhttp (through httptools, which answers its on_headers_complete with "skip the
+        body" for any upgrade) takes everything after such a head for the new protocol,
+        so a body would be parsed as the next request: request smuggling. h11 switches
+        only once the server answers 101 (trioserve answers 101 only to a GET WebSocket
+        handshake, before reading any body); until then the body is a body. So the queued
+        EndOfMessage is withdrawn and a fresh llhttp parser takes over, primed with a
+        head that frames a body the same way (this Content-Length, or chunked): llhttp
+        parses the body, chunks and trailer included, as strictly as any other. It is fed
+        no further than the body's end (:class:`_BodyEnd`): what follows waits unparsed
+        in ``trailing_data``, as in h11, until the response has shown that the
+        connection stays HTTP (:meth:`start_next_cycle`).
+
+        What came with the head waits unparsed too, body included (as in h11's buffer),
+        until the request is read on as HTTP: a connection switched then gets it as sent.
+        """
+        events = self._events
+        length = 0
+        chunked = False
+        for _, name, value in events[-2].headers._full_items:  # (the upgrade request)
+            if name == b"transfer-encoding":  # (on_headers_complete let only "chunked" by)
+                chunked = True
+            elif name == b"content-length":  # (llhttp allows one, of digits only)
+                length = int(value)
+        if not (chunked or length):
+            return  # no body: the message did end with its head
+        events.pop()  # (llhttp's EndOfMessage)
+        self._ends_queued -= 1
+        self._parser = _primed(self, length)
+        events.pop()  # (the primer's own Request; its fields were reset as any head's)
+        self._flags.pop()
+        self._body_end = _BodyEnd(length)
 
     def _judge_method(self) -> None:
         """llhttp refused the request's method: 501 if it is a well-formed token llhttp does
@@ -556,6 +607,88 @@ class HttptoolsConnection:
     def send_failed(self) -> None:
         """A write failed part-way: nothing more can be sent (as ``h11.Connection``)."""
         self.our_state = h11.ERROR
+
+
+def _primed(protocol: object, length: int) -> httptools.HttpRequestParser:
+    """A new llhttp parser for ``protocol``, fed a head whose body is framed by
+    Content-Length ``length`` or, if 0, chunked: it goes on to parse such a body."""
+    parser = httptools.HttpRequestParser(protocol)
+    framing = b"Content-Length: %d" % length if length else b"Transfer-Encoding: chunked"
+    parser.feed_data(b"PUT / HTTP/1.1\r\nHost: _\r\n%s\r\n\r\n" % framing)
+    return parser
+
+
+class _BodyEnd:
+    """Where the body of an upgrade request ends, so that no byte after it is parsed.
+
+    llhttp tells a body's end only by going on to parse what follows it as the next
+    message, which must wait here (see ``HttptoolsConnection._unskip_body``). A
+    Content-Length body ends after as many bytes. A chunked body ends right after a
+    CRLF CRLF (its last chunk, "0" and maybe extensions, then trailer fields, each line
+    ended by CRLF: llhttp refuses a bare LF), and llhttp finds which: two silent llhttp
+    parsers, primed alike, are fed each read. The one ahead takes it whole and tells
+    whether the body ends in it; the one behind follows, in one piece while it does not
+    and, in the read where it does, piece by piece, each piece ending after a CRLF CRLF,
+    until it too has seen the end (at most one piece per two bytes of that one read, all
+    in C). They judge nothing: a broken body is refused by the parser that reads it.
+    """
+
+    __slots__ = ("_ahead", "_ahead_ends", "_behind", "_behind_ends", "_left", "_tail", "ended")
+
+    def __init__(self, length: int) -> None:
+        self.ended = False
+        self._left = length  # (0: chunked)
+        self._ahead_ends = _Ends()
+        self._behind_ends = _Ends()
+        self._ahead = self._behind = None
+        if not length:
+            self._ahead = _primed(self._ahead_ends, 0)
+            self._behind = _primed(self._behind_ends, 0)
+        self._tail = b""  # the last 3 bytes measured (a CRLF CRLF may span two reads)
+
+    def measure(self, data: bytes | bytearray) -> int:
+        """How many bytes of ``data`` belong to the body (all, until ``ended``)."""
+        ahead, behind = self._ahead, self._behind
+        if ahead is None or behind is None:
+            size = min(self._left, len(data))
+            self._left -= size
+            self.ended = not self._left
+            return size
+        tail = self._tail
+        joined = tail + data
+        self._tail = joined[-3:]
+        try:
+            ahead.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            if not self._ahead_ends.count:
+                return len(data)  # (a broken body: the parser that reads it refuses it too)
+            # (else what follows the body is not HTTP: no matter)
+        if not self._ahead_ends.count:
+            behind.feed_data(data)  # (kept level: the same bytes, parsed without error)
+            return len(data)
+        view = memoryview(joined)
+        start = len(tail)
+        at = joined.find(b"\r\n\r\n")
+        while at != -1:
+            behind.feed_data(view[start : at + 4])  # (the body's bytes: no error)
+            start = at + 4
+            if self._behind_ends.count:
+                self.ended = True
+                return start - len(tail)
+            at = joined.find(b"\r\n\r\n", at + 1)
+        return len(data)  # (not reached: the end follows a CRLF CRLF)
+
+
+class _Ends:
+    """A silent llhttp protocol: counts the messages that ended."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_message_complete(self) -> None:
+        self.count += 1
 
 
 def _has_token(value: bytes, token: bytes) -> bool:

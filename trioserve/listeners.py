@@ -14,7 +14,7 @@ import socket
 import stat
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -164,9 +164,22 @@ class SocketListener(trio.abc.Listener[trio.SocketStream]):
         self.socket = trio.socket.from_stdlib_socket(sock)  # (also makes it non-blocking)
         self._sock = sock
         self._burst = burst
-        self._waiting: deque[socket.socket] = deque()
+        self._inet = sock.family in (socket.AF_INET, socket.AF_INET6)
+        # Accepted sockets with the peer address accept(2) reported for each.
+        self._waiting: deque[tuple[socket.socket, Any]] = deque()
 
     async def accept(self) -> trio.SocketStream:
+        stream, _ = await self.accept_with_client()
+        return stream
+
+    async def accept_with_client(self) -> tuple[trio.SocketStream, tuple[str, int] | None]:
+        """Accept a connection; return it with its client address (None on UNIX sockets).
+
+        The address is the one ``accept(2)`` reported. Asking the socket later
+        (``getpeername()``) fails with ENOTCONN once the client has reset the connection,
+        yet the request it sent before the reset is still read, served and logged, and
+        must name its TCP peer.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         waiting = self._waiting
         while not waiting:
@@ -174,7 +187,7 @@ class SocketListener(trio.abc.Listener[trio.SocketStream]):
                 raise trio.ClosedResourceError("the listening socket was closed")
             while len(waiting) < self._burst:
                 try:
-                    waiting.append(self._sock.accept()[0])
+                    waiting.append(self._sock.accept())
                 except BlockingIOError:
                     break
                 except OSError as exc:
@@ -185,38 +198,34 @@ class SocketListener(trio.abc.Listener[trio.SocketStream]):
                     raise
             if not waiting:
                 await trio.lowlevel.wait_readable(self._sock)
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(waiting.popleft()))
+        sock, address = waiting.popleft()
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         if self._burst == 1:
             await trio.lowlevel.cancel_shielded_checkpoint()
-        return stream
+        # (IPv6 addresses come with flow info and scope id: the scope takes host and port.)
+        return stream, (address[0], address[1]) if self._inet else None
 
     async def aclose(self) -> None:
         self.socket.close()  # (wakes a waiting accept: ClosedResourceError)
         while self._waiting:
-            self._waiting.popleft().close()
+            self._waiting.popleft()[0].close()
         await trio.lowlevel.checkpoint()
 
 
-def peer_addresses(
-    stream: trio.abc.Stream,
-) -> tuple[tuple[str, int] | None, tuple[str, int | None] | None]:
-    """(client, server) for the ASGI scope; for UNIX sockets client is None and server
-    is ``(path, None)`` as the ASGI spec says; fixed names for in-memory connections."""
+def local_address(stream: trio.abc.Stream) -> tuple[str, int | None]:
+    """The scope's ``server``: ``(host, port)``; for UNIX sockets ``(path, None)`` as the
+    ASGI spec says; a fixed name for in-memory connections. (The client address comes
+    from the listener's :meth:`SocketListener.accept_with_client`.)
+
+    Raises:
+        OSError: the socket has no local address (already closed).
+    """
     if not isinstance(stream, trio.SocketStream):
-        return MEMORY_CLIENT, MEMORY_SERVER
-    sock = stream.socket
-    if sock.family == socket.AF_UNIX:
-        name = sock.getsockname()
-        if isinstance(name, bytes):
-            name = name.decode()
-        return None, (str(name), None)
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        peer = None
-    local = sock.getsockname()
-    client = (peer[0], peer[1]) if peer else None
-    return client, (local[0], local[1])
+        return MEMORY_SERVER
+    name = stream.socket.getsockname()  # (still answers after the peer's reset)
+    if stream.socket.family == socket.AF_UNIX:
+        return (name.decode() if isinstance(name, bytes) else str(name)), None
+    return name[0], name[1]
 
 
 class MemoryListener(trio.abc.Listener[trio.abc.HalfCloseableStream]):
@@ -248,6 +257,10 @@ class MemoryListener(trio.abc.Listener[trio.abc.HalfCloseableStream]):
             return await self._receive.receive()
         except trio.EndOfChannel:  # pragma: no cover - the send side is never closed
             raise trio.ClosedResourceError from None
+
+    async def accept_with_client(self) -> tuple[trio.abc.HalfCloseableStream, tuple[str, int]]:
+        """Accept a connection; its client is always ``MEMORY_CLIENT``."""
+        return await self.accept(), MEMORY_CLIENT
 
     def close(self) -> None:
         """Refuse further connections (synchronous, for ``finally`` blocks)."""

@@ -8,6 +8,7 @@ under ``trioserve``) and ``trioserve.access`` for access lines.
 from __future__ import annotations
 
 import configparser
+import copy
 import json
 import logging
 import logging.config
@@ -19,8 +20,8 @@ from typing import Any, Final
 from .access_format import access_fields
 from .config import Config
 from .errors import ConfigError
+from .message_trace import TRACE_LOG_LEVEL
 
-TRACE_LOG_LEVEL: Final = 5
 LEVELS: Final = {
     "critical": logging.CRITICAL,
     "error": logging.ERROR,
@@ -178,13 +179,18 @@ def configure_logging(config: Config) -> None:
         access.disabled = True
 
 
-def load_log_config(path: str) -> None:
-    """Apply a logging configuration file: ``.json``, ``.yaml``/``.yml`` or ini-style."""
+def load_log_config(source: str | dict[str, Any]) -> None:
+    """Apply a logging configuration file (``.json``, ``.yaml``/``.yml`` or ini-style) or,
+    as uvicorn's ``run(log_config=...)`` accepts, a ``logging.config.dictConfig`` dict."""
+    path = "dict" if isinstance(source, dict) else source
     file = Path(path)
-    if not file.is_file():
+    if isinstance(source, str) and not file.is_file():
         raise ConfigError(f"log_config file not found: {path}")
     try:
-        if file.suffix == ".json":
+        if isinstance(source, dict):
+            # A copy: the caller's dict stays as it was (dictConfig and the alias edit theirs).
+            logging.config.dictConfig(_alias_error_logger(copy.deepcopy(source)))
+        elif file.suffix == ".json":
             logging.config.dictConfig(_alias_error_logger(json.loads(file.read_text())))
         elif file.suffix in (".yaml", ".yml"):
             try:

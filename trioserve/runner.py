@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any, Final, NoReturn
 
 import trio
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD: Final = -1  # glibc's mallopt() parameter number
 TRIM_THRESHOLD: Final = 4 * 1024 * 1024
+# After the server stopped: how long the interpreter's exit may wait for the app's threads.
+EXIT_TIMEOUT: Final = 1.0
 
 
 def run(app: str | Any, **options: Any) -> None:
@@ -57,17 +62,40 @@ def run(app: str | Any, **options: Any) -> None:
     run_config(app, config)
 
 
-def run_config(app: str | Any, config: Config) -> None:
+def run_config(app: str | Any, config: Config, *, warnings: Sequence[str] = ()) -> None:
+    """Run ``app`` with an already validated ``config`` (the body of :func:`run` and the CLI).
+
+    Args:
+        app: import string or application object.
+        config: the options.
+        warnings: lines the caller found before logging was set up (the CLI's notice about
+            ``UVICORN_*`` variables), logged as warnings once it is.
+
+    Raises:
+        ConfigError, AppLoadError, LifespanError, BindError: see ``trioserve.errors``.
+    """
     configure_logging(config)
+    for line in warnings:
+        logger.warning("%s", line)
     load_env_file(config)
     load_tls(config)  # TLS file/password errors once, before any worker starts
     if config.app_loop == "asyncio":
         import_trio_asyncio()  # a missing extra fails once here, not in every worker
+    if config.reload and config.workers > 1:
+        # As uvicorn does: many Docker images set WEB_CONCURRENCY, and --reload is a
+        # development switch, so one reloading process is what is wanted.
+        logger.warning(
+            "workers=%d (--workers or WEB_CONCURRENCY) is ignored with --reload; "
+            "running one reloading process.",
+            config.workers,
+        )
+        config = dataclasses.replace(config, workers=1)
     if config.workers > 1 or config.reload:
         if not isinstance(app, str):
             raise ConfigError(
                 "workers and reload need the app as an import string, e.g. 'main:app'"
             )
+        _check_worker_log_config(config)
         from .supervisor import run_supervisor
 
         run_supervisor(app, config)
@@ -75,6 +103,60 @@ def run_config(app: str | Any, config: Config) -> None:
     asgi_app = load_app(app, config)
     tune_allocator()
     trio.run(serve_until_signal, asgi_app, config)
+
+
+def _check_worker_log_config(config: Config) -> None:
+    """A ``log_config`` dict reaches worker processes as JSON: refuse one that is not."""
+    if not isinstance(config.log_config, dict):
+        return
+    try:
+        json.dumps(config.log_config)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            "with workers or reload, a log_config dict must be JSON-serializable (worker "
+            "processes receive it as JSON): name classes as strings, e.g. "
+            "'()': 'mypackage.MyFormatter'"
+        ) from None
+
+
+def arm_exit_watchdog(code: int, timeout: float = EXIT_TIMEOUT) -> None:
+    """End the process with ``code`` if it has not exited ``timeout`` seconds from now.
+
+    Called by the process entry points (the CLI and ``trioserve.worker``) once the server
+    has stopped, just before the interpreter exits. That exit joins every non-daemon thread
+    first (``concurrent.futures`` pools included, through their ``threading`` exit hook),
+    and a thread the app started may never end: a view blocked in ``time.sleep(3600)`` or
+    a socket read kept a2wsgi's pool thread, and with it the process, alive after SIGTERM
+    until a second signal (or Kubernetes' SIGKILL). The graceful timeout already bounded
+    the app's requests; past ``timeout`` the remaining threads are named in a warning and
+    the process ends with ``os._exit`` (exit handlers still waiting behind the stuck thread
+    are skipped; log handlers are flushed first). A process that exits in time is not
+    affected: the watchdog is a daemon thread and ends with it. An embedding program that
+    calls :func:`run` owns its exit and is never armed.
+    """
+
+    def watch() -> None:
+        time.sleep(timeout)
+        me = threading.current_thread()
+        stuck = [
+            thread.name
+            for thread in threading.enumerate()
+            if thread is not me and not thread.daemon and thread is not threading.main_thread()
+        ]
+        logger.warning(
+            "Exiting without waiting for %d application thread(s) still running %.1fs after "
+            "shutdown: %s",
+            len(stuck),
+            timeout,
+            ", ".join(stuck) or "(the main thread's exit handlers)",
+        )
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    threading.Thread(target=watch, name="trioserve-exit-watchdog", daemon=True).start()
 
 
 def tune_allocator() -> None:

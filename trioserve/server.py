@@ -22,7 +22,7 @@ import logging
 import random
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -34,13 +34,16 @@ from .lifespan import lifespan
 from .listeners import (
     BoundSocket,
     MemoryListener,
+    SocketListener,
     bind_sockets,
     close_sockets,
-    peer_addresses,
+    local_address,
     to_listener,
 )
+from .message_trace import TRACE_LOG_LEVEL, peer_name, traced_app
 from .server_state import ServerState
 from .transport import prepare_connection
+from .wsgi import WSGIMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +187,8 @@ async def serve(
 
     With ``config.app_loop == "asyncio"`` the app runs on a trio-asyncio loop that lives
     as long as this call (an already open one is reused); see ``asyncio_bridge``.
+    With ``config.interface == "wsgi"``, ``app`` is a WSGI app, run in worker threads
+    (``trioserve.wsgi``).
     """
     await _serve(app, config, None, shutdown_trigger, task_status, on_app_error)
 
@@ -214,10 +219,14 @@ async def _serve(
     on_app_error: Callable[[BaseException], None] | None,
 ) -> None:
     server: Server | None = None
+    if config.interface == "wsgi":
+        app = WSGIMiddleware(app)  # type: ignore[arg-type]  # a PEP 3333 app, not ASGI
     limit = config.limit_max_requests
     if limit is not None and config.limit_max_requests_jitter:
         limit += random.randint(0, config.limit_max_requests_jitter)
     state = ServerState(config, app, max_requests=limit, on_app_error=on_app_error)
+    if state.trace:
+        app = traced_app(app)  # (inside the asyncio bridge, if any: it sees the app's view)
     bound: list[BoundSocket] = []
     try:
         # --app-loop asyncio: the app (lifespan, http, websocket) is called through the
@@ -229,7 +238,7 @@ async def _serve(
             ) as lifespan_state,
         ):
             state.lifespan_state = lifespan_state
-            listeners: list[trio.abc.Listener[Any]]
+            listeners: list[SocketListener | MemoryListener]
             if memory is None:
                 bound = bind_sockets(config)
                 # An inherited socket (--fd; every --workers process gets one) may have
@@ -271,10 +280,11 @@ async def _drain(
     state: ServerState,
     connections: trio.Nursery,
     accepting: trio.CancelScope,
-    listeners: list[trio.abc.Listener[Any]],
+    listeners: list[SocketListener | MemoryListener],
     grace: float | None,
 ) -> None:
-    """Stop accepting, close idle connections, bound the rest by ``grace`` seconds."""
+    """Stop accepting, tell each connection to end after at most one more request (an
+    idle one once idle for a moment: ``HTTPConnection.drain``), bound all by ``grace``."""
     logger.info("Shutting down")
     state.draining = True
     accepting.cancel()
@@ -302,7 +312,7 @@ async def _wait_trigger(trigger: Callable[[], Awaitable[object]], server: Server
 
 
 async def _accept_all(
-    listeners: list[trio.abc.Listener[Any]],
+    listeners: list[SocketListener | MemoryListener],
     connections: trio.Nursery,
     state: ServerState,
     accepting: trio.CancelScope,
@@ -314,11 +324,11 @@ async def _accept_all(
 
 
 async def _accept_loop(
-    listener: trio.abc.Listener[Any], connections: trio.Nursery, state: ServerState
+    listener: SocketListener | MemoryListener, connections: trio.Nursery, state: ServerState
 ) -> None:
     while True:
         try:
-            stream = await listener.accept()
+            stream, client = await listener.accept_with_client()
         except trio.ClosedResourceError:
             return
         except OSError as exc:
@@ -328,25 +338,34 @@ async def _accept_loop(
                 continue
             raise
         connections.start_soon(
-            serve_connection, stream, state, connections, name=_CONNECTION_TASK_NAME
+            serve_connection, stream, client, state, connections, name=_CONNECTION_TASK_NAME
         )
 
 
 async def serve_connection(
-    stream: trio.abc.HalfCloseableStream, state: ServerState, connections: trio.Nursery
+    stream: trio.abc.HalfCloseableStream,
+    client: tuple[str, int] | None,
+    state: ServerState,
+    connections: trio.Nursery,
 ) -> None:
     """Serve one accepted stream; a bug here is logged and costs only this connection.
 
+    ``client`` is the peer address the listener's accept reported (None on UNIX sockets).
     ``connections`` is the nursery this task runs in: the connection moves on to a new task
     there when an app call waits (see ``HTTPConnection.run``).
     """
+    if state.trace:
+        logger.log(TRACE_LOG_LEVEL, "%s - HTTP connection made", peer_name(client))
     try:
-        client, server = peer_addresses(stream)
-    except OSError:  # the peer is already gone
+        server = local_address(stream)
+    except OSError:  # the socket is unusable already
         await trio.aclose_forcefully(stream)
-        return
-    prepared = await prepare_connection(stream, client, server, state.edge)
-    if prepared is None:  # no valid PROXY header, or the TLS handshake failed
+        prepared = None
+    else:
+        prepared = await prepare_connection(stream, client, server, state.edge)
+    if prepared is None:  # unusable socket, no valid PROXY header, failed TLS handshake
+        if state.trace:
+            logger.log(TRACE_LOG_LEVEL, "%s - HTTP connection lost", peer_name(client))
         return
     conn = HTTPConnection(
         prepared.stream,

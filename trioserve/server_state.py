@@ -15,12 +15,18 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any, Final, Protocol
 
-from .access_format import access_fields, compile_access_format
+from .access_format import (
+    CLIENT_CLOSED_REQUEST,
+    access_fields,
+    compile_access_format,
+    status_phrase,
+)
 from .asgi_types import ASGIApp
 from .config import Config, http_implementation
 from .errors import ClientDisconnected
 from .http_messages import ResponseHeads
 from .http_parser import H11Connection, HTTPParser
+from .message_trace import tracing_enabled
 from .transport import EdgeSettings
 
 access_logger = logging.getLogger("trioserve.access")
@@ -62,14 +68,18 @@ def log_access(
     target = scope.get("raw_path", b"").decode("latin-1")
     if query:
         target += "?" + query.decode("latin-1")
+    # uvicorn's line (see access_format): '127.0.0.1:50312 - "GET / HTTP/1.1" 200 OK'.
+    phrase = status_phrase(status)
+    if aborted and status != CLIENT_CLOSED_REQUEST:
+        phrase += " (aborted)"  # the response was cut short (499 says it all)
     access_logger.info(
-        '%s - "%s %s HTTP/%s" %s %.1fms',
+        '%s - "%s %s HTTP/%s" %s %s',
         f"{client[0]}:{client[1]}" if client else "-",
         scope.get("method", "GET"),
         target,
         scope.get("http_version", "1.1"),
-        status if status is not None and not aborted else f"{status or '-'} (aborted)",
-        duration * 1000,
+        status if status is not None else "-",
+        phrase,
         extra=extra,
     )
 
@@ -98,6 +108,8 @@ class ServerState:
         new_parser: makes each connection's HTTP/1.1 state machine: ``h11.Connection``, or
             its httptools-parsed equivalent for ``--http httptools`` (one interface,
             ``http_parser.HTTPParser``).
+        trace: ``--log-level trace`` is on (decided when the server starts): log
+            connection open and close (``message_trace``).
     """
 
     __slots__ = (
@@ -121,6 +133,7 @@ class ServerState:
         "read_buffer",
         "response_heads",
         "total_requests",
+        "trace",
     )
 
     def __init__(
@@ -152,6 +165,9 @@ class ServerState:
         self._date_value = b""
         self._date_headers: tuple[tuple[bytes, bytes], ...] = ()
         self.access_log = config.access_log
+        # --log-level trace, decided once (message_trace): the connection code checks only
+        # this, once per connection.
+        self.trace = tracing_enabled()
         # TLS context, trusted proxies, PROXY protocol (reads the TLS files: ConfigError).
         self.edge = EdgeSettings(config)
         self.access_template = (

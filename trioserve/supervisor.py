@@ -55,6 +55,7 @@ import trio
 from .config import Config
 from .errors import AppLoadError, BindError, ConfigError, LifespanError
 from .listeners import BoundSocket, bind_sockets, close_sockets
+from .reload import Reloader, choose_reloader, watch_changes
 from .worker_process import WorkerProcess, run_worker_process
 from .worker_protocol import WorkerEvent
 
@@ -119,6 +120,7 @@ class Supervisor:
         worker_config = dataclasses.replace(config, fd=self.fd, uds=None, workers=1, reload=False)
         self.worker_options = worker_config.to_dict()
         self.reload = config.reload
+        self.reloader: Reloader = "WatchFiles"  # --reload: the mechanism, chosen in run()
         self.desired = config.workers
         self.workers: set[WorkerProcess] = set()
         self.generation = 0
@@ -143,7 +145,8 @@ class Supervisor:
             AppLoadError, LifespanError, OSError: every worker failed to start.
         """
         if self.reload:
-            logger.info("Started reloader process [%d] using WatchFiles", os.getpid())
+            self.reloader = choose_reloader(self.config)
+            logger.info("Started reloader process [%d] using %s", os.getpid(), self.reloader)
         else:
             logger.info("Started parent process [%d]", os.getpid())
         url = self.bound.url
@@ -154,10 +157,10 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._handle_signals, signals)
                 if self.reload:
-                    from .reload import watch_changes
-
                     nursery.start_soon(
-                        functools.partial(watch_changes, self.config, self._files_changed)
+                        functools.partial(
+                            watch_changes, self.config, self._files_changed, self.reloader
+                        )
                     )
                 await self._maintain(nursery)
                 await self._stop_all()
@@ -231,7 +234,7 @@ class Supervisor:
             return
         if paths:
             shown = ", ".join(repr(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
-            logger.warning("WatchFiles detected changes in %s. Reloading...", shown)
+            logger.warning("%s detected changes in %s. Reloading...", self.reloader, shown)
         else:
             logger.info("Received SIGHUP. Reloading...")
         self.paused = False

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from .config import Config
+from .message_trace import peer_name
 from .proxy_headers import TrustedHosts
 from .proxy_protocol import ProxyProtocolError, parse_proxy_header
 from .tls import TLSSettings, load_tls, tls_extension
@@ -101,7 +102,7 @@ async def prepare_connection(
             if timeout.cancelled_caught:
                 logger.info(
                     "%s - connection set-up (%s) timed out, closing",
-                    _peer(client),
+                    peer_name(client),
                     "PROXY header" if prepared.stream is stream else "TLS handshake",
                 )
         finally:
@@ -145,7 +146,7 @@ async def _read_proxy_header(prepared: PreparedConnection) -> bool:
         try:
             header = parse_proxy_header(buffer)
         except ProxyProtocolError as exc:
-            logger.info("%s - %s, closing", _peer(prepared.client), exc)
+            logger.info("%s - %s, closing", peer_name(prepared.client), exc)
             return False
         if header is not None:
             break
@@ -154,7 +155,7 @@ async def _read_proxy_header(prepared: PreparedConnection) -> bool:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:
-            logger.debug("%s - closed before sending a PROXY header", _peer(prepared.client))
+            logger.debug("%s - closed before sending a PROXY header", peer_name(prepared.client))
             return False
         buffer += data
     prepared.leftover = buffer[header.length :]
@@ -166,7 +167,7 @@ async def _read_proxy_header(prepared: PreparedConnection) -> bool:
 
 def _log_handshake_failure(client: Client, exc: BaseException) -> None:
     cause = exc.__cause__
-    peer = _peer(client)
+    peer = peer_name(client)
     if isinstance(cause, ssl.SSLError):
         if cause.reason == "HTTP_REQUEST":
             logger.info("%s - plain HTTP request sent to a TLS port, closing", peer)
@@ -174,10 +175,6 @@ def _log_handshake_failure(client: Client, exc: BaseException) -> None:
         logger.info("%s - TLS handshake failed: %s", peer, cause.reason or cause)
     else:
         logger.info("%s - connection closed during the TLS handshake", peer)
-
-
-def _peer(client: Client) -> str:
-    return f"{client[0]}:{client[1]}" if client else "unix"
 
 
 class _PrefixedStream(trio.abc.Stream):

@@ -43,7 +43,7 @@ from .asgi_types import ASGIApp
 from .config import Config
 from .errors import AppLoadError, LifespanError
 from .logs import configure_logging
-from .runner import serve_until_signal, tune_allocator
+from .runner import arm_exit_watchdog, serve_until_signal, tune_allocator
 from .server import Server
 from .worker_protocol import SPEC_ENV, WorkerEvent, WorkerSpec
 
@@ -279,4 +279,6 @@ def _user_traceback(exc: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    arm_exit_watchdog(exit_code)  # a stuck app thread must not keep the worker alive
+    sys.exit(exit_code)
