@@ -484,6 +484,49 @@ async def get_body(server: Server) -> bytes:
     return body
 
 
+async def test_serve_loads_an_import_string_as_run_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "embedded_string_app.py").write_text("from conftest import hello_app as app\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # app_dir is added: undo it after
+    config = Config(port=0, access_log=False, app_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(serve, "embedded_string_app:app", config)
+        async with await connect(server.addresses[0]) as stream:
+            response, body = await Client(stream).request()
+        assert response.status_code == 200
+        assert body == b"Hello, world!"
+        await server.shutdown()
+
+
+@pytest.mark.parametrize("not_an_app", [42, None])
+async def test_serve_refuses_a_non_callable_app_at_once(not_an_app: object) -> None:
+    with no_leaks():
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(TypeError, match="or its import string such as 'main:app'"):
+                await nursery.start(serve, not_an_app, CONFIG)
+
+
+async def test_keyboard_interrupt_in_a_server_task_leaves_serve_bare() -> None:
+    """A Ctrl-C that trio raises inside a connection task comes out of serve() as itself
+    (the caller's nursery may still wrap it, once), and lifespan shutdown ran."""
+    app = LifespanApp()
+
+    async def interrupted(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raise KeyboardInterrupt
+        await app(scope, receive, send)
+
+    with pytest.RaisesGroup(KeyboardInterrupt):  # the test's own nursery, not serve's
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(serve, interrupted, CONFIG)
+            stream = await connect(server.addresses[0])
+            await Client(stream).send_raw(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            await trio.sleep_forever()
+    await stream.aclose()
+    assert app.events[-1] == "shutdown"
+
+
 async def test_two_servers_in_one_nursery_serve_their_own_apps() -> None:
     config = Config(port=0, lifespan="off", access_log=False)
     with trio.fail_after(10), no_leaks():
@@ -595,6 +638,38 @@ async def test_embed_in_trio_example_drains_and_exits_cleanly_on_sigint() -> Non
             await example.wait_for(rb"stopped cleanly after \d+ ticks")
     output = example.output.decode()
     assert "received SIGINT: draining" in output
+    assert "app: lifespan shutdown" in output
+    assert "Traceback" not in output
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_embedding_snippet() -> str:
+    """The README's "Embedded in a trio program" code block."""
+    text = README.read_text()
+    start = text.index("```python\n", text.index("Embedded in a trio program:")) + 10
+    return text[start : text.index("```", start)]
+
+
+async def test_readme_embedding_snippet_exits_cleanly_on_sigint(tmp_path: Path) -> None:
+    snippet = readme_embedding_snippet()
+    assert "port=8000" in snippet
+    (tmp_path / "embed.py").write_text(snippet.replace("port=8000", "port=0"))
+    (tmp_path / "main.py").write_text(
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] == 'lifespan':\n"
+        "        while (await receive())['type'] == 'lifespan.startup':\n"
+        "            await send({'type': 'lifespan.startup.complete'})\n"
+        "        print('app: lifespan shutdown', flush=True)\n"
+        "        await send({'type': 'lifespan.shutdown.complete'})\n"
+    )
+    with trio.fail_after(20):
+        async with run_example(str(tmp_path / "embed.py")) as example:
+            await example.wait_for(rb"serving on \['http://127.0.0.1:\d+'\]")
+            example.process.send_signal(signal.SIGINT)
+            assert await example.process.wait() == 0
+    output = example.output.decode()
     assert "app: lifespan shutdown" in output
     assert "Traceback" not in output
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import textwrap
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import trio.testing
 from wire import Client, read_until_eof
 
 from trioserve import LifespanError
+from trioserve.errors import AppLoadError
 from trioserve.testing import (
     RunningServer,
     ServerFactory,
@@ -53,6 +56,8 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
     path = scope["path"]
     if scope["type"] == "websocket":
         await receive()  # websocket.connect
+        if path == "/ws-boom":
+            raise AppError("before accept")
         if path == "/deny":
             await send({"type": "websocket.close"})
             return
@@ -73,6 +78,15 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
                 await send({"type": "websocket.send", "bytes": message["bytes"][::-1]})
     if path == "/boom":
         raise AppError("from the endpoint")
+    if path == "/partial":  # the head and a first chunk have left when it raises
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise AppError("mid-response")
+    if path == "/headers":
+        names = sorted(name.decode() for name, _ in scope["headers"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": " ".join(names).encode()})
+        return
     body = b""
     while True:
         message = await receive()
@@ -167,6 +181,59 @@ async def test_port_in_use_is_raised_on_entry() -> None:
                 pytest.fail("the block must not run")
 
 
+STRING_APP = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"loaded from a string"})
+
+
+def create_app():
+    return app
+"""
+
+
+@pytest.fixture
+def string_app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A module in its own directory (found through ``app_dir``); its unique name."""
+    name = f"string_app_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(STRING_APP)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # app_dir is added: undo it after
+    return name
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(("attr", "factory"), [("app", False), ("create_app", True)])
+async def test_running_loads_an_import_string(
+    string_app_module: str, tmp_path: Path, transport: Transport, attr: str, factory: bool
+) -> None:
+    async with (
+        running(
+            f"{string_app_module}:{attr}",
+            transport=transport,
+            app_dir=str(tmp_path),
+            factory=factory,
+        ) as server,
+        server.client() as client,
+    ):
+        response = await client.get("/")
+    assert (response.status_code, response.text) == (200, "loaded from a string")
+
+
+async def test_running_refuses_an_import_string_that_does_not_load(tmp_path: Path) -> None:
+    with pytest.raises(AppLoadError, match='Could not import module "no_such_module"'):
+        async with running("no_such_module:app", app_dir=str(tmp_path)):
+            pytest.fail("the block must not run")
+
+
+@pytest.mark.parametrize("not_an_app", [42, None, b"main:app"])
+async def test_running_refuses_a_non_callable_at_once(not_an_app: object) -> None:
+    with pytest.raises(TypeError, match=r"ASGI app .* or its import string such as 'main:app'"):
+        async with running(not_an_app):
+            pytest.fail("the block must not run")
+
+
 async def test_unknown_transport_is_rejected() -> None:
     with pytest.raises(ValueError, match="transport"):
         async with running(app, transport="carrier-pigeon"):  # type: ignore[arg-type]
@@ -207,39 +274,122 @@ async def test_cancelling_the_block_stops_the_server_and_leaks_nothing(
 # -- app exceptions -------------------------------------------------------------------------
 
 
+async def raw_get(server: RunningServer, target: str) -> bytes:
+    """A request the testing clients did not make (no request id): raw bytes."""
+    stream = await server.open_stream()
+    async with stream:
+        await stream.send_all(f"GET {target} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+        return await read_until_eof(stream)
+
+
+def app_frames(error: BaseException) -> list[str]:
+    return [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)]
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_app_exceptions_are_raised_at_block_exit(transport: Transport) -> None:
-    with pytest.RaisesGroup(pytest.RaisesExc(AppError, match="from the endpoint")) as info:
-        async with running(app, transport=transport) as server:
-            async with server.client() as client:
-                response = await client.get("/boom")
-            assert response.status_code == 500
-            assert len(server.app_exceptions) == 1
-    # The app's own traceback is there, not just a 500.
-    [error] = info.value.exceptions
-    assert error.__traceback__ is not None
-    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)]
-    assert "app" in frames
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [("/boom", "from the endpoint"), ("/partial", "mid-response")],
+    ids=["before-response-start", "after-response-start"],
+)
+async def test_app_exception_is_raised_at_the_client_call(
+    transport: Transport, path: str, message: str
+) -> None:
+    async with running(app, transport=transport) as server, server.client() as client:
+        with pytest.raises(AppError, match=message) as info:
+            await client.get(path)
+        # The app's own traceback is there, not a 500 or a ReadError.
+        assert "app" in app_frames(info.value)
+        assert server.app_exceptions == []  # raised once: not again at the block's end
+        assert (await client.get("/")).text == "hello"  # the client still works
 
 
-async def test_websocket_app_exceptions_are_raised_too() -> None:
-    with pytest.RaisesGroup(AppError):
-        async with (
-            running(app, transport="memory") as server,
-            server.websocket("/ws") as ws,
-        ):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_app_exception_is_raised_at_the_call_of_a_streamed_request(
+    transport: Transport,
+) -> None:
+    async with running(app, transport=transport) as server, server.client() as client:
+        with pytest.raises(AppError, match="mid-response"):
+            async with client.stream("GET", "/partial") as response:
+                await response.aread()
+
+
+async def test_app_exception_keeps_its_own_context() -> None:
+    async def chained(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            scope["no such key"]
+        except KeyError as exc:
+            raise AppError("while handling") from exc
+
+    async with running(chained, lifespan="off") as server, server.client() as client:
+        with pytest.raises(AppError) as info:
+            await client.get("/")
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+async def test_app_does_not_see_the_request_id_header() -> None:
+    async with running(app, transport="memory") as server, server.client() as client:
+        assert (await client.get("/headers")).text == (
+            "accept accept-encoding connection host user-agent"
+        )
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_websocket_app_exception_is_raised_at_receive(transport: Transport) -> None:
+    async with running(app, transport=transport) as server:
+        async with server.websocket("/ws") as ws:
             await ws.send_text("boom")
-            with pytest.raises(WebSocketClosed) as closed:
+            with pytest.raises(AppError, match="from the websocket"):
                 await ws.receive()
-            assert closed.value.code == 1011
+        with pytest.raises(AppError, match="before accept"):
+            async with server.websocket("/ws-boom"):
+                pytest.fail("the handshake failed")
+        assert server.app_exceptions == []
+
+
+async def test_websocket_app_exception_is_not_raised_with_raise_app_exceptions_false() -> None:
+    async with (
+        running(app, transport="memory", raise_app_exceptions=False) as server,
+        server.websocket("/ws") as ws,
+    ):
+        await ws.send_text("boom")
+        with pytest.raises(WebSocketClosed) as closed:
+            await ws.receive()
+        assert closed.value.code == 1011
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_lone_app_exception_of_a_raw_request_is_raised_bare_at_block_exit(
+    transport: Transport,
+) -> None:
+    with pytest.raises(AppError, match="from the endpoint") as info:
+        async with running(app, transport=transport) as server:
+            assert (await raw_get(server, "/boom")).startswith(b"HTTP/1.1 500 ")
+            assert len(server.app_exceptions) == 1
+    assert "app" in app_frames(info.value)
+
+
+async def test_several_app_exceptions_are_raised_in_a_group_at_block_exit() -> None:
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(AppError, match="from the endpoint"),
+        pytest.RaisesExc(AppError, match="mid-response"),
+    ):
+        async with running(app) as server:
+            await raw_get(server, "/boom")
+            await raw_get(server, "/partial")
 
 
 async def test_block_failure_and_app_exceptions_are_raised_together() -> None:
     with pytest.RaisesGroup(AppError, AssertionError):
         async with running(app) as server:
-            async with server.client() as client:
-                response = await client.get("/boom")
-            assert response.status_code == 200, "the test's own failure"
+            response = await raw_get(server, "/boom")
+            assert response.startswith(b"HTTP/1.1 200 "), "the test's own failure"
+
+
+async def test_uncaught_call_exception_leaves_the_block_once_and_bare() -> None:
+    with pytest.raises(AppError, match="from the endpoint"):
+        async with running(app) as server, server.client() as client:
+            await client.get("/boom")
 
 
 async def test_raise_app_exceptions_false_only_collects() -> None:
@@ -250,8 +400,7 @@ async def test_raise_app_exceptions_false_only_collects() -> None:
 
 async def test_expected_app_exceptions_can_be_cleared() -> None:
     async with running(app) as server:
-        async with server.client() as client:
-            assert (await client.get("/boom")).status_code == 500
+        assert (await raw_get(server, "/boom")).startswith(b"HTTP/1.1 500 ")
         [error] = server.app_exceptions
         assert str(error) == "from the endpoint"
         server.app_exceptions.clear()
@@ -518,6 +667,8 @@ async def app(scope, receive, send):
         return
     if scope["path"] == "/boom":
         raise ValueError("raised by the endpoint")
+    if scope["path"] == "/slow":
+        await trio.sleep_forever()
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"hello"})
 
@@ -592,15 +743,22 @@ def test_fixture_tears_down_when_the_test_fails(pytester: pytest.Pytester, case:
         )
 
 
-def test_fixture_tears_down_on_pytest_timeout(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("waiting_in", ["sleep", "request"])
+def test_fixture_tears_down_on_pytest_timeout(pytester: pytest.Pytester, waiting_in: str) -> None:
+    """The timeout's report stands alone: a request still waiting is cancelled with the
+    test before the servers (and the clients' sockets) close, so no httpx.ReadError."""
     pytester.makeini("[pytest]\ntrio_mode = true\n")
+    wait = {
+        "sleep": "await trio.sleep_forever()",
+        "request": "await server.client().get('/slow')",
+    }[waiting_in]
     pytester.makepyfile(
         test_inner=INNER_APP
-        + textwrap.dedent("""
+        + textwrap.dedent(f"""
         @pytest.mark.timeout(1)
         async def test_inner(trioserve_server):
-            await start(trioserve_server)
-            await trio.sleep_forever()
+            server = await start(trioserve_server)
+            {wait}
     """)
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
@@ -608,6 +766,9 @@ def test_fixture_tears_down_on_pytest_timeout(pytester: pytest.Pytester) -> None
     # The fixture noticed the coming pytest-timeout, cancelled the test and tore down.
     result.stdout.fnmatch_lines(["*PytestTimeoutNear: the test is about to exceed*1s*"])
     result.stdout.no_fnmatch_line("*Timeout (>1.0s) from pytest-timeout*")
+    result.stdout.no_fnmatch_line("*ReadError*")
+    result.stdout.no_fnmatch_line("*another task closed this fd*")
+    result.stdout.no_fnmatch_line("*Cancelled*")
     assert_torn_down(pytester)
 
 

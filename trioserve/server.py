@@ -21,11 +21,13 @@ import errno
 import logging
 import random
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
 
+from .app_loading import load_app
 from .asgi_types import ASGIApp
 from .asyncio_bridge import open_app_loop
 from .config import Config, http_implementation
@@ -44,6 +46,9 @@ from .message_trace import TRACE_LOG_LEVEL, peer_name, traced_app
 from .server_state import ServerState
 from .transport import prepare_connection
 from .wsgi import WSGIMiddleware
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +155,7 @@ class Server:
 
 
 async def serve(
-    app: ASGIApp,
+    app: ASGIApp | str,
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
@@ -167,7 +172,8 @@ async def serve(
             await server.shutdown()
 
     Args:
-        app: an ASGI 3 application (see ``app_loading.load_app`` for import strings).
+        app: an ASGI 3 application, or its import string (``"main:app"``, loaded as
+            :func:`trioserve.run` loads it: ``app_dir``, ``factory``, ASGI 2).
         config: the validated configuration.
         shutdown_trigger: an async callable; when it returns, the server drains.
         task_status: receives the :class:`Server` once lifespan startup is complete and
@@ -178,8 +184,12 @@ async def serve(
         Only after the drain: no task, socket or app call outlives this call.
 
     Raises:
+        AppLoadError: ``app`` is an import string that does not load.
+        TypeError: ``app`` is neither callable nor a string.
         LifespanError: lifespan startup failed.
         OSError: a socket could not be bound.
+        KeyboardInterrupt: a Ctrl-C that trio delivered inside one of the server's tasks
+            comes out bare, not wrapped in the server's own exception groups.
 
     Cancellation:
         A prompt hard stop: connections are closed forcefully; lifespan shutdown still
@@ -194,7 +204,7 @@ async def serve(
 
 
 async def serve_in_memory(
-    app: ASGIApp,
+    app: ASGIApp | str,
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
@@ -211,7 +221,7 @@ async def serve_in_memory(
 
 
 async def _serve(
-    app: ASGIApp,
+    app: ASGIApp | str,
     config: Config,
     memory: MemoryListener | None,
     shutdown_trigger: Callable[[], Awaitable[object]] | None,
@@ -219,6 +229,7 @@ async def _serve(
     on_app_error: Callable[[BaseException], None] | None,
 ) -> None:
     server: Server | None = None
+    app = resolve_app(app, config)
     if config.interface == "wsgi":
         app = WSGIMiddleware(app)  # type: ignore[arg-type]  # a PEP 3333 app, not ASGI
     limit = config.limit_max_requests
@@ -260,12 +271,58 @@ async def _serve(
                 task_status.started(server)
                 await server._drain.wait()
                 await _drain(state, connections, accepting, listeners, server._grace)
+    except BaseExceptionGroup as group:
+        # trio raises a Ctrl-C in whichever task runs when it arrives; out of our
+        # nurseries it would come wrapped, so an embedder's `except KeyboardInterrupt`
+        # (or trio.run's caller) would miss it. Alone, it is raised as itself.
+        interrupt = _lone_keyboard_interrupt(group)
+        if interrupt is None:
+            raise
+        raise interrupt from None
     finally:
         if memory is not None:
             memory.close()
         close_sockets(bound, config)
         if server is not None:
             server._stopped.set()
+
+
+def resolve_app(app: ASGIApp | str, config: Config) -> ASGIApp:
+    """The ASGI callable to serve: an import string is loaded as ``run()`` loads it.
+
+    An app object is served as it is (``factory`` applies to import strings only: the
+    runner hands over apps it already loaded).
+
+    Raises:
+        AppLoadError: the import string does not load.
+        TypeError: ``app`` is neither a string nor callable (caught here rather than as a
+            500 on every request).
+    """
+    if isinstance(app, str):
+        return load_app(app, config)
+    if not callable(app):
+        raise TypeError(
+            "serve() needs an ASGI app (an async callable) or its import string such as "
+            f"'main:app', got {type(app).__name__} {app!r:.80}"
+        )
+    return app
+
+
+def _lone_keyboard_interrupt(
+    group: BaseExceptionGroup[BaseException],
+) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that is all ``group`` holds (nested groups included), if so."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], KeyboardInterrupt):
+        return leaves[0]
+    return None
 
 
 def _max_requests_reached(server: Server) -> Callable[[], None]:

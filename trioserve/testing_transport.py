@@ -1,8 +1,14 @@
-"""The in-memory httpx transport of :mod:`trioserve.testing` (``transport="memory"``).
+"""The httpx transports of :mod:`trioserve.testing`.
 
-Each request opens one memory-stream connection to the server
-(:meth:`trioserve.Server.open_stream`), written and parsed with an h11 client. httpx is a
-test dependency, not one of trioserve: it is imported when the transport is first built.
+- The in-memory transport (``transport="memory"``): each request opens one memory-stream
+  connection to the server (:meth:`trioserve.Server.open_stream`), written and parsed with
+  an h11 client.
+- The app-error transport, around the transport of every ``server.client()``: it tags
+  each request with :data:`REQUEST_ID_HEADER` and raises the app's exception for that
+  request at the test's call.
+
+httpx is a test dependency, not one of trioserve: it is imported when a transport class
+is first built.
 """
 
 from __future__ import annotations
@@ -20,6 +26,86 @@ if TYPE_CHECKING:
     from .server import Server
 
 RECEIVE_SIZE: Final = 64 * 1024
+# The header the testing clients number their requests with (the app never sees it).
+REQUEST_ID_HEADER: Final = "x-trioserve-testing-request"
+
+
+@functools.cache
+def app_error_transport_class() -> Callable[
+    [httpx.AsyncBaseTransport, Callable[[], str], Callable[[str], Exception | None]],
+    httpx.AsyncBaseTransport,
+]:
+    """The transport that raises the app's exception at the call (built on first use)."""
+    import httpx
+
+    class AppErrorStream(httpx.AsyncByteStream):
+        """A response body; a broken connection or its end raises the app's exception."""
+
+        def __init__(
+            self, inner: httpx.AsyncByteStream, take: Callable[[], Exception | None]
+        ) -> None:
+            self._inner = inner
+            self._take = take
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            # Raised outside the except clause, so the app's exception keeps its own
+            # __context__ (a raise inside one would replace it).
+            failure: httpx.TransportError | None = None
+            try:
+                async for chunk in self._inner:
+                    yield chunk
+            except httpx.TransportError as exc:
+                failure = exc
+            if failure is not None:
+                app_error = self._take()
+                raise failure if app_error is None else app_error
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+            app_error = self._take()
+            if app_error is not None:
+                raise app_error
+
+    class AppErrorTransport(httpx.AsyncBaseTransport):
+        """Wraps ``inner``: numbers each request (``new_id``) in :data:`REQUEST_ID_HEADER`
+        and raises what ``take(id)`` returns, the app's exception for that request, as
+        soon as the answer (head, body end or broken connection) shows it."""
+
+        def __init__(
+            self,
+            inner: httpx.AsyncBaseTransport,
+            new_id: Callable[[], str],
+            take: Callable[[str], Exception | None],
+        ) -> None:
+            self._inner = inner
+            self._new_id = new_id
+            self._take = take
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            request_id = self._new_id()
+            request.headers[REQUEST_ID_HEADER] = request_id
+            failure: httpx.TransportError | None = None
+            try:
+                response = await self._inner.handle_async_request(request)
+            except httpx.TransportError as exc:
+                failure = exc
+            if failure is not None:
+                app_error = self._take(request_id)
+                raise failure if app_error is None else app_error
+            app_error = self._take(request_id)
+            if app_error is not None:  # it raised before (or while) answering: a 500
+                await response.aclose()
+                raise app_error
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            response.stream = AppErrorStream(
+                response.stream, functools.partial(self._take, request_id)
+            )
+            return response
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    return AppErrorTransport
 
 
 @functools.cache

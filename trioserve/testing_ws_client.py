@@ -69,16 +69,23 @@ async def open_websocket(
     path: str,
     subprotocols: tuple[str, ...],
     headers: tuple[tuple[str | bytes, str | bytes], ...],
+    *,
+    app_error: Callable[[], Exception | None] | None = None,
 ) -> AsyncIterator[WebSocketClient]:
     """Open a stream, do the WebSocket handshake on it, and close it when the block ends.
 
     This is what :meth:`trioserve.testing.RunningServer.websocket` returns.
 
+    Args:
+        app_error: asked when the server rejects or closes the WebSocket; an exception
+            it returns (what the app raised) is raised instead of
+            :class:`WebSocketRejected` / :class:`WebSocketClosed`.
+
     Raises:
         WebSocketRejected: the server answered the handshake with an HTTP response.
     """
     stream = await open_stream()
-    ws = WebSocketClient(stream)
+    ws = WebSocketClient(stream, app_error=app_error)
     try:
         await ws._handshake(host, path, subprotocols, headers)
         yield ws
@@ -100,8 +107,14 @@ class WebSocketClient:
         close_reason: the reason of the server's close frame.
     """
 
-    def __init__(self, stream: trio.abc.HalfCloseableStream) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        *,
+        app_error: Callable[[], Exception | None] | None = None,
+    ) -> None:
         self._stream = stream
+        self._app_error = app_error
         self._ws = WSConnection(ConnectionType.CLIENT)
         self._events: deque[Event] = deque()
         self._eof = False
@@ -112,6 +125,20 @@ class WebSocketClient:
         self.close_reason = ""
 
     async def _handshake(
+        self,
+        host: str,
+        path: str,
+        subprotocols: tuple[str, ...],
+        headers: tuple[tuple[str | bytes, str | bytes], ...],
+    ) -> None:
+        try:
+            await self._handshake_once(host, path, subprotocols, headers)
+            return
+        except WebSocketRejected as exc:
+            failure = exc
+        raise self._failure(failure)
+
+    async def _handshake_once(
         self,
         host: str,
         path: str,
@@ -165,6 +192,13 @@ class WebSocketClient:
         Raises:
             WebSocketClosed: the server closed the connection (see :attr:`close_code`).
         """
+        try:
+            return await self._receive()
+        except WebSocketClosed as exc:
+            failure = exc
+        raise self._failure(failure)
+
+    async def _receive(self) -> str | bytes:
         parts: list[Any] = []
         while True:
             event = await self._next_event()
@@ -222,8 +256,22 @@ class WebSocketClient:
 
     async def _send_message(self, event: TextMessage | BytesMessage) -> None:
         if self._ws.state is not ConnectionState.OPEN or self._eof:
-            raise WebSocketClosed(self.close_code or 1006, self.close_reason)
-        await self._write(self._ws.send(event))
+            raise self._failure(WebSocketClosed(self.close_code or 1006, self.close_reason))
+        try:
+            await self._write(self._ws.send(event))
+            return
+        except WebSocketClosed as exc:
+            failure = exc
+        raise self._failure(failure)
+
+    def _failure(self, exc: WebSocketClosed | WebSocketRejected) -> Exception:
+        """What to raise for ``exc``: the app's own exception, if it raised one.
+
+        Raise the result outside any ``except`` clause: raising inside one would replace
+        the app exception's ``__context__``.
+        """
+        app_error = self._app_error() if self._app_error is not None else None
+        return exc if app_error is None else app_error
 
     async def _answer_close(self, event: CloseConnection) -> None:
         self.close_code = event.code
