@@ -13,8 +13,8 @@ import trio
 import trio.testing
 
 from trioserve import Config, Server, serve
-from trioserve.http_parser import H11Connection, HTTPParser
-from trioserve.httptools_parser import HttptoolsConnection
+from trioserve.protocol.http1_parser import H11Connection, HTTPParser
+from trioserve.protocol.httptools_parser import HttptoolsConnection
 
 BASE_CONFIG = Config(port=0, lifespan="off", access_log=False)
 # The parser run_server() uses; test modules that mark themselves with

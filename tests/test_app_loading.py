@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from trioserve import Config
-from trioserve.app_loading import is_asgi2, load_app
+from trioserve.app.loading import is_asgi2, load_app
 from trioserve.errors import AppLoadError
 
 APP_SOURCE = """

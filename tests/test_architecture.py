@@ -1,4 +1,4 @@
-"""STYLE.md §1.3, enforced: walk every trioserve module's imports (``ast``) against the layers."""
+"""STYLE.md §1.3, enforced: every trioserve module's imports (``ast``) against the layers."""
 
 from __future__ import annotations
 
@@ -9,100 +9,136 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "trioserve"
 
-# Rank = layer, with decimals for the order inside a layer (a module may import only modules
-# of a strictly lower rank). Layer 3 follows §1.3: app_call ← ws_connection ← http_connection
-# ← server, with lifespan and listeners independent.
+# One integer layer per unit: a sub-package, or a module at the top of trioserve/. A unit
+# imports only units of a lower layer (top-level modules of one layer may import each
+# other: config <- access_format); inside a sub-package anything, but never in a circle.
 # fmt: off
-LAYERS: dict[str, float] = {
-    "asgi_types": 0, "errors": 0,
-    "access_format": 1.0, "message_trace": 1.0, "config": 1.1, "app_loading": 1.2, "tls": 1.2,
-    "http_parser": 2.0, "httptools_parser": 2.01, "http_messages": 2.05,
-    "proxy_headers": 2.0, "proxy_protocol": 2.0, "ws_messages": 2.1,
-    "asyncio_bridge": 3.0, "listeners": 3.0, "transport": 3.0, "wsgi": 3.0,
-    "server_state": 3.05,
-    "app_call": 3.1, "lifespan": 3.2, "ws_connection": 3.2, "http_connection": 3.3,
-    "server": 3.9,
-    "logs": 4.0, "reload": 4.0, "worker_protocol": 4.0, "worker_process": 4.05,
-    "supervisor": 4.1, "runner": 4.2, "worker": 4.3, "cli": 4.4,
-    "__main__": 4.5,
-    # testing imports only config, server and its two parts, which import nothing of ours
-    # (testing_transport names Server in annotations only)
-    "testing_transport": 5.0, "testing_ws_client": 5.0, "testing": 5.1,
+LAYERS: dict[str, int] = {
+    "errors": 0, "asgi_types": 0,                          # vocabulary, stdlib only
+    "access_format": 1, "message_trace": 1, "config": 1,  # configuration, no trio
+    "tls": 1, "logs": 1,
+    "protocol": 2,                                          # sans-IO: never trio
+    "app": 3, "wsgi": 3,                                    # calling the user's app
+    "connection": 4,                                        # one accepted connection
+    "server": 5,                                            # serve(): the task tree
+    "testing": 6, "workers": 6,                             # test helpers; processes
+    "runner": 7, "cli": 8, "__main__": 9, "__init__": 9,
 }
 # fmt: on
-TESTING_MAY_IMPORT = {
-    "testing": {"config", "server", "testing_transport", "testing_ws_client"},
-    "testing_transport": set(),
-    "testing_ws_client": set(),
-}
-ONLY_IMPORTED_BY = {"click": {"cli"}, "signal": {"runner", "supervisor"}}
+TESTING_MAY_IMPORT = {"config", "server", "testing"}
+ONLY_IMPORTED_BY = {"click": {"cli"}, "signal": {"workers.serving", "workers.supervisor"}}
 NO_TRIO_BELOW = 3  # layers 0-2 are sans-IO: never trio (nor anyio, sniffio)
-# Known deviations, each with its reason; the test fails once one is gone, to prune it.
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
+MAX_LINES = 600
 
 
-def imports(path: Path) -> set[str]:
-    """Top-level names imported by a module: ``.x`` as ``x`` (this package), else ``pkg``."""
-    tree = ast.parse(path.read_text())
-    typing_only = {
-        id(node)
-        for branch in ast.walk(tree)
-        if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
-        for node in ast.walk(branch)
+def modules() -> dict[str, Path]:
+    """``"connection.http1"`` -> path; a package's ``__init__`` is ``"testing.__init__"``."""
+    return {
+        ".".join(p.relative_to(PACKAGE).with_suffix("").parts): p
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if "__pycache__" not in p.parts
     }
-    found = set()
+
+
+def imports(name: str, path: Path, *, typing_too: bool = False) -> set[str]:
+    """What a module imports: ours as ``"connection.stream"`` (or a package, ``"protocol"``),
+    others as their top-level name. TYPE_CHECKING imports only when ``typing_too``."""
+    tree = ast.parse(path.read_text())
+    skip = set()
+    if not typing_too:
+        skip = {
+            id(node)
+            for branch in ast.walk(tree)
+            if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+            for node in ast.walk(branch)
+        }
+    package = name.split(".")[:-1]  # (an __init__'s package is its own: drop "__init__")
+    found: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only:
+        if id(node) in skip:
             continue
         if isinstance(node, ast.Import):
-            found |= {
-                alias.name.replace("trioserve.", ".").split(".")[0] or alias.name
-                for alias in node.names
-            }
+            for alias in node.names:
+                parts = alias.name.split(".")
+                found.add(".".join(parts[1:]) if parts[0] == "trioserve" else parts[0])
         elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level == 0 and module.startswith("trioserve"):
-                module, node.level = module.removeprefix("trioserve").lstrip("."), 1
             if node.level == 0:
-                found.add(module.split(".")[0])
-            elif module:
-                found.add("." + module.split(".")[0])
-            else:  # from . import x: a module of ours, or the package itself
-                found |= {"." + (a.name if a.name in LAYERS else "__init__") for a in node.names}
+                parts = (node.module or "").split(".")
+                if parts[0] != "trioserve":
+                    found.add(parts[0])
+                    continue
+                base = parts[1:]
+            else:
+                base = package[: len(package) - node.level + 1] + (
+                    node.module.split(".") if node.module else []
+                )
+            for alias in node.names:  # `from . import module` names the module itself
+                sub = ".".join([*base, alias.name])
+                found.add(sub if sub in MODULES or sub + ".__init__" in MODULES else ".".join(base))
+    found.discard("")  # `from . import __version__`: the package itself
     return found
 
 
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+MODULES = modules()
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_module_imports_follow_the_layers(module: str) -> None:
-    assert module in LAYERS, (
-        f"trioserve/{module}.py is not in the layer table: place it in LAYERS in "
-        "tests/test_architecture.py (and in STYLE.md's module map / __init__ docstring)"
-    )
-    rank = LAYERS[module]
-    names = imports(PACKAGE / f"{module}.py")
-    ours = {name[1:] for name in names if name.startswith(".")} - {"__init__"}
-    if module.startswith("testing"):
-        allowed = TESTING_MAY_IMPORT[module]
-        assert ours <= allowed, f"{module} imports {ours - allowed}"
-    for target in ours:
-        if (module, target) in KNOWN_EXCEPTIONS:
-            continue
-        assert target in LAYERS, f"{module} imports unknown module {target}"
-        assert LAYERS[target] < rank, (
-            f"{module} (layer {rank}) imports {target} (layer {LAYERS[target]}): "
-            "modules import only lower layers"
-        )
-    for name, allowed in ONLY_IMPORTED_BY.items():
-        assert name not in names or module in allowed, f"only {sorted(allowed)} import {name}"
-    if rank < NO_TRIO_BELOW:
-        assert not names & {"trio", "anyio", "sniffio"}, f"layer {rank} must not import trio"
+def unit(name: str) -> str:
+    return name.split(".")[0]
 
 
-def test_init_reexports_and_is_the_only_one_to() -> None:
-    for path in PACKAGE.glob("*.py"):
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_imports_follow_the_layers(name: str) -> None:
+    own = unit(name)
+    assert own in LAYERS, f"trioserve/{own} has no layer: add it to LAYERS (and ARCHITECTURE.md)"
+    names = imports(name, MODULES[name])
+    ours = {n for n in names if unit(n) in LAYERS or n in MODULES}
+    for target in ours - {name}:
+        other = unit(target)
+        if other == own:
+            continue  # inside one package: free, but see test_no_import_circles
+        inside_package = (PACKAGE / own).is_dir() or (PACKAGE / other).is_dir()
+        ok = LAYERS[other] < LAYERS[own] or (not inside_package and LAYERS[other] == LAYERS[own])
+        assert ok, f"{name} (layer {LAYERS[own]}) imports {target} (layer {LAYERS[other]})"
+    if own == "testing":
+        assert {unit(n) for n in ours} <= TESTING_MAY_IMPORT, f"{name} imports {ours}"
+    for lib, allowed in ONLY_IMPORTED_BY.items():
+        assert lib not in names or name in allowed, f"only {sorted(allowed)} import {lib}"
+    if LAYERS[own] < NO_TRIO_BELOW:
+        assert not names & {"trio", "anyio", "sniffio"}, f"layer {LAYERS[own]} imports trio"
+
+
+def test_no_import_circles() -> None:
+    """Not even through TYPE_CHECKING or a function-level import."""
+    graph = {
+        name: {t if t in MODULES else t + ".__init__" for t in imports(name, p, typing_too=True)}
+        & set(MODULES)
+        for name, p in MODULES.items()
+    }
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                circle = path[path.index(target) :] + [target]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_is_short(name: str) -> None:
+    lines = len(MODULES[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{name}: {lines} lines; split it by responsibility"
+
+
+def test_only_the_top_init_reexports() -> None:
+    for name, path in MODULES.items():
         tree = ast.parse(path.read_text())
         reexports = [
             a.name
@@ -111,11 +147,4 @@ def test_init_reexports_and_is_the_only_one_to() -> None:
             for a in node.names
             if a.asname == a.name
         ]
-        assert path.stem == "__init__" or not reexports, f"{path.name} re-exports {reexports}"
-
-
-def test_known_exceptions_still_exist() -> None:
-    for module, target in KNOWN_EXCEPTIONS:
-        assert "." + target in imports(PACKAGE / f"{module}.py"), (
-            f"{module} no longer imports {target}: remove it from KNOWN_EXCEPTIONS"
-        )
+        assert name == "__init__" or not reexports, f"{name} re-exports {reexports}"

@@ -26,8 +26,8 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from wire import Client, connect, header, read_until_eof
 
 from trioserve import Config, Server, serve
-from trioserve.app_call import needs_asyncio
-from trioserve.asyncio_bridge import AsyncioApp
+from trioserve.app.asyncio_bridge import AsyncioApp
+from trioserve.app.call import needs_asyncio
 from trioserve.errors import AppProtocolError, LifespanError
 from trioserve.testing import WebSocketClosed, running
 

@@ -15,7 +15,7 @@ import trio
 from server_process import CONSOLE_SCRIPT, get, started_process
 
 from trioserve import Config, Server, serve
-from trioserve.app_loading import load_app
+from trioserve.app.loading import load_app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from wire import Client, connect, read_until_eof
 
 from trioserve.errors import AppProtocolError
-from trioserve.http_messages import (
+from trioserve.protocol.http1_messages import (
     build_http_scope,
     check_fields,
     check_request,

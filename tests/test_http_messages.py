@@ -1,4 +1,4 @@
-"""Pure table tests of trioserve.http_messages: no sockets, no trio (STYLE.md §2 Tests).
+"""Pure table tests of trioserve.protocol.http1_messages: no sockets, no trio (STYLE.md §2 Tests).
 
 Requests are parsed by a real server-side parser, ``h11.Connection(h11.SERVER)`` and then
 trioserve's httptools twin (fed whole and byte by byte); responses produced by
@@ -15,7 +15,7 @@ import h11
 import pytest
 
 from trioserve.errors import AppProtocolError
-from trioserve.http_messages import (
+from trioserve.protocol.http1_messages import (
     ASGI_VERSION,
     MAX_CHECKED_FIELDS,
     MAX_KNOWN_SIZE,
@@ -28,7 +28,7 @@ from trioserve.http_messages import (
     is_websocket_upgrade,
     split_target,
 )
-from trioserve.http_parser import HTTPParser, refusal, transfer_coding_problem
+from trioserve.protocol.http1_parser import HTTPParser, refusal, transfer_coding_problem
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 

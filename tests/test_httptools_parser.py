@@ -23,11 +23,11 @@ from wire import Client, connect
 
 from trioserve import Config
 from trioserve.config import http_implementation
+from trioserve.connection.state import ServerState
 from trioserve.errors import AppProtocolError, ConfigError
-from trioserve.http_messages import ResponseHeads, ResponseWriter, check_request
-from trioserve.http_parser import H11Connection, HTTPParser
-from trioserve.httptools_parser import HttptoolsConnection
-from trioserve.server_state import ServerState
+from trioserve.protocol.http1_messages import ResponseHeads, ResponseWriter, check_request
+from trioserve.protocol.http1_parser import H11Connection, HTTPParser
+from trioserve.protocol.httptools_parser import HttptoolsConnection
 
 # -- choosing the parser ---------------------------------------------------------------
 

@@ -210,7 +210,7 @@ async def test_hanging_shutdown_is_bounded_when_cancelled(
 async def test_hanging_shutdown_without_grace_is_bounded_by_default(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    from trioserve.lifespan import CANCELLED_SHUTDOWN_TIMEOUT
+    from trioserve.app.lifespan import CANCELLED_SHUTDOWN_TIMEOUT
 
     app = LifespanApp(shutdown="hang")
     start = trio.current_time()

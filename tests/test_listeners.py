@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioserve.listeners import ACCEPT_BURST, SocketListener
+from trioserve.connection.listeners import ACCEPT_BURST, SocketListener
 
 
 def listening_socket() -> socket.socket:

@@ -13,7 +13,7 @@ from wire import Client, connect
 
 from trioserve import Config
 from trioserve.errors import ConfigError
-from trioserve.proxy_headers import (
+from trioserve.protocol.proxy_headers import (
     TrustedHosts,
     apply_proxy_headers,
     parse_forwarded,

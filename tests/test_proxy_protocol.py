@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wire import Client, connect, read_until_eof
 
-from trioserve.proxy_protocol import (
+from trioserve.protocol.proxy_protocol import (
     V2_SIGNATURE,
     ProxyHeader,
     ProxyProtocolError,

@@ -11,7 +11,7 @@ import trio
 from server_process import clean_env, get, is_alive, started_process, wait_all_gone
 
 from trioserve import Config
-from trioserve.reload import ReloadFilter, scan_files, watch_changes, watched_dirs
+from trioserve.workers.reload import ReloadFilter, scan_files, watch_changes, watched_dirs
 
 ROOT = Path("/srv/project")
 

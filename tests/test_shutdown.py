@@ -11,7 +11,7 @@ import trio
 from server_process import CLI_APP, ServerProcess, clean_env, running_process, started_process
 from wire import Client, connect, read_until_eof
 
-from trioserve.http_connection import DRAIN_IDLE_GRACE
+from trioserve.connection.http1 import DRAIN_IDLE_GRACE
 
 
 @pytest.fixture

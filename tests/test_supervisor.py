@@ -31,9 +31,9 @@ from wire import Client, connect, read_until_eof
 
 import trioserve
 from trioserve.errors import ConfigError
-from trioserve.supervisor import describe_exit
-from trioserve.worker import heartbeat_interval
-from trioserve.worker_protocol import WorkerEvent, WorkerSpec
+from trioserve.workers.messages import WorkerEvent, WorkerSpec
+from trioserve.workers.supervisor import describe_exit
+from trioserve.workers.worker import heartbeat_interval
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from wire import (
     receive_until,
 )
 
-from trioserve.http_connection import DRAIN_IDLE_GRACE
+from trioserve.connection.http1 import DRAIN_IDLE_GRACE
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 
@@ -51,7 +51,7 @@ async def test_idle_keep_alive_connection_closed_after_timeout(
     assert not [
         r
         for r in caplog.records
-        if r.levelno >= logging.INFO and r.name.startswith("trioserve.http")
+        if r.levelno >= logging.INFO and r.name.startswith("trioserve.connection")
     ]
 
 

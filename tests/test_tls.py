@@ -19,7 +19,7 @@ from wire import Client, read_until_eof
 
 from trioserve import Config
 from trioserve.errors import ConfigError
-from trioserve.proxy_protocol import encode_v2
+from trioserve.protocol.proxy_protocol import encode_v2
 from trioserve.tls import load_tls, rfc4514_name
 
 

@@ -40,7 +40,7 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 
 from trioserve import ClientDisconnected
-from trioserve.ws_connection import CLOSE_TIMEOUT
+from trioserve.connection.websocket import CLOSE_TIMEOUT
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 

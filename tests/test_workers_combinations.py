@@ -29,7 +29,7 @@ from server_process import (
 )
 from wire import Client
 
-from trioserve.supervisor import SHUTDOWN_MARGIN
+from trioserve.workers.supervisor import SHUTDOWN_MARGIN
 
 # Reports, per worker process, the async library the app runs on and the loop that ran its
 # lifespan startup (same loop as the request, or the bridge is per call).

@@ -10,8 +10,8 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, TextMessage
 
 from trioserve.errors import AppProtocolError
-from trioserve.http_messages import build_http_scope
-from trioserve.ws_messages import (
+from trioserve.protocol.http1_messages import build_http_scope
+from trioserve.protocol.ws_messages import (
     Accept,
     AppMessages,
     Close,

@@ -20,7 +20,7 @@ from test_websocket_wire import RawWS, Recorder, echo_app, echo_messages, frame
 from wsproto.events import BytesMessage, CloseConnection, Pong, TextMessage
 
 from trioserve import ClientDisconnected
-from trioserve.ws_connection import CLOSE_TIMEOUT, IDLE_READ_DELAY, OUTBOX_HIGH_WATER
+from trioserve.connection.websocket import CLOSE_TIMEOUT, IDLE_READ_DELAY, OUTBOX_HIGH_WATER
 
 
 async def read_whole_message(ws: RawWS) -> str | bytes:

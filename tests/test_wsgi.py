@@ -27,7 +27,7 @@ from server_process import ServerProcess, started_process
 from wire import Client, connect, read_until_eof
 
 from trioserve import Config
-from trioserve.app_loading import load_app
+from trioserve.app.loading import load_app
 from trioserve.wsgi import WSGIMiddleware
 
 TIMEOUT = 10.0

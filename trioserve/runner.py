@@ -22,9 +22,9 @@ from typing import Any, Final, NoReturn
 
 import trio
 
-from .app_loading import load_app
+from .app.asyncio_bridge import import_trio_asyncio
+from .app.loading import load_app
 from .asgi_types import ASGIApp
-from .asyncio_bridge import import_trio_asyncio
 from .config import Config
 from .errors import ConfigError
 from .logs import configure_logging
@@ -96,7 +96,7 @@ def run_config(app: str | Any, config: Config, *, warnings: Sequence[str] = ()) 
                 "workers and reload need the app as an import string, e.g. 'main:app'"
             )
         _check_worker_log_config(config)
-        from .supervisor import run_supervisor
+        from .workers.supervisor import run_supervisor
 
         run_supervisor(app, config)
         return
@@ -122,7 +122,7 @@ def _check_worker_log_config(config: Config) -> None:
 def arm_exit_watchdog(code: int, timeout: float = EXIT_TIMEOUT) -> None:
     """End the process with ``code`` if it has not exited ``timeout`` seconds from now.
 
-    Called by the process entry points (the CLI and ``trioserve.worker``) once the server
+    Called by the process entry points (the CLI and ``trioserve.workers.worker``) once the server
     has stopped, just before the interpreter exits. That exit joins every non-daemon thread
     first (``concurrent.futures`` pools included, through their ``threading`` exit hook),
     and a thread the app started may never end: a view blocked in ``time.sleep(3600)`` or

@@ -27,13 +27,14 @@ from typing import Final
 
 import trio
 
-from .app_loading import load_app
+from .app.asyncio_bridge import open_app_loop
+from .app.lifespan import lifespan
+from .app.loading import load_app
 from .asgi_types import ASGIApp
-from .asyncio_bridge import open_app_loop
 from .config import Config, http_implementation
-from .http_connection import HTTPConnection
-from .lifespan import lifespan
-from .listeners import (
+from .connection.edge import prepare_connection
+from .connection.http1 import HTTPConnection
+from .connection.listeners import (
     BoundSocket,
     MemoryListener,
     SocketListener,
@@ -42,9 +43,8 @@ from .listeners import (
     local_address,
     to_listener,
 )
+from .connection.state import ServerState
 from .message_trace import TRACE_LOG_LEVEL, peer_name, traced_app
-from .server_state import ServerState
-from .transport import prepare_connection
 from .wsgi import WSGIMiddleware
 
 if sys.version_info < (3, 11):  # pragma: no cover

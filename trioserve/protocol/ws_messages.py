@@ -38,8 +38,8 @@ import h11
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
-from .errors import AppProtocolError
-from .http_messages import validate_headers
+from ..errors import AppProtocolError
+from .http1_messages import validate_headers
 
 # RFC 6455 §7.4.1 status codes used by the server.
 CLOSE_NORMAL: Final = 1000

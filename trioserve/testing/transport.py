@@ -23,7 +23,7 @@ import trio
 if TYPE_CHECKING:
     import httpx
 
-    from .server import Server
+    from ..server import Server
 
 RECEIVE_SIZE: Final = 64 * 1024
 # The header the testing clients number their requests with (the app never sees it).

@@ -51,15 +51,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import trio
 
-from .config import Config
-from .server import Server, resolve_app, serve, serve_in_memory
-from .testing_transport import REQUEST_ID_HEADER, app_error_transport_class, memory_transport_class
-from .testing_ws_client import (
-    WebSocketClient,
-    WebSocketClosed,
-    WebSocketRejected,
-    open_websocket,
-)
+from ..config import Config
+from ..server import Server, resolve_app, serve, serve_in_memory
+from .transport import REQUEST_ID_HEADER, app_error_transport_class, memory_transport_class
+from .ws_client import WebSocketClient, WebSocketClosed, WebSocketRejected, open_websocket
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
@@ -67,7 +62,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 if TYPE_CHECKING:
     import httpx
 
-    from .asgi_types import ASGIApp, ASGIReceive, ASGISend
+    from ..asgi_types import ASGIApp, ASGIReceive, ASGISend
 
 __all__ = [
     "REQUEST_ID_HEADER",

@@ -44,10 +44,11 @@ from typing import Any, Final
 import h11
 import trio
 
-from .access_format import CLIENT_CLOSED_REQUEST
-from .app_call import call_app
-from .errors import AppProtocolError, ClientDisconnected
-from .http_messages import (
+from ..access_format import CLIENT_CLOSED_REQUEST
+from ..app.call import call_app
+from ..errors import AppProtocolError, ClientDisconnected
+from ..message_trace import TRACE_LOG_LEVEL, peer_name
+from ..protocol.http1_messages import (
     ResponseWriter,
     build_http_scope,
     check_request,
@@ -56,10 +57,9 @@ from .http_messages import (
     header_list,
     is_websocket_upgrade,
 )
-from .http_parser import refusal
-from .message_trace import TRACE_LOG_LEVEL, peer_name
-from .proxy_headers import TrustedHosts, apply_proxy_headers
-from .server_state import ServerState, log_access
+from ..protocol.http1_parser import refusal
+from ..protocol.proxy_headers import TrustedHosts, apply_proxy_headers
+from .state import ServerState, log_access
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -90,7 +90,7 @@ LINGER_TIMEOUT: Final = 1.0
 DRAIN_IDLE_GRACE: Final = 1.0
 
 _DISCONNECT: Final = {"type": "http.disconnect"}
-_CONTINUE_TASK_NAME: Final = "trioserve.http_connection.HTTPConnection.continue_serving"
+_CONTINUE_TASK_NAME: Final = "trioserve.connection.http1.HTTPConnection.continue_serving"
 
 
 class HTTPConnection:
@@ -781,7 +781,7 @@ class HTTPConnection:
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     async def _upgrade(self, request: h11.Request) -> bool:
-        from .ws_connection import WebSocketConnection  # only when a client asks
+        from .websocket import WebSocketConnection  # only when a client asks
 
         ws = WebSocketConnection(self, request)
         self._upgraded_to = ws

@@ -1,7 +1,7 @@
 """What the parent and its worker processes say to each other (layer 4, stdlib only).
 
-The parent (:mod:`trioserve.supervisor`) hands each worker a :class:`WorkerSpec` in the
-``TRIOSERVE_WORKER`` environment variable; the worker (:mod:`trioserve.worker`) reports back
+The parent (:mod:`trioserve.workers.supervisor`) hands each worker a :class:`WorkerSpec` in the
+``TRIOSERVE_WORKER`` environment variable; the worker (:mod:`trioserve.workers.worker`) reports back
 over its link, one :class:`WorkerEvent` JSON object per line. Both sides import this module
 only, so neither needs the other's code.
 """

@@ -45,9 +45,9 @@ from typing import Any, Final, cast
 
 import trio
 
-from .asgi_types import ASGIApp, ASGIReceive, ASGISend, Message
-from .config import Config
-from .errors import AppProtocolError, ConfigError
+from ..asgi_types import ASGIApp, ASGIReceive, ASGISend, Message
+from ..config import Config
+from ..errors import AppProtocolError, ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 
 import trio
 
-from .config import Config
+from ..config import Config
 
 logger = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from typing import Any, Final
 
 import trio
 
-from .app_call import call_app
-from .asgi_types import ASGIApp
-from .config import Config
-from .errors import AppProtocolError, LifespanError
+from ..asgi_types import ASGIApp
+from ..config import Config
+from ..errors import AppProtocolError, LifespanError
+from .call import call_app
 
 logger = logging.getLogger(__name__)
 

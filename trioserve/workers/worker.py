@@ -1,6 +1,6 @@
-"""Worker-process entry point: ``python -m trioserve.worker`` (layer 4).
+"""Worker-process entry point: ``python -m trioserve.workers.worker`` (layer 4).
 
-A worker is a fresh interpreter started by :mod:`trioserve.supervisor`. It reads its job
+A worker is a fresh interpreter started by :mod:`trioserve.workers.supervisor`. It reads its job
 from the ``TRIOSERVE_WORKER`` environment variable (JSON: the import string, the
 :class:`~trioserve.Config` fields and the numbers of the file descriptors it inherited),
 imports the app, adopts the listening socket bound by the parent and serves with
@@ -38,14 +38,14 @@ from typing import Final
 
 import trio
 
-from .app_loading import load_app
-from .asgi_types import ASGIApp
-from .config import Config
-from .errors import AppLoadError, LifespanError
-from .logs import configure_logging
-from .runner import arm_exit_watchdog, serve_until_signal, tune_allocator
-from .server import Server
-from .worker_protocol import SPEC_ENV, WorkerEvent, WorkerSpec
+from ..app.loading import load_app
+from ..asgi_types import ASGIApp
+from ..config import Config
+from ..errors import AppLoadError, LifespanError
+from ..logs import configure_logging
+from ..runner import arm_exit_watchdog, serve_until_signal, tune_allocator
+from ..server import Server
+from .messages import SPEC_ENV, WorkerEvent, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class _StartupLogCapture(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.records: list[logging.LogRecord] = []
-        self.logger = logging.getLogger("trioserve.lifespan")
+        self.logger = logging.getLogger("trioserve.app.lifespan")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:

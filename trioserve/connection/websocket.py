@@ -95,11 +95,10 @@ from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
 from wsproto.utilities import RemoteProtocolError
 
-from .app_call import call_app
-from .errors import ClientDisconnected
-from .http_messages import ResponseWriter, build_http_scope, error_response
-from .server_state import log_access
-from .ws_messages import (
+from ..app.call import call_app
+from ..errors import ClientDisconnected
+from ..protocol.http1_messages import ResponseWriter, build_http_scope, error_response
+from ..protocol.ws_messages import (
     CLOSE_ABNORMAL,
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
@@ -121,9 +120,10 @@ from .ws_messages import (
     disconnect_message,
     handshake_headers,
 )
+from .state import log_access
 
 if TYPE_CHECKING:
-    from .http_connection import HTTPConnection
+    from .http1 import HTTPConnection
 
 logger = logging.getLogger(__name__)
 

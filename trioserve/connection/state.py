@@ -15,19 +15,19 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any, Final, Protocol
 
-from .access_format import (
+from ..access_format import (
     CLIENT_CLOSED_REQUEST,
     access_fields,
     compile_access_format,
     status_phrase,
 )
-from .asgi_types import ASGIApp
-from .config import Config, http_implementation
-from .errors import ClientDisconnected
-from .http_messages import ResponseHeads
-from .http_parser import H11Connection, HTTPParser
-from .message_trace import tracing_enabled
-from .transport import EdgeSettings
+from ..asgi_types import ASGIApp
+from ..config import Config, http_implementation
+from ..errors import ClientDisconnected
+from ..message_trace import tracing_enabled
+from ..protocol.http1_messages import ResponseHeads
+from ..protocol.http1_parser import H11Connection, HTTPParser
+from .edge import EdgeSettings
 
 access_logger = logging.getLogger("trioserve.access")
 
@@ -213,7 +213,7 @@ def _parser_factory(state: ServerState) -> Callable[[], HTTPParser]:
     config = state.config
     limit = config.h11_max_incomplete_event_size
     if http_implementation(config.http) == "httptools":
-        from .httptools_parser import HttptoolsConnection  # only with the optional extra
+        from ..protocol.httptools_parser import HttptoolsConnection  # only with the optional extra
 
         return lambda: HttptoolsConnection(max_incomplete_event_size=limit)
     return lambda: H11Connection(max_incomplete_event_size=limit)

@@ -18,8 +18,8 @@ from typing import Any, Final
 
 import trio
 
-from .config import Config
-from .errors import BindError
+from ..config import Config
+from ..errors import BindError
 
 # What an in-memory connection (transport="memory" in trioserve.testing) looks like.
 MEMORY_URL: Final = "http://testserver"

@@ -46,7 +46,7 @@ import h11
 import httptools
 from h11._headers import Headers  # (the type of h11.Request.headers)
 
-from .http_parser import transfer_coding_problem
+from .http1_parser import transfer_coding_problem
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 # (h11's names bound once: the hot paths below look each up per request.)

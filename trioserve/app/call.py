@@ -16,9 +16,9 @@ from typing import Any, Final
 
 import sniffio
 
-from .asgi_types import ASGIApp, ASGIReceive, ASGISend
+from ..asgi_types import ASGIApp, ASGIReceive, ASGISend
+from ..errors import ClientDisconnected
 from .asyncio_bridge import AsyncioApp
-from .errors import ClientDisconnected
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from .config import Config
-from .message_trace import peer_name
-from .proxy_headers import TrustedHosts
-from .proxy_protocol import ProxyProtocolError, parse_proxy_header
-from .tls import TLSSettings, load_tls, tls_extension
+from ..config import Config
+from ..message_trace import peer_name
+from ..protocol.proxy_headers import TrustedHosts
+from ..protocol.proxy_protocol import ProxyProtocolError, parse_proxy_header
+from ..tls import TLSSettings, load_tls, tls_extension
 
 if TYPE_CHECKING:
-    from .http_connection import HTTPConnection
+    from .http1 import HTTPConnection
 
 logger = logging.getLogger(__name__)
 

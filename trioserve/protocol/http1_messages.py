@@ -37,10 +37,10 @@ from urllib.parse import unquote
 
 import h11
 
-from .errors import AppProtocolError
+from ..errors import AppProtocolError
 
 if TYPE_CHECKING:
-    from .http_parser import HTTPParser
+    from .http1_parser import HTTPParser
 
 ASGI_VERSION: Final = {"version": "3.0", "spec_version": "2.4"}
 _EMPTY_BODY_STATUSES: Final = frozenset({204, 304})

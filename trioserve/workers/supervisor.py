@@ -1,7 +1,7 @@
 """The parent process of ``--workers N`` and ``--reload`` (layer 4).
 
 The parent binds the listening socket once and runs worker processes
-(``python -m trioserve.worker``, fresh interpreters) that inherit it by file descriptor. It
+(``python -m trioserve.workers.worker``, fresh interpreters) that inherit it by file descriptor. It
 never imports the app. Its task tree::
 
     run_supervisor() ── trio.run(Supervisor.run)
@@ -10,8 +10,8 @@ never imports the app. Its task tree::
         │                        SIGTTIN/SIGTTOU: one worker more/less
         ├── file watcher         --reload only (``reload.watch_changes``)
         ├── the manager loop     (the nursery body) keeps the wanted number of workers
-        └── one task per worker process (``_run_worker`` → ``worker_process.run_worker_process``)
-            ├── trio.run_process([python, -m, trioserve.worker], pass_fds=…, start_new_session)
+        └── one task per worker process (``_run_worker`` → ``process.run_worker_process``)
+            ├── run_process([python, -m, trioserve.workers.worker], pass_fds=…, new session)
             ├── kill-when-late   sleeps in a cancel scope whose deadline is set on SIGTERM
             └── (body) reads the worker's status lines: ready, draining, failed, heartbeats
 
@@ -52,12 +52,12 @@ from typing import Final
 
 import trio
 
-from .config import Config
-from .errors import AppLoadError, BindError, ConfigError, LifespanError
-from .listeners import BoundSocket, bind_sockets, close_sockets
+from ..config import Config
+from ..connection.listeners import BoundSocket, bind_sockets, close_sockets
+from ..errors import AppLoadError, BindError, ConfigError, LifespanError
+from .messages import WorkerEvent
+from .process import WorkerProcess, run_worker_process
 from .reload import Reloader, choose_reloader, watch_changes
-from .worker_process import WorkerProcess, run_worker_process
-from .worker_protocol import WorkerEvent
 
 logger = logging.getLogger(__name__)
 

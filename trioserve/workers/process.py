@@ -2,11 +2,11 @@
 (layer 4).
 
 :class:`WorkerProcess` is the parent's record of one worker; :func:`run_worker_process` is
-the task that owns the process: it starts ``python -m trioserve.worker`` with the listening
+the task that owns the process: it starts ``python -m trioserve.workers.worker`` with the listening
 socket, the link and the stack file passed by file descriptor, reads the worker's status
-lines (:mod:`trioserve.worker_protocol`) and kills the process once its stop deadline
+lines (:mod:`trioserve.workers.messages`) and kills the process once its stop deadline
 (``WorkerProcess.stop_scope``) passes or its heartbeats stop. What to *do* about a worker
-(replace it, back off, abort a restart) is :mod:`trioserve.supervisor`'s policy: it gets
+(replace it, back off, abort a restart) is :mod:`trioserve.workers.supervisor`'s policy: it gets
 every status line and the "blocked" verdict through callbacks.
 """
 
@@ -26,11 +26,11 @@ from typing import IO, Any, Final
 
 import trio
 
-from .worker_protocol import SPEC_ENV, WorkerEvent, WorkerSpec
+from .messages import SPEC_ENV, WorkerEvent, WorkerSpec
 
 # The parent's log lines keep the logger they had when this code lived in supervisor.py, so
-# that a --log-config filtering "trioserve.supervisor" still sees all of them.
-logger = logging.getLogger("trioserve.supervisor")
+# that a --log-config filtering "trioserve.workers.supervisor" still sees all of them.
+logger = logging.getLogger("trioserve.workers.supervisor")
 
 STACK_DUMP_WAIT: Final = 1.0
 STACK_DUMP_MAX_CHARS: Final = 20_000
@@ -115,7 +115,7 @@ async def run_worker_process(
                 process: trio.Process = await nursery.start(
                     functools.partial(
                         trio.run_process,
-                        [sys.executable, "-m", "trioserve.worker"],
+                        [sys.executable, "-m", "trioserve.workers.worker"],
                         check=False,
                         stdin=subprocess.DEVNULL,
                         pass_fds=(listener_fd, child_end.fileno(), stack_file.fileno()),

@@ -14,9 +14,9 @@ import os
 import sys
 from typing import Any, cast
 
-from .asgi_types import ASGIApp, ASGIReceive, ASGISend
-from .config import Config
-from .errors import AppLoadError
+from ..asgi_types import ASGIApp, ASGIReceive, ASGISend
+from ..config import Config
+from ..errors import AppLoadError
 
 
 def import_from_string(import_str: str) -> Any:
