@@ -7,6 +7,7 @@ Usage::
     python bench/bench.py --quick   # 1 round of 2 s (smoke)
     python bench/bench.py --servers trioserve,uvicorn-h11 --scenarios hello,json
     python bench/bench.py --workers-scaling  # also 2-worker lines (hello and json only)
+    python bench/bench.py --reuse-port-scaling  # trioserve 2 and 4 workers, shared vs SO_REUSEPORT
     python bench/bench.py --fifo-check       # also trioserve on FIFO-ordered trio batches
     python bench/bench.py --instructions     # instructions per request under valgrind
 
@@ -19,6 +20,9 @@ How it measures:
 * ``--workers-scaling`` adds 2-worker lines for hello and json (trioserve, uvicorn-h11 as
   shipped, and uvicorn-h11 with TCP_NODELAY restored): their server processes may use
   both CPUs, so they share CPU 1 with the load generator.
+* ``--reuse-port-scaling`` adds trioserve with 2 and 4 workers, each once on the socket the
+  parent shares with its workers and once with ``--reuse-port`` (a socket per worker, the
+  kernel spreading connections), for hello and json, on both CPUs as above.
 * Servers are interleaved round by round (A B C A B C ...), so ratios to hypercorn-trio and
   uvicorn-h11 are taken per round, side by side, and their median is reported: the machine
   may be shared, absolute numbers drift, ratios much less.
@@ -117,12 +121,13 @@ class ServerSpec:
     workers: int = 1
     cpus: str = SERVER_CPU  # taskset list for the server's processes
     pythonpath: tuple[str, ...] = ()  # extra PYTHONPATH entries (before the bench dir)
+    extra_args: tuple[str, ...] = ()  # appended to the server's command line
 
     def command(self, app: str, port: int) -> list[str]:
         argv = self._command(app, port)
         if self.workers > 1:
             argv += ["--workers", str(self.workers)]
-        return argv
+        return [*argv, *self.extra_args]
 
     def _command(self, app: str, port: int) -> list[str]:
         py = sys.executable
@@ -138,6 +143,7 @@ class ServerSpec:
             "trioserve-accesslog",
             "trioserve-asyncio",
             "trioserve-2w",
+            *REUSE_PORT_SERVERS,
             "trioserve-fifo",
             "trioserve-httptools",
         ):
@@ -255,6 +261,28 @@ WORKER_SERVERS: dict[str, ServerSpec] = {
         ),
     )
 }
+# --reuse-port-scaling: a shared listening socket vs one SO_REUSEPORT socket per worker.
+REUSE_PORT_SERVERS: dict[str, ServerSpec] = {
+    s.name: s
+    for workers in (2, 4)
+    for s in (
+        ServerSpec(
+            f"trioserve-{workers}w-shared",
+            f"trioserve --workers {workers} (one socket, shared)",
+            SCALING_SCENARIOS,
+            workers,
+            BOTH_CPUS,
+        ),
+        ServerSpec(
+            f"trioserve-{workers}w-reuseport",
+            f"trioserve --workers {workers} --reuse-port (a socket per worker)",
+            SCALING_SCENARIOS,
+            workers,
+            BOTH_CPUS,
+            extra_args=("--reuse-port",),
+        ),
+    )
+}
 # Not in the default server list either: --fifo-check adds it (see the module it loads).
 FIFO_SERVER = ServerSpec(
     "trioserve-fifo",
@@ -262,7 +290,12 @@ FIFO_SERVER = ServerSpec(
     frozenset({"hello", "close", "json"}),
     pythonpath=(str(BENCH_DIR / "fifo_scheduling"),),
 )
-ALL_SERVERS = {**SERVERS, **WORKER_SERVERS, FIFO_SERVER.name: FIFO_SERVER}
+ALL_SERVERS = {
+    **SERVERS,
+    **WORKER_SERVERS,
+    **REUSE_PORT_SERVERS,
+    FIFO_SERVER.name: FIFO_SERVER,
+}
 
 
 # -- one measurement ------------------------------------------------------------------------
@@ -982,6 +1015,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run " + ", ".join(WORKER_SERVERS) + " (hello and json only)",
     )
     parser.add_argument(
+        "--reuse-port-scaling",
+        action="store_true",
+        help="also run " + ", ".join(REUSE_PORT_SERVERS) + " (hello and json only)",
+    )
+    parser.add_argument(
         "--fifo-check",
         action="store_true",
         help=f"also run {FIFO_SERVER.name}: {FIFO_SERVER.description}",
@@ -999,6 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers = [s for s in (args.servers or ",".join(default_servers)).split(",") if s]
     if args.workers_scaling:
         servers += [s for s in WORKER_SERVERS if s not in servers]
+    if args.reuse_port_scaling:
+        servers += [s for s in REUSE_PORT_SERVERS if s not in servers]
     if args.fifo_check and FIFO_SERVER.name not in servers:
         servers.append(FIFO_SERVER.name)
     default_scenarios = INSTRUCTION_REQUESTS if args.instructions else SCENARIOS

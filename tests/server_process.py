@@ -331,16 +331,19 @@ async def running_process(
     pass_fds: Sequence[int] = (),
     console_script: bool = False,
     python_args: bool = False,
+    wrapper: Sequence[str] = (),
 ) -> AsyncIterator[ServerProcess]:
     """Start trioserve with ``args``; on exit kill what is left of it and reap it.
 
     ``env``: the whole environment (default :func:`clean_env`); ``console_script``: run the
     ``trioserve`` script instead of ``python -m trioserve``; ``python_args``: ``args`` are
-    the Python interpreter's own (``-c ...``).
+    the Python interpreter's own (``-c ...``); ``wrapper``: a command that execs the rest
+    (``systemd-socket-activate -l ...``).
     """
     command = [CONSOLE_SCRIPT] if console_script else [PYTHON, "-m", "trioserve"]
     if python_args:
         command = [PYTHON]
+    command = [*wrapper, *command]
     process = await trio.lowlevel.open_process(
         [*command, *args],
         stdin=subprocess.DEVNULL,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 PATTERN = """
 import resource, sys
 if sys.argv[1] == "tuned":
-    from trioserve.runner import tune_allocator
+    from trioserve.workers.serving import tune_allocator
     tune_allocator()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -16,11 +16,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trioserve"
 LAYERS: dict[str, int] = {
     "errors": 0, "asgi_types": 0,                          # vocabulary, stdlib only
     "access_format": 1, "message_trace": 1, "config": 1,  # configuration, no trio
-    "tls": 1, "logs": 1,
+    "config_file": 1,
+    "tls": 1, "logs": 1, "metrics": 1,
     "protocol": 2,                                          # sans-IO: never trio
     "app": 3, "wsgi": 3,                                    # calling the user's app
     "connection": 4,                                        # one accepted connection
-    "server": 5,                                            # serve(): the task tree
+    "server": 5, "admin": 5,                                # serve(): the task tree
     "testing": 6, "workers": 6,                             # test helpers; processes
     "runner": 7, "cli": 8, "__main__": 9, "__init__": 9,
 }
@@ -120,7 +121,7 @@ def test_no_import_circles() -> None:
         state[name] = 1
         for target in sorted(graph[name]):
             if state.get(target) == 1:
-                circle = path[path.index(target) :] + [target]
+                circle = [*path[path.index(target) :], target]
                 raise AssertionError("import circle: " + " -> ".join(circle))
             if target not in state:
                 visit(target, [*path, target])

@@ -594,7 +594,7 @@ UVICORN_OPTIONS: list[tuple[list[str], str | None]] = [
     (["--http", "h11"], None),
     (["--http", "httptools"], None),
     (["--http", "zttp"], "use --http httptools"),
-    (["--http2"], "trioserve speaks HTTP/1.1 only"),
+    (["--http2"], None),
     (["--ws", "auto"], None),
     (["--ws", "none"], None),
     (["--ws", "wsproto"], None),

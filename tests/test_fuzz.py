@@ -27,10 +27,10 @@ from wire import Client, connect, read_until_eof
 from trioserve.errors import AppProtocolError
 from trioserve.protocol.http1_messages import (
     build_http_scope,
-    check_fields,
     check_request,
     head_has_obs_fold,
 )
+from trioserve.protocol.response_heads import check_fields
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 

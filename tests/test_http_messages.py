@@ -16,19 +16,16 @@ import pytest
 
 from trioserve.errors import AppProtocolError
 from trioserve.protocol.http1_messages import (
-    ASGI_VERSION,
-    MAX_CHECKED_FIELDS,
-    MAX_KNOWN_SIZE,
-    ResponseHeads,
     ResponseWriter,
     build_http_scope,
     check_request,
     error_response,
     head_has_obs_fold,
     is_websocket_upgrade,
-    split_target,
 )
 from trioserve.protocol.http1_parser import HTTPParser, refusal, transfer_coding_problem
+from trioserve.protocol.response_heads import MAX_CHECKED_FIELDS, MAX_KNOWN_SIZE, ResponseHeads
+from trioserve.protocol.scope import ASGI_VERSION, split_target
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 

@@ -31,7 +31,7 @@ from wire import (
 )
 
 from trioserve import Server, serve
-from trioserve.connection.state import READ_BUFFER_SIZE
+from trioserve.connection.stream import READ_BUFFER_SIZE
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 

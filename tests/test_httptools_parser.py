@@ -25,9 +25,10 @@ from trioserve import Config
 from trioserve.config import http_implementation
 from trioserve.connection.state import ServerState
 from trioserve.errors import AppProtocolError, ConfigError
-from trioserve.protocol.http1_messages import ResponseHeads, ResponseWriter, check_request
+from trioserve.protocol.http1_messages import ResponseWriter, check_request
 from trioserve.protocol.http1_parser import H11Connection, HTTPParser
 from trioserve.protocol.httptools_parser import HttptoolsConnection
+from trioserve.protocol.response_heads import ResponseHeads
 
 # -- choosing the parser ---------------------------------------------------------------
 
@@ -62,7 +63,7 @@ def test_httptools_without_the_extra_is_a_clear_config_error(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "httptools" else real(name)
     )
-    with pytest.raises(ConfigError, match=r"pip install 'trioserve\[fast\]'"):
+    with pytest.raises(ConfigError, match=r"pip install httptools \(trioserve's \[fast\] extra\)"):
         Config(http="httptools")
 
 

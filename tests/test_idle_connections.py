@@ -15,7 +15,7 @@ import trio.testing
 from conftest import hello_app, run_server
 from wire import Client, connect
 
-from trioserve.connection.http1 import RequestCycle
+from trioserve.connection.request_cycle import RequestCycle
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 

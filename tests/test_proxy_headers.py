@@ -15,11 +15,11 @@ from trioserve import Config
 from trioserve.errors import ConfigError
 from trioserve.protocol.proxy_headers import (
     TrustedHosts,
-    apply_proxy_headers,
     parse_forwarded,
     parse_node,
     resolve_forwarded,
 )
+from trioserve.protocol.scope import apply_proxy_headers
 
 # -- trusted hosts -------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, TextMessage
 
 from trioserve.errors import AppProtocolError
-from trioserve.protocol.http1_messages import build_http_scope
+from trioserve.protocol.http1_messages import header_list
+from trioserve.protocol.scope import ConnectionFacts, websocket_scope
 from trioserve.protocol.ws_messages import (
     Accept,
     AppMessages,
@@ -22,7 +23,6 @@ from trioserve.protocol.ws_messages import (
     ResponseBody,
     ResponseStart,
     Send,
-    build_websocket_scope,
     classify_close,
     disconnect_message,
     handshake_headers,
@@ -57,7 +57,7 @@ def test_parse_subprotocols_keeps_order(
     assert parse_subprotocols(headers) == expected
 
 
-def _http_scope(
+def _websocket_scope(
     target: bytes = b"/chat/room%201?x=1", *, scheme: str = "http", root_path: str = ""
 ) -> dict[str, Any]:
     request = h11.Request(
@@ -72,18 +72,14 @@ def _http_scope(
             ("Sec-WebSocket-Protocol", "chat, superchat"),
         ],
     )
-    return build_http_scope(
-        request,
-        scheme=scheme,
-        client=("10.0.0.1", 5000),
-        server=("10.0.0.2", 80),
-        root_path=root_path,
-        state={"db": "conn"},
+    facts = ConnectionFacts(("10.0.0.1", 5000), ("10.0.0.2", 80), scheme, root_path)
+    return websocket_scope(
+        request.target, request.http_version, header_list(request), facts, {"db": "conn"}
     )
 
 
 def test_websocket_scope_has_every_asgi_key() -> None:
-    scope = build_websocket_scope(_http_scope())
+    scope = _websocket_scope()
     assert scope["type"] == "websocket"
     assert "method" not in scope
     assert scope["scheme"] == "ws"
@@ -102,7 +98,7 @@ def test_websocket_scope_has_every_asgi_key() -> None:
 
 
 def test_websocket_scope_over_tls_is_wss_and_keeps_root_path() -> None:
-    scope = build_websocket_scope(_http_scope(b"/ws", scheme="https", root_path="/api"))
+    scope = _websocket_scope(b"/ws", scheme="https", root_path="/api")
     assert scope["scheme"] == "wss"
     assert scope["root_path"] == "/api"
     assert scope["path"] == "/api/ws"

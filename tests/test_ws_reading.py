@@ -20,7 +20,9 @@ from test_websocket_wire import RawWS, Recorder, echo_app, echo_messages, frame
 from wsproto.events import BytesMessage, CloseConnection, Pong, TextMessage
 
 from trioserve import ClientDisconnected
-from trioserve.connection.websocket import CLOSE_TIMEOUT, IDLE_READ_DELAY, OUTBOX_HIGH_WATER
+from trioserve.connection.websocket import CLOSE_TIMEOUT
+from trioserve.connection.ws_outbox import OUTBOX_HIGH_WATER
+from trioserve.connection.ws_reader import IDLE_READ_DELAY
 
 
 async def read_whole_message(ws: RawWS) -> str | bytes:

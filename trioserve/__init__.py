@@ -10,16 +10,18 @@ Public API (everything else is internal and may change):
 * :mod:`trioserve.testing` — run an app on a real socket inside a test.
 * :class:`trioserve.wsgi.WSGIMiddleware` — a WSGI app as an ASGI app (worker threads).
 
-General layout (each layer imports only from layers below it)::
+General layout (each unit imports only from lower layers; ARCHITECTURE.md has one line per
+module, the task tree and a request's path)::
 
-    0 vocabulary      asgi_types, errors
-    1 configuration   access_format ← config ← app_loading, tls
-    2 sans-IO core    http_messages, proxy_headers, proxy_protocol ← ws_messages
-    3 trio I/O        asyncio_bridge, listeners, transport, wsgi ← server_state ← app_call
-                      ← lifespan, ws_connection ← http_connection ← server
-    4 process level   logs, reload, worker_protocol ← worker_process ← supervisor
-                      ← runner ← worker ← cli
-    testing           testing_transport, testing_ws_client ← testing (+ config, server)
+    0 vocabulary      errors, asgi_types
+    1 configuration   config, access_format, logs, tls, message_trace, metrics (no trio)
+    2 protocol/       parsers, ASGI translation, scope building, proxy headers (sans-IO)
+    3 app/, wsgi      calling the user's app: loading, one call, lifespan, asyncio bridge
+    4 connection/     one accepted connection: listeners, edge, stream, HTTP/1.1, WebSocket
+    5 server, admin   serve(): lifespan, listen, accept, drain
+    6 testing/        run an app inside a test (imports only config and server)
+    6 workers/        processes: signals, supervisor, worker processes, reload
+    7 runner  ←  8 cli  ←  9 __main__, __init__
 
 (tests/test_architecture.py checks this table against every module's imports.)
 """

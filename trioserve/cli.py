@@ -11,11 +11,18 @@ are the two small tables below (:data:`UVICORN_ONLY_OPTIONS`, :data:`UVICORN_ONL
 Each is either already trioserve's behaviour (accepted, a no-op) or refused with one line
 saying what to use instead (exit 2), never click's bare "No such option". ``UVICORN_*``
 environment variables are not read; one warning names the ``TRIOSERVE_*`` ones to use.
+
+``--config FILE`` (or ``[tool.trioserve]`` in ./pyproject.toml, read by
+:mod:`trioserve.config_file`) fills in what neither the command line nor the environment
+set: click's ``ParameterSource`` tells which values were given, so the precedence is
+command line > ``TRIOSERVE_*`` > file > defaults. ``--print-config`` shows the result and
+where each value came from, and exits without serving.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import ssl
 import sys
@@ -25,9 +32,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .config import Config
+from .config_file import read_config_file
 from .errors import AppLoadError, BindError, ConfigError, LifespanError
 
 EXIT_RUNTIME: Final = 1
@@ -54,12 +63,6 @@ UVICORN_ONLY_OPTIONS: Final = (
         ("auto",),
         "trioserve runs on trio, not on an asyncio event loop: drop --loop (apps that need "
         "asyncio-only libraries: --app-loop asyncio; for speed: --http httptools)",
-    ),
-    UvicornOnly(
-        "--http2",
-        True,
-        (),
-        "trioserve speaks HTTP/1.1 only: drop --http2 (terminate HTTP/2 at a proxy such as nginx)",
     ),
     UvicornOnly(
         "--ssl-version",
@@ -211,7 +214,25 @@ def _command(func: Callable[..., Any]) -> click.Command:
         [*_options(), *(_uvicorn_only_option(o) for o in UVICORN_ONLY_OPTIONS)]
     ):
         func = decorator(func)
-    func = click.argument("app", envvar="TRIOSERVE_APP")(func)
+    func = click.argument("app", envvar="TRIOSERVE_APP", required=False)(func)
+    # Not Config fields: kept out of the function's arguments (ctx.meta holds them).
+    func = click.option(
+        "--config",
+        metavar="FILE",
+        envvar="TRIOSERVE_CONFIG",
+        show_envvar=True,
+        expose_value=False,
+        callback=_keep_in_meta,
+        help="Read options from this TOML file (default: [tool.trioserve] in ./pyproject.toml); "
+        "the command line and TRIOSERVE_* variables override it.",
+    )(func)
+    func = click.option(
+        "--print-config",
+        is_flag=True,
+        expose_value=False,
+        callback=_keep_in_meta,
+        help="Show the resolved configuration and where each value came from, and exit.",
+    )(func)
     func = click.version_option(
         __version__, "--version", message=f"trioserve %(version)s (Python {sys.version.split()[0]})"
     )(func)
@@ -224,7 +245,7 @@ class _ProcessCommand(click.Command):
     """The command as the process runs it (the console script, ``python -m trioserve``).
 
     Calling the command is what those entry points do (click's tests call ``main()``):
-    as the process is about to exit, :func:`~trioserve.runner.arm_exit_watchdog` bounds
+    as the process is about to exit, :func:`~trioserve.workers.serving.arm_exit_watchdog` bounds
     how long a thread the app left running can hold the exit.
     """
 
@@ -232,21 +253,90 @@ class _ProcessCommand(click.Command):
         try:
             return self.main(*args, **kwargs)
         except SystemExit as exc:
-            from .runner import arm_exit_watchdog
+            from .workers.serving import arm_exit_watchdog
 
             code = exc.code
             arm_exit_watchdog(code if isinstance(code, int) else int(code is not None))
             raise
 
 
-def _main(app: str, **options: Any) -> None:
+def _keep_in_meta(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    ctx.meta[f"trioserve.{param.name}"] = value
+
+
+def _with_config_file(
+    ctx: click.Context, app: str | None, options: dict[str, Any]
+) -> tuple[str, dict[str, str]]:
+    """Fill ``options`` from the config file where nothing was given; returns the app and
+    where each value came from (``cli``, ``env NAME``, ``file PATH``, ``default``).
+
+    Raises:
+        ConfigError: the file is unreadable or has a bad key or value.
+    """
+    file = read_config_file(ctx.meta.get("trioserve.config"))
+    params = {str(p.name): p for p in ctx.command.params}
+    sources: dict[str, str] = {}
+    for name in ("app", *options):
+        source = ctx.get_parameter_source(name)
+        if source is ParameterSource.COMMANDLINE:
+            sources[name] = "cli"
+        elif source is ParameterSource.ENVIRONMENT:
+            envvar = params[name].envvar
+            names = [envvar] if isinstance(envvar, str) else list(envvar or [])
+            sources[name] = "env " + next(n for n in names if n in os.environ)
+        elif file is not None and name in file.values:
+            sources[name] = f"file {file.path}"
+            if name == "app":
+                app = file.values[name]
+            else:
+                options[name] = file.values[name]
+        else:
+            sources[name] = "default"
+    if app is None:
+        raise click.UsageError("Missing argument 'APP' (or app = ... in the config file).", ctx)
+    return app, sources
+
+
+def _toml_value(value: object) -> str:
+    """``value`` as TOML, so that a printed configuration can be pasted into a file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        items = (f"{v[0]}: {v[1]}" if isinstance(v, tuple) else v for v in value)  # headers
+        return "[" + ", ".join(_toml_value(v) for v in items) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + ", ".join(pairs) + " }"
+    return json.dumps(value)  # strings (JSON escapes are TOML's), int, float
+
+
+def print_config(app: str, config: Config, sources: Mapping[str, str]) -> None:
+    """One line per option: ``name = value  # source``; unset ones (None) commented out."""
+    click.echo(f"app = {_toml_value(app)}  # {sources['app']}")
+    for name, value in config.to_dict().items():
+        if value is None:
+            click.echo(f"# {name} is not set  # {sources[name]}")
+        else:
+            click.echo(f"{name} = {_toml_value(value)}  # {sources[name]}")
+
+
+def _main(app: str | None, **options: Any) -> None:
     """Run the ASGI application APP ("module:attribute") with trioserve."""
     from .runner import run_config
 
+    ctx = click.get_current_context()
+    try:
+        app, sources = _with_config_file(ctx, app, options)
+    except ConfigError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     try:
         config = Config(**options)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    if ctx.meta.get("trioserve.print_config"):
+        print_config(app, config, sources)
+        ctx.exit(0)
     warning = uvicorn_variables_warning(os.environ)
     try:
         run_config(app, config, warnings=[warning] if warning else [])

@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 
 from .access_format import compile_access_format
 from .errors import ConfigError
+from .metrics import require_prometheus_client
 
 LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
@@ -78,6 +79,13 @@ class Config:
     uds: str | None = field(default=None, metadata=_opt("Bind to a UNIX domain socket."))
     fd: int | None = field(default=None, metadata=_opt("Bind to socket from this file descriptor."))
     backlog: int = field(default=2048, metadata=_opt("Maximum number of pending connections."))
+    reuse_port: bool = field(
+        default=False,
+        metadata=_opt(
+            "Each worker binds its own listening socket with SO_REUSEPORT and the kernel "
+            "spreads new connections over them (the parent holds no listener)."
+        ),
+    )
     # -- the application ----------------------------------------------------------------
     app_dir: str = field(
         default=".",
@@ -262,6 +270,65 @@ class Config:
             "413 (0: no limit)."
         ),
     )
+    # -- HTTP/2 ---------------------------------------------------------------------------
+    http2: bool = field(
+        default=True,
+        metadata=_opt(
+            "Enable/Disable HTTP/2: ALPN h2 over TLS, prior knowledge and Upgrade: h2c on "
+            "cleartext (HTTP/1.1 clients are served either way).",
+            flag="--http2/--no-http2",
+        ),
+    )
+    h2_max_concurrent_streams: int = field(
+        default=100,
+        metadata=_opt(
+            "HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: streams open at once per connection."
+        ),
+    )
+    h2_max_header_list_size: int = field(
+        default=64 * 1024,
+        metadata=_opt(
+            "HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE: the largest decoded request head in bytes."
+        ),
+    )
+    h2_initial_window_size: int = field(
+        default=1024 * 1024,
+        metadata=_opt(
+            "HTTP/2 receive window per stream in bytes (the RFC default is 65535; a larger "
+            "one lets an upload go faster than 64 KiB per round trip)."
+        ),
+    )
+    h2_max_inbound_frame_size: int = field(
+        default=16 * 1024,
+        metadata=_opt("HTTP/2 SETTINGS_MAX_FRAME_SIZE: the largest frame payload accepted."),
+    )
+    # -- operating many instances: admin listener, metrics, readiness ---------------------
+    admin_bind: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Serve GET /livez, /readyz and /metrics on this HOST:PORT (a listener of its own, "
+            "never the app's; pip install 'trioserve[metrics]').",
+            metavar="HOST:PORT",
+        ),
+    )
+    admin_uds: str | None = field(
+        default=None, metadata=_opt("Serve the admin endpoints on this UNIX domain socket.")
+    )
+    metrics: bool = field(
+        default=False,
+        metadata=_opt(
+            "Count requests for /metrics (always on with --admin-bind/--admin-uds; on its "
+            "own for embedders reading Server.metrics).",
+            flag="--metrics/--no-metrics",
+        ),
+    )
+    shutdown_delay: float = field(
+        default=0.0,
+        metadata=_opt(
+            "On SIGTERM, first report not ready (/readyz 503) and keep serving normally for "
+            "this many seconds, then drain (a built-in Kubernetes preStop sleep)."
+        ),
+    )
     # -- WebSocket ------------------------------------------------------------------------
     ws: WSMode = field(
         default="auto",
@@ -336,6 +403,11 @@ class Config:
         _check_range("ws_max_queue", self.ws_max_queue, 1, 2**31 - 1)
         _check_range("limit_max_requests_jitter", self.limit_max_requests_jitter, 0, 2**31 - 1)
         _check_range("limit_request_body", self.limit_request_body, 0, 2**63 - 1)
+        # RFC 9113 §6.5.2: the window is at most 2^31-1, the frame size 2^14..2^24-1.
+        _check_range("h2_max_concurrent_streams", self.h2_max_concurrent_streams, 1, 2**31 - 1)
+        _check_range("h2_max_header_list_size", self.h2_max_header_list_size, 1024, 2**31 - 1)
+        _check_range("h2_initial_window_size", self.h2_initial_window_size, 65535, 2**31 - 1)
+        _check_range("h2_max_inbound_frame_size", self.h2_max_inbound_frame_size, 2**14, 2**24 - 1)
         for name in ("limit_concurrency", "limit_max_requests"):
             value = getattr(self, name)
             if value is not None:
@@ -358,8 +430,11 @@ class Config:
         _check_choice("interface", self.interface, INTERFACES)
         _check_choice("http", self.http, ("auto", "h11", "httptools"))
         if self.http == "httptools" and not _httptools_installed():
-            raise ConfigError("--http httptools needs httptools: pip install 'trioserve[fast]'")
+            raise ConfigError(
+                "--http httptools needs httptools: pip install httptools (trioserve's [fast] extra)"
+            )
         _check_choice("log_format", self.log_format, ("text", "json"))
+        self._check_admin()
         self._check_edge()
         if self.log_level is not None:
             _check_choice("log_level", self.log_level, LOG_LEVELS)
@@ -370,6 +445,10 @@ class Config:
             )
         if self.uds is not None and self.fd is not None:
             raise ConfigError("--uds and --fd are mutually exclusive")
+        if self.reuse_port and (self.uds is not None or self.fd is not None):
+            raise ConfigError("--reuse-port binds a TCP port: it cannot be used with --uds or --fd")
+        if self.reuse_port and self.port == 0 and (self.workers > 1 or self.reload):
+            raise ConfigError("--reuse-port needs a --port: with port 0 each worker gets another")
         if self.fd is not None and self.fd < 0:
             raise ConfigError(f"fd must be a non-negative file descriptor, got {self.fd}")
         if self.root_path and not self.root_path.startswith("/"):
@@ -403,6 +482,49 @@ class Config:
             raise ConfigError("--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs to verify clients")
         if self.access_log_format is not None:
             compile_access_format(self.access_log_format)
+
+    def _check_admin(self) -> None:
+        """Admin listener and metrics options (prometheus-client must be installed)."""
+        _check_positive("shutdown_delay", self.shutdown_delay, allow_zero=True)
+        if self.admin_bind is not None and self.admin_uds is not None:
+            raise ConfigError("--admin-bind and --admin-uds are mutually exclusive")
+        if self.admin_bind is not None:
+            _, port = self.admin_address
+            if port == self.port and port != 0 and self.uds is None and self.fd is None:
+                raise ConfigError(
+                    f"admin_bind must not use the app's port {port}: the admin endpoints "
+                    "get a listener of their own"
+                )
+        if self.admin_uds is not None and self.admin_uds == self.uds:
+            raise ConfigError("admin_uds must not be the app's --uds socket")
+        if self.collects_metrics:
+            require_prometheus_client()
+
+    @property
+    def admin_address(self) -> tuple[str, int]:
+        """``admin_bind`` as (host, port), IPv6 brackets removed.
+
+        Raises:
+            ConfigError: not HOST:PORT with a port between 0 and 65535.
+        """
+        host, sep, port = (self.admin_bind or "").rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(
+                f"admin_bind must be HOST:PORT (e.g. 127.0.0.1:9000), got {self.admin_bind!r}"
+            )
+        return host, int(port)
+
+    @property
+    def has_admin(self) -> bool:
+        """Whether an admin listener (/livez, /readyz, /metrics) is asked for."""
+        return self.admin_bind is not None or self.admin_uds is not None
+
+    @property
+    def collects_metrics(self) -> bool:
+        """Whether servers count requests (``metrics``, or an admin listener to show them)."""
+        return self.metrics or self.has_admin
 
     @property
     def is_ssl(self) -> bool:

@@ -45,6 +45,7 @@ from .connection.listeners import (
 )
 from .connection.state import ServerState
 from .message_trace import TRACE_LOG_LEVEL, peer_name, traced_app
+from .metrics import ServerMetrics
 from .wsgi import WSGIMiddleware
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -72,6 +73,8 @@ class Server:
             (empty for an in-memory server).
         sockets: the listening sockets (closed when ``serve()`` returns).
         config: the configuration the server runs with.
+        metrics: the server's counters (``trioserve.metrics``) when ``config.metrics`` or
+            an admin listener asks for them, else None.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Server:
         self._grace = config.timeout_graceful_shutdown
         self._drain = trio.Event()
         self._stopped = trio.Event()
+        self.metrics: ServerMetrics | None = None
 
     @property
     def url(self) -> str:
@@ -136,6 +140,14 @@ class Server:
     async def wait_draining(self) -> None:
         """Return once a graceful drain has been requested (signal, trigger, max requests)."""
         await self._drain.wait()
+
+    async def wait_stopped(self) -> None:
+        """Return once ``serve()`` has finished: drained, lifespan shut down, sockets closed.
+
+        Unlike :meth:`shutdown` it does not ask for the drain; whoever watches a server
+        that something else stops (a signal, ``--limit-max-requests``) waits with it.
+        """
+        await self._stopped.wait()
 
     async def open_stream(self) -> trio.abc.HalfCloseableStream:
         """Open a client connection to this server (a memory stream when in-memory).
@@ -259,6 +271,8 @@ async def _serve(
             else:
                 listeners = [memory]
             server = Server(config, bound, memory=memory)
+            if config.collects_metrics:
+                server.metrics = ServerMetrics()
             state.on_max_requests = _max_requests_reached(server)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
@@ -270,6 +284,10 @@ async def _serve(
                 logger.debug("HTTP/1.1 parser: %s", http_implementation(config.http))
                 task_status.started(server)
                 await server._drain.wait()
+                if server.metrics is not None:
+                    server.metrics.draining = 1
+                if config.shutdown_delay:
+                    await _delay_drain(server, config.shutdown_delay)
                 await _drain(state, connections, accepting, listeners, server._grace)
     except BaseExceptionGroup as group:
         # trio raises a Ctrl-C in whichever task runs when it arrives; out of our
@@ -331,6 +349,14 @@ def _max_requests_reached(server: Server) -> Callable[[], None]:
         server.shutdown_nowait()
 
     return reached
+
+
+async def _delay_drain(server: Server, delay: float) -> None:
+    """``--shutdown-delay``: the drain was asked for and readiness is off (``/readyz``
+    answers 503 from now on), but keep serving normally for ``delay`` seconds, so that load
+    balancers stop sending new connections before the listeners close."""
+    logger.info("Not ready any more; serving %.1fs more before shutting down", delay)
+    await trio.sleep(delay)
 
 
 async def _drain(
@@ -424,15 +450,8 @@ async def serve_connection(
         if state.trace:
             logger.log(TRACE_LOG_LEVEL, "%s - HTTP connection lost", peer_name(client))
         return
-    conn = HTTPConnection(
-        prepared.stream,
-        state,
-        client=prepared.client,
-        server=prepared.server,
-        scheme=prepared.scheme,
-    )
-    prepared.attach(conn)
+    conn = HTTPConnection(prepared.stream, state, prepared.facts, prepared.leftover)
     del prepared  # (not kept for the connection's whole life)
     if state.draining:
-        conn.closing = True
+        conn.drain()  # (before run(): its first request is answered with Connection: close)
     await conn.run(connections)  # (logs a bug of its own rather than raising it)

@@ -41,7 +41,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
-from typing import Any, Final, cast
+from typing import Any, Final, NoReturn, cast
 
 import trio
 
@@ -51,7 +51,9 @@ from ..errors import AppProtocolError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "app_loop='asyncio' needs trio-asyncio: pip install 'trioserve[asyncio]'"
+INSTALL_HINT = (
+    "app_loop='asyncio' needs trio-asyncio: pip install trio-asyncio (trioserve's [asyncio] extra)"
+)
 # What trio-asyncio replaces in asyncio, where the originals live, and who must keep them.
 _PATCHED_FUNCTIONS: Final = (
     "get_running_loop",
@@ -61,6 +63,7 @@ _PATCHED_FUNCTIONS: Final = (
 )
 _ORIGINS: Final = frozenset({"asyncio", "asyncio.events", "asyncio.tasks", "_asyncio"})
 _PATCHING_PACKAGES: Final = frozenset({"asyncio", "_asyncio", "trio_asyncio"})
+_RETURNED: Final = object()  # how an app call ended that returned (see _CallBridge._outcome)
 
 
 class AppTaskCancelledError(Exception):
@@ -135,6 +138,43 @@ def accept_any_executor(loop: Any, trio_executor: type[Executor]) -> None:
     loop.run_in_executor = run_in_executor
 
 
+def run_ready_callbacks_together(loop: Any) -> None:
+    """Make the trio-asyncio loop run every ready asyncio callback in one trio step.
+
+    trio-asyncio 0.16's main loop (``_main_loop``) takes one callback (``Handle``) at a
+    time from its queue, and each take is a trio checkpoint: one trip through trio's
+    scheduler, with a cancel scope (``move_on_after``) around it, per asyncio callback.
+    With many connections the loop task thus runs *one* asyncio callback per trio batch
+    however many are ready, and each request's two or three callbacks cost two or three
+    scheduler batches (measured: 40 % of an ``--app-loop asyncio`` hello's CPU; see
+    bench/RESULTS-app-loop.md). Here, after each take that waited, the callbacks that
+    were already queued at that moment are run too, without a checkpoint between them,
+    as asyncio's own loop runs its ready queue once per iteration: callbacks those add
+    wait for the next step, so an asyncio task that never awaits anything real
+    (``while True: await asyncio.sleep(0)``) still lets trio run between steps.
+
+    Only this one loop instance changes; a trio-asyncio without the private
+    ``_main_loop_one`` and ``_q_recv`` (another version) is left as it is.
+    """
+    take_one = getattr(loop, "_main_loop_one", None)
+    queue = getattr(loop, "_q_recv", None)
+    if take_one is None or queue is None or getattr(take_one, "runs_ready_together", False):
+        return
+
+    async def main_loop_one(no_wait: bool = False) -> None:
+        await take_one(no_wait)
+        if no_wait:  # (the drain when the loop closes: one at a time, as before)
+            return
+        for _ in range(queue.statistics().current_buffer_used):
+            try:
+                await take_one(True)  # no checkpoint for a plain callback
+            except trio.WouldBlock:  # (a timer or trio task handle took the place)
+                return
+
+    main_loop_one.runs_ready_together = True  # type: ignore[attr-defined]
+    loop._main_loop_one = main_loop_one
+
+
 class AsyncioApp:
     """An ASGI app whose calls run as asyncio tasks on a trio-asyncio loop.
 
@@ -160,75 +200,215 @@ class AsyncioApp:
             trio.Cancelled: the calling trio task was cancelled (raised only after the
                 asyncio task has finished).
         """
-        bridge = _CallBridge(self.loop, receive, send)
-        app = self.app
+        bridge = _CallBridge(self.loop, receive, send, hold_start=scope.get("type") == "http")
+        await bridge.serve(self.app, scope)
 
-        async def app_call() -> None:
-            # The app is called here, inside the asyncio task, so that even an app whose
-            # __call__ does work before returning its awaitable sees the asyncio loop.
-            await app(scope, bridge.receive, bridge.send)
 
-        error: Exception | None = None
-        async with trio.open_nursery() as calls:
-            bridge.calls = calls
-            try:
-                await self.loop.run_aio_coroutine(app_call())
-            except asyncio.CancelledError as exc:
-                # trio-asyncio turns the cancellation *it* caused into trio.Cancelled;
-                # this one came from the app itself.
-                error = AppTaskCancelledError("the app's asyncio task was cancelled")
-                error.__cause__ = exc
-            except Exception as exc:  # re-raised below, not wrapped in the nursery's group
-                error = exc
-            finally:
-                bridge.calls = None
-            # The app returned: receive()/send() calls its leftover asyncio tasks still
-            # await are cancelled, as a trio app's tasks would be.
-            calls.cancel_scope.cancel()
-        if error is not None:
-            raise error
+class _Crossing:
+    """One ``receive()`` (``message`` None) or ``send(message)`` handed to the trio side."""
+
+    __slots__ = ("future", "held", "message", "scope")
+
+    def __init__(
+        self, message: Message | None, held: list[Message], future: asyncio.Future[Any]
+    ) -> None:
+        self.message = message
+        self.held = held  # sends held back until this crossing, done first (in order)
+        self.future = future  # what the app's asyncio task awaits
+        self.scope: trio.CancelScope | None = None  # set while trio performs it
 
 
 class _CallBridge:
-    """``receive``/``send`` of one app call as asyncio coroutines running trio code.
+    """One app call: its asyncio task, and its ``receive``/``send`` done on the trio side.
 
-    Each call runs as a trio task in the app call's own nursery (``calls``): it belongs to
-    the request's task tree, so when trio cancels the request, calls in flight *and calls
-    made afterwards* (an app's cleanup ``await send(...)``) are cancelled too; the app sees
-    ``asyncio.CancelledError`` and cannot block the drain on a client that stopped reading.
-    Cancelling the asyncio side cancels the trio task through its cancel scope.
+    The trio task that awaits the app (:meth:`serve`) is the bridge's *servant*: while the
+    app's asyncio task runs, it sleeps until the app hands it a ``receive()``/``send()``,
+    performs that call itself, in the request's own task, and resolves the asyncio future
+    the app awaits. A crossing thus costs one trio wake-up and one asyncio wake-up, with no
+    task spawned on either side and no nursery per app call (whose exit alone would cost
+    the request a trip through trio's scheduler).
+
+    Only a call made while the servant is already busy with another (Starlette awaits
+    ``receive()`` for a disconnect while it streams with ``send()``) runs as a trio task
+    of its own, started with ``loop.run_trio_task``; such a task is *detached*: it lives
+    in the loop's nursery, but :meth:`serve` keeps it in ``_detached``, cancels it when
+    the app call ends or is cancelled, and returns only once it has finished, so it never
+    outlives the app call that made it. When trio cancels the request, calls in flight
+    *and calls made afterwards* (an app's cleanup ``await send(...)``) are cancelled too;
+    the app sees ``asyncio.CancelledError`` and cannot block the drain on a client that
+    stopped reading. Cancelling the asyncio side cancels the trio call through its cancel
+    scope.
+
+    For an HTTP call, ``http.response.start`` does not cross on its own: the server sends
+    the head with the first body chunk anyway, so the start is held back and goes with the
+    app's next ``receive()``/``send()``, or when the app's task ends (a hello-world
+    response crosses once, not twice). An error the start causes (an invalid header) is
+    raised by that next call, or by the app call itself.
     """
 
-    __slots__ = ("_last_receive", "_receive", "_send", "_undelivered", "calls", "loop")
+    __slots__ = (
+        "_cancelling",
+        "_detached",
+        "_held",
+        "_hold_start",
+        "_interrupt",
+        "_last_receive",
+        "_next",
+        "_open",
+        "_outcome",
+        "_parked",
+        "_raise_cancel",
+        "_receive",
+        "_send",
+        "_servant",
+        "_task",
+        "_undelivered",
+        "loop",
+    )
 
-    def __init__(self, loop: Any, receive: ASGIReceive, send: ASGISend) -> None:
+    def __init__(
+        self, loop: Any, receive: ASGIReceive, send: ASGISend, *, hold_start: bool
+    ) -> None:
         self.loop = loop
-        self.calls: trio.Nursery | None = None
+        self._open = True  # False once the app's task has ended
         self._receive = receive
         self._send = send
+        self._hold_start = hold_start
+        self._held: list[Message] = []
         # Messages received just as the app cancelled its receive(): trio had already
         # consumed them, so they are handed to the next receive(), never lost. Receives
-        # run one after the other (each waits for the previous one's trio task), so a
+        # run one after the other (each waits for the previous one's trio call), so a
         # message kept here is never overtaken by a later one.
         self._undelivered: list[Message] = []
         self._last_receive: trio.Event | None = None
+        # The servant: the trio task in serve(), the crossing it is to perform (or is
+        # performing), and whether it sleeps waiting for one.
+        self._servant: trio.lowlevel.Task | None = None
+        self._next: _Crossing | None = None
+        self._parked = False
+        self._detached: set[_Crossing] = set()  # crossings made while the servant was busy
+        self._task: asyncio.Task[None] | None = None
+        # How the app's task ended: _RETURNED or the exception; None while it runs.
+        self._outcome: object = None
+        # trio cancelled the call (or worse): the app's task is cancelled, and once it has
+        # ended, this is what serve() raises.
+        self._cancelling = False
+        self._raise_cancel: Callable[[], NoReturn] | None = None
+        self._interrupt: BaseException | None = None
 
-    # Real coroutine functions (not Future-returning callables), so apps may also pass
-    # receive() to asyncio.create_task().
-    async def receive(self) -> Message:
-        future = self._start(self._receive_in_order, None, keep=True)
+    # -- the trio side ---------------------------------------------------------------------
+
+    async def serve(self, app: ASGIApp, scope: MutableMapping[str, Any]) -> None:
+        """Run the app's asyncio task to its end, performing its crossings meanwhile.
+
+        Raises:
+            See :meth:`AsyncioApp.__call__`.
+        """
+        self._servant = trio.lowlevel.current_task()
+        coro = self._app_task(app, scope)
         try:
-            result: Message = await future
-        except asyncio.CancelledError:
-            # asyncio cancels a task even when the future it awaits already holds the
-            # result: that message is the next one.
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self._undelivered.insert(0, future.result())
+            self._task = self.loop.create_task(coro)
+        except BaseException:
+            coro.close()  # (never awaited: no warning)
             raise
-        return result
+        while True:
+            call = self._next
+            if self._outcome is not None:
+                if call is not None:  # a leftover task's, not started: cancelled
+                    self._next = None
+                    self._drop(call)
+                break
+            if call is not None:
+                try:
+                    await self._perform(call)
+                except BaseException as exc:  # trio cancelled us: see _interrupted
+                    self._interrupted(exc)
+                self._next = None
+            else:
+                self._parked = True
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
+        while self._detached:  # (cancelled by _app_ended)
+            self._parked = True
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+        await self._finish()
 
-    async def send(self, message: Message) -> None:
-        await self._start(self._send, message, keep=False)
+    async def _finish(self) -> None:
+        """Send what is still held back, then return or raise as the app's task ended."""
+        outcome = self._outcome
+        held, self._held = self._held, []
+        for message in held:  # as the app had sent it before it ended
+            try:
+                await self._send(message)
+            except Exception as exc:
+                if outcome is _RETURNED:
+                    outcome = exc  # the app's error, as if raised by its send()
+                break
+        if self._interrupt is not None and not isinstance(self._interrupt, trio.Cancelled):
+            raise self._interrupt  # KeyboardInterrupt & co. met while performing a call
+        if isinstance(outcome, asyncio.CancelledError):
+            if self._raise_cancel is not None:
+                try:
+                    self._raise_cancel()  # trio.Cancelled, now that the app's task ended
+                except trio.Cancelled as cancelled:
+                    raise cancelled from outcome
+            if self._interrupt is not None:
+                raise self._interrupt from outcome
+            # trio did not cancel the task: the app cancelled itself.
+            raise AppTaskCancelledError("the app's asyncio task was cancelled") from outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+    async def _perform(self, call: _Crossing) -> None:
+        """Do one crossing in this trio task and resolve the future the app awaits.
+
+        Raises:
+            BaseException: trio cancelled this task (the future is cancelled first).
+        """
+        future = call.future
+        if future.done():  # the app cancelled it before trio got to it
+            self._held[:0] = call.held  # what it carried was sent before: keep it
+            return
+        result: Message | None = None
+        try:
+            with trio.CancelScope() as scope:
+                call.scope = scope
+                if self._cancelling:  # trio cancelled the app call: no new waits
+                    scope.cancel()
+                for message in call.held:
+                    await self._send(message)
+                if call.message is None:
+                    result = await self._receive_in_order()
+                else:
+                    await self._send(call.message)
+        except Exception as exc:
+            # Not handled here: handed to the app, which sees it raised by receive()
+            # or send() exactly as on trio (ClientDisconnected, AppProtocolError...).
+            if not future.done():
+                future.set_exception(exc)
+            return
+        except BaseException:
+            if not future.done():
+                future.cancel()
+            raise
+        if scope.cancelled_caught:  # the app cancelled it (see _withdraw)
+            if not future.done():
+                future.cancel()
+        elif not future.done():
+            future.set_result(result)
+        elif result is not None:  # cancelled, but trio had received it: the next one
+            self._undelivered.append(result)
+
+    async def _perform_detached(self, call: _Crossing) -> None:
+        """A crossing made while the servant was busy, in a trio task of its own."""
+        try:
+            await self._perform(call)
+        except trio.Cancelled:
+            raise  # (the loop's nursery is being cancelled: only after every app call)
+        except BaseException as exc:  # KeyboardInterrupt & co.: serve() raises it
+            self._interrupted(exc)
+        finally:
+            self._detached.discard(call)
+            self._wake()
 
     async def _receive_in_order(self) -> Message:
         previous = self._last_receive
@@ -242,41 +422,135 @@ class _CallBridge:
         finally:
             finished.set()
 
-    def _start(self, call: Any, message: Message | None, *, keep: bool) -> asyncio.Future[Any]:
-        if self.calls is None:
+    def _wake(self) -> None:
+        """Wake the servant if it sleeps (it then looks at ``_next`` and ``_outcome``)."""
+        if self._parked:
+            self._parked = False
+            assert self._servant is not None
+            trio.lowlevel.reschedule(self._servant)
+
+    def _abort(self, raise_cancel: Callable[[], NoReturn]) -> trio.lowlevel.Abort:
+        """trio cancels the sleeping servant: cancel the app's task and wait for its end.
+
+        (As ``trio_asyncio.run_aio_future`` does: structured concurrency holds.)
+        """
+        if self._raise_cancel is None:
+            self._raise_cancel = raise_cancel
+        self._cancel_task()
+        return trio.lowlevel.Abort.FAILED
+
+    def _interrupted(self, exc: BaseException) -> None:
+        """trio cancelled the servant while it performed a crossing."""
+        if self._interrupt is None:
+            self._interrupt = exc
+        self._cancel_task()
+
+    def _cancel_task(self) -> None:
+        task = self._task
+        if self._cancelling or task is None:
+            return
+        self._cancelling = True
+        self._cancel_detached()
+        task.cancel()
+        # A task cancelled before its first step never runs _app_task: its end is
+        # noticed here instead (one more asyncio callback, on this rare path only).
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._outcome is None:
+            self._app_ended(asyncio.CancelledError())
+        self._wake()
+
+    def _cancel_detached(self) -> None:
+        for call in self._detached:
+            if call.scope is not None:
+                call.scope.cancel()
+            else:  # not started yet: _perform skips it
+                call.future.cancel()
+
+    def _drop(self, call: _Crossing) -> None:
+        self._held[:0] = call.held
+        call.future.cancel()
+
+    # -- the asyncio side (runs in the app's task) -----------------------------------------
+
+    async def _app_task(self, app: ASGIApp, scope: MutableMapping[str, Any]) -> None:
+        # The app is called here, inside the asyncio task, so that even an app whose
+        # __call__ does work before returning its awaitable sees the asyncio loop.
+        try:
+            await app(scope, self.receive, self.send)
+        except GeneratorExit:
+            raise  # (the loop closing a task that never ended: nothing awaits it)
+        except BaseException as exc:  # handed to serve(), which raises it in trio
+            self._app_ended(exc)
+        else:
+            self._app_ended(_RETURNED)
+
+    def _app_ended(self, outcome: object) -> None:
+        self._outcome = outcome
+        self._open = False  # receive()/send() from now on: AppProtocolError
+        # Calls its leftover asyncio tasks still await are cancelled, as a trio app's
+        # tasks would be.
+        call = self._next
+        if call is not None and call.scope is not None:
+            call.scope.cancel()
+        self._cancel_detached()
+        self._wake()
+
+    # Real coroutine functions (not Future-returning callables), so apps may also pass
+    # receive() to asyncio.create_task().
+    async def receive(self) -> Message:
+        last = self._last_receive
+        if self._undelivered and (last is None or last.is_set()):
+            return self._undelivered.pop(0)  # no receive in flight: no need to cross
+        call = self._cross(None)
+        try:
+            result: Message = await call.future
+        except asyncio.CancelledError:
+            self._withdraw(call)
+            raise
+        return result
+
+    async def send(self, message: Message) -> None:
+        if (
+            self._hold_start
+            and not self._held
+            and self._open
+            and type(message) is dict
+            and message.get("type") == "http.response.start"
+        ):
+            self._held.append(message)
+            return
+        call = self._cross(message)
+        try:
+            await call.future
+        except asyncio.CancelledError:
+            self._withdraw(call)
+            raise
+
+    def _cross(self, message: Message | None) -> _Crossing:
+        if not self._open:
             raise AppProtocolError("receive() or send() awaited after the ASGI call returned")
-        future: asyncio.Future[Any] = self.loop.create_future()
-        self.calls.start_soon(self._run, call, message, future, keep)
-        return future
+        call = _Crossing(message, self._held, self.loop.create_future())
+        self._held = []
+        if self._next is None:
+            self._next = call
+            self._wake()
+        else:
+            self._detached.add(call)
+            self.loop.run_trio_task(self._perform_detached, call)
+        return call
 
-    async def _run(
-        self, call: Any, message: Message | None, future: asyncio.Future[Any], keep: bool
-    ) -> None:
-        with trio.CancelScope() as scope:
-
-            def cancel_trio_side(done: asyncio.Future[Any]) -> None:
-                if done.cancelled():
-                    scope.cancel()
-
-            future.add_done_callback(cancel_trio_side)
-            try:
-                result = await (call() if message is None else call(message))
-            except Exception as exc:
-                # Not handled here: handed to the app, which sees it raised by receive()
-                # or send() exactly as on trio (ClientDisconnected, AppProtocolError...).
-                if not future.done():
-                    future.set_exception(exc)
-                return
-            except BaseException:
-                if not future.done():
-                    future.cancel()
-                raise
-            if not future.done():
-                future.set_result(result)
-            elif keep and result is not None:
-                self._undelivered.append(result)
-        if scope.cancelled_caught and not future.done():
-            future.cancel()
+    def _withdraw(self, call: _Crossing) -> None:
+        """The app's task was cancelled while it awaited ``call``."""
+        future = call.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            # asyncio cancels a task even when the future it awaits already holds the
+            # result: that message is the next one.
+            if call.message is None:
+                self._undelivered.insert(0, future.result())
+        elif call.scope is not None:
+            call.scope.cancel()  # trio is performing it (not yet started: _perform skips it)
 
 
 @asynccontextmanager
@@ -304,11 +578,13 @@ async def open_app_loop(app: ASGIApp, config: Config) -> AsyncIterator[ASGIApp]:
     running = trio_asyncio.current_loop.get()
     if running is not None:
         accept_any_executor(running, trio_asyncio.TrioExecutor)
+        run_ready_callbacks_together(running)
         yield AsyncioApp(app, running)
         return
     body_error: Exception | None = None
     async with trio_asyncio.open_loop() as loop:
         accept_any_executor(loop, trio_asyncio.TrioExecutor)
+        run_ready_callbacks_together(loop)
         try:
             yield AsyncioApp(app, loop)
         except Exception as exc:  # re-raised below, outside the loop's nurseries

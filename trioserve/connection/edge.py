@@ -1,4 +1,4 @@
-"""Between accept() and HTTP: PROXY header, TLS handshake, who the client is (layer 3).
+"""Between accept() and HTTP: PROXY header, TLS handshake, who the client is (layer 4).
 
 For each accepted stream :func:`prepare_connection` runs once, in the connection's own
 task, and decides everything that holds for the connection's whole life, so nothing of it
@@ -11,8 +11,13 @@ is repeated per request:
    failures, plain HTTP sent to a TLS port and silence are logged at INFO in one line and
    cost only that connection.
 3. The TLS extension for the scope (ASGI TLS extension) and whether the direct peer is a
-   trusted proxy (``--forwarded-allow-ips``); the per-request work then is one attribute
-   check, plus header parsing only for trusted peers.
+   trusted proxy (``--forwarded-allow-ips``), written down once in the connection's frozen
+   ``protocol.scope.ConnectionFacts``; the per-request work then is one attribute check,
+   plus header parsing only for trusted peers.
+
+The result, :class:`Prepared`, is handed to ``connection.http1.HTTPConnection``, which
+feeds ``leftover`` to its own parser. trio's resource errors are caught here too (the PROXY
+header read, the handshake): everything after goes through ``connection.stream``.
 
 Steps 1 and 2 together must finish within ``--timeout-request-header``. With
 ``--proxy-protocol`` the trust decision is made on the address the PROXY header reports,
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, NamedTuple
 
 import trio
 
@@ -31,10 +36,8 @@ from ..config import Config
 from ..message_trace import peer_name
 from ..protocol.proxy_headers import TrustedHosts
 from ..protocol.proxy_protocol import ProxyProtocolError, parse_proxy_header
+from ..protocol.scope import ConnectionFacts
 from ..tls import TLSSettings, load_tls, tls_extension
-
-if TYPE_CHECKING:
-    from .http1 import HTTPConnection
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class EdgeSettings:
         ConfigError: TLS files or password are wrong (see :func:`trioserve.tls.load_tls`).
     """
 
-    __slots__ = ("proxy_protocol", "timeout", "tls", "trusted")
+    __slots__ = ("proxy_protocol", "root_path", "timeout", "tls", "trusted")
 
     def __init__(self, config: Config) -> None:
         self.tls: TLSSettings | None = load_tls(config)
@@ -60,41 +63,42 @@ class EdgeSettings:
         )
         self.proxy_protocol = config.proxy_protocol
         self.timeout = config.timeout_request_header
+        self.root_path = config.root_path
 
 
-class PreparedConnection:
-    """What :func:`prepare_connection` found out; :meth:`attach` hands it to the HTTP side."""
+class Prepared(NamedTuple):
+    """A connection ready for HTTP: what :func:`prepare_connection` returns."""
 
-    __slots__ = ("client", "leftover", "scheme", "server", "stream", "tls", "trusted")
+    stream: trio.abc.Stream  # the accepted stream, or the SSLStream around it
+    facts: ConnectionFacts
+    leftover: bytes  # bytes read past the PROXY header (plain HTTP only): the head's start
+
+
+class _SetUp:
+    """What the set-up steps find out, as they go."""
+
+    __slots__ = ("client", "leftover", "server", "stream", "tls")
 
     def __init__(self, stream: trio.abc.Stream, client: Client, server: ServerAddress) -> None:
         self.stream = stream
         self.client = client
         self.server = server
-        self.scheme = "http"
         self.tls: dict[str, Any] | None = None
-        self.trusted: TrustedHosts | None = None
         self.leftover = b""
-
-    def attach(self, conn: HTTPConnection) -> None:
-        """Give ``conn`` the per-connection scope facts and any bytes read past the header."""
-        conn.tls_extension = self.tls
-        conn.trusted_proxies = self.trusted
-        conn.completes_scope = self.tls is not None or self.trusted is not None
-        if self.leftover:
-            conn.parser.receive_data(self.leftover)
 
 
 async def prepare_connection(
     stream: trio.abc.Stream, client: Client, server: ServerAddress, edge: EdgeSettings
-) -> PreparedConnection | None:
+) -> Prepared | None:
     """Run the connection set-up; None when the connection was closed here.
 
     Resource handling: on failure (and on cancellation) the stream is closed here;
     otherwise the returned stream (maybe an ``SSLStream`` around it) belongs to the caller.
     """
-    prepared = PreparedConnection(stream, client, server)
+    leftover = b""
+    tls = None
     if edge.proxy_protocol or edge.tls is not None:
+        prepared = _SetUp(stream, client, server)
         ok = False
         try:
             with trio.move_on_after(edge.timeout) as timeout:
@@ -110,15 +114,25 @@ async def prepare_connection(
                 await trio.aclose_forcefully(prepared.stream)
         if not ok:
             return None
+        stream, client, server = prepared.stream, prepared.client, prepared.server
+        leftover, tls = prepared.leftover, prepared.tls
     trusted = edge.trusted
     if trusted is not None:
-        host = prepared.client[0] if prepared.client is not None else None
-        if trusted.trusts_peer(host):
-            prepared.trusted = trusted
-    return prepared
+        host = client[0] if client is not None else None
+        if not trusted.trusts_peer(host):
+            trusted = None
+    facts = ConnectionFacts(
+        client,
+        server,
+        "https" if tls is not None else "http",
+        edge.root_path,
+        tls,
+        trusted,
+    )
+    return Prepared(stream, facts, leftover)
 
 
-async def _set_up(prepared: PreparedConnection, edge: EdgeSettings) -> bool:
+async def _set_up(prepared: _SetUp, edge: EdgeSettings) -> bool:
     if edge.proxy_protocol and not await _read_proxy_header(prepared):
         return False
     tls = edge.tls
@@ -135,12 +149,11 @@ async def _set_up(prepared: PreparedConnection, edge: EdgeSettings) -> bool:
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         _log_handshake_failure(prepared.client, exc)
         return False
-    prepared.scheme = "https"
     prepared.tls = tls_extension(ssl_stream, tls)
     return True
 
 
-async def _read_proxy_header(prepared: PreparedConnection) -> bool:
+async def _read_proxy_header(prepared: _SetUp) -> bool:
     buffer = b""
     while True:
         try:

@@ -1,25 +1,38 @@
 """Bind or adopt listening sockets and wrap them as trio listeners (layer 3).
 
-TCP (IPv4, IPv6 literals with or without brackets, host names), UNIX domain sockets
-(``--uds``) and an inherited file descriptor (``--fd``). Binding errors are the operator's:
-they surface as :class:`~trioserve.errors.BindError` (an ``OSError``) naming the address.
+TCP (IPv4, IPv6 literals with or without brackets, host names; ``--reuse-port`` sets
+SO_REUSEPORT), UNIX domain sockets (``--uds``), an inherited file descriptor (``--fd``) and
+the sockets of systemd socket activation. Binding errors are the operator's: they surface as
+:class:`~trioserve.errors.BindError` (an ``OSError``) naming the address.
+
+Socket activation (``sd_listen_fds(3)``): when ``LISTEN_PID`` is this process's pid,
+``LISTEN_FDS`` sockets start at fd 3 (``SD_LISTEN_FDS_START``), named by the optional
+colon-separated ``LISTEN_FDNAMES``. They are served instead of binding ``--host``/``--port``,
+and the variables are removed once read, so that the app's child processes do not take the
+sockets for theirs. ``--workers`` processes are activated by their parent the same way:
+:func:`activation_environ` names the worker's pid and the sockets it inherited.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import logging
 import os
 import socket
 import stat
 from collections import deque
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
 
 from ..config import Config
-from ..errors import BindError
+from ..errors import BindError, ConfigError
+
+logger = logging.getLogger(__name__)
 
 # What an in-memory connection (transport="memory" in trioserve.testing) looks like.
 MEMORY_URL: Final = "http://testserver"
@@ -31,6 +44,9 @@ ACCEPT_BURST: Final = 64
 IGNORED_ACCEPT_ERRNOS: Final = frozenset(
     getattr(errno, name) for name in ("ECONNABORTED", "EPERM", "EPROTO") if hasattr(errno, name)
 )
+# sd_listen_fds(3): the first passed socket, and the variables that pass them.
+LISTEN_FDS_START: Final = 3
+ACTIVATION_VARIABLES: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 @dataclass(frozen=True)
@@ -40,19 +56,105 @@ class BoundSocket:
     sock: socket.socket
     url: str
     address: tuple[str, int] | str
+    # The LISTEN_FDNAMES name of a socket-activated socket ("unknown" when unnamed, as
+    # systemd says); None for a socket bound or adopted (--fd) by trioserve itself.
+    activation_name: str | None = None
 
 
-def bind_sockets(config: Config) -> list[BoundSocket]:
+def bind_sockets(
+    config: Config, environ: MutableMapping[str, str] = os.environ
+) -> list[BoundSocket]:
     """Create the listening sockets for ``config`` (blocking stdlib calls, done once).
+
+    Sockets passed by socket activation (read from ``environ``, which loses the variables)
+    replace ``--host``/``--port``.
 
     Raises:
         BindError: the address is in use, not available, or the fd is not a socket.
+        ConfigError: socket activation with ``--uds``, ``--fd`` or ``--reuse-port``.
     """
+    activated = take_activated_fds(environ)
+    if activated:
+        _check_activation(activated, config)
+        bound = []
+        for fd, name in activated.items():
+            b = describe(adopt_fd(fd, config.backlog))
+            bound.append(dataclasses.replace(b, activation_name=name))
+            logger.info("Adopted socket-activated fd %d (%s): %s", fd, name, b.url)
+        return bound
     if config.fd is not None:
         return [describe(adopt_fd(config.fd, config.backlog))]
     if config.uds is not None:
         return [describe(bind_unix(config.uds, config.backlog))]
-    return [describe(bind_tcp(config.bind_host, config.port, config.backlog))]
+    sock = bind_tcp(config.bind_host, config.port, config.backlog, reuse_port=config.reuse_port)
+    return [describe(sock)]
+
+
+def bind_parent_sockets(
+    config: Config, environ: MutableMapping[str, str] = os.environ
+) -> list[BoundSocket]:
+    """The sockets the parent of worker processes holds and passes on to them.
+
+    None with ``--reuse-port``: each worker binds a socket of its own
+    (socket activation is refused then, as by :func:`bind_sockets`).
+    """
+    if not config.reuse_port:
+        return bind_sockets(config, environ)
+    _check_activation(take_activated_fds(environ), config)
+    return []
+
+
+def _check_activation(activated: dict[int, str], config: Config) -> None:
+    """Refuse binding options that contradict the sockets socket activation passed."""
+    flags = (
+        ("--uds", config.uds is not None),
+        ("--fd", config.fd is not None),
+        ("--reuse-port", config.reuse_port),
+    )
+    conflict = [flag for flag, given in flags if given]
+    if activated and conflict:
+        raise ConfigError(
+            f"{len(activated)} socket(s) passed by socket activation (LISTEN_FDS): "
+            f"drop {' and '.join(conflict)}"
+        )
+
+
+def take_activated_fds(environ: MutableMapping[str, str] = os.environ) -> dict[int, str]:
+    """The sockets socket activation passed to this process: fd → name (``sd_listen_fds``).
+
+    Empty unless ``LISTEN_PID`` is this process's pid (the variables were meant for a
+    parent otherwise). The three variables are removed from ``environ`` either way,
+    as ``sd_listen_fds(unset_environment=1)`` does.
+
+    Raises:
+        ConfigError: ``LISTEN_FDS`` or ``LISTEN_PID`` is not a number.
+    """
+    values = {name: environ.pop(name, None) for name in ACTIVATION_VARIABLES}
+    pid, count, names = values["LISTEN_PID"], values["LISTEN_FDS"], values["LISTEN_FDNAMES"]
+    if pid is None or count is None:
+        return {}
+    if not (pid.isdigit() and count.isdigit()):
+        raise ConfigError(f"socket activation: LISTEN_PID={pid!r} LISTEN_FDS={count!r}")
+    if int(pid) != os.getpid():
+        return {}
+    fds = range(LISTEN_FDS_START, LISTEN_FDS_START + int(count))
+    given = names.split(":") if names else []
+    if len(given) != len(fds):
+        given = ["unknown"] * len(fds)  # systemd's name for an unnamed socket
+    return dict(zip(fds, given, strict=True))
+
+
+def activation_environ(names: Sequence[str], pid: int) -> dict[str, str]:
+    """The variables that activate process ``pid`` with sockets at fds 3, 4, ... named
+    ``names``: a ``--workers`` process inherits its parent's socket-activated sockets at
+    the same fd numbers and adopts them as the parent did. Empty when ``names`` is."""
+    if not names:
+        return {}
+    return {
+        "LISTEN_PID": str(pid),
+        "LISTEN_FDS": str(len(names)),
+        "LISTEN_FDNAMES": ":".join(names),
+    }
 
 
 def close_sockets(bound: list[BoundSocket], config: Config) -> None:
@@ -83,11 +185,19 @@ def adopt_fd(fd: int, backlog: int) -> socket.socket:
         sock.detach()
         raise BindError(exc.errno, f"cannot listen on fd {fd}: {exc.strerror}") from None
     sock.setblocking(False)
+    # Passed without close-on-exec by systemd: the app's child processes must not hold it
+    # (worker processes still get it: pass_fds makes it inheritable for them alone).
+    sock.set_inheritable(False)
     return sock
 
 
-def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
-    """Bind and listen on ``host:port`` (the first address ``host`` resolves to)."""
+def bind_tcp(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> socket.socket:
+    """Bind and listen on ``host:port`` (the first address ``host`` resolves to).
+
+    ``reuse_port``: set SO_REUSEPORT, so that several processes (``--workers`` with
+    ``--reuse-port``) each bind a socket of their own to the port and the kernel spreads
+    new connections over them.
+    """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -96,6 +206,8 @@ def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

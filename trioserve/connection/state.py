@@ -1,4 +1,4 @@
-"""Per-server shared state, created by ``serve()`` and passed down (layer 3, bottom).
+"""Per-server shared state, created by ``serve()`` and passed down (layer 4, bottom).
 
 There are no module globals in trioserve: everything several connections share (the
 config, the app, lifespan state, the set of live connections, counters for
@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from ..access_format import (
     CLIENT_CLOSED_REQUEST,
@@ -25,14 +25,12 @@ from ..asgi_types import ASGIApp
 from ..config import Config, http_implementation
 from ..errors import ClientDisconnected
 from ..message_trace import tracing_enabled
-from ..protocol.http1_messages import ResponseHeads
 from ..protocol.http1_parser import H11Connection, HTTPParser
+from ..protocol.response_heads import ResponseHeads
 from .edge import EdgeSettings
+from .stream import READ_BUFFER_SIZE
 
 access_logger = logging.getLogger("trioserve.access")
-
-# Bytes per socket read on plain TCP connections (see ServerState.read_buffer).
-READ_BUFFER_SIZE: Final = 256 * 1024
 
 
 def log_access(
@@ -104,10 +102,10 @@ class ServerState:
         total_requests: requests and WebSocket handshakes accepted so far
             (``--limit-max-requests``).
         response_heads: what the server's response writers learned of the heads its apps
-            send (checked, encoded fields; ``http_messages.ResponseHeads``).
+            send (checked, encoded fields; ``protocol.response_heads.ResponseHeads``).
         new_parser: makes each connection's HTTP/1.1 state machine: ``h11.Connection``, or
             its httptools-parsed equivalent for ``--http httptools`` (one interface,
-            ``http_parser.HTTPParser``).
+            ``protocol.http1_parser.HTTPParser``).
         trace: ``--log-level trace`` is on (decided when the server starts): log
             connection open and close (``message_trace``).
     """
@@ -191,6 +189,22 @@ class ServerState:
     def access_log_enabled(self) -> bool:
         return self.access_log and access_logger.isEnabledFor(logging.INFO)
 
+    def admit(self) -> bool:
+        """Start an app call (a request, or a WebSocket session): False when
+        ``--limit-concurrency`` calls are running already (the caller answers 503).
+
+        An admitted call is counted (past ``--limit-max-requests`` the server is asked to
+        drain) and holds its place in the limit until :meth:`release`. Counted when the
+        request is read, not when its task starts: requests arriving in the same scheduler
+        batch on several connections must all see each other.
+        """
+        limit = self.config.limit_concurrency
+        if limit is not None and self.active_requests >= limit:
+            return False
+        self.count_request()
+        self.active_requests += 1
+        return True
+
     def count_request(self) -> None:
         """Count a request; past ``--limit-max-requests`` ask the server to drain."""
         self.total_requests += 1
@@ -200,6 +214,10 @@ class ServerState:
             and self.on_max_requests is not None
         ):
             self.on_max_requests()
+
+    def release(self) -> None:
+        """An admitted app call has returned (see :meth:`admit`)."""
+        self.active_requests -= 1
 
     def report_app_error(self, exc: BaseException) -> None:
         """Hand an app call's exception to ``on_app_error``; ClientDisconnected is not one

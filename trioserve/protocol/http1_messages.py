@@ -2,11 +2,12 @@
 
 Theory of operation
 -------------------
-``http_connection`` owns the socket and the parser (h11's ``Connection`` or its
-httptools twin, one interface: ``http_parser.HTTPParser``); this module holds
+``connection.http1`` owns the socket and the parser (h11's ``Connection`` or its
+httptools twin, one interface: ``http1_parser.HTTPParser``); this module holds
 everything about a request/response pair that can be decided without awaiting:
 
-* :func:`build_http_scope` turns an ``h11.Request`` into the ASGI ``http`` scope.
+* :func:`header_list` and :func:`check_request` take an ``h11.Request`` apart and screen
+  it (the scope itself is built in ``protocol.scope``; :func:`build_http_scope` adapts).
 * :class:`ResponseWriter` is the response state machine. The app's ``http.response.start``
   is validated and *held*; the head leaves together with the first body chunk, and a
   complete small body (``more_body=False``) leaves with it, so a hello-world response is
@@ -18,8 +19,9 @@ everything about a request/response pair that can be decided without awaiting:
 
   Bodies are dropped (never sent) for HEAD requests and 204/304 responses
   (RFC 9110 §9.3.2, §15.3.5, §15.4.5); the parser keeps the framing honest.
-* :class:`ResponseHeads` (one per server) checks and encodes each distinct header list an
-  app sends once; the httptools parser takes the common head already encoded.
+* :class:`~trioserve.protocol.response_heads.ResponseHeads` (one per server, in
+  ``response_heads``) checks and encodes each distinct header list an app sends once; the
+  httptools parser takes the common head already encoded.
 * :func:`error_response` renders the plain 4xx/5xx responses trioserve sends itself.
 
 Messages from the app are untrusted: every field is type-checked here and violations raise
@@ -30,19 +32,19 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import unquote
 
 import h11
 
 from ..errors import AppProtocolError
+from .response_heads import ResponseFields, ResponseHeads, check_fields, parse_body
+from .scope import ConnectionFacts, http_scope
 
 if TYPE_CHECKING:
     from .http1_parser import HTTPParser
 
-ASGI_VERSION: Final = {"version": "3.0", "spec_version": "2.4"}
 _EMPTY_BODY_STATUSES: Final = frozenset({204, 304})
 _CLOSE_HEADER: Final = (b"connection", b"close")
 
@@ -59,45 +61,17 @@ def build_http_scope(
     state: dict[str, Any] | None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> dict[str, Any]:
-    """Build the ASGI ``http`` connection scope for ``request``.
+    """The ASGI ``http`` scope of ``request`` (:func:`trioserve.protocol.scope.http_scope`).
 
-    ``path`` is percent-decoded UTF-8 and, like ``raw_path``, includes ``root_path``
-    (the ASGI spec's clarification, followed by uvicorn). ``headers`` keeps order and
-    duplicates; h11 has already lower-cased the names. Pass ``headers`` when the caller
-    already made the list (see :func:`header_list`); the scope takes it as is.
+    For callers holding an ``h11.Request`` and loose connection facts (tests, tools); the
+    server builds its scopes with ``http_scope`` directly, from a ``ConnectionFacts`` made
+    once per connection. Pass ``headers`` when the caller already made the list (see
+    :func:`header_list`); the scope takes it as is.
     """
-    target = request.target
-    if target[:1] == b"/":  # (origin-form: the common case, split here)
-        raw_path, _, query_string = target.partition(b"?")
-    else:
-        raw_path, query_string = split_target(target)
-    # Invalid UTF-8 after percent-decoding becomes U+FFFD (as uvicorn and hypercorn do):
-    # a lone surrogate would make every app that encodes the path (a JSON echo of a path
-    # parameter) fail with a 500 that any client can trigger. raw_path keeps the bytes.
-    path = raw_path.decode("latin-1")
-    if "%" in path:
-        path = unquote(path, encoding="utf-8", errors="replace")
-    if root_path:
-        path = root_path + path
-        raw_path = root_path.encode("utf-8") + raw_path
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": ASGI_VERSION,
-        "http_version": "1.1" if request.http_version == b"1.1" else "1.0",
-        "method": request.method.decode("ascii"),
-        "scheme": scheme,
-        "path": path,
-        "raw_path": raw_path,
-        "query_string": query_string,
-        "root_path": root_path,
-        "headers": header_list(request) if headers is None else headers,
-        "client": client,
-        "server": server,
-        "extensions": {},
-    }
-    if state is not None:
-        scope["state"] = state.copy()
-    return scope
+    facts = ConnectionFacts(client, server, scheme, root_path)
+    if headers is None:
+        headers = header_list(request)
+    return http_scope(request.method, request.target, request.http_version, headers, facts, state)
 
 
 def header_list(request: h11.Request) -> list[tuple[bytes, bytes]]:
@@ -108,27 +82,6 @@ def header_list(request: h11.Request) -> list[tuple[bytes, bytes]]:
     made from the (name, lower-case name, value) triples the ``Headers`` keeps.
     """
     return [(name, value) for _, name, value in request.headers._full_items]
-
-
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """Split a request-target into (path, query) (RFC 9112 §3.2).
-
-    Absolute-form targets (``http://host/p?q``) are reduced to their path; the
-    asterisk-form ``*`` is kept as the path.
-    """
-    if target[:1] != b"/" and b"://" in target:
-        after_scheme = target.split(b"://", 1)[1]
-        # The authority ends at the first "/" or "?" (RFC 3986 §3.2); an empty path is "/".
-        end = len(after_scheme)
-        for delimiter in (b"/", b"?"):
-            found = after_scheme.find(delimiter)
-            if 0 <= found < end:
-                end = found
-        target = after_scheme[end:]
-        if target[:1] != b"/":
-            target = b"/" + target
-    path, _, query = target.partition(b"?")
-    return path, query
 
 
 # h11 accepts these requests, but each is a request-smuggling vector when a proxy in front
@@ -151,7 +104,7 @@ def check_request(
       (RFC 9112 §6.1: "MUST treat the message as if the framing is faulty").
     * A Content-Length over ``max_body_size`` (0: no limit), answered 413 before the app is
       called, as nginx's ``client_max_body_size`` does (RFC 9110 §15.5.14); a chunked body
-      is counted as it arrives (``http_connection``).
+      is counted as it arrives (``connection.http1_body``).
     * A major version other than 1 (RFC 9110 §15.6.6: 505).
     * ``CONNECT`` (501): ASGI has no tunnels, and h11 would turn the app's 2xx into one.
     * A head larger than ``max_head_size``: h11 only bounds heads that arrive in several
@@ -225,83 +178,6 @@ def is_websocket_upgrade(
     return upgrade and connection_upgrade
 
 
-# RFC 9110 §5.1 field-name (a token) and §5.5 field-value, exactly as strict as h11's own
-# check (field-vchar is anything but NUL and whitespace; no CR/LF, no surrounding blanks).
-_FIELD_NAME: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_FIELD_VALUE: Final = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
-MAX_CHECKED_FIELDS: Final = 1024  # (the size bound of a server's checked fields)
-# The largest header list (names and values, in bytes) a server remembers: larger ones (big
-# cookies, say, which also tend to differ per response) are checked every time, so the
-# cache stays within a few MiB.
-MAX_KNOWN_SIZE: Final = 4096
-# Response fields h11's framing rules act on.
-FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
-
-
-def check_fields(headers: list[tuple[bytes, bytes]], checked: set[tuple[bytes, bytes]]) -> None:
-    """Check response header names and values (no CR/LF/NUL injection, RFC 9110 syntax).
-
-    ``checked`` remembers the fields that passed (apps send the same fields over and over:
-    a lookup then replaces two regular expressions); it is emptied when it grows too large.
-
-    Raises:
-        AppProtocolError: a name or value h11 would refuse.
-    """
-    for field in headers:
-        if field in checked:
-            continue
-        name, value = field
-        if _FIELD_NAME.fullmatch(name) is None:
-            raise AppProtocolError(f"invalid response head: illegal header name {name!r}")
-        if _FIELD_VALUE.fullmatch(value) is None:
-            raise AppProtocolError(f"invalid response head: illegal header value {value!r}")
-        if len(checked) >= MAX_CHECKED_FIELDS:
-            checked.clear()
-        checked.add(field)
-
-
-def validate_headers(raw: object, names: set[bytes] | None = None) -> list[tuple[bytes, bytes]]:
-    """Check an app-provided header list: an iterable of ``[bytes, bytes]`` pairs.
-
-    ``names``, when given, receives each field's lower-case name.
-    """
-    if raw is None:
-        return []
-    # (Lists and tuples first: isinstance() against the ABCs is dear, per response.)
-    if (
-        type(raw) is not list
-        and type(raw) is not tuple
-        and (isinstance(raw, (bytes, str, Mapping)) or not isinstance(raw, Iterable))
-    ):
-        raise AppProtocolError(f"'headers' must be an iterable of [name, value] pairs, got {raw!r}")
-    out: list[tuple[bytes, bytes]] = []
-    for pair in raw:
-        try:
-            name, value = pair
-        except (TypeError, ValueError):
-            raise AppProtocolError(f"header must be a [name, value] pair, got {pair!r}") from None
-        if type(name) is bytes and type(value) is bytes:
-            out.append(pair if type(pair) is tuple else (name, value))
-        elif isinstance(name, bytes) and isinstance(value, bytes):
-            out.append((bytes(name), bytes(value)))  # (subclasses: plain bytes from here on)
-        else:
-            raise AppProtocolError(f"header name and value must be bytes, got {pair!r}")
-        if names is not None:
-            names.add(name.lower())
-    return out
-
-
-def parse_body(message: Mapping[str, object]) -> tuple[bytes, bool]:
-    """Validate an ``http.response.body`` message → (body, more_body)."""
-    body = message.get("body", b"")
-    more_body = message.get("more_body", False)
-    if not isinstance(body, (bytes, bytearray, memoryview)):
-        raise AppProtocolError(f"'body' must be bytes, got {type(body).__name__}")
-    if not isinstance(more_body, bool):
-        raise AppProtocolError(f"'more_body' must be a bool, got {more_body!r}")
-    return bytes(body), more_body
-
-
 class ResponseState(enum.Enum):
     WAITING = "waiting"
     STARTED = "started"
@@ -315,185 +191,6 @@ _WAITING: Final = ResponseState.WAITING
 _STARTED: Final = ResponseState.STARTED
 _STREAMING: Final = ResponseState.STREAMING
 _COMPLETE: Final = ResponseState.COMPLETE
-
-
-class ResponseFields:
-    """An app's response header fields, type-checked once per distinct field list (see
-    :class:`ResponseHeads`).
-
-    Attributes:
-        fields: the fields as plain ``(bytes, bytes)`` tuples, in the app's order.
-        names: their lower-case names.
-        framed: whether Content-Length or Transfer-Encoding is among them.
-        plain: None until the fields' syntax was checked (at the first response that sends
-            them); then whether none is a framing field but one plain Content-Length.
-        lines: the encoded fields, when ``plain``.
-        length: that Content-Length, if any.
-        declared: the body length the fields declare, for the writer to check before the
-            head goes to the parser: one Content-Length (repeats must agree), no
-            Transfer-Encoding (chunked framing wins); else None.
-    """
-
-    __slots__ = (
-        "_defaults",
-        "_head_lines",
-        "declared",
-        "fields",
-        "framed",
-        "length",
-        "lines",
-        "names",
-        "plain",
-    )
-
-    def __init__(self, fields: list[tuple[bytes, bytes]], names: set[bytes]) -> None:
-        self.fields = tuple(fields)
-        self.names = frozenset(names)
-        self.framed = b"content-length" in names or b"transfer-encoding" in names
-        self.declared = _declared_length(self.fields) if self.framed else None
-        self.plain: bool | None = None
-        self.lines = b""
-        self.length: int | None = None
-        # (ResponseHeads.lines for the last defaults, kept: the same until the next Date.)
-        self._defaults: tuple[tuple[bytes, bytes], ...] | None = None
-        self._head_lines: bytes | None = None
-
-
-class ResponseHeads:
-    """What one server knows about the response heads its apps send.
-
-    Apps send the same header lists over and over. Each distinct list is type-checked,
-    then syntax-checked and encoded, once; a response that repeats it costs a dict lookup
-    instead of a pass per field. Both caches are bounded: they are emptied when they grow
-    past ``MAX_CHECKED_FIELDS`` entries (an app whose headers vary per response), and a
-    list larger than ``MAX_KNOWN_SIZE`` bytes is not kept.
-
-    Attributes:
-        checked: header fields known to be valid (see :func:`check_fields`).
-    """
-
-    __slots__ = ("_defaults", "_defaults_lines", "_defaults_names", "_known", "checked")
-
-    def __init__(self) -> None:
-        self.checked: set[tuple[bytes, bytes]] = set()
-        self._known: dict[tuple[Any, ...], ResponseFields] = {}
-        self._defaults: tuple[tuple[bytes, bytes], ...] | None = None
-        self._defaults_lines: bytes | None = None
-        self._defaults_names: frozenset[bytes] = frozenset()
-
-    def fields_of(self, raw: object) -> ResponseFields:
-        """The app's ``headers`` (from ``http.response.start``), type-checked.
-
-        Raises:
-            AppProtocolError: not an iterable of ``[bytes, bytes]`` pairs.
-        """
-        key: tuple[Any, ...] | None
-        if type(raw) is list:
-            key = tuple(raw)
-        elif type(raw) is tuple:
-            key = raw
-        else:
-            key = () if raw is None else None
-        if key is not None:
-            try:
-                known = self._known.get(key)
-            except TypeError:  # pairs that are lists (or anything unhashable)
-                known = key = None
-            if known is not None:
-                return known
-        names: set[bytes] = set()
-        fields = ResponseFields(validate_headers(raw, names), names)
-        if key is not None and sum(len(n) + len(v) for n, v in fields.fields) <= MAX_KNOWN_SIZE:
-            if len(self._known) >= MAX_CHECKED_FIELDS:
-                self._known.clear()
-            self._known[key] = fields
-        return fields
-
-    def lines(
-        self, fields: ResponseFields, defaults: tuple[tuple[bytes, bytes], ...]
-    ) -> bytes | None:
-        """The encoded head fields: the app's, then the server's ``defaults`` (in their
-        order, as :class:`ResponseWriter` adds them); None unless all are plain (no
-        framing field but one Content-Length) and no default is overridden by the app.
-
-        Raises:
-            AppProtocolError: a name or value h11 would refuse (see :func:`check_fields`).
-        """
-        if defaults is fields._defaults:
-            return fields._head_lines
-        if fields.plain is None:
-            _encode(fields, self.checked)
-        if not fields.plain:
-            return None
-        if defaults is not self._defaults:  # (a new Date each second)
-            self._defaults_lines = _plain_lines(list(defaults), self.checked)
-            self._defaults_names = frozenset(name for name, _ in defaults)
-            self._defaults = defaults
-        lines = None
-        if self._defaults_lines is not None and fields.names.isdisjoint(self._defaults_names):
-            lines = fields.lines + self._defaults_lines
-        fields._defaults = defaults
-        fields._head_lines = lines
-        return lines
-
-
-def _declared_length(fields: tuple[tuple[bytes, bytes], ...]) -> int | None:
-    """The Content-Length ``fields`` frame the body with (see ``ResponseFields.declared``);
-    None when Transfer-Encoding frames it, or when the value is one the parser refuses (it
-    then names the fault)."""
-    declared = None
-    for name, value in fields:
-        name = name.lower()
-        if name == b"transfer-encoding":
-            return None
-        if name == b"content-length":
-            values = {part.strip() for part in value.split(b",")}  # (h11 merges "5, 5")
-            if len(values) != 1:
-                return None
-            number = values.pop()
-            if not (number.isdigit() and number.isascii() and len(number) <= 20):
-                return None
-            if declared is not None and declared != int(number):
-                return None
-            declared = int(number)
-    return declared
-
-
-def _encode(fields: ResponseFields, checked: set[tuple[bytes, bytes]]) -> None:
-    """Check ``fields`` (raises AppProtocolError) and note whether and how they encode."""
-    lines = _plain_lines(list(fields.fields), checked)
-    length = None
-    if lines is not None:
-        for name, value in fields.fields:
-            if name.lower() == b"content-length":
-                if length is not None or not (
-                    value.isdigit() and value.isascii() and len(value) <= 20
-                ):
-                    lines = None
-                    break
-                length = int(value)
-    fields.plain = lines is not None
-    fields.lines = lines or b""
-    fields.length = length
-
-
-def _plain_lines(
-    headers: list[tuple[bytes, bytes]], checked: set[tuple[bytes, bytes]]
-) -> bytes | None:
-    """``headers`` checked and encoded; None if one is a framing field other than
-    Content-Length (the parser's general path then applies h11's rules to it).
-
-    Raises:
-        AppProtocolError: a name or value h11 would refuse.
-    """
-    check_fields(headers, checked)
-    out = []
-    for field in headers:
-        name = field[0].lower()
-        if name in FRAMING_FIELDS and name != b"content-length":
-            return None
-        out.append(b"%s: %s\r\n" % field)
-    return b"".join(out)
 
 
 class ResponseWriter:
@@ -531,6 +228,11 @@ class ResponseWriter:
         self._heads = ResponseHeads() if heads is None else heads
         self._no_body = method == b"HEAD"
         self._default_headers = default_headers
+
+    def note_status(self, status: int) -> None:
+        """Record the status of a response the server sent instead (an error answer, or
+        499 for a client that left first), for the access log; no head of the app's left."""
+        self.status = status
 
     def start(self, message: Mapping[str, object], *, close: bool = False) -> None:
         """Validate and hold ``http.response.start``; nothing is written yet.

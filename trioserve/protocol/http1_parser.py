@@ -8,7 +8,7 @@ is shared. The interface is h11's own server-side API, so h11 needs only a thin 
 plus these additions:
 
 * :meth:`HTTPParser.send_response_head` takes a response head as plain values whose
-  header fields the caller has already checked (``http_messages.check_fields``): h11 still
+  header fields the caller has already checked (``response_heads.check_fields``): h11 still
   applies its framing checks; the httptools side skips building an ``h11.Response``.
 * :meth:`HTTPParser.send_encoded_head`: the common head (plain fields and one
   Content-Length) already encoded by the caller, which the httptools side takes as it is

@@ -24,11 +24,11 @@ objects and exceptions, so the code above cannot tell the two apart:
   a head that never ends capped at ``max_incomplete_event_size`` (431). The ``h11.Request``
   is then filled in directly, as h11's constructor would only repeat these checks.
 * writing: a small response writer. The head's fields were already validated as strictly as
-  h11 does (``http_messages.check_fields``); here h11's checks of the framing fields and its
+  h11 does (``response_heads.check_fields``); here h11's checks of the framing fields and its
   framing rules are applied (chunked or Content-Length, HTTP/1.0 peers, HEAD/204/304,
   ``Connection: close``), producing the bytes h11 would. The common head (plain fields, one
   Content-Length, an HTTP/1.1 GET-like exchange) arrives already encoded by the server's
-  ``http_messages.ResponseHeads`` and is taken as it is (``send_encoded_head``).
+  ``response_heads.ResponseHeads`` and is taken as it is (``send_encoded_head``).
 
 Two differences remain, documented in the README: llhttp knows only registered methods
 (GET ... PROPFIND, PURGE, QUERY), so an unknown but well-formed method gets 501 here where
@@ -46,6 +46,17 @@ import h11
 import httptools
 from h11._headers import Headers  # (the type of h11.Request.headers)
 
+from .http1_framing import (
+    CHUNKED,
+    EMPTY_BODY,
+    FRAMED_BY_LENGTH,
+    BodyEnd,
+    encode_head,
+    framing_fields,
+    has_token,
+    primed_parser,
+    response_head,
+)
 from .http1_parser import transfer_coding_problem
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
@@ -59,7 +70,6 @@ _REQUEST: Final = h11.Request
 _SEND_RESPONSE: Final = h11.SEND_RESPONSE
 # Request fields on_header looks at (any other is only kept).
 _NOTED_FIELDS: Final = frozenset({b"host", b"transfer-encoding", b"connection", b"expect"})
-_EMPTY_BODY: Final = (204, 304)
 _END_OF_MESSAGE: Final = h11.EndOfMessage()
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _OWS: Final = b" \t"
@@ -77,11 +87,6 @@ _MAYBE_REQUEST_LINE: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]*(?: [\x20-
 # (llhttp's two Transfer-Encoding errors, a coding after chunked and chunked not final, are
 # the 400s of RFC 9112 §6.3: see http_parser.transfer_coding_problem.)
 _STATUS_FOR: Final = {"Invalid HTTP version": 505}
-
-# Body framing of the response being sent.
-_FRAMED_BY_LENGTH: Final = 0
-_CHUNKED: Final = 1
-_UNTIL_CLOSE: Final = 2  # an HTTP/1.0 peer and no Content-Length: the close ends the body
 
 
 class _Stop(Exception):
@@ -140,7 +145,7 @@ class HttptoolsConnection:
         self._line = b""  # the request line so far, while llhttp has not finished it
         self._method_refused = False  # llhttp refused the method; 400 or 501 undecided
         self._head_fed = 0
-        self._body_end: _BodyEnd | None = None  # (an upgrade request's body is being read)
+        self._body_end: BodyEnd | None = None  # (an upgrade request's body is being read)
         self._url = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []  # (name, lower-case name, value)
         self._hosts = 0
@@ -149,7 +154,7 @@ class HttptoolsConnection:
         self._flags: deque[tuple[bool, bool]] = deque()
         self._request_method: bytes | None = None
         self._keep_alive = True
-        self._framing = _FRAMED_BY_LENGTH
+        self._framing = FRAMED_BY_LENGTH
         self._body_left = 0
         self.our_state: Any = _IDLE
         self.their_state: Any = _IDLE
@@ -178,10 +183,10 @@ class HttptoolsConnection:
         elif lower == b"host":
             self._hosts += 1
         elif lower == b"connection":
-            if _has_token(value, b"close"):
+            if has_token(value, b"close"):
                 self._close = True
         elif lower == b"expect":
-            if _has_token(value, b"100-continue"):
+            if has_token(value, b"100-continue"):
                 self._expect = True
         elif lower == b"transfer-encoding":
             value = value.lower()  # (as h11 keeps it; judged once the head is complete)
@@ -300,7 +305,7 @@ class HttptoolsConnection:
         EndOfMessage is withdrawn and a fresh llhttp parser takes over, primed with a
         head that frames a body the same way (this Content-Length, or chunked): llhttp
         parses the body, chunks and trailer included, as strictly as any other. It is fed
-        no further than the body's end (:class:`_BodyEnd`): what follows waits unparsed
+        no further than the body's end (:class:`BodyEnd`): what follows waits unparsed
         in ``trailing_data``, as in h11, until the response has shown that the
         connection stays HTTP (:meth:`start_next_cycle`).
 
@@ -319,10 +324,10 @@ class HttptoolsConnection:
             return  # no body: the message did end with its head
         events.pop()  # (llhttp's EndOfMessage)
         self._ends_queued -= 1
-        self._parser = _primed(self, length)
+        self._parser = primed_parser(self, length)
         events.pop()  # (the primer's own Request; its fields were reset as any head's)
         self._flags.pop()
-        self._body_end = _BodyEnd(length)
+        self._body_end = BodyEnd(length)
 
     def _judge_method(self) -> None:
         """llhttp refused the request's method: 501 if it is a well-formed token llhttp does
@@ -470,7 +475,9 @@ class HttptoolsConnection:
                 if state is not _SEND_RESPONSE:
                     raise h11.LocalProtocolError(f"can't send a 1xx response in state {state}")
                 self.they_are_waiting_for_100_continue = False
-                return [_head(event.status_code, event.reason, event.headers.raw_items(), True)]
+                return [
+                    encode_head(event.status_code, event.reason, event.headers.raw_items(), True)
+                ]
             raise h11.LocalProtocolError(f"can't send {kind.__name__}")
         except BaseException:
             self.our_state = h11.ERROR
@@ -483,11 +490,11 @@ class HttptoolsConnection:
             self.our_state = h11.ERROR
             raise h11.LocalProtocolError(f"can't send a body in state {state}")
         framing = self._framing
-        if framing is _CHUNKED:
+        if framing is CHUNKED:
             pieces = [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
         else:
             pieces = [data] if data else []
-            if framing is _FRAMED_BY_LENGTH:
+            if framing is FRAMED_BY_LENGTH:
                 left = self._body_left - len(data)
                 if left < 0 or (end and left):
                     self.our_state = h11.ERROR
@@ -501,7 +508,7 @@ class HttptoolsConnection:
             self.our_state = _DONE
             if not self._keep_alive:
                 self._must_close()
-            if framing is _CHUNKED:
+            if framing is CHUNKED:
                 pieces.append(_LAST_CHUNK)
         return pieces
 
@@ -527,10 +534,10 @@ class HttptoolsConnection:
             self.our_state is not _SEND_RESPONSE
             or self._request_method == b"HEAD"
             or self.their_http_version != b"1.1"
-            or status in _EMPTY_BODY
+            or status in EMPTY_BODY
         ):
             return None
-        self._framing = _FRAMED_BY_LENGTH
+        self._framing = FRAMED_BY_LENGTH
         self._body_left = length
         self.our_state = _SEND_BODY
         self.they_are_waiting_for_100_continue = False
@@ -547,233 +554,22 @@ class HttptoolsConnection:
                 state does not allow (our state is then ERROR).
         """
         state = self.our_state
-        framing = _framing_fields(headers)  # (raises before any state changes)
+        framing = framing_fields(headers)  # (raises before any state changes)
         if state is not _IDLE and state is not _SEND_RESPONSE:
             self.our_state = h11.ERROR
             raise h11.LocalProtocolError(f"can't send a response in state {state}")
-        return [self._response_head(status, reason, *framing)]
-
-    def _response_head(
-        self,
-        status: int,
-        reason: bytes,
-        fields: list[tuple[bytes, bytes]],
-        length: bytes | None,
-        chunked: bool,
-        connection: list[bytes] | None,
-        host: bool,
-    ) -> bytes:
-        """The head with h11's framing applied (see ``_framing_fields``); sets up the body
-        writer and the keep-alive decision."""
-        method = self._request_method
-        keep_alive = self._keep_alive
-        if connection is not None and any(_has_token(v, b"close") for v in connection):
-            self._keep_alive = False  # (after the header rewrite below, as in h11)
-        need_close = False
-        framing = _FRAMED_BY_LENGTH
-        if status in _EMPTY_BODY:
-            self._body_left = 0
-        elif chunked or length is None:
-            # A body of unknown length: chunked for HTTP/1.1, the close for HTTP/1.0.
-            version = self.their_http_version
-            fields = _without(fields, b"content-length")
-            fields = _without(fields, b"transfer-encoding") if chunked else fields
-            if version is None or version < b"1.1":
-                framing = _UNTIL_CLOSE
-                if method != b"HEAD":
-                    need_close = True
-            else:
-                fields.append((b"Transfer-Encoding", b"chunked"))
-                framing = _CHUNKED
-        else:
-            self._body_left = int(length)
-        if method == b"HEAD":  # the framing headers a GET would have had, and no body
-            framing = _FRAMED_BY_LENGTH
-            self._body_left = 0
-        elif status in _EMPTY_BODY:
-            framing = _FRAMED_BY_LENGTH
-        self._framing = framing
-        if not keep_alive or need_close:
-            tokens = {b"close"}
-            for value in connection or ():
-                tokens.update(t.strip() for t in value.lower().split(b",") if t.strip())
-            tokens.discard(b"keep-alive")
-            fields = _without(fields, b"connection") + [(b"Connection", t) for t in sorted(tokens)]
-            self._keep_alive = False
+        head, self._framing, self._body_left, self._keep_alive = response_head(
+            status,
+            reason,
+            *framing,
+            self._request_method,
+            self.their_http_version,
+            self._keep_alive,
+        )
         self.our_state = _SEND_BODY
         self.they_are_waiting_for_100_continue = False
-        return _head(status, reason, fields, host)
+        return [head]
 
     def send_failed(self) -> None:
         """A write failed part-way: nothing more can be sent (as ``h11.Connection``)."""
         self.our_state = h11.ERROR
-
-
-def _primed(protocol: object, length: int) -> httptools.HttpRequestParser:
-    """A new llhttp parser for ``protocol``, fed a head whose body is framed by
-    Content-Length ``length`` or, if 0, chunked: it goes on to parse such a body."""
-    parser = httptools.HttpRequestParser(protocol)
-    framing = b"Content-Length: %d" % length if length else b"Transfer-Encoding: chunked"
-    parser.feed_data(b"PUT / HTTP/1.1\r\nHost: _\r\n%s\r\n\r\n" % framing)
-    return parser
-
-
-class _BodyEnd:
-    """Where the body of an upgrade request ends, so that no byte after it is parsed.
-
-    llhttp tells a body's end only by going on to parse what follows it as the next
-    message, which must wait here (see ``HttptoolsConnection._unskip_body``). A
-    Content-Length body ends after as many bytes. A chunked body ends right after a
-    CRLF CRLF (its last chunk, "0" and maybe extensions, then trailer fields, each line
-    ended by CRLF: llhttp refuses a bare LF), and llhttp finds which: two silent llhttp
-    parsers, primed alike, are fed each read. The one ahead takes it whole and tells
-    whether the body ends in it; the one behind follows, in one piece while it does not
-    and, in the read where it does, piece by piece, each piece ending after a CRLF CRLF,
-    until it too has seen the end (at most one piece per two bytes of that one read, all
-    in C). They judge nothing: a broken body is refused by the parser that reads it.
-    """
-
-    __slots__ = ("_ahead", "_ahead_ends", "_behind", "_behind_ends", "_left", "_tail", "ended")
-
-    def __init__(self, length: int) -> None:
-        self.ended = False
-        self._left = length  # (0: chunked)
-        self._ahead_ends = _Ends()
-        self._behind_ends = _Ends()
-        self._ahead = self._behind = None
-        if not length:
-            self._ahead = _primed(self._ahead_ends, 0)
-            self._behind = _primed(self._behind_ends, 0)
-        self._tail = b""  # the last 3 bytes measured (a CRLF CRLF may span two reads)
-
-    def measure(self, data: bytes | bytearray) -> int:
-        """How many bytes of ``data`` belong to the body (all, until ``ended``)."""
-        ahead, behind = self._ahead, self._behind
-        if ahead is None or behind is None:
-            size = min(self._left, len(data))
-            self._left -= size
-            self.ended = not self._left
-            return size
-        tail = self._tail
-        joined = tail + data
-        self._tail = joined[-3:]
-        try:
-            ahead.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            if not self._ahead_ends.count:
-                return len(data)  # (a broken body: the parser that reads it refuses it too)
-            # (else what follows the body is not HTTP: no matter)
-        if not self._ahead_ends.count:
-            behind.feed_data(data)  # (kept level: the same bytes, parsed without error)
-            return len(data)
-        view = memoryview(joined)
-        start = len(tail)
-        at = joined.find(b"\r\n\r\n")
-        while at != -1:
-            behind.feed_data(view[start : at + 4])  # (the body's bytes: no error)
-            start = at + 4
-            if self._behind_ends.count:
-                self.ended = True
-                return start - len(tail)
-            at = joined.find(b"\r\n\r\n", at + 1)
-        return len(data)  # (not reached: the end follows a CRLF CRLF)
-
-
-class _Ends:
-    """A silent llhttp protocol: counts the messages that ended."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def on_message_complete(self) -> None:
-        self.count += 1
-
-
-def _has_token(value: bytes, token: bytes) -> bool:
-    """Whether the comma-separated, case-insensitive ``value`` lists ``token``."""
-    return any(part.strip() == token for part in value.lower().split(b","))
-
-
-def _without(fields: list[tuple[bytes, bytes]], name: bytes) -> list[tuple[bytes, bytes]]:
-    return [field for field in fields if field[0].lower() != name]
-
-
-def _framing_fields(
-    fields: list[tuple[bytes, bytes]],
-) -> tuple[list[tuple[bytes, bytes]], bytes | None, bool, list[bytes] | None, bool]:
-    """Check a response's framing headers as h11 does, and find what framing needs.
-
-    Returns:
-        The fields (Content-Length normalised and kept once, Transfer-Encoding lower-case),
-        the Content-Length, whether the body is chunked, the Connection values, and
-        whether there is a Host field.
-
-    Raises:
-        h11.LocalProtocolError: a bad or conflicting Content-Length, or a transfer coding
-            other than one "chunked" (h11's messages).
-    """
-    length: bytes | None = None
-    chunked = False
-    connection: list[bytes] | None = None
-    host = False
-    out: list[tuple[bytes, bytes]] | None = None  # made only when a field changes
-    for index, (raw_name, value) in enumerate(fields):
-        name = raw_name.lower()
-        if name == b"content-length":
-            if value.isdigit() and value.isascii() and len(value) <= 20 and length is None:
-                length = value  # (the common case: one plain number)
-                if out is not None:
-                    out.append((raw_name, value))
-                continue
-            lengths = {part.strip() for part in value.split(b",")}
-            if len(lengths) != 1:
-                raise h11.LocalProtocolError("conflicting Content-Length headers")
-            normal = lengths.pop()
-            if not normal.isdigit() or not normal.isascii():
-                raise h11.LocalProtocolError("bad Content-Length")
-            if len(normal) > 20:
-                raise h11.LocalProtocolError("Content-Length too long")
-            if length is not None and length != normal:
-                raise h11.LocalProtocolError("conflicting Content-Length headers")
-            if normal != value or length is not None:
-                out = fields[:index] if out is None else out
-                if length is None:
-                    out.append((raw_name, normal))
-                length = normal
-                continue
-            length = normal
-        elif name == b"transfer-encoding":
-            if chunked:
-                raise h11.LocalProtocolError(
-                    "multiple Transfer-Encoding headers", error_status_hint=501
-                )
-            if value.lower() != b"chunked":
-                raise h11.LocalProtocolError(
-                    "Only Transfer-Encoding: chunked is supported", error_status_hint=501
-                )
-            chunked = True
-            if value != b"chunked":
-                out = fields[:index] if out is None else out
-                out.append((raw_name, b"chunked"))
-                continue
-        elif name == b"connection":
-            connection = [value] if connection is None else [*connection, value]
-        elif name == b"host":
-            host = True
-        if out is not None:
-            out.append((raw_name, value))
-    return (fields if out is None else out), length, chunked, connection, host
-
-
-def _head(status: int, reason: bytes, fields: list[tuple[bytes, bytes]], host: bool) -> bytes:
-    """A status line and header fields, as h11 writes them (a Host field first)."""
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    if host:
-        lines += [b"%s: %s\r\n" % field for field in fields if field[0].lower() == b"host"]
-        lines += [b"%s: %s\r\n" % field for field in fields if field[0].lower() != b"host"]
-    else:
-        lines += [b"%s: %s\r\n" % field for field in fields]
-    lines.append(b"\r\n")
-    return b"".join(lines)

@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from typing import Final
 
 Address = tuple[str, int]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SCHEMES: Final = frozenset({"http", "https", "ws", "wss"})
-# The scheme of the other protocol family, for a proto reported on the "wrong" scope type.
-_AS_WEBSOCKET: Final = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
-_AS_HTTP: Final = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
 
 UNIX_PEER: Final = "unix:"
 HOP_CACHE_SIZE: Final = 4096
@@ -301,18 +298,3 @@ def _scheme(value: str | None) -> str | None:
         return None
     scheme = value.strip().lower()
     return scheme if scheme in SCHEMES else None
-
-
-def apply_proxy_headers(scope: dict[str, Any], trusted: TrustedHosts) -> None:
-    """Set ``scope["client"]`` and ``scope["scheme"]`` from the forwarding headers.
-
-    Shared by the ``http`` and ``websocket`` scopes; the caller has already decided that
-    the direct peer is trusted (once per connection). A reported ``https`` becomes
-    ``wss`` on a WebSocket scope and vice versa.
-    """
-    client, scheme = resolve_forwarded(scope["headers"], trusted)
-    if client is not None:
-        scope["client"] = client
-    if scheme is not None:
-        table = _AS_WEBSOCKET if scope["type"] == "websocket" else _AS_HTTP
-        scope["scheme"] = table[scheme]

@@ -1,11 +1,9 @@
 """WebSocket <-> ASGI translation, decided without I/O (layer 2: wsproto and h11, never trio).
 
-``ws_connection`` owns the socket and the ``wsproto.WSConnection``; this module holds what
-can be decided without awaiting:
+``connection.websocket`` owns the socket and the ``wsproto.WSConnection``; this module
+holds what can be decided without awaiting (the ``websocket`` scope is built in
+``protocol.scope``, with :func:`parse_subprotocols` from here):
 
-* :func:`build_websocket_scope` turns the handshake's ``http`` scope into the ASGI
-  ``websocket`` scope (``ws``/``wss``, ``subprotocols``, the ``websocket.http.response``
-  extension).
 * :class:`AppMessages` is the state machine of what the *app* sends. Messages are untrusted
   input: each is validated here and returned as a typed value, or rejected with
   :class:`~trioserve.errors.AppProtocolError`::
@@ -39,7 +37,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 from ..errors import AppProtocolError
-from .http1_messages import validate_headers
+from .response_heads import validate_headers
 
 # RFC 6455 §7.4.1 status codes used by the server.
 CLOSE_NORMAL: Final = 1000
@@ -134,22 +132,6 @@ def handshake_headers(
                     out.append((b"sec-websocket-extensions", normalised.encode("ascii")))
                     return out
     return out
-
-
-def build_websocket_scope(http_scope: Mapping[str, Any]) -> dict[str, Any]:
-    """Turn the handshake request's ``http`` scope into the ASGI ``websocket`` scope.
-
-    The handshake is an HTTP request, so path, query, headers, client, server, root_path
-    and state are built by ``http_messages.build_http_scope``; here the scheme becomes
-    ``ws``/``wss``, ``method`` goes, and ``subprotocols`` and the denial-response extension
-    are added.
-    """
-    scope = {key: value for key, value in http_scope.items() if key != "method"}
-    scope["type"] = "websocket"
-    scope["scheme"] = "wss" if http_scope["scheme"] == "https" else "ws"
-    scope["subprotocols"] = parse_subprotocols(http_scope["headers"])
-    scope["extensions"] = {**http_scope.get("extensions", {}), HTTP_RESPONSE_EXTENSION: {}}
-    return scope
 
 
 def connect_message() -> dict[str, Any]:

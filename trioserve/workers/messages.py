@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
+from ..metrics import check_sample
+
 SPEC_ENV: Final = "TRIOSERVE_WORKER"
 FailureKind = Literal["load", "lifespan", "os"]
 EventName = Literal["beat", "ready", "draining", "failed"]
@@ -26,6 +28,8 @@ class WorkerSpec:
     config: dict[str, Any]
     link_fd: int
     stack_fd: int
+    # Names of the socket-activated sockets it inherits at fds 3, 4, ... (LISTEN_FDNAMES).
+    activated: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -42,6 +46,9 @@ class WorkerEvent:
     event: EventName
     kind: FailureKind | None = None
     error: str | None = None
+    # With metrics on, every beat (and the last line before exit) carries the worker's
+    # counters (``trioserve.metrics.ServerMetrics.sample()``); the parent adds them up.
+    stats: dict[str, float] | None = None
 
     def encode(self) -> bytes:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -57,4 +64,10 @@ class WorkerEvent:
         data = json.loads(line)
         if not isinstance(data, dict) or data.get("event") not in get_args(EventName):
             raise ValueError(f"not a worker status line: {line!r}")
-        return cls(event=data["event"], kind=data.get("kind"), error=data.get("error"))
+        stats = data.get("stats")
+        return cls(
+            event=data["event"],
+            kind=data.get("kind"),
+            error=data.get("error"),
+            stats=None if stats is None else check_sample(stats),
+        )

@@ -49,6 +49,10 @@ class WorkerProcess:
         self.term_sent = False
         self.killed = False
         self.failure: WorkerEvent | None = None
+        # Found with its event loop blocked (no heartbeat for the health-check time).
+        self.blocked = False
+        # Its counters as of its last heartbeat, with metrics on (``WorkerEvent.stats``).
+        self.stats: dict[str, float] | None = None
         # Deadline of the kill-when-late task; moved when a stop is requested.
         self.stop_scope = trio.CancelScope()
 
@@ -79,7 +83,8 @@ async def run_worker_process(
     *,
     app: str,
     worker_options: dict[str, Any],
-    listener_fd: int,
+    listener_fds: tuple[int, ...],
+    activated: list[str],
     healthcheck: float,
     on_event: Callable[[WorkerProcess, WorkerEvent], None],
     on_blocked: Callable[[WorkerProcess], None],
@@ -90,7 +95,9 @@ async def run_worker_process(
         worker: the parent's record; ``worker.process`` is set once spawned.
         app: the import string the worker loads.
         worker_options: the worker's :class:`~trioserve.Config` fields.
-        listener_fd: the listening socket the worker inherits.
+        listener_fds: the listening sockets the worker inherits (none with --reuse-port).
+        activated: the names of socket-activated ones, at fds 3, 4, ... (see
+            ``listeners.activation_environ``).
         healthcheck: ``--timeout-worker-healthcheck``: silence this long, after the first
             status line, means the worker's event loop is blocked.
         on_event: called with every status line.
@@ -109,6 +116,7 @@ async def run_worker_process(
             config=worker_options,
             link_fd=child_end.fileno(),
             stack_fd=stack_file.fileno(),
+            activated=activated,
         )
         async with trio.open_nursery() as nursery:
             try:
@@ -118,7 +126,7 @@ async def run_worker_process(
                         [sys.executable, "-m", "trioserve.workers.worker"],
                         check=False,
                         stdin=subprocess.DEVNULL,
-                        pass_fds=(listener_fd, child_end.fileno(), stack_file.fileno()),
+                        pass_fds=(*listener_fds, child_end.fileno(), stack_file.fileno()),
                         start_new_session=True,
                         env={**os.environ, SPEC_ENV: spec.to_json()},
                         deliver_cancel=_kill,
@@ -190,6 +198,7 @@ async def _follow(
 
 async def _blocked(worker: WorkerProcess, stack: IO[bytes], healthcheck: float) -> None:
     """Report a worker whose loop is blocked, with its stack, then kill it."""
+    worker.blocked = True
     dump = await _read_stack_dump(stack)
     logger.error(
         "Worker process [%d] sent no heartbeat for %.1fs: its event loop is blocked. "

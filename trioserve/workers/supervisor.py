@@ -2,7 +2,9 @@
 
 The parent binds the listening socket once and runs worker processes
 (``python -m trioserve.workers.worker``, fresh interpreters) that inherit it by file descriptor. It
-never imports the app. Its task tree::
+never imports the app. Sockets passed by socket activation (several at once) are inherited
+the same way; with ``--reuse-port`` the parent binds nothing and each worker binds its own.
+Its task tree::
 
     run_supervisor() ── trio.run(Supervisor.run)
     └── nursery "workers"
@@ -32,6 +34,10 @@ Policies, all decided in one place (:meth:`Supervisor._reconcile`, run after eve
 * Stop: one SIGTERM per worker (each drains as a single process would), then SIGKILL after
   ``--timeout-graceful-shutdown`` + :data:`SHUTDOWN_MARGIN`; a second SIGINT/SIGTERM sends
   another SIGTERM (the workers' "stop now") and kills after :data:`HARD_STOP_TIMEOUT`.
+* ``--admin-bind``/``--admin-uds``: the parent serves ``/livez``, ``/readyz`` and
+  ``/metrics`` for the whole instance (:mod:`trioserve.workers.health`); workers send their
+  counters with their heartbeats. On SIGTERM readiness goes off at once and, with
+  ``--shutdown-delay``, the workers keep serving that long before they are told to drain.
 * Workers run in their own session, so a terminal's Ctrl-C reaches only the parent; they
   watch their link to the parent and drain on their own if it dies, even by SIGKILL.
 * ``--reload`` (one worker): on a change the worker is stopped first, then a new one is
@@ -52,9 +58,11 @@ from typing import Final
 
 import trio
 
+from ..admin import serve_admin
 from ..config import Config
-from ..connection.listeners import BoundSocket, bind_sockets, close_sockets
-from ..errors import AppLoadError, BindError, ConfigError, LifespanError
+from ..connection.listeners import BoundSocket, bind_parent_sockets, close_sockets
+from ..errors import AppLoadError, BindError, LifespanError
+from .health import ParentHealth
 from .messages import WorkerEvent
 from .process import WorkerProcess, run_worker_process
 from .reload import Reloader, choose_reloader, watch_changes
@@ -88,11 +96,9 @@ def run_supervisor(app: str, config: Config) -> None:
         AppLoadError, LifespanError, OSError: every worker failed to start (not with
             ``--reload``, which waits for the next change instead).
     """
-    bound = bind_sockets(config)
+    bound = bind_parent_sockets(config)
     try:
-        if len(bound) != 1:  # pragma: no cover - bind_sockets returns one socket today
-            raise ConfigError("worker processes support exactly one listening socket")
-        trio.run(Supervisor(app, config, bound[0]).run)
+        trio.run(Supervisor(app, config, bound).run)
     finally:
         close_sockets(bound, config)
 
@@ -110,14 +116,31 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class Supervisor:
-    """Keeps ``config.workers`` worker processes serving ``app`` on an inherited socket."""
+    """Keeps ``config.workers`` worker processes serving ``app`` on inherited sockets
+    (or, with ``--reuse-port`` and no ``bound`` socket, on sockets of their own)."""
 
-    def __init__(self, app: str, config: Config, bound: BoundSocket) -> None:
+    def __init__(self, app: str, config: Config, bound: list[BoundSocket]) -> None:
         self.app = app
         self.config = config
         self.bound = bound
-        self.fd = bound.sock.fileno()
-        worker_config = dataclasses.replace(config, fd=self.fd, uds=None, workers=1, reload=False)
+        self.fds = tuple(b.sock.fileno() for b in bound)
+        # Socket-activated sockets are passed on by the same protocol (at the same fds).
+        self.activated = [b.activation_name for b in bound if b.activation_name is not None]
+        # The parent serves the admin endpoints and waits out --shutdown-delay; workers
+        # only count (metrics) and report their counters with their heartbeats.
+        worker_config = dataclasses.replace(
+            config,
+            workers=1,
+            reload=False,
+            admin_bind=None,
+            admin_uds=None,
+            metrics=config.collects_metrics,
+            shutdown_delay=0.0,
+        )
+        if bound and not self.activated:
+            worker_config = dataclasses.replace(
+                worker_config, fd=self.fds[0], uds=None, reuse_port=False
+            )
         self.worker_options = worker_config.to_dict()
         self.reload = config.reload
         self.reloader: Reloader = "WatchFiles"  # --reload: the mechanism, chosen in run()
@@ -134,6 +157,8 @@ class Supervisor:
         self.last_crash_at = -math.inf
         self.next_spawn_at = -math.inf
         self._wake = trio.Event()
+        self.health = ParentHealth(self.workers, config.workers)
+        self._delay_over = trio.Event()  # a second SIGTERM cuts --shutdown-delay short
 
     # -- the task tree ------------------------------------------------------------------
 
@@ -149,13 +174,19 @@ class Supervisor:
             logger.info("Started reloader process [%d] using %s", os.getpid(), self.reloader)
         else:
             logger.info("Started parent process [%d]", os.getpid())
-        url = self.bound.url
-        if self.config.is_ssl:
-            url = url.replace("http://", "https://", 1)
-        logger.info("trioserve running on %s (Press CTRL+C to quit)", url)
+        urls = [b.url for b in self.bound]
+        if not self.bound:  # --reuse-port: each worker binds host:port
+            host = self.config.bind_host
+            urls = [f"http://{f'[{host}]' if ':' in host else host}:{self.config.port}"]
+        for url in urls:
+            if self.config.is_ssl:
+                url = url.replace("http://", "https://", 1)
+            logger.info("trioserve running on %s (Press CTRL+C to quit)", url)
         with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._handle_signals, signals)
+                if self.config.has_admin:
+                    await nursery.start(serve_admin, self.config, self.health)
                 if self.reload:
                     nursery.start_soon(
                         functools.partial(
@@ -163,6 +194,8 @@ class Supervisor:
                         )
                     )
                 await self._maintain(nursery)
+                if self.config.shutdown_delay and self.fatal is None:
+                    await self._delay_stop()
                 await self._stop_all()
                 nursery.cancel_scope.cancel()
         if self.fatal is not None:
@@ -180,6 +213,14 @@ class Supervisor:
             with trio.move_on_after(delay):
                 await self._wake.wait()
 
+    async def _delay_stop(self) -> None:
+        """``--shutdown-delay``: readiness is off already (``health.stopping``); the workers
+        keep serving normally until the delay is over, then drain."""
+        delay = self.config.shutdown_delay
+        logger.info("Not ready any more; serving %.1fs more before stopping the workers", delay)
+        with trio.move_on_after(delay):
+            await self._delay_over.wait()
+
     async def _stop_all(self) -> None:
         """One SIGTERM per worker, then wait (the kill-when-late tasks bound the wait).
 
@@ -187,7 +228,8 @@ class Supervisor:
         closed theirs too, new connections are refused instead of waiting in a backlog
         that nobody will serve.
         """
-        self.bound.sock.close()
+        for b in self.bound:
+            b.sock.close()
         for worker in list(self.workers):
             self._retire(worker)
         while self.workers:
@@ -203,9 +245,10 @@ class Supervisor:
         if sig in (signal.SIGINT, signal.SIGTERM):
             if not self.stopping:
                 logger.info("Received %s, stopping the workers gracefully", name)
-                self.stopping = True
+                self.stopping = self.health.stopping = True
             else:
                 logger.warning("Received %s again, stopping the workers now", name)
+                self._delay_over.set()
                 self.stop_deadline = trio.current_time() + HARD_STOP_TIMEOUT
                 for worker in self.workers:
                     worker.terminate(again=True)
@@ -286,6 +329,7 @@ class Supervisor:
     def _spawn(self, nursery: trio.Nursery) -> None:
         worker = WorkerProcess(self.generation)
         self.workers.add(worker)
+        self.health.worker_spawned()
         nursery.start_soon(self._run_worker, worker)
 
     def _retire(self, worker: WorkerProcess) -> None:
@@ -312,10 +356,13 @@ class Supervisor:
         self.next_spawn_at = now + self.backoff
 
     def _on_event(self, worker: WorkerProcess, event: WorkerEvent) -> None:
+        if event.stats is not None:
+            worker.stats = event.stats
         if event.event == "beat":
             return
         if event.event == "ready":
             worker.ready_at = trio.current_time()
+            self.health.worker_ready()
             logger.info("Worker process [%d] is ready", worker.pid)
             if not self.ever_ready:
                 self.ever_ready = True
@@ -338,6 +385,7 @@ class Supervisor:
 
     def _on_exit(self, worker: WorkerProcess) -> None:
         self.workers.discard(worker)
+        self.health.worker_exited(worker)
         self.wake()
         returncode = worker.process.returncode if worker.process is not None else None
         status = describe_exit(returncode)
@@ -394,7 +442,8 @@ class Supervisor:
                 worker,
                 app=self.app,
                 worker_options=self.worker_options,
-                listener_fd=self.fd,
+                listener_fds=self.fds,
+                activated=self.activated,
                 healthcheck=self.config.timeout_worker_healthcheck,
                 on_event=self._on_event,
                 on_blocked=self._on_blocked,
@@ -404,6 +453,7 @@ class Supervisor:
 
     def _on_blocked(self, worker: WorkerProcess) -> None:
         """A blocked worker was reported and killed (``run_worker_process``)."""
+        self.health.worker_blocked()
         self._record_crash()  # a worker that blocks at every start must not spin
         self.wake()
 

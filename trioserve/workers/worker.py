@@ -1,13 +1,13 @@
-"""Worker-process entry point: ``python -m trioserve.workers.worker`` (layer 4).
+"""Worker-process entry point: ``python -m trioserve.workers.worker`` (layer 6).
 
 A worker is a fresh interpreter started by :mod:`trioserve.workers.supervisor`. It reads its job
 from the ``TRIOSERVE_WORKER`` environment variable (JSON: the import string, the
 :class:`~trioserve.Config` fields and the numbers of the file descriptors it inherited),
 imports the app, adopts the listening socket bound by the parent and serves with
-:func:`trioserve.runner.serve_until_signal` (SIGTERM: drain; a second one: stop now).
+:func:`trioserve.workers.serving.serve_until_signal` (SIGTERM: drain; a second one: stop now).
 
 The *link* is one end of a socket pair whose other end only the parent holds. Over it the
-worker reports, one JSON object per line (``worker_protocol.WorkerEvent``, the protocol the
+worker reports, one JSON object per line (``workers.messages.WorkerEvent``, the protocol the
 parent and its workers share):
 
 * ``beat`` every :func:`heartbeat_interval` seconds, written by the trio loop itself, so a
@@ -41,11 +41,13 @@ import trio
 from ..app.loading import load_app
 from ..asgi_types import ASGIApp
 from ..config import Config
+from ..connection.listeners import activation_environ
 from ..errors import AppLoadError, LifespanError
 from ..logs import configure_logging
-from ..runner import arm_exit_watchdog, serve_until_signal, tune_allocator
+from ..metrics import ServerMetrics
 from ..server import Server
 from .messages import SPEC_ENV, WorkerEvent, WorkerSpec
+from .serving import arm_exit_watchdog, serve_until_signal, tune_allocator
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,14 @@ class ParentLink:
         self.interval = interval
         self.healthcheck = healthcheck
         self._send, self._receive = trio.open_memory_channel[WorkerEvent](16)
+        # The server's counters once it serves with metrics on: each beat carries them.
+        self.metrics: ServerMetrics | None = None
+
+    def beat(self) -> WorkerEvent:
+        """A heartbeat, with the server's counters when it counts."""
+        if self.metrics is None:
+            return WorkerEvent("beat")
+        return WorkerEvent("beat", stats=self.metrics.sample())
 
     def post(self, event: WorkerEvent) -> None:
         """Queue ``event`` for the writer (never blocks; events are rare)."""
@@ -134,7 +144,7 @@ class ParentLink:
 
         Returns only when cancelled or when the parent is gone.
         """
-        event = WorkerEvent("beat")  # at once: the health check covers lifespan startup too
+        event = self.beat()  # at once: the health check covers lifespan startup too
         try:
             while True:
                 # Each write proves the loop is alive: push the stack dump back.
@@ -143,7 +153,7 @@ class ParentLink:
                     await self.stream.send_all(event.encode())
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # parent gone: watch_parent handles it
-                event = WorkerEvent("beat")
+                event = self.beat()
                 with trio.move_on_after(self.interval):
                     event = await self._receive.receive()
         finally:
@@ -185,6 +195,7 @@ class _Readiness:
     def started(self, value: Server | None = None) -> None:
         assert value is not None
         self.server = value
+        self.link.metrics = value.metrics
         self.capture.replay()
         self.link.post(WorkerEvent("ready"))
         self.nursery.start_soon(self._report_drain, value)
@@ -225,6 +236,8 @@ async def serve_worker(
         nursery.cancel_scope.cancel()
     if failure is not None:
         await link.send_final(failure)
+    elif link.metrics is not None:
+        await link.send_final(link.beat())  # the final counters: the parent keeps them
     return failure
 
 
@@ -250,6 +263,9 @@ def main() -> int:
             sock.sendall(WorkerEvent("failed", kind="load", error=text).encode())
         sock.close()
         return EXIT_LOAD_FAILED
+    # Socket-activated sockets: this process is activated as its parent was (bind_sockets
+    # adopts them and removes the variables again).
+    os.environ.update(activation_environ(spec.activated, os.getpid()))
     tune_allocator()
     with _StartupLogCapture() as capture:
         link = ParentLink(sock, spec.stack_fd, interval, config.timeout_worker_healthcheck)

@@ -1,0 +1,363 @@
+"""HTTP/2 on the wire: an ``h2`` client over real sockets against ``HTTP2Connection``.
+
+Until the edge hands connections over (issue 17's step), the server here is a plain trio
+listener whose handler runs :class:`~trioserve.connection.http2.HTTP2Connection`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from functools import partial
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+import trio
+from h2.errors import ErrorCodes
+
+from trioserve.config import Config
+from trioserve.connection.http2 import HTTP2Connection
+from trioserve.connection.state import ServerState
+from trioserve.protocol.scope import ConnectionFacts
+
+App = Any
+CONFIG = Config(port=0, lifespan="off", access_log=False)
+
+
+@asynccontextmanager
+async def h2_server(app: App, config: Config = CONFIG) -> AsyncIterator[int]:
+    state = ServerState(config, app)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        host, port = stream.socket.getpeername()[:2]
+        facts = ConnectionFacts(client=(host, port), server=("127.0.0.1", 0))
+        await HTTP2Connection(stream, state, facts).run()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+class Client:
+    """A raw HTTP/2 client: an ``h2`` connection over a trio socket stream."""
+
+    def __init__(self, stream: trio.SocketStream, window: int | None = None) -> None:
+        self.stream = stream
+        # (no outbound validation: the tests send what a broken or hostile client would)
+        config = h2.config.H2Configuration(
+            header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
+        self.conn = h2.connection.H2Connection(config)
+        self.conn.initiate_connection()
+        if window is not None:
+            self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.events: list[h2.events.Event] = []
+        self.heads: dict[int, dict[bytes, bytes]] = {}
+        self.bodies: dict[int, bytes] = {}
+        self.ended: set[int] = set()
+
+    async def flush(self) -> None:
+        await self.stream.send_all(self.conn.data_to_send())
+
+    async def read_event(self) -> list[h2.events.Event]:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            return [h2.events.ConnectionTerminated()]
+        events = self.conn.receive_data(data)
+        await self.flush()
+        self.events += events
+        return events
+
+    async def request(
+        self, path: str = "/", method: str = "GET", body: bytes = b"", headers: Any = ()
+    ) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        fields = [
+            (b":method", method.encode()),
+            (b":scheme", b"http"),
+            (b":path", path.encode()),
+            (b":authority", b"localhost"),
+            *headers,
+        ]
+        self.conn.send_headers(sid, fields, end_stream=not body)
+        if body:
+            self.conn.send_data(sid, body, end_stream=True)
+        await self.flush()
+        return sid
+
+    async def response(self, sid: int) -> tuple[dict[bytes, bytes], bytes]:
+        """Read until stream ``sid`` ends (other streams' events are kept); credit DATA."""
+        while sid not in self.ended:
+            for event in await self.read_event():
+                stream_id = getattr(event, "stream_id", 0)
+                if isinstance(event, h2.events.ResponseReceived):
+                    self.heads[stream_id] = dict(event.headers or ())
+                elif isinstance(event, h2.events.DataReceived):
+                    self.bodies[stream_id] = self.bodies.get(stream_id, b"") + event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                    await self.flush()
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.ended.add(stream_id)
+                elif isinstance(event, h2.events.StreamReset) and stream_id == sid:
+                    raise AssertionError(f"stream {sid} reset: {event.error_code!r}")
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    raise AssertionError(f"connection terminated: {event.error_code!r}")
+        return self.heads.get(sid, {}), self.bodies.get(sid, b"")
+
+
+@asynccontextmanager
+async def client(port: int, window: int | None = None) -> AsyncIterator[Client]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        c = Client(stream, window)
+        await c.flush()
+        yield c
+
+
+async def hello(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"x-v", b"1")]})
+    text = f"{scope['http_version']} {scope['method']} {scope['path']} {scope['query_string']}"
+    await send({"type": "http.response.body", "body": text.encode()})
+
+
+async def echo(scope: Any, receive: Any, send: Any) -> None:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def test_get_is_answered_with_http_version_2_and_pseudo_headers_mapped() -> None:
+    async with h2_server(hello) as port, client(port) as c:
+        sid = await c.request("/a%20b?x=1")
+        head, body = await c.response(sid)
+    assert head[b":status"] == b"200"
+    assert head[b"x-v"] == b"1"
+    assert body == b"2 GET /a b b'x=1'"
+
+
+async def test_cookies_are_joined_and_authority_becomes_host() -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["headers"])
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body"})
+
+    async with h2_server(app) as port, client(port) as c:
+        sid = await c.request(headers=[(b"cookie", b"a=1"), (b"cookie", b"b=2")])
+        head, _ = await c.response(sid)
+    assert head[b":status"] == b"204"
+    assert seen == [[(b"host", b"localhost"), (b"cookie", b"a=1; b=2")]]
+
+
+async def test_upload_larger_than_the_rfc_window_is_received_whole() -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB
+    async with h2_server(echo) as port, client(port) as c:
+        # (the client's connection window is the RFC's: send as the server opens it)
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                  (b":path", b"/"), (b":authority", b"a")])  # fmt: skip
+        sent = 0
+        while sent < len(body):
+            window = c.conn.local_flow_control_window(sid)
+            size = min(window, c.conn.max_outbound_frame_size, len(body) - sent)
+            if size:
+                c.conn.send_data(sid, body[sent : sent + size], end_stream=sent + size == len(body))
+                sent += size
+                await c.flush()
+            else:
+                await c.read_event()
+        _, received = await c.response(sid)
+    assert received == body
+
+
+async def test_a_stream_whose_app_does_not_read_stalls_nothing_else() -> None:
+    release = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/stuck":
+            await release.wait()  # never reads its body
+        await hello(scope, receive, send)
+
+    config = replace(CONFIG, h2_initial_window_size=65535)
+    async with h2_server(app, config) as port, client(port) as c:
+        stuck = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(stuck, [(b":method", b"POST"), (b":scheme", b"http"),
+                                    (b":path", b"/stuck"), (b":authority", b"a")])  # fmt: skip
+        for _ in range(3):  # nearly fills its window: nobody credits it
+            c.conn.send_data(stuck, b"x" * 16384)
+        await c.flush()
+        c.conn.ping(b"12345678")
+        await c.flush()
+        with trio.fail_after(5):
+            sid = await c.request("/other")
+            head, _ = await c.response(sid)
+            assert head[b":status"] == b"200"
+            assert any(isinstance(e, h2.events.PingAckReceived) for e in c.events)
+        release.set()
+
+
+async def test_response_waits_for_the_client_window_and_resumes_on_window_update() -> None:
+    big = b"y" * 200_000
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": big})
+
+    async with h2_server(app) as port, client(port) as c:
+        sid = await c.request()
+        _, body = await c.response(sid)  # 65,535-byte window: only completes by crediting
+    assert body == big
+
+
+async def test_client_reset_delivers_disconnect_and_other_streams_go_on() -> None:
+    got: list[Any] = []
+    waiting = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/long":
+            await receive()  # the (empty) body
+            waiting.set()
+            got.append(await receive())
+            return
+        await hello(scope, receive, send)
+
+    async with h2_server(app) as port, client(port) as c:
+        long = await c.request("/long")
+        with trio.fail_after(5):
+            await waiting.wait()
+            c.conn.reset_stream(long, ErrorCodes.CANCEL)
+            await c.flush()
+            sid = await c.request("/")
+            head, _ = await c.response(sid)
+            while not got:
+                await trio.sleep(0.01)
+    assert head[b":status"] == b"200"
+    assert got == [{"type": "http.disconnect"}]
+
+
+async def test_app_error_before_the_response_is_a_500_on_that_stream() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    async with h2_server(app) as port, client(port) as c:
+        head, body = await c.response(await c.request())
+    assert head[b":status"] == b"500"
+    assert b"boom" not in body
+
+
+async def test_app_error_after_the_response_started_resets_the_stream() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        raise RuntimeError("boom")
+
+    async with h2_server(app) as port, client(port) as c:
+        sid = await c.request()
+        with pytest.raises(AssertionError, match="INTERNAL_ERROR"):
+            await c.response(sid)
+
+
+async def test_malformed_request_is_a_stream_error_and_the_connection_lives() -> None:
+    async with h2_server(hello) as port, client(port) as c:
+        bad = await c.request(headers=[(b"connection", b"keep-alive")])
+        with pytest.raises(AssertionError, match="PROTOCOL_ERROR"):
+            await c.response(bad)
+        head, _ = await c.response(await c.request())
+    assert head[b":status"] == b"200"
+
+
+async def test_trailers_are_sent_when_announced() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert "http.response.trailers" in scope["extensions"]
+        await send({"type": "http.response.start", "status": 200, "trailers": True})
+        await send({"type": "http.response.body", "body": b"data"})
+        await send({"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")]})
+
+    async with h2_server(app) as port, client(port) as c:
+        sid = await c.request()
+        _, body = await c.response(sid)
+    trailers = [e for e in c.events if isinstance(e, h2.events.TrailersReceived)]
+    assert body == b"data"
+    assert trailers and dict(trailers[0].headers or ())[b"grpc-status"] == b"0"
+
+
+async def test_rapid_reset_ends_the_connection_with_enhance_your_calm() -> None:
+    async with h2_server(hello) as port:
+        async with client(port) as c:
+            for _ in range(300):
+                sid = c.conn.get_next_available_stream_id()
+                c.conn.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"),
+                                          (b":path", b"/"), (b":authority", b"a")])  # fmt: skip
+                c.conn.reset_stream(sid, ErrorCodes.CANCEL)
+            with trio.fail_after(5):
+                await c.flush()
+                codes = []
+                while not codes:
+                    events = await c.read_event()
+                    codes = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+            assert codes[0].error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        # a fresh client is served at once
+        async with client(port) as fresh:
+            with trio.fail_after(5):
+                head, _ = await fresh.response(await fresh.request())
+        assert head[b":status"] == b"200"
+
+
+async def test_streams_past_the_limit_are_refused_while_the_connection_lives() -> None:
+    release = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await hello(scope, receive, send)
+
+    config = replace(CONFIG, h2_max_concurrent_streams=2)
+    async with h2_server(app, config) as port, client(port) as c:
+        # (sent before the server's SETTINGS are read: the client does not know the limit)
+        sids = [await c.request() for _ in range(3)]
+        with pytest.raises(AssertionError, match="REFUSED_STREAM"):
+            await c.response(sids[2])
+        release.set()
+        for sid in sids[:2]:
+            head, _ = await c.response(sid)
+            assert head[b":status"] == b"200"
+
+
+async def test_protocol_error_is_answered_with_goaway() -> None:
+    async with h2_server(hello) as port, client(port) as c:
+        # DATA on stream 0 is a connection error of type PROTOCOL_ERROR (RFC 9113 §6.1)
+        await c.stream.send_all(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+        with trio.fail_after(5):
+            codes = []
+            while not codes:
+                codes = [
+                    e for e in await c.read_event() if isinstance(e, h2.events.ConnectionTerminated)
+                ]
+    assert codes[0].error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+async def test_curl_prior_knowledge_is_served() -> None:
+    async with h2_server(hello) as port:
+        result = await trio.run_process(
+            ["curl", "-s", "--http2-prior-knowledge", "-w", " %{http_version}",
+             f"http://127.0.0.1:{port}/c?q"],
+            capture_stdout=True,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert result.stdout == b"2 GET /c b'q' 2"

@@ -1,0 +1,262 @@
+"""Pure tables for ``trioserve.protocol.http2`` (no sockets, no trio)."""
+
+from __future__ import annotations
+
+import base64
+
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+from h2.errors import ErrorCodes
+
+from trioserve.config import Config
+from trioserve.errors import ConfigError
+from trioserve.protocol.http2 import (
+    PREFACE,
+    ResetBudget,
+    StreamError,
+    connection_window_increment,
+    h2_connection,
+    h2c_settings,
+    preface_state,
+    request_head,
+    response_header_list,
+)
+
+ASKS = [(b"upgrade", b"h2c"), (b"connection", b"upgrade, http2-settings")]
+BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/a?b=1")]
+
+
+@pytest.mark.parametrize(
+    ("data", "state"),
+    [
+        pytest.param(PREFACE, "h2", id="whole"),
+        pytest.param(PREFACE + b"\x00\x00\x12\x04", "h2", id="with-settings"),
+        pytest.param(b"", "undecided", id="empty"),
+        pytest.param(b"PRI * HTTP/2", "undecided", id="prefix"),
+        pytest.param(b"GET / HTTP/1.1\r\n", "http1", id="http1"),
+        pytest.param(b"PRI * HTTP/1.1\r\n\r\n", "http1", id="pri-http1"),
+        pytest.param(b"P", "undecided", id="one-byte"),
+        pytest.param(b"POST / HTTP/1.1\r\n", "http1", id="post"),
+    ],
+)
+def test_preface_is_told_from_http1_from_its_first_bytes(data: bytes, state: str) -> None:
+    assert preface_state(data) == state
+
+
+def test_request_head_maps_pseudo_headers_authority_and_cookies() -> None:
+    head = request_head(
+        [
+            *BASE,
+            (b":authority", b"example.com"),
+            (b"cookie", b"a=1"),
+            (b"accept", b"*/*"),
+            (b"cookie", b"b=2"),
+        ]
+    )
+    assert head.method == b"GET"
+    assert head.scheme == b"https"
+    assert head.target == b"/a?b=1"
+    assert head.headers == [
+        (b"host", b"example.com"),
+        (b"accept", b"*/*"),
+        (b"cookie", b"a=1; b=2"),
+    ]
+    assert head.protocol is None
+
+
+def test_request_head_keeps_an_explicit_host_over_authority() -> None:
+    head = request_head([*BASE, (b":authority", b"a"), (b"host", b"b")])
+    assert head.headers == [(b"host", b"b")]
+
+
+def test_extended_connect_carries_its_protocol() -> None:
+    head = request_head(
+        [
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"https"),
+            (b":path", b"/chat"),
+            (b":authority", b"a"),
+        ]
+    )
+    assert head.protocol == b"websocket"
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        pytest.param(BASE[1:], ErrorCodes.PROTOCOL_ERROR, id="no-method"),
+        pytest.param([BASE[0], BASE[2]], ErrorCodes.PROTOCOL_ERROR, id="no-scheme"),
+        pytest.param(BASE[:2], ErrorCodes.PROTOCOL_ERROR, id="no-path"),
+        pytest.param([*BASE[:2], (b":path", b"")], ErrorCodes.PROTOCOL_ERROR, id="empty-path"),
+        pytest.param([*BASE, BASE[0]], ErrorCodes.PROTOCOL_ERROR, id="repeated-pseudo"),
+        pytest.param([*BASE, (b":status", b"200")], ErrorCodes.PROTOCOL_ERROR, id="status"),
+        pytest.param(
+            [BASE[0], (b"a", b"1"), *BASE[1:]], ErrorCodes.PROTOCOL_ERROR, id="pseudo-after"
+        ),
+        pytest.param([*BASE, (b"Accept", b"x")], ErrorCodes.PROTOCOL_ERROR, id="upper-case"),
+        pytest.param([*BASE, (b"connection", b"close")], ErrorCodes.PROTOCOL_ERROR, id="conn"),
+        pytest.param([*BASE, (b"keep-alive", b"5")], ErrorCodes.PROTOCOL_ERROR, id="keep-alive"),
+        pytest.param(
+            [*BASE, (b"transfer-encoding", b"chunked")], ErrorCodes.PROTOCOL_ERROR, id="te-chunked"
+        ),
+        pytest.param([*BASE, (b"upgrade", b"h2c")], ErrorCodes.PROTOCOL_ERROR, id="upgrade"),
+        pytest.param([*BASE, (b"te", b"gzip")], ErrorCodes.PROTOCOL_ERROR, id="te-gzip"),
+        pytest.param(
+            [(b":method", b"CONNECT"), (b":authority", b"a:443")],
+            ErrorCodes.REFUSED_STREAM,
+            id="plain-connect",
+        ),
+        pytest.param([*BASE, (b":protocol", b"websocket")], ErrorCodes.PROTOCOL_ERROR, id="proto"),
+    ],
+)
+def test_malformed_request_heads_are_stream_errors(
+    fields: list[tuple[bytes, bytes]], code: ErrorCodes
+) -> None:
+    with pytest.raises(StreamError) as caught:
+        request_head(fields)
+    assert caught.value.code == code
+
+
+def test_te_trailers_is_allowed() -> None:
+    assert request_head([*BASE, (b"te", b"trailers")]).headers == [(b"te", b"trailers")]
+
+
+def test_response_headers_drop_connection_specific_fields_and_lower_case_names() -> None:
+    fields = [
+        (b"Content-Type", b"text/plain"),
+        (b"Connection", b"keep-alive"),
+        (b"transfer-encoding", b"chunked"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"set-cookie", b"a=1"),
+        (b"set-cookie", b"b=2"),
+    ]
+    assert response_header_list(204, fields) == [
+        (b":status", b"204"),
+        (b"content-type", b"text/plain"),
+        (b"set-cookie", b"a=1"),
+        (b"set-cookie", b"b=2"),
+    ]
+
+
+def _settings_header() -> bytes:
+    client = h2.connection.H2Connection()
+    header = client.initiate_upgrade_connection()
+    assert header is not None
+    return header
+
+
+@pytest.mark.parametrize(
+    ("headers", "wanted"),
+    [
+        pytest.param(
+            [
+                (b"Upgrade", b"h2c"),
+                (b"Connection", b"Upgrade, HTTP2-Settings"),
+                (b"HTTP2-Settings", b"AAMAAABkAAQAAP__"),
+            ],
+            b"AAMAAABkAAQAAP__",
+            id="curl",
+        ),
+        pytest.param(
+            [(b"upgrade", b"h2c"), (b"connection", b"upgrade"), (b"http2-settings", b"AAMA")],
+            None,
+            id="connection-lacks-settings",
+        ),
+        pytest.param(
+            [(b"upgrade", b"websocket"), ASKS[1], (b"http2-settings", b"")],
+            None,
+            id="websocket",
+        ),
+        pytest.param(
+            [(b"upgrade", b"h2c"), (b"connection", b"upgrade, http2-settings")],
+            None,
+            id="no-settings",
+        ),
+        pytest.param(
+            [
+                (b"upgrade", b"h2c"),
+                (b"connection", b"upgrade, http2-settings"),
+                (b"http2-settings", b"AAMA"),
+                (b"http2-settings", b"AAMA"),
+            ],
+            None,
+            id="two-settings",
+        ),
+        pytest.param(
+            [*ASKS, (b"http2-settings", b"!!")],
+            None,
+            id="not-base64",
+        ),
+    ],
+)  # fmt: skip
+def test_h2c_upgrade_requests_are_recognised(
+    headers: list[tuple[bytes, bytes]], wanted: bytes | None
+) -> None:
+    assert h2c_settings(headers) == wanted
+
+
+def test_h2c_settings_reach_the_server_connection() -> None:
+    header = _settings_header()
+    assert h2c_settings([*ASKS, (b"http2-settings", header)]) == header
+    server = h2_connection(Config())
+    server.initiate_upgrade_connection(header)
+    assert server.data_to_send().startswith(b"\x00")  # our SETTINGS frame
+
+
+def test_server_settings_come_from_the_config() -> None:
+    config = Config(
+        h2_max_concurrent_streams=7,
+        h2_initial_window_size=2**20,
+        h2_max_header_list_size=8192,
+        h2_max_inbound_frame_size=2**15,
+    )
+    server = h2_connection(config)
+    server.initiate_connection()
+    client = h2.connection.H2Connection()
+    client.initiate_connection()
+    events = client.receive_data(server.data_to_send())
+    changed = next(e for e in events if isinstance(e, h2.events.RemoteSettingsChanged))
+    values = {code: setting.new_value for code, setting in changed.changed_settings.items()}
+    assert values[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == 7
+    assert values[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] == 2**20
+    assert values[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE] == 8192
+    assert values[h2.settings.SettingCodes.MAX_FRAME_SIZE] == 2**15
+    assert connection_window_increment(config) == 4 * 2**20 - 65535
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("h2_initial_window_size", 1000),
+        ("h2_initial_window_size", 2**31),
+        ("h2_max_inbound_frame_size", 2**14 - 1),
+        ("h2_max_inbound_frame_size", 2**24),
+        ("h2_max_concurrent_streams", 0),
+        ("h2_max_header_list_size", 10),
+    ],
+)
+def test_h2_options_out_of_the_rfc_ranges_are_refused(option: str, value: int) -> None:
+    with pytest.raises(ConfigError, match=option):
+        Config(**{option: value})  # type: ignore[arg-type]
+
+
+def test_reset_budget_allows_a_burst_then_refuses_until_it_refills() -> None:
+    budget = ResetBudget(burst=3, refill_per_second=1.0)
+    assert [budget.spend(0.0) for _ in range(4)] == [True, True, True, False]
+    assert not budget.spend(0.5)  # half a token back: still short
+    assert budget.spend(10.0)  # refilled (capped at the burst)
+    assert budget.spend(10.0)
+    assert budget.spend(10.0)
+    assert not budget.spend(10.0)
+
+
+def test_reset_budget_never_refuses_a_browser_cancelling_now_and_then() -> None:
+    budget = ResetBudget()
+    assert all(budget.spend(t * 0.1) for t in range(10_000))
+
+
+def test_settings_header_is_base64url() -> None:
+    assert base64.urlsafe_b64decode(_settings_header() + b"==")

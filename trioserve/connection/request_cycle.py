@@ -1,0 +1,415 @@
+"""One ASGI request/response cycle, whatever HTTP version carries it (layer 4).
+
+:class:`RequestCycle` is the app call of one request with its ``receive`` and ``send``:
+the validation and dispatch of the app's messages, write turns and coalescing of streamed
+chunks, ``http.disconnect``, the 500 / 499 outcomes, the access log line and the release
+of the ``--limit-concurrency`` place (``ServerState.admit`` / ``release``). It knows no
+parser: it is written against :class:`RequestChannel`, the narrow interface of what
+carries the request (``connection.http1.HTTPConnection`` for HTTP/1.1; an HTTP/2 stream
+implements the same), and :class:`ResponseEncoder`, the response state machine
+(``protocol.http1_messages.ResponseWriter`` for HTTP/1.1).
+
+The app call runs in the connection's task until it first waits
+(:func:`run_until_first_wait`): an app that answers without waiting for anything, the
+common case, costs no task spawn and no hand-off. It may outlive its response (Starlette's
+BackgroundTasks); once the response is complete its ``receive()`` answers
+``http.disconnect`` and further ``send()`` calls raise :class:`AppProtocolError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import time
+import types
+from collections.abc import Callable, Coroutine, Generator, Mapping
+from typing import Any, Final, Protocol
+
+import trio
+
+from ..access_format import CLIENT_CLOSED_REQUEST
+from ..app.call import call_app
+from ..errors import AppProtocolError, ClientDisconnected
+from .state import ServerState, log_access
+from .stream import MAX_WRITE_PIECES
+
+logger = logging.getLogger(__name__)
+
+# Streamed body chunks the app hands over back to back (without awaiting anything in
+# between) are written together, up to this many bytes: one syscall instead of several.
+COALESCE_BYTES: Final = 256 * 1024
+
+# What receive() answers once the request is over for the app (one shared dict).
+DISCONNECT: Final[dict[str, Any]] = {"type": "http.disconnect"}
+
+
+class ResponseStream(Protocol):
+    """Where a cycle's response bytes go (``connection.stream.ConnectionStream``)."""
+
+    @property
+    def peer_gone(self) -> bool: ...  # the peer left: send() raises ClientDisconnected
+    @property
+    def broken(self) -> bool: ...  # a write was interrupted: nothing more may be written
+    @property
+    def peer(self) -> str: ...  # for log lines and errors
+
+    async def write(self, data: bytes | list[bytes]) -> None:
+        """Write all of ``data`` (pieces back to back); ClientDisconnected if the peer left."""
+
+
+class CycleView(Protocol):
+    """What a channel may read of its cycle (never write)."""
+
+    @property
+    def done(self) -> bool: ...  # the response completed (or was aborted)
+    @property
+    def disconnected(self) -> bool: ...  # the app was told http.disconnect
+
+    async def wait_done(self) -> None:
+        """Return once the response is complete."""
+
+
+class RequestChannel(Protocol):
+    """What carries one request: an HTTP/1.1 connection, or an HTTP/2 stream.
+
+    The cycle reads these; it never writes the channel's fields.
+    """
+
+    @property
+    def state(self) -> ServerState: ...
+    @property
+    def stream(self) -> ResponseStream: ...
+    @property
+    def closing(self) -> bool: ...  # draining: the response must say so (Connection: close)
+    @property
+    def body_error(self) -> int | None:
+        """The status a failed request body calls for (400, 408, 413), or None."""
+
+    def continue_bytes(self) -> bytes:
+        """The interim ``100 Continue`` response, or b"" when the client no longer waits."""
+
+    async def receive_body(self, cycle: CycleView) -> dict[str, Any]:
+        """The next ``http.request`` message, or :data:`DISCONNECT` once the body is
+        over (``body_error`` says whether it failed) or the peer left; after the last body
+        piece, wait for a disconnect or the end of the response."""
+
+    async def answer_and_close(self, status: int, *, method: bytes = b"GET") -> bool:
+        """Send the server's own error response and end the exchange; whether it was sent."""
+
+
+class ResponseEncoder(Protocol):
+    """The response state machine: validates the app's messages and encodes them."""
+
+    @property
+    def started(self) -> bool: ...  # the head has been handed over
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def status(self) -> int | None: ...
+    @property
+    def body_bytes(self) -> int: ...
+
+    def start(self, message: Mapping[str, object], *, close: bool = False) -> None: ...
+    def body_pieces(self, message: Mapping[str, object]) -> list[bytes]: ...
+    def note_status(self, status: int) -> None: ...
+
+
+class RequestCycle:
+    """One request/response: the app-call task with its ``receive`` and ``send``.
+
+    Args:
+        channel: what carries the request (see :class:`RequestChannel`).
+        scope: the request's ASGI scope (``protocol.scope``).
+        writer: the response state machine for this request.
+        method: the request method (for the server's own error answers).
+        expect_100: the client waits for ``100 Continue`` before sending its body; it is
+            sent when the app first asks for the body.
+
+    The caller has admitted the call (``ServerState.admit``); :meth:`run` releases it.
+    """
+
+    # (No __slots__: what most requests never change stays a class attribute, so making a
+    # cycle sets 7 attributes instead of 16.)
+    # The response completed (or was aborted); _done_event only exists while something
+    # waits for that (rare: an app that will not read while pipelined bytes pile up).
+    done = False
+    _done_event: trio.Event | None = None
+    # Set when the response completes or when streamed chunks were left buffered; made
+    # only when someone waits or signals (most responses complete without either).
+    attention: trio.Event | None = None
+    _buffered = 0
+    aborted = False
+    disconnected = False
+    body_error: int | None = None  # the request body failed: the status to answer with
+    _continue_write: trio.Event | None = None
+    # send() from several tasks of one app: writes take turns, so their bytes never
+    # interleave on the wire (and trio never sees two senders on the stream).
+    _writing = False
+    _write_turn: trio.Event | None = None
+
+    def __init__(
+        self,
+        channel: RequestChannel,
+        scope: dict[str, Any],
+        writer: ResponseEncoder,
+        method: bytes,
+        expect_100: bool,
+    ) -> None:
+        self.channel = channel
+        self.scope = scope
+        self.writer = writer
+        self.method = method
+        self._buffer: list[bytes] = []
+        # The client waits for 100 before sending its body; True until the app reads.
+        self.expect_100 = expect_100
+        self._start_time = time.perf_counter() if channel.state.access_log_enabled() else 0.0
+
+    # -- the app call task -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Call the app, then make sure the response ends one way or another."""
+        channel = self.channel
+        stream = channel.stream
+        state = channel.state
+        try:  # admitted by the channel (state.admit()), released below
+            exc = await call_app(state.app, self.scope, self.receive, self.send)
+            if exc is not None:
+                state.report_app_error(exc)
+            if self.done:
+                return
+            writer = self.writer
+            if not writer.started:
+                if stream.peer_gone and self.body_error is None:
+                    # The client left before anything was answered (an abandoned upload):
+                    # nothing was sent and the server did not fail. Logged as nginx's 499,
+                    # never as a 5xx. (An app error on the way is logged by call_app.)
+                    writer.note_status(CLIENT_CLOSED_REQUEST)
+                    self._finish(aborted=True)
+                    return
+                if exc is None and self.body_error is None:
+                    logger.error("ASGI callable returned without starting response")
+                await self._send_error(self.body_error or 500)
+            else:
+                # (Not the app's fault when the request body failed: it was told to stop.)
+                if exc is None and not stream.peer_gone and self.body_error is None:
+                    logger.error("ASGI callable returned without completing response")
+                if self._buffer and not (stream.peer_gone or stream.broken):
+                    # What the app did send still reaches the client before the close.
+                    with contextlib.suppress(ClientDisconnected):
+                        await self._write_buffered()
+                self._finish(aborted=True)
+        finally:
+            state.release()
+            if not self.done:
+                self._finish(aborted=True)
+
+    async def _send_error(self, status: int) -> None:
+        self.writer.note_status(status)
+        written = await self.channel.answer_and_close(status, method=self.method)
+        self._finish(aborted=not written)
+
+    def _finish(self, *, aborted: bool) -> None:
+        self.aborted = aborted
+        self._buffer = []  # (after an abort: a truncated response, the connection closes)
+        self.done = True
+        if self._done_event is not None:
+            self._done_event.set()
+        if self.attention is not None:
+            self.attention.set()
+        if self._start_time:
+            log_access(
+                self.channel.state,
+                self.scope,
+                self.writer.status,
+                self.writer.body_bytes,
+                time.perf_counter() - self._start_time,
+                aborted=aborted,
+            )
+
+    async def wait_done(self) -> None:
+        """Return once the response is complete (see :attr:`done`)."""
+        if not self.done:
+            if self._done_event is None:
+                self._done_event = trio.Event()
+            await self._done_event.wait()
+
+    # -- send -----------------------------------------------------------------------------
+
+    async def send(self, message: Any) -> None:
+        """The app's ``send``: validate, then write (the head leaves with the first body)."""
+        try:
+            message_type = message["type"]
+        except (TypeError, KeyError, IndexError):
+            raise AppProtocolError(
+                f"ASGI message must be a dict with a 'type', got {message!r}"
+            ) from None
+        stream = self.channel.stream
+        if stream.peer_gone or stream.broken or self.body_error is not None:
+            # (After an invalid request body the app was told http.disconnect; run() then
+            # answers with the 4xx itself.)
+            raise ClientDisconnected(f"{stream.peer} disconnected")
+        if self.done:
+            raise AppProtocolError(f"{message_type!r} sent after the response completed")
+        if message_type == "http.response.body":
+            if self._writing or self._continue_write is not None:
+                await self._wait_write_turn()
+                if stream.peer_gone or stream.broken:
+                    raise ClientDisconnected(f"{stream.peer} disconnected")
+                if self.done:
+                    raise AppProtocolError(f"{message_type!r} sent after the response completed")
+            pieces = self.writer.body_pieces(message)
+            if pieces and not self.writer.complete:
+                size = sum(map(len, pieces))
+                if (
+                    self._buffered + size < COALESCE_BYTES
+                    and len(self._buffer) + len(pieces) <= MAX_WRITE_PIECES
+                ):
+                    # Coalesce: an app streaming chunks back to back gets them written
+                    # together. Whenever this app task waits for anything else, the
+                    # connection task (woken here) writes what is buffered, so an app that
+                    # pauses between chunks sees no delay. Still a cancellation point, as
+                    # a write is.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    if not self._buffer:
+                        if self.attention is None:
+                            self.attention = trio.Event()
+                        self.attention.set()
+                    self._buffer += pieces
+                    self._buffered += size
+                    return
+            if self._buffer:
+                pieces = self._buffer + pieces
+                self._buffer = []
+                self._buffered = 0
+            if pieces:
+                self._writing = True
+                try:
+                    await stream.write(pieces[0] if len(pieces) == 1 else pieces)
+                except ClientDisconnected:
+                    self._finish(aborted=True)
+                    raise
+                finally:
+                    self._writing = False
+                    if self._write_turn is not None:
+                        self._write_turn.set()
+                        self._write_turn = None
+            if self.writer.complete:
+                self._finish(aborted=False)
+        elif message_type == "http.response.start":
+            # Answering before asking for an expected body: tell the client this connection
+            # ends, so it need not send the body (RFC 9110 §10.1.1).
+            self.writer.start(message, close=self.channel.closing or self.expect_100)
+        else:
+            raise AppProtocolError(f"unexpected ASGI message type {message_type!r} for http")
+
+    async def flush_until_done(self) -> None:
+        """The connection task's wait for response completion.
+
+        Meanwhile it writes the streamed chunks the app left buffered (see :meth:`send`)
+        once the app task waits for anything else. It takes its write turn like any task
+        of the app would, so bytes never interleave and there is one writer at a time.
+        """
+        while not self.done:
+            if self.attention is None:
+                self.attention = trio.Event()
+            await self.attention.wait()
+            if self.done:
+                return
+            self.attention = None  # (made again by the next wait or signal)
+            try:
+                await self._write_buffered()
+            except ClientDisconnected:
+                self._finish(aborted=True)
+                return
+
+    async def _write_buffered(self) -> None:
+        """Write the buffered chunks, taking a write turn (see :meth:`send`)."""
+        if self._writing or self._continue_write is not None:
+            await self._wait_write_turn()
+        if not self._buffer or self.done:
+            return
+        pieces = self._buffer
+        self._buffer = []
+        self._buffered = 0
+        self._writing = True
+        try:
+            await self.channel.stream.write(pieces)
+        finally:
+            self._writing = False
+            if self._write_turn is not None:
+                self._write_turn.set()
+                self._write_turn = None
+
+    async def _wait_write_turn(self) -> None:
+        """Wait until no other task of this app (nor the 100 Continue) is writing."""
+        while self._writing or self._continue_write is not None:
+            if self._continue_write is not None:
+                await self._continue_write.wait()
+            else:
+                if self._write_turn is None:
+                    self._write_turn = trio.Event()
+                await self._write_turn.wait()
+
+    # -- receive --------------------------------------------------------------------------
+
+    async def receive(self) -> dict[str, Any]:
+        """The app's ``receive``: request body pieces, then ``http.disconnect``."""
+        channel = self.channel
+        if self.disconnected or self.done or channel.stream.peer_gone:
+            return DISCONNECT
+        if self.expect_100:
+            self.expect_100 = False
+            if not self.writer.started:
+                # RFC 9110 §10.1.1: send 100 only once the app asks for the body.
+                continue_ = channel.continue_bytes()
+                if continue_:
+                    self._continue_write = trio.Event()
+                    try:
+                        await channel.stream.write(continue_)
+                    except ClientDisconnected:
+                        self.disconnected = True
+                        return DISCONNECT
+                    finally:
+                        self._continue_write.set()
+                        self._continue_write = None
+        message = await channel.receive_body(self)
+        if message is DISCONNECT:
+            self.disconnected = True
+            self.body_error = channel.body_error
+        return message
+
+
+@types.coroutine
+def run_until_first_wait(
+    coro: Coroutine[Any, Any, None], context: contextvars.Context, on_wait: Callable[[], None]
+) -> Generator[Any, Any, bool]:
+    """Run ``coro`` in the calling task, in ``context``; call ``on_wait()`` the first time
+    it yields to trio (it is about to wait or checkpoint). Every trap and every value trio
+    sends back (outcomes, so cancellation too) passes through unchanged.
+
+    This is how an app call runs inline in the connection's task until its first wait,
+    then moves the serving of the connection to a sibling task (``on_wait``).
+
+    Returns:
+        Whether ``on_wait`` was called.
+    """
+    waited = False
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            if error is None:
+                trap = context.run(coro.send, value)
+            else:
+                trap = context.run(coro.throw, error)
+        except StopIteration:
+            return waited
+        error = None
+        if not waited:
+            waited = True
+            on_wait()
+        try:
+            value = yield trap
+        except BaseException as exc:  # what trio throws in (it passes outcomes by send)
+            error = exc

@@ -1,0 +1,276 @@
+"""What a server counts for ``/metrics``, and its Prometheus exposition (layer 1, stdlib only).
+
+The hot path never touches prometheus_client. Each ``serve()`` with metrics on owns one
+:class:`ServerMetrics`: plain ints (and one float) in ``__slots__``, incremented in place
+by the connection code, so a request costs a few attribute increments and one dict update.
+Nothing is locked: one trio thread owns the object.
+
+At scrape time the numbers become a *sample*: a flat ``{key: number}`` dict, JSON-able, so
+a worker process sends it to its parent with every heartbeat and the parent adds up the
+samples of its workers (:func:`add_sample`). A key is a family name from :data:`FAMILIES`,
+followed by its label values, ``|``-separated (``"requests|GET|2xx|1.1"``); the histogram's
+keys are ``"request_duration_seconds|bucket|<le>"`` and ``"request_duration_seconds|sum"``.
+A counter of a worker that exited stays in its parent's totals (counters are monotonic over
+worker restarts); its gauges go with it.
+
+:func:`render` turns a sample into the Prometheus text format with a one-shot collector
+(prometheus_client, the ``trioserve[metrics]`` extra, imported only there).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Literal
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+PREFIX: Final = "trioserve_"
+# Request duration histogram bounds in seconds (Prometheus' client defaults, plus 30 s).
+DURATION_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    30.0,
+)
+# The methods counted by name; any other (a client's invention) is "other", so that a peer
+# cannot grow the label set without bound.
+KNOWN_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
+# status // 100 -> label; index 0 is a request that got no response (the client left first).
+STATUS_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+PROTOCOL_ERROR_STATUSES: Final = (400, 408, 413, 414, 431, 501, 505)
+
+Kind = Literal["counter", "gauge"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family as exposed (``trioserve_`` + name; a counter gains ``_total``)."""
+
+    name: str
+    kind: Kind
+    doc: str
+    labels: tuple[str, ...] = ()
+
+
+FAMILIES: Final = (
+    Family("requests", "counter", "HTTP requests answered.", ("method", "status", "http_version")),
+    Family("requests_in_flight", "gauge", "HTTP requests whose response is not complete."),
+    Family("websocket_sessions", "counter", "WebSocket sessions accepted."),
+    Family("websockets_in_flight", "gauge", "WebSocket sessions open."),
+    Family("connections", "counter", "Connections accepted."),
+    Family("connections_open", "gauge", "Connections open."),
+    Family("keepalive_reuses", "counter", "Requests served on an already used connection."),
+    Family("received_bytes", "counter", "Bytes read from clients."),
+    Family("sent_bytes", "counter", "Bytes written to clients."),
+    Family("concurrency_rejections", "counter", "Requests answered 503 by --limit-concurrency."),
+    Family(
+        "protocol_errors",
+        "counter",
+        "Malformed requests answered with an error status.",
+        ("status",),
+    ),
+    Family("tls_handshake_failures", "counter", "TLS handshakes that failed."),
+    Family("draining", "gauge", "1 from the moment a shutdown was asked for (readiness off)."),
+    Family("worker_starts", "counter", "Worker processes started."),
+    Family("worker_restarts", "counter", "Worker processes started beyond the first --workers."),
+    Family("worker_exits", "counter", "Worker processes that exited, by cause.", ("cause",)),
+    Family("worker_healthcheck_failures", "counter", "Workers found blocked (no heartbeat)."),
+    Family("workers", "gauge", "Worker processes running."),
+)
+_KIND: Final = {f.name: f.kind for f in FAMILIES}
+HISTOGRAM: Final = "request_duration_seconds"
+
+Sample = dict[str, float]
+
+
+def require_prometheus_client() -> None:
+    """Raise ConfigError when the ``trioserve[metrics]`` extra is not installed."""
+    try:
+        import prometheus_client  # noqa: F401  (the exposition format, at scrape time)
+    except ImportError:
+        raise ConfigError(
+            "metrics and --admin-bind/--admin-uds need prometheus-client: "
+            "pip install 'trioserve[metrics]'"
+        ) from None
+
+
+class ServerMetrics:
+    """The counters of one server, kept as plain numbers and incremented in place.
+
+    The connection code adds to the attributes directly (``metrics.sent_bytes += n``) and
+    calls :meth:`request_done` once per request, at its access-log point.
+    """
+
+    __slots__ = (
+        "concurrency_rejections",
+        "connections",
+        "connections_open",
+        "draining",
+        "duration_buckets",
+        "duration_sum",
+        "keepalive_reuses",
+        "protocol_errors",
+        "received_bytes",
+        "requests",
+        "requests_in_flight",
+        "sent_bytes",
+        "tls_handshake_failures",
+        "websocket_sessions",
+        "websockets_in_flight",
+    )
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.duration_sum = 0.0
+        self.requests_in_flight = 0
+        self.websocket_sessions = 0
+        self.websockets_in_flight = 0
+        self.connections = 0
+        self.connections_open = 0
+        self.keepalive_reuses = 0
+        self.received_bytes = 0
+        self.sent_bytes = 0
+        self.concurrency_rejections = 0
+        self.protocol_errors: dict[int, int] = {}
+        self.tls_handshake_failures = 0
+        self.draining = 0
+
+    def request_done(
+        self, method: str, http_version: str, status: int | None, duration: float
+    ) -> None:
+        """Count one answered request (or one the client left before its response)."""
+        if method not in KNOWN_METHODS:
+            method = "other"
+        key = (
+            method,
+            STATUS_CLASSES[status // 100 if status and status < 600 else 0],
+            http_version,
+        )
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.duration_sum += duration
+
+    def protocol_error(self, status: int) -> None:
+        """Count a malformed request answered with ``status`` (400, 413, 431, 501...)."""
+        self.protocol_errors[status] = self.protocol_errors.get(status, 0) + 1
+
+    def sample(self) -> Sample:
+        """The numbers now, as a flat JSON-able dict (see the module docstring)."""
+        out: Sample = {"|".join(("requests", *key)): count for key, count in self.requests.items()}
+        for status, count in self.protocol_errors.items():
+            out[f"protocol_errors|{status}"] = count
+        cumulative = 0
+        for bound, count in zip((*DURATION_BUCKETS, "+Inf"), self.duration_buckets, strict=True):
+            cumulative += count
+            out[f"{HISTOGRAM}|bucket|{bound}"] = cumulative
+        out[f"{HISTOGRAM}|sum"] = self.duration_sum
+        for name in (
+            "requests_in_flight",
+            "websocket_sessions",
+            "websockets_in_flight",
+            "connections",
+            "connections_open",
+            "keepalive_reuses",
+            "received_bytes",
+            "sent_bytes",
+            "concurrency_rejections",
+            "tls_handshake_failures",
+            "draining",
+        ):
+            out[name] = getattr(self, name)
+        return out
+
+
+def is_gauge(key: str) -> bool:
+    return _KIND.get(key.partition("|")[0]) == "gauge"
+
+
+def add_sample(total: Sample, sample: Mapping[str, float], *, counters_only: bool = False) -> None:
+    """Add ``sample`` into ``total`` in place; ``counters_only`` drops the gauges (the
+    sample of a worker that exited: its counters stay, its in-flight numbers do not)."""
+    for key, value in sample.items():
+        if counters_only and is_gauge(key):
+            continue
+        total[key] = total.get(key, 0) + value
+
+
+def check_sample(data: object) -> Sample:
+    """Validate a sample that came over a worker's link.
+
+    Raises:
+        ValueError: not a ``{str: number}`` dict.
+    """
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        for k, v in data.items()
+    ):
+        raise ValueError(f"not a metrics sample: {data!r:.200}")
+    return data
+
+
+def render(sample: Mapping[str, float]) -> tuple[bytes, str]:
+    """The Prometheus text exposition of ``sample``, and its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SampleCollector(sample))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _SampleCollector:
+    """A prometheus_client collector that exposes one sample (built per scrape)."""
+
+    def __init__(self, sample: Mapping[str, float]) -> None:
+        self.sample = sample
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        by_family: dict[str, list[tuple[list[str], float]]] = {}
+        for key, value in self.sample.items():
+            name, *labels = key.split("|")
+            by_family.setdefault(name, []).append((labels, value))
+        for family in FAMILIES:
+            maker = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+            metric = maker(PREFIX + family.name, family.doc, labels=family.labels)
+            for labels, value in sorted(by_family.get(family.name, [])):
+                if len(labels) == len(family.labels):
+                    metric.add_metric(labels, value)
+            if family.labels or family.name in by_family:
+                yield metric
+        histogram = by_family.get(HISTOGRAM)
+        if histogram:
+            buckets = sorted(
+                ((labels[1], value) for labels, value in histogram if labels[0] == "bucket"),
+                key=lambda bucket: float(bucket[0]),
+            )
+            total = sum(value for labels, value in histogram if labels[0] == "sum")
+            durations = HistogramMetricFamily(
+                PREFIX + HISTOGRAM, "Time from request head to complete response."
+            )
+            durations.add_metric([], buckets, sum_value=total)
+            yield durations
