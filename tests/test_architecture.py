@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trioserve"
 LAYERS: dict[str, int] = {
     "errors": 0, "asgi_types": 0,                          # vocabulary, stdlib only
     "access_format": 1, "message_trace": 1, "config": 1,  # configuration, no trio
-    "config_file": 1,
+    "config_file": 1, "config_checks": 1,
     "tls": 1, "logs": 1, "metrics": 1,
     "protocol": 2,                                          # sans-IO: never trio
     "app": 3, "wsgi": 3,                                    # calling the user's app

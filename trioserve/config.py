@@ -14,12 +14,17 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import ipaddress
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from .access_format import compile_access_format
+from .config_checks import (
+    check_choice,
+    check_positive,
+    check_range,
+    check_simple_types,
+    parse_header,
+)
 from .errors import ConfigError
 from .metrics import require_prometheus_client
 
@@ -391,53 +396,53 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "headers", tuple(_parse_header(h) for h in self.headers))
-        _check_simple_types(self)
-        _check_range("port", self.port, 0, 65535)
-        _check_range("backlog", self.backlog, 1, 2**31 - 1)
-        _check_range("workers", self.workers, 1, 4096)
-        _check_range(
+        object.__setattr__(self, "headers", tuple(parse_header(h) for h in self.headers))
+        check_simple_types(self)
+        check_range("port", self.port, 0, 65535)
+        check_range("backlog", self.backlog, 1, 2**31 - 1)
+        check_range("workers", self.workers, 1, 4096)
+        check_range(
             "h11_max_incomplete_event_size", self.h11_max_incomplete_event_size, 1024, 2**31 - 1
         )
-        _check_range("ws_max_size", self.ws_max_size, 1, 2**63 - 1)
-        _check_range("ws_max_queue", self.ws_max_queue, 1, 2**31 - 1)
-        _check_range("limit_max_requests_jitter", self.limit_max_requests_jitter, 0, 2**31 - 1)
-        _check_range("limit_request_body", self.limit_request_body, 0, 2**63 - 1)
+        check_range("ws_max_size", self.ws_max_size, 1, 2**63 - 1)
+        check_range("ws_max_queue", self.ws_max_queue, 1, 2**31 - 1)
+        check_range("limit_max_requests_jitter", self.limit_max_requests_jitter, 0, 2**31 - 1)
+        check_range("limit_request_body", self.limit_request_body, 0, 2**63 - 1)
         # RFC 9113 §6.5.2: the window is at most 2^31-1, the frame size 2^14..2^24-1.
-        _check_range("h2_max_concurrent_streams", self.h2_max_concurrent_streams, 1, 2**31 - 1)
-        _check_range("h2_max_header_list_size", self.h2_max_header_list_size, 1024, 2**31 - 1)
-        _check_range("h2_initial_window_size", self.h2_initial_window_size, 65535, 2**31 - 1)
-        _check_range("h2_max_inbound_frame_size", self.h2_max_inbound_frame_size, 2**14, 2**24 - 1)
+        check_range("h2_max_concurrent_streams", self.h2_max_concurrent_streams, 1, 2**31 - 1)
+        check_range("h2_max_header_list_size", self.h2_max_header_list_size, 1024, 2**31 - 1)
+        check_range("h2_initial_window_size", self.h2_initial_window_size, 65535, 2**31 - 1)
+        check_range("h2_max_inbound_frame_size", self.h2_max_inbound_frame_size, 2**14, 2**24 - 1)
         for name in ("limit_concurrency", "limit_max_requests"):
             value = getattr(self, name)
             if value is not None:
-                _check_range(name, value, 1, 2**63 - 1)
+                check_range(name, value, 1, 2**63 - 1)
         for name in (
             "timeout_keep_alive",
             "timeout_request_header",
             "timeout_worker_healthcheck",
             "reload_delay",
         ):
-            _check_positive(name, getattr(self, name))
-        _check_positive("timeout_request_body", self.timeout_request_body, allow_zero=True)
+            check_positive(name, getattr(self, name))
+        check_positive("timeout_request_body", self.timeout_request_body, allow_zero=True)
         for name in ("timeout_graceful_shutdown", "ws_ping_interval", "ws_ping_timeout"):
             value = getattr(self, name)
             if value is not None:
-                _check_positive(name, value, allow_zero=True)
-        _check_choice("lifespan", self.lifespan, ("auto", "on", "off"))
-        _check_choice("ws", self.ws, ("auto", "wsproto", "none"))
-        _check_choice("app_loop", self.app_loop, ("trio", "asyncio"))
-        _check_choice("interface", self.interface, INTERFACES)
-        _check_choice("http", self.http, ("auto", "h11", "httptools"))
+                check_positive(name, value, allow_zero=True)
+        check_choice("lifespan", self.lifespan, ("auto", "on", "off"))
+        check_choice("ws", self.ws, ("auto", "wsproto", "none"))
+        check_choice("app_loop", self.app_loop, ("trio", "asyncio"))
+        check_choice("interface", self.interface, INTERFACES)
+        check_choice("http", self.http, ("auto", "h11", "httptools"))
         if self.http == "httptools" and not _httptools_installed():
             raise ConfigError(
                 "--http httptools needs httptools: pip install httptools (trioserve's [fast] extra)"
             )
-        _check_choice("log_format", self.log_format, ("text", "json"))
+        check_choice("log_format", self.log_format, ("text", "json"))
         self._check_admin()
         self._check_edge()
         if self.log_level is not None:
-            _check_choice("log_level", self.log_level, LOG_LEVELS)
+            check_choice("log_level", self.log_level, LOG_LEVELS)
         if not isinstance(self.log_config, (str, dict, type(None))):
             raise ConfigError(
                 "log_config must be a file path or a logging.config.dictConfig dict, "
@@ -471,7 +476,7 @@ class Config:
                     f"forwarded_allow_ips: {entry!r} is not an IP address, a CIDR network, "
                     "'*' or 'unix:'"
                 ) from None
-        _check_range("ssl_cert_reqs", self.ssl_cert_reqs, 0, 2)
+        check_range("ssl_cert_reqs", self.ssl_cert_reqs, 0, 2)
         if self.ssl_certfile is None:
             for name in ("ssl_keyfile", "ssl_keyfile_password", "ssl_ca_certs", "ssl_ciphers"):
                 if getattr(self, name) is not None:
@@ -485,7 +490,7 @@ class Config:
 
     def _check_admin(self) -> None:
         """Admin listener and metrics options (prometheus-client must be installed)."""
-        _check_positive("shutdown_delay", self.shutdown_delay, allow_zero=True)
+        check_positive("shutdown_delay", self.shutdown_delay, allow_zero=True)
         if self.admin_bind is not None and self.admin_uds is not None:
             raise ConfigError("--admin-bind and --admin-uds are mutually exclusive")
         if self.admin_bind is not None:
@@ -560,74 +565,6 @@ class Config:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-# Annotations (strings, as every module uses ``from __future__ import annotations``) whose
-# values are checked generically: new fields of these types are validated for free.
-_SIMPLE_TYPES: Final[dict[str, tuple[type, ...]]] = {
-    "str": (str,),
-    "str | None": (str, type(None)),
-    "bool": (bool,),
-    "bool | None": (bool, type(None)),
-}
-# RFC 9110 §5.6.2 token characters.
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-def _check_simple_types(config: Config) -> None:
-    for f in dataclasses.fields(config):
-        allowed = _SIMPLE_TYPES.get(f.type) if isinstance(f.type, str) else None
-        value = getattr(config, f.name)
-        if allowed is None or isinstance(value, allowed):
-            continue
-        kind = "True or False" if bool in allowed else "a string"
-        if type(None) in allowed:
-            kind += " or None"
-        raise ConfigError(f"{f.name} must be {kind}, got {value!r}")
-
-
-def _parse_header(value: object) -> tuple[str, str]:
-    if isinstance(value, str):
-        name, sep, rest = value.partition(":")
-        if not sep or not name.strip():
-            raise ConfigError(f"header must be NAME:VALUE, got {value!r}")
-        return _check_header(name.strip(), rest.strip())
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        name, val = value
-        if isinstance(name, str) and isinstance(val, str) and name:
-            return _check_header(name, val)
-    raise ConfigError(f"header must be NAME:VALUE or a (name, value) pair, got {value!r}")
-
-
-def _check_header(name: str, value: str) -> tuple[str, str]:
-    if not _TOKEN.fullmatch(name):
-        raise ConfigError(f"header name must be a token, got {name!r}")
-    if any(c in value for c in "\r\n\0"):
-        raise ConfigError(f"header value must not contain CR, LF or NUL, got {value!r}")
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        raise ConfigError(f"header value must be latin-1, got {value!r}") from None
-    return name, value
-
-
-def _check_range(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-
-
-def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or math.isnan(value):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
 def _httptools_installed() -> bool:
     return importlib.util.find_spec("httptools") is not None
 
@@ -637,12 +574,3 @@ def http_implementation(choice: str) -> Literal["h11", "httptools"]:
     if choice == "httptools" or (choice == "auto" and _httptools_installed()):
         return "httptools"
     return "h11"
-
-
-def is_ip_literal(host: str) -> bool:
-    """Whether ``host`` is an IPv4/IPv6 literal (no DNS needed)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
