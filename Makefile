@@ -23,6 +23,7 @@ run: venv
 
 test: venv
 	sh scripts/install-nginx.sh
+	sh scripts/install-chromium.sh
 	$(PY) -m pytest
 
 lint: venv
@@ -38,6 +39,7 @@ fmt: venv
 bench: venv
 	$(PY) -m pip install --quiet -e '.[bench]'
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
 # Instructions per request under valgrind (deterministic; for changes of a few percent on a

@@ -17,6 +17,10 @@ How it measures:
   (``taskset -c 0``), waits until it accepts connections, warms it up, then runs the load
   pinned to CPU 1: ``wrk`` for HTTP scenarios, ``bench/ws_load.py`` for WebSocket echo, and
   1,000 idle keep-alive connections for the memory scenario.
+* The HTTP/2 scenarios (``h2-*``) load with ``h2load`` over h2c (prior knowledge),
+  ``H2LOAD_ARGS``, warm-up and measurement in one run; only servers that speak h2c take
+  part, and ``trioserve-h1`` is trioserve loaded over HTTP/1.1 with as many requests in
+  flight. Latency percentiles come from h2load's per-request log.
 * ``--workers-scaling`` adds 2-worker lines for hello and json (trioserve, uvicorn-h11 as
   shipped, and uvicorn-h11 with TCP_NODELAY restored): their server processes may use
   both CPUs, so they share CPU 1 with the load generator.
@@ -80,7 +84,7 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "wrk", "ws" or "idle"
+    kind: str  # "wrk", "ws", "idle" or "h2load"
     title: str
     path: str = "/"
     app: str = RAW_APP
@@ -102,7 +106,25 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("json", "wrk", "FastAPI JSON endpoint", path="/json", app=FASTAPI_APP),
         Scenario("echo64k", "wrk", "64 KiB POST echoed back", path="/echo", lua=ECHO_LUA),
         Scenario("stream1m", "wrk", "1 MiB response streamed in 16 KiB chunks", path="/stream"),
+        Scenario(
+            "file1m",
+            "wrk",
+            "FastAPI FileResponse, a 1 MiB file, keep-alive",
+            path="/file1m",
+            app=FASTAPI_APP,
+        ),
+        Scenario(
+            "static",
+            "wrk",
+            "FastAPI StaticFiles, a 16 KiB file",
+            path="/static/f16k.bin",
+            app=FASTAPI_APP,
+        ),
         Scenario("ws", "ws", "WebSocket echo round trips (50 connections)", unit="msg/s"),
+        # HTTP/2 (issue 18): h2load over h2c with prior knowledge, H2LOAD_ARGS.
+        Scenario("h2-hello", "h2load", "HTTP/2 (h2c): raw ASGI hello world"),
+        Scenario("h2-json", "h2load", "HTTP/2 (h2c): FastAPI JSON", path="/json", app=FASTAPI_APP),
+        Scenario("h2-stream1m", "h2load", "HTTP/2 (h2c): 1 MiB streamed response", path="/stream"),
         Scenario(
             "idle",
             "idle",
@@ -146,6 +168,9 @@ class ServerSpec:
             *REUSE_PORT_SERVERS,
             "trioserve-fifo",
             "trioserve-httptools",
+            "trioserve-httptools-wsproto",
+            METRICS_SERVER.name,
+            "trioserve-h1",
         ):
             log = (
                 ["--access-log", "--log-level", "info"]
@@ -154,7 +179,7 @@ class ServerSpec:
             )
             if self.name.endswith("asyncio"):
                 log += ["--app-loop", "asyncio"]
-            if self.name.endswith("httptools"):
+            if "-httptools" in self.name:
                 log += ["--http", "httptools"]
             return [
                 py,
@@ -169,11 +194,11 @@ class ServerSpec:
                 KEEP_ALIVE,
                 *log,
             ]
-        if self.name == "hypercorn-trio":
+        if self.name in ("hypercorn-trio", "hypercorn-asyncio"):
             return [
                 str(bindir / "hypercorn"),
                 "-k",
-                "trio",
+                self.name.removeprefix("hypercorn-"),
                 "--bind",
                 f"127.0.0.1:{p}",
                 "--keep-alive",
@@ -221,11 +246,24 @@ class ServerSpec:
         raise ValueError(self.name)
 
 
+H2_SCENARIOS = frozenset({"h2-hello", "h2-json", "h2-stream1m"})
+# Who speaks h2c with prior knowledge (the HTTP/2 rows): the others would only fail.
+H2C_SERVERS = frozenset({"trioserve", "trioserve-httptools", "hypercorn-trio", "hypercorn-asyncio"})
+# h2load's load for the HTTP/2 rows: 10 connections of 10 concurrent streams; the HTTP/1.1
+# row keeps the same 100 requests in flight on 100 connections (no pipelining).
+H2LOAD_ARGS = ("-c", "10", "-m", "10")
+H2LOAD_H1_ARGS = ("--h1", "-c", "100", "-m", "1")
 SERVERS: dict[str, ServerSpec] = {
     s.name: s
     for s in (
         ServerSpec("trioserve", "trioserve, access log off"),
         ServerSpec("trioserve-httptools", "trioserve --http httptools, access log off"),
+        ServerSpec(
+            "trioserve-httptools-wsproto",
+            "trioserve --http httptools --ws wsproto (`--ws auto` picks websockets)",
+            frozenset({"ws"}),
+            extra_args=("--ws", "wsproto"),
+        ),
         ServerSpec("hypercorn-trio", "hypercorn -k trio"),
         ServerSpec("uvicorn-h11", "uvicorn --http h11 --loop asyncio --ws wsproto"),
         ServerSpec("uvicorn-httptools", "uvicorn --http httptools --loop uvloop (context)"),
@@ -239,6 +277,13 @@ SERVERS: dict[str, ServerSpec] = {
             "trio-h11-min",
             "bare trio + h11 loop, no ASGI (bench/apps/trio_h11_min.py)",
             frozenset({"hello", "close", "idle"}),
+        ),
+        ServerSpec("hypercorn-asyncio", "hypercorn -k asyncio (HTTP/2 rows)", H2_SCENARIOS),
+        ServerSpec(
+            "trioserve-h1",
+            "trioserve loaded over HTTP/1.1 by h2load --h1, as many requests in flight "
+            "(HTTP/2 rows)",
+            H2_SCENARIOS,
         ),
     )
 }
@@ -290,11 +335,19 @@ FIFO_SERVER = ServerSpec(
     frozenset({"hello", "close", "json"}),
     pythonpath=(str(BENCH_DIR / "fifo_scheduling"),),
 )
+# Not in the default server list: the cost of counting for /metrics (issue 20), measured
+# with --instructions against trioserve-httptools.
+METRICS_SERVER = ServerSpec(
+    "trioserve-httptools-metrics",
+    "trioserve --http httptools --metrics (counting for /metrics), access log off",
+    extra_args=("--metrics",),
+)
 ALL_SERVERS = {
     **SERVERS,
     **WORKER_SERVERS,
     **REUSE_PORT_SERVERS,
     FIFO_SERVER.name: FIFO_SERVER,
+    METRICS_SERVER.name: METRICS_SERVER,
 }
 
 
@@ -472,6 +525,63 @@ def _wrk(scenario: Scenario, port: int, seconds: float, lua_path: Path | None) -
     return done.stdout
 
 
+def parse_h2load(output: str, log: str) -> Sample:
+    """Parse h2load's summary and its ``--log-file`` into a :class:`Sample`.
+
+    The rate is h2load's ``req/s``; p50/p99 come from the per-request log (h2load prints
+    no percentiles), whose lines are ``start-us<TAB>status<TAB>duration-us``; a status of 0
+    marks a request cut off when a period (warm-up, measurement) ended, left out. Errors
+    are the summary's failed, errored and timed-out requests plus 4xx and 5xx responses.
+    """
+    rate = re.search(r"^finished in [\d.]+\w+, ([\d.]+) req/s", output, re.M)
+    requests = re.search(r"^requests: (.*)$", output, re.M)
+    if rate is None or requests is None:
+        raise ValueError("no 'finished in' and 'requests:' lines in h2load output")
+    counts = {name: int(n) for n, name in re.findall(r"(\d+) (\w+)", requests.group(1))}
+    errors = sum(counts.get(name, 0) for name in ("failed", "errored", "timeout"))
+    statuses = re.search(r"^status codes: .*?(\d+) 4xx, (\d+) 5xx", output, re.M)
+    if statuses:
+        errors += int(statuses.group(1)) + int(statuses.group(2))
+    durations = [
+        int(fields[2]) / 1000
+        for fields in (line.split("\t") for line in log.splitlines())
+        if len(fields) >= 3 and fields[1] != "0"
+    ]
+    quantiles = statistics.quantiles(durations, n=100) if len(durations) >= 2 else None
+    return Sample(
+        rate=float(rate.group(1)),
+        p50_ms=quantiles[49] if quantiles else None,
+        p99_ms=quantiles[98] if quantiles else None,
+        errors=errors,
+    )
+
+
+def _h2load_timed(
+    spec: ServerSpec, scenario: Scenario, port: int, seconds: float, warmup: float, workdir: Path
+) -> Sample:
+    """Load ``port`` with h2load for ``seconds`` after ``warmup`` (HTTP/1.1 for
+    ``trioserve-h1``), in one run: hypercorn-trio's process dies (BusyResourceError) when
+    a run ends with streams in flight, so a separate warm-up run would leave it dead."""
+    log_path = workdir / f"h2load-{spec.name}-{scenario.name}.tsv"
+    args = H2LOAD_H1_ARGS if spec.name == "trioserve-h1" else H2LOAD_ARGS
+    cmd = ["taskset", "-c", LOAD_CPU, "h2load", *args, "-D", str(max(1, round(seconds)))]
+    if warmup > 0:
+        cmd.append(f"--warm-up-time={max(1, round(warmup))}")
+    cmd += [f"--log-file={log_path}", f"http://127.0.0.1:{port}{scenario.path}"]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + warmup + 30, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"h2load failed: {done.stderr.strip() or done.stdout.strip()}")
+    try:
+        sample = parse_h2load(done.stdout, log_path.read_text() if log_path.exists() else "")
+    finally:
+        log_path.unlink(missing_ok=True)
+    if not sample.rate:
+        raise RuntimeError("h2load: no request completed (the server stalled or died)")
+    return sample
+
+
 def _ws(port: int, seconds: float) -> dict[str, float]:
     cmd = [
         "taskset",
@@ -528,6 +638,8 @@ def measure(
     """Start ``spec``, load it with ``scenario`` and return the sample."""
     if spec.scenarios is not None and scenario.name not in spec.scenarios:
         return Sample(rate=None, note="-")
+    if scenario.kind == "h2load" and spec.name not in H2C_SERVERS | {"trioserve-h1"}:
+        return Sample(rate=None, note="-")
     lua_path = None
     if scenario.lua is not None:
         lua_path = workdir / f"{scenario.name}.lua"
@@ -554,6 +666,8 @@ def measure(
                 _ws(port, min(warmup, 1.0))
             except (RuntimeError, ValueError) as exc:
                 return Sample(rate=None, note=f"n/a ({exc})")
+        elif scenario.kind == "h2load":
+            pass  # (h2load warms up in the same run: hypercorn-trio dies when a run ends)
         elif warmup > 0:
             _wrk(scenario, port, warmup, lua_path)
         pids = _tree(pid)
@@ -566,6 +680,8 @@ def measure(
                 p99_ms=result["p99_ms"],
                 errors=int(result["errors"]),
             )
+        elif scenario.kind == "h2load":
+            sample = _h2load_timed(spec, scenario, port, seconds, warmup, workdir)
         else:
             sample = parse_wrk(_wrk(scenario, port, seconds, lua_path))
         pids = _tree(pid)

@@ -20,6 +20,9 @@ BASE_CONFIG = Config(port=0, lifespan="off", access_log=False)
 # The parser run_server() uses; test modules that mark themselves with
 # ``pytestmark = pytest.mark.usefixtures("both_parsers")`` run each test on both.
 HTTP_IMPL = "h11"
+# The WebSocket engine run_server() asks for (None: the config's default, ``--ws auto``);
+# ``pytest.mark.usefixtures("both_ws_engines")`` runs each test on wsproto and websockets.
+WS_IMPL: str | None = None
 
 
 def server_parser() -> HTTPParser:
@@ -33,6 +36,13 @@ def server_parser() -> HTTPParser:
 def both_parsers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test once per HTTP parser (``--http h11`` and ``--http httptools``)."""
     monkeypatch.setattr(sys.modules[__name__], "HTTP_IMPL", request.param)
+    return str(request.param)
+
+
+@pytest.fixture(params=["wsproto", "websockets"])
+def both_ws_engines(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per WebSocket engine (``--ws wsproto`` and ``--ws websockets``)."""
+    monkeypatch.setattr(sys.modules[__name__], "WS_IMPL", request.param)
     return str(request.param)
 
 
@@ -91,7 +101,8 @@ class Recorder:
 @asynccontextmanager
 async def run_server(app: Any, **options: Any) -> AsyncIterator[Server]:
     """Run ``app`` with ``BASE_CONFIG`` overridden by ``options``; hard-stop on exit."""
-    config = dataclasses.replace(BASE_CONFIG, **{"http": HTTP_IMPL, **options})
+    engine = {} if WS_IMPL is None else {"ws": WS_IMPL}
+    config = dataclasses.replace(BASE_CONFIG, **{"http": HTTP_IMPL, **engine, **options})
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(serve, app, config)
         try:

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from wire import Client, connect, header, read_until_eof
 
 from trioserve import Config, Server, serve
-from trioserve.app.asyncio_bridge import AsyncioApp
+from trioserve.app.asyncio_bridge import AsyncioApp, open_app_loop
 from trioserve.app.call import needs_asyncio
 from trioserve.errors import AppProtocolError, LifespanError
 from trioserve.testing import WebSocketClosed, running
@@ -544,6 +544,220 @@ async def test_send_after_the_call_returned_is_an_app_protocol_error() -> None:
             await AsyncioApp(app, loop)({"type": "http"}, trio_receive, trio_send)
             with pytest.raises(AppProtocolError, match="after the ASGI call returned"):
                 await loop.run_aio_coroutine(late_send())
+
+
+# -- crossings: one trio wake-up per receive()/send(), the start held for the body ------------
+
+
+async def test_hello_crosses_once_and_runs_in_the_calling_trio_task() -> None:
+    """The start waits for the body (the server sends them together anyway) and both are
+    sent by the trio task awaiting the app: no task spawned per send()."""
+    caller: list[object] = []
+    events: list[Any] = []
+
+    async def trio_receive() -> Any:
+        raise AssertionError("not used")
+
+    async def trio_send(message: Any) -> None:
+        events.append((message["type"], trio.lowlevel.current_task() is caller[0]))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        events.append("start returned")
+        await send({"type": "http.response.body", "body": b"hi"})
+        events.append("body returned")
+
+    with trio.fail_after(5):
+        async with trio_asyncio.open_loop() as loop:
+            caller.append(trio.lowlevel.current_task())
+            await AsyncioApp(app, loop)({"type": "http"}, trio_receive, trio_send)
+    assert events == [
+        "start returned",
+        ("http.response.start", True),
+        ("http.response.body", True),
+        "body returned",
+    ]
+
+
+async def test_held_start_is_sent_when_the_app_returns_and_its_error_is_the_apps() -> None:
+    sent: list[Any] = []
+
+    async def trio_receive() -> Any:
+        raise AssertionError("not used")
+
+    async def trio_send(message: Any) -> None:
+        if message.get("status") == 999:
+            raise AppProtocolError("invalid status 999")
+        sent.append(message)
+
+    async def start_only(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": scope["status"], "headers": []})
+
+    with trio.fail_after(5):
+        async with trio_asyncio.open_loop() as loop:
+            # As on trio: the server sees the start, then "returned without completing".
+            await AsyncioApp(start_only, loop)(
+                {"type": "http", "status": 200}, trio_receive, trio_send
+            )
+            assert [m["status"] for m in sent] == [200]
+            with pytest.raises(AppProtocolError, match="999"):
+                await AsyncioApp(start_only, loop)(
+                    {"type": "http", "status": 999}, trio_receive, trio_send
+                )
+    assert len(sent) == 1
+
+
+async def test_held_start_goes_before_a_receive() -> None:
+    """The server must know the response started before the app reads (100-continue)."""
+    events: list[str] = []
+
+    async def trio_receive() -> Any:
+        events.append("receive")
+        return {"type": "http.disconnect"}
+
+    async def trio_send(message: Any) -> None:
+        events.append(message["type"])
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        assert (await receive())["type"] == "http.disconnect"
+
+    with trio.fail_after(5):
+        async with trio_asyncio.open_loop() as loop:
+            await AsyncioApp(app, loop)({"type": "http"}, trio_receive, trio_send)
+    assert events == ["http.response.start", "receive"]
+
+
+async def test_websocket_messages_are_never_held() -> None:
+    events: list[str] = []
+
+    async def trio_receive() -> Any:
+        return {"type": "websocket.connect"}
+
+    async def trio_send(message: Any) -> None:
+        events.append(message["type"])
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        events.append("accept returned")
+        await send({"type": "websocket.close", "code": 1000})
+
+    with trio.fail_after(5):
+        async with trio_asyncio.open_loop() as loop:
+            await AsyncioApp(app, loop)({"type": "websocket"}, trio_receive, trio_send)
+    assert events == ["websocket.accept", "accept returned", "websocket.close"]
+
+
+async def test_concurrent_receive_and_send_do_not_wait_for_each_other() -> None:
+    """A receive() blocked in trio (Starlette's disconnect listener) while another task
+    sends: the send runs beside it, and the blocked receive is cancelled when the app
+    returns, before the app call does."""
+    body_sent = trio.Event()
+    receive_cancelled: list[bool] = []
+
+    async def trio_receive() -> Any:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            receive_cancelled.append(True)
+            raise
+
+    async def trio_send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            body_sent.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        listener = asyncio.create_task(receive())
+        await asyncio.sleep(0)  # the listener's receive() is in trio now
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+        assert not listener.done()
+
+    with trio.fail_after(5):
+        async with trio_asyncio.open_loop() as loop:
+            await AsyncioApp(app, loop)({"type": "http"}, trio_receive, trio_send)
+            assert body_sent.is_set()
+            assert receive_cancelled == [True]
+
+
+async def test_trio_cancel_reaches_calls_in_flight_on_both_paths() -> None:
+    """Cancelling the caller cancels the app's task and both its blocked calls (the one
+    the caller performs and the one beside it); the cancellation is raised once the
+    asyncio task has ended."""
+    blocked = trio.Event()
+    cancelled: list[str] = []
+    app_saw: list[str] = []
+
+    async def trio_receive() -> Any:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append("receive")
+            raise
+
+    async def trio_send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            blocked.set()
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                cancelled.append("send")
+                raise
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        listener = asyncio.create_task(receive())
+        await asyncio.sleep(0)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"x"})
+        except asyncio.CancelledError:
+            app_saw.append("cancelled")
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            raise
+
+    with trio.fail_after(5):
+        async with trio_asyncio.open_loop() as loop:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        AsyncioApp(app, loop), {"type": "http"}, trio_receive, trio_send
+                    )
+                    await blocked.wait()
+                    scope.cancel()
+            assert scope.cancelled_caught
+    assert sorted(cancelled) == ["receive", "send"]
+    assert app_saw == ["cancelled"]
+
+
+async def test_ready_asyncio_callbacks_run_in_one_trio_step() -> None:
+    """open_app_loop's loop runs the asyncio callbacks that are ready together (as
+    asyncio's loop does), not one per trio scheduler batch."""
+    ticks = 0
+    seen: list[int] = []
+
+    async def ticker() -> None:  # counts trio scheduler batches
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        for _ in range(3):
+            asyncio.get_running_loop().call_soon(lambda: seen.append(ticks))
+        await asyncio.sleep(0.01)
+
+    with trio.fail_after(5):
+        async with (
+            open_app_loop(app, Config(app_loop="asyncio")) as bridged,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(ticker)
+            await bridged({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
+            nursery.cancel_scope.cancel()
+    assert len(seen) == 3
+    assert len(set(seen)) == 1, seen
 
 
 # -- lifespan, embedding, process ------------------------------------------------------------

@@ -246,3 +246,45 @@ def test_render_instructions_shows_counts_and_ratios() -> None:
     assert "| hello | 0.82 | 1.00 | - |" in text
     assert "| json | 0.96 | 1.00 | - |" in text
     assert "hypercorn-trio" not in text  # not measured: no ratio table for it
+
+
+def test_metrics_server_is_trioserve_httptools_counting() -> None:
+    # The cost of --metrics is measured against trioserve-httptools: nothing else may differ.
+    counting = bench.ALL_SERVERS["trioserve-httptools-metrics"].command(bench.RAW_APP, 8000)
+    plain = bench.ALL_SERVERS["trioserve-httptools"].command(bench.RAW_APP, 8000)
+    assert counting == [*plain, "--metrics"]
+
+
+H2LOAD_OUTPUT = """\
+finished in 3.00s, 4590.33 req/s, 200.14KB/s
+requests: 13771 total, 13871 started, 13771 done, 13768 succeeded, 2 failed, 1 errored, 0 timeout
+status codes: 13765 2xx, 0 3xx, 2 4xx, 1 5xx
+"""
+
+
+def test_parse_h2load_reads_rate_errors_and_percentiles_from_the_log() -> None:
+    # 100 completed requests of 1..100 ms, and one cut off at the end (status 0).
+    log = "".join(f"1700000000000000\t200\t{ms * 1000}\n" for ms in range(1, 101))
+    log += "1700000000000000\t0\t999999999\n"
+    sample = bench.parse_h2load(H2LOAD_OUTPUT, log)
+    assert sample.rate == 4590.33
+    assert sample.errors == 2 + 1 + 2 + 1  # failed, errored, 4xx, 5xx
+    assert sample.p50_ms == pytest.approx(50.5)
+    assert sample.p99_ms is not None and 99 <= sample.p99_ms <= 100
+
+
+def test_parse_h2load_rejects_output_without_a_summary() -> None:
+    with pytest.raises(ValueError, match="h2load"):
+        bench.parse_h2load("No clients are connected\n", "")
+
+
+def test_http2_rows_compare_h2c_servers_and_trioserve_over_http1() -> None:
+    # The HTTP/1.1 row is the same trioserve command, loaded by h2load --h1.
+    h1 = bench.ALL_SERVERS["trioserve-h1"]
+    assert h1.command(bench.RAW_APP, 8000) == bench.ALL_SERVERS["trioserve"].command(
+        bench.RAW_APP, 8000
+    )
+    assert h1.scenarios == bench.H2_SCENARIOS == {"h2-hello", "h2-json", "h2-stream1m"}
+    asyncio_cmd = bench.ALL_SERVERS["hypercorn-asyncio"].command(bench.RAW_APP, 8000)
+    assert asyncio_cmd[1:3] == ["-k", "asyncio"]
+    assert all(bench.SCENARIOS[name].kind == "h2load" for name in bench.H2_SCENARIOS)

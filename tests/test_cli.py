@@ -598,8 +598,8 @@ UVICORN_OPTIONS: list[tuple[list[str], str | None]] = [
     (["--ws", "auto"], None),
     (["--ws", "none"], None),
     (["--ws", "wsproto"], None),
-    (["--ws", "websockets"], "use --ws wsproto (or auto)"),
-    (["--ws", "websockets-sansio"], "use --ws wsproto (or auto)"),
+    (["--ws", "websockets"], None),  # websockets' sans-IO protocol (protocol.ws_websockets)
+    (["--ws", "websockets-sansio"], "use --ws websockets"),
     (["--ws-max-size", "1000"], None),
     (["--ws-max-queue", "8"], None),
     (["--ws-ping-interval", "10"], None),

@@ -1,7 +1,8 @@
 """HTTP/2 on the wire: an ``h2`` client over real sockets against ``HTTP2Connection``.
 
-Until the edge hands connections over (issue 17's step), the server here is a plain trio
-listener whose handler runs :class:`~trioserve.connection.http2.HTTP2Connection`.
+The server here is a plain trio listener whose handler runs
+:class:`~trioserve.connection.http2.HTTP2Connection` directly (the connection's own
+behaviour); ``test_http2_serving.py`` goes through ``serve()`` (negotiation, transports).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ import base64
 
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
+import hpack
 import pytest
 from h2.errors import ErrorCodes
 
@@ -19,6 +21,7 @@ from trioserve.protocol.http2 import (
     connection_window_increment,
     h2_connection,
     h2c_settings,
+    header_block_pending,
     preface_state,
     request_head,
     response_header_list,
@@ -260,3 +263,57 @@ def test_reset_budget_never_refuses_a_browser_cancelling_now_and_then() -> None:
 
 def test_settings_header_is_base64url() -> None:
     assert base64.urlsafe_b64decode(_settings_header() + b"==")
+
+
+# -- what the server connection buffers for a peer, and the codes it answers with -------------
+
+
+def _server_after_preface(**options: object) -> h2.connection.H2Connection:
+    conn = h2_connection(Config(**options))  # type: ignore[arg-type]
+    conn.initiate_connection()
+    conn.receive_data(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # empty SETTINGS
+    conn.data_to_send()
+    return conn
+
+
+def _goaway_code(conn: h2.connection.H2Connection, data: bytes) -> int:
+    """Feed ``data``; the error code of the GOAWAY the server then queues."""
+    with pytest.raises(h2.exceptions.ProtocolError):
+        conn.receive_data(data)
+    out = conn.data_to_send()
+    assert out[3] == 0x7  # a GOAWAY frame
+    return int.from_bytes(out[13:17], "big")
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+def test_frame_announced_past_the_max_size_is_refused_on_its_header() -> None:
+    conn = _server_after_preface()
+    header_only = (2**24 - 1).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+    assert _goaway_code(conn, header_only) == ErrorCodes.FRAME_SIZE_ERROR
+
+
+def test_open_header_block_is_bounded_in_bytes_by_the_header_list_limit() -> None:
+    conn = _server_after_preface(h2_max_header_list_size=4096, h2_max_inbound_frame_size=65536)
+    assert not header_block_pending(conn)
+    conn.receive_data(_frame(0x1, 0x0, 1, b"\x82"))  # HEADERS without END_HEADERS
+    assert header_block_pending(conn)
+    conn.receive_data(_frame(0x9, 0x0, 1, b"\x00" * 4000))  # 4,001 bytes: within
+    assert _goaway_code(conn, _frame(0x9, 0x0, 1, b"\x00" * 100)) == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_undecodable_header_block_is_a_compression_error() -> None:
+    conn = _server_after_preface()
+    block = b"\xff\xff\x7f"  # an indexed field far past the tables (RFC 9113 §4.3)
+    assert _goaway_code(conn, _frame(0x1, 0x5, 1, block)) == ErrorCodes.COMPRESSION_ERROR
+
+
+def test_header_list_limit_applies_from_the_first_request() -> None:
+    conn = _server_after_preface(h2_max_header_list_size=1024)
+    encoder = hpack.Encoder()
+    block = encoder.encode([*BASE, (b":authority", b"a"), (b"x-big", b"v" * 2000)])
+    assert _goaway_code(conn, _frame(0x1, 0x5, 1, block)) == ErrorCodes.ENHANCE_YOUR_CALM

@@ -24,6 +24,7 @@ from trioserve.protocol.http1_messages import (
     is_websocket_upgrade,
 )
 from trioserve.protocol.http1_parser import HTTPParser, refusal, transfer_coding_problem
+from trioserve.protocol.response_extensions import HTTP_EXTENSIONS
 from trioserve.protocol.response_heads import MAX_CHECKED_FIELDS, MAX_KNOWN_SIZE, ResponseHeads
 from trioserve.protocol.scope import ASGI_VERSION, split_target
 
@@ -179,7 +180,7 @@ def test_scope_has_every_key_with_exact_values() -> None:
         "client": ("1.2.3.4", 5678),
         "server": ("127.0.0.1", 8000),
         "state": {"db": "x"},
-        "extensions": {},
+        "extensions": HTTP_EXTENSIONS,
     }
     assert ASGI_VERSION == {"version": "3.0", "spec_version": "2.4"}
 

@@ -32,6 +32,7 @@ from wire import (
 
 from trioserve import Server, serve
 from trioserve.connection.stream import READ_BUFFER_SIZE
+from trioserve.protocol.response_extensions import HTTP_EXTENSIONS
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 
@@ -515,7 +516,7 @@ def expected_scope(client: Any, server: Any) -> dict[str, Any]:
         "client": client,
         "server": server,
         "state": {"db": "connection"},
-        "extensions": {},
+        "extensions": HTTP_EXTENSIONS,
     }
 
 

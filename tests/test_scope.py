@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from trioserve.protocol.proxy_headers import TrustedHosts
+from trioserve.protocol.response_extensions import HTTP_EXTENSIONS
 from trioserve.protocol.scope import ConnectionFacts, http_scope, websocket_scope
 
 PROXY = TrustedHosts("10.0.0.1")
@@ -32,7 +33,7 @@ def test_plain_facts_give_the_bare_scope() -> None:
     )
     assert scope["client"] == ("10.0.0.1", 5000)  # forwarding headers of an untrusted peer
     assert scope["scheme"] == "http"
-    assert scope["extensions"] == {}
+    assert scope["extensions"] == HTTP_EXTENSIONS
     assert scope["state"] == {"db": 1}
 
 
@@ -40,7 +41,7 @@ def test_tls_and_trusted_proxy_facts_complete_every_scope() -> None:
     facts = ConnectionFacts(("10.0.0.1", 5000), ("10.0.0.2", 443), "https", "", TLS, PROXY)
     assert not facts.plain
     scope = http_scope(b"GET", b"/", b"1.1", HEADERS, facts, None)
-    assert scope["extensions"] == {"tls": TLS}
+    assert scope["extensions"] == {**HTTP_EXTENSIONS, "tls": TLS}
     assert scope["client"] == ("203.0.113.7", 0)
     assert scope["scheme"] == "https"
     assert "state" not in scope

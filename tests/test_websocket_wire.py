@@ -42,7 +42,8 @@ from wsproto.extensions import PerMessageDeflate
 from trioserve import ClientDisconnected
 from trioserve.connection.websocket import CLOSE_TIMEOUT
 
-pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
+# Every test on h11 and httptools, and on both WebSocket engines (wsproto, websockets).
+pytestmark = pytest.mark.usefixtures("both_parsers", "both_ws_engines")
 
 KEY = base64.b64encode(b"0123456789abcdef")
 UPGRADE_HEADERS = [
@@ -382,7 +383,7 @@ async def test_ws_none_serves_upgrade_requests_as_plain_http() -> None:
     assert app_scope["type"] == "http"
 
 
-@pytest.mark.parametrize("ws", ["auto", "wsproto"])
+@pytest.mark.parametrize("ws", ["auto", "wsproto", "websockets"])
 @pytest.mark.parametrize(
     "request_line",
     [b"POST /ws HTTP/1.1", b"PUT /ws HTTP/1.1", b"GET /ws HTTP/1.0"],
@@ -569,6 +570,26 @@ async def test_client_close_code_and_reason_reach_the_app() -> None:
             assert await ws.expect_eof() == b""  # then the server closes TCP
         with trio.fail_after(5):
             await app.done.wait()
+    assert app.disconnect == {"type": "websocket.disconnect", "code": 4001, "reason": "bye"}
+
+
+async def test_messages_and_a_close_in_one_write_are_all_answered_before_the_close() -> None:
+    # The peer's Close is answered when the app has read what came before it: its echoes
+    # of those messages still leave (websockets alone would answer the Close at once).
+    app = Recorder(echo_app)
+    async with run_server(app) as server:
+        ws, _ = await RawWS.open(server.addresses[0])
+        async with ws.stream:
+            await ws.stream.send_all(
+                frame(0x1, b"one") + frame(0x2, b"two") + frame(0x8, b"\x0f\xa1bye")
+            )
+            assert await ws.read_message() == "one"
+            assert await ws.read_message() == b"two"
+            assert await ws.read_close() == (4001, "bye")
+            assert await ws.expect_eof() == b""
+        with trio.fail_after(5):
+            await app.done.wait()
+    assert app.error is None
     assert app.disconnect == {"type": "websocket.disconnect", "code": 4001, "reason": "bye"}
 
 

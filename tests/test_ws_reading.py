@@ -24,6 +24,8 @@ from trioserve.connection.websocket import CLOSE_TIMEOUT
 from trioserve.connection.ws_outbox import OUTBOX_HIGH_WATER
 from trioserve.connection.ws_reader import IDLE_READ_DELAY
 
+pytestmark = pytest.mark.usefixtures("both_ws_engines")  # every test on wsproto and websockets
+
 
 async def read_whole_message(ws: RawWS) -> str | bytes:
     """A message of any size (RawWS.read_message wants it in one wsproto event)."""

@@ -83,10 +83,10 @@ UVICORN_ONLY_OPTIONS: Final = (
 )
 # (option, value) → advice, for values of trioserve's own choice options.
 UVICORN_ONLY_VALUES: Final[dict[str, dict[str, str]]] = {
-    "ws": dict.fromkeys(
-        ("websockets", "websockets-sansio"),
-        "trioserve implements WebSocket with wsproto: use --ws wsproto (or auto)",
-    ),
+    "ws": {
+        "websockets-sansio": "use --ws websockets: trioserve drives websockets' sans-IO "
+        "protocol (what uvicorn's websockets-sansio is)",
+    },
     "http": {"zttp": "use --http httptools (the fast C parser) or --http h11"},
 }
 

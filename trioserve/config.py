@@ -23,7 +23,9 @@ from .config_checks import (
     check_positive,
     check_range,
     check_simple_types,
+    check_ws_engine,
     parse_header,
+    websockets_installed,
 )
 from .errors import ConfigError
 from .metrics import require_prometheus_client
@@ -31,7 +33,8 @@ from .metrics import require_prometheus_client
 LOG_LEVELS: Final = ("critical", "error", "warning", "info", "debug", "trace")
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 LifespanMode = Literal["auto", "on", "off"]
-WSMode = Literal["auto", "wsproto", "none"]
+WSMode = Literal["auto", "wsproto", "websockets", "none"]
+WS_MODES: Final = ("auto", "wsproto", "websockets", "none")
 # No "auto": guessing from the app's imports is process-global (sys.modules), misses lazy
 # imports and cannot tell an optional aiohttp from a required asyncpg; the app_call hint
 # names --app-loop asyncio when an app fails for want of asyncio.
@@ -337,7 +340,11 @@ class Config:
     # -- WebSocket ------------------------------------------------------------------------
     ws: WSMode = field(
         default="auto",
-        metadata=_opt("WebSocket protocol implementation.", choices=("auto", "wsproto", "none")),
+        metadata=_opt(
+            "WebSocket protocol implementation: auto (websockets when installed, else "
+            "wsproto), wsproto, websockets (its sans-IO protocol, C speedups) or none.",
+            choices=WS_MODES,
+        ),
     )
     ws_max_size: int = field(
         default=16 * 1024 * 1024, metadata=_opt("WebSocket max size message in bytes.")
@@ -430,7 +437,8 @@ class Config:
             if value is not None:
                 check_positive(name, value, allow_zero=True)
         check_choice("lifespan", self.lifespan, ("auto", "on", "off"))
-        check_choice("ws", self.ws, ("auto", "wsproto", "none"))
+        check_choice("ws", self.ws, WS_MODES)
+        check_ws_engine(self.ws)
         check_choice("app_loop", self.app_loop, ("trio", "asyncio"))
         check_choice("interface", self.interface, INTERFACES)
         check_choice("http", self.http, ("auto", "h11", "httptools"))
@@ -567,6 +575,13 @@ class Config:
 
 def _httptools_installed() -> bool:
     return importlib.util.find_spec("httptools") is not None
+
+
+def ws_implementation(choice: str) -> Literal["wsproto", "websockets"]:
+    """The engine ``--ws`` names, ``auto`` resolved (websockets when it is installed)."""
+    if choice == "websockets" or (choice == "auto" and websockets_installed()):
+        return "websockets"
+    return "wsproto"
 
 
 def http_implementation(choice: str) -> Literal["h11", "httptools"]:

@@ -8,6 +8,7 @@ Kept apart from ``config.py`` so that the field list there stays readable.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import re
 from typing import Any, Final
@@ -81,3 +82,26 @@ def check_positive(name: str, value: object, *, allow_zero: bool = False) -> Non
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+# The oldest websockets whose sans-IO protocol ``protocol.ws_websockets`` drives.
+WEBSOCKETS_MIN_VERSION: Final = 14
+
+
+def websockets_installed() -> bool:
+    """Whether a websockets new enough for ``--ws websockets`` is installed."""
+    try:
+        version = importlib.metadata.version("websockets")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    major = version.split(".", 1)[0]
+    return major.isdigit() and int(major) >= WEBSOCKETS_MIN_VERSION
+
+
+def check_ws_engine(ws: str) -> None:
+    """``--ws websockets`` needs websockets installed (``auto`` falls back to wsproto)."""
+    if ws == "websockets" and not websockets_installed():
+        raise ConfigError(
+            f"--ws websockets needs websockets>={WEBSOCKETS_MIN_VERSION}: "
+            "pip install websockets (trioserve's [fast] extra)"
+        )

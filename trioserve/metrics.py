@@ -19,11 +19,12 @@ worker restarts); its gauges go with it.
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterable, Mapping
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
+from .access_format import CLIENT_CLOSED_REQUEST
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -53,8 +54,14 @@ DURATION_BUCKETS: Final = (
 KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 )
-# status // 100 -> label; index 0 is a request that got no response (the client left first).
+# status -> its class's label, one dict look-up per request. A request that got no response
+# is "none": the client left first (the access log's 499, CLIENT_CLOSED_REQUEST, never sent)
+# or no status was recorded (None).
 STATUS_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+_STATUS_CLASS: Final[dict[int | None, str]] = {
+    status: "none" if status == CLIENT_CLOSED_REQUEST else STATUS_CLASSES[status // 100]
+    for status in range(100, 600)
+}
 PROTOCOL_ERROR_STATUSES: Final = (400, 408, 413, 414, 431, 501, 505)
 
 Kind = Literal["counter", "gauge"]
@@ -115,18 +122,38 @@ def require_prometheus_client() -> None:
 class ServerMetrics:
     """The counters of one server, kept as plain numbers and incremented in place.
 
-    The connection code adds to the attributes directly (``metrics.sent_bytes += n``) and
-    calls :meth:`request_done` once per request, at its access-log point.
+    The connection code adds to the attributes directly (``metrics.sent_bytes += n``),
+    each hook behind one ``if metrics is not None`` (metrics off cost nothing more):
+
+    * ``connection.stream.ConnectionStream``: ``received_bytes`` and ``sent_bytes`` at
+      every read and write (what HTTP/1.1 and WebSocket read and write: after TLS
+      decryption, without a PROXY header; ``connection.http1`` adds the first bytes
+      ``connection.edge`` read for it);
+    * ``server.serve_connection``: ``connections`` at accept, and
+      ``connections_setting_up`` until the connection has joined the live ones (PROXY
+      header, TLS handshake, HTTP/2 preface); ``connection.edge``:
+      ``tls_handshake_failures``;
+    * ``connection.request_cycle.RequestCycle``: ``requests_in_flight`` +1 when a request
+      reaches the app, and :meth:`request_done` (which takes it off again) where its
+      response completes, the access-log point;
+    * ``connection.http1``: ``keepalive_reuses``, ``concurrency_rejections`` and
+      :meth:`protocol_error`; ``connection.websocket``: ``websocket_sessions`` and
+      ``websockets_in_flight``.
+
+    Open connections are not counted per connection: they are the server's set of live
+    connections (``live_connections``, which its drain needs anyway) plus those still in
+    set-up, read at scrape time.
     """
 
     __slots__ = (
         "concurrency_rejections",
         "connections",
-        "connections_open",
+        "connections_setting_up",
         "draining",
         "duration_buckets",
         "duration_sum",
         "keepalive_reuses",
+        "live_connections",
         "protocol_errors",
         "received_bytes",
         "requests",
@@ -137,7 +164,7 @@ class ServerMetrics:
         "websockets_in_flight",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, live_connections: Sized = ()) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
         self.duration_sum = 0.0
@@ -145,7 +172,8 @@ class ServerMetrics:
         self.websocket_sessions = 0
         self.websockets_in_flight = 0
         self.connections = 0
-        self.connections_open = 0
+        self.connections_setting_up = 0
+        self.live_connections = live_connections
         self.keepalive_reuses = 0
         self.received_bytes = 0
         self.sent_bytes = 0
@@ -157,17 +185,18 @@ class ServerMetrics:
     def request_done(
         self, method: str, http_version: str, status: int | None, duration: float
     ) -> None:
-        """Count one answered request (or one the client left before its response)."""
-        if method not in KNOWN_METHODS:
-            method = "other"
+        """Count one answered request (or one the client left before its response): its
+        response is complete, so it is no longer in ``requests_in_flight``."""
+        # (Once per request with metrics on: each step here is counted in instructions.)
+        self.requests_in_flight -= 1
         key = (
-            method,
-            STATUS_CLASSES[status // 100 if status and status < 600 else 0],
+            method if method in KNOWN_METHODS else "other",
+            _STATUS_CLASS.get(status, "none"),
             http_version,
         )
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        self.duration_buckets[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.duration_buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.duration_sum += duration
 
     def protocol_error(self, status: int) -> None:
@@ -184,12 +213,12 @@ class ServerMetrics:
             cumulative += count
             out[f"{HISTOGRAM}|bucket|{bound}"] = cumulative
         out[f"{HISTOGRAM}|sum"] = self.duration_sum
+        out["connections_open"] = self.connections_setting_up + len(self.live_connections)
         for name in (
             "requests_in_flight",
             "websocket_sessions",
             "websockets_in_flight",
             "connections",
-            "connections_open",
             "keepalive_reuses",
             "received_bytes",
             "sent_bytes",

@@ -34,6 +34,7 @@ from .asgi_types import ASGIApp
 from .config import Config, http_implementation
 from .connection.edge import prepare_connection
 from .connection.http1 import HTTPConnection
+from .connection.http2 import HTTP2Connection
 from .connection.listeners import (
     BoundSocket,
     MemoryListener,
@@ -271,8 +272,7 @@ async def _serve(
             else:
                 listeners = [memory]
             server = Server(config, bound, memory=memory)
-            if config.collects_metrics:
-                server.metrics = ServerMetrics()
+            server.metrics = state.metrics
             state.on_max_requests = _max_requests_reached(server)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
@@ -439,6 +439,12 @@ async def serve_connection(
     """
     if state.trace:
         logger.log(TRACE_LOG_LEVEL, "%s - HTTP connection made", peer_name(client))
+    metrics = state.metrics
+    if metrics is not None:
+        metrics.connections += 1
+        # Open from now on; once set up, it counts as one of state.connections (it joins
+        # them in its run(), with no checkpoint in between).
+        metrics.connections_setting_up += 1
     try:
         server = local_address(stream)
     except OSError:  # the socket is unusable already
@@ -446,12 +452,25 @@ async def serve_connection(
         prepared = None
     else:
         prepared = await prepare_connection(stream, client, server, state.edge)
+    finally:
+        if metrics is not None:
+            metrics.connections_setting_up -= 1
     if prepared is None:  # unusable socket, no valid PROXY header, failed TLS handshake
         if state.trace:
             logger.log(TRACE_LOG_LEVEL, "%s - HTTP connection lost", peer_name(client))
         return
-    conn = HTTPConnection(prepared.stream, state, prepared.facts, prepared.leftover)
+    if prepared.http2:  # (ALPN h2, or the prior-knowledge preface: connection.edge)
+        h2_conn = HTTP2Connection(
+            prepared.stream, state, prepared.facts, received=prepared.leftover
+        )
+        del prepared
+        if state.draining:
+            h2_conn.drain()
+        await h2_conn.run()  # (logs a bug of its own rather than raising it)
+        return
+    conn = HTTPConnection(prepared.stream, state, prepared.facts)
+    serving = conn.run(connections, prepared.leftover)
     del prepared  # (not kept for the connection's whole life)
     if state.draining:
         conn.drain()  # (before run(): its first request is answered with Connection: close)
-    await conn.run(connections)  # (logs a bug of its own rather than raising it)
+    await serving  # (logs a bug of its own rather than raising it)

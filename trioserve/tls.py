@@ -90,6 +90,10 @@ def load_tls(config: Config) -> TLSSettings | None:
             context.set_ciphers(config.ssl_ciphers)
         except ssl.SSLError:
             raise ConfigError(f"ssl_ciphers: no cipher matches {config.ssl_ciphers!r}") from None
+    if config.http2:
+        # ALPN (RFC 7301): an HTTP/2 client picks h2, any other keeps HTTP/1.1 on the same
+        # port (``connection.edge`` reads the choice after the handshake).
+        context.set_alpn_protocols(["h2", "http/1.1"])
     cipher_ids = {c["name"]: c["id"] & 0xFFFF for c in context.get_ciphers()}
     return TLSSettings(context, _first_pem(certfile), cipher_ids)
 

@@ -11,15 +11,23 @@ Theory of operation::
 
     trio task (RequestCycle.run / lifespan / ws)      asyncio task on the trio-asyncio loop
     ─────────────────────────────────────────────      ──────────────────────────────────────
-    call_app(AsyncioApp) ── run_aio_coroutine ───────► app(scope, bridge.receive, bridge.send)
-    └── nursery "calls"                                    │ await receive()
-        └── receive() as a short trio task ◄───────────────┘ (an asyncio Future per call)
+    call_app(AsyncioApp) ── loop.create_task ────────► app(scope, bridge.receive, bridge.send)
+    _CallBridge.serve: sleeps until handed a call          │ await receive() / send()
+    ├── performs it itself, resolves the Future ◄──────────┘ (an asyncio Future per call)
+    └── returns (or raises) when the app's task has ended
+
+Per request this costs one asyncio task and, per ``receive()``/``send()``, one trio
+wake-up and one asyncio wake-up: no trio task, no nursery. An HTTP response's
+``http.response.start`` does not cross alone (it goes with the first body), so a
+hello-world response crosses once. :func:`run_ready_callbacks_together` makes the loop run
+all ready asyncio callbacks in one trio step. Measured in bench/RESULTS-app-loop.md.
 
 * Inside the app, ``asyncio.get_running_loop()`` works and sniffio reports ``"asyncio"``,
   so anyio-based frameworks (Starlette, FastAPI) select their asyncio backend.
 * trio → asyncio cancellation: when the trio task awaiting the app is cancelled (graceful
-  shutdown deadline, hard stop), trio-asyncio cancels the asyncio task and waits for it to
-  finish, then raises ``trio.Cancelled``: structured concurrency holds across the bridge.
+  shutdown deadline, hard stop), the bridge cancels the asyncio task and the calls it has
+  in flight in trio, waits for the task to finish, then raises ``trio.Cancelled``:
+  structured concurrency holds across the bridge.
 * asyncio → trio cancellation: when the app cancels an awaited ``receive()``/``send()``
   (``asyncio.timeout``, a Starlette task group reacting to ``http.disconnect``), the trio
   task running that call is cancelled through its cancel scope. A message trio had
@@ -141,17 +149,14 @@ def accept_any_executor(loop: Any, trio_executor: type[Executor]) -> None:
 def run_ready_callbacks_together(loop: Any) -> None:
     """Make the trio-asyncio loop run every ready asyncio callback in one trio step.
 
-    trio-asyncio 0.16's main loop (``_main_loop``) takes one callback (``Handle``) at a
-    time from its queue, and each take is a trio checkpoint: one trip through trio's
-    scheduler, with a cancel scope (``move_on_after``) around it, per asyncio callback.
-    With many connections the loop task thus runs *one* asyncio callback per trio batch
-    however many are ready, and each request's two or three callbacks cost two or three
-    scheduler batches (measured: 40 % of an ``--app-loop asyncio`` hello's CPU; see
-    bench/RESULTS-app-loop.md). Here, after each take that waited, the callbacks that
-    were already queued at that moment are run too, without a checkpoint between them,
-    as asyncio's own loop runs its ready queue once per iteration: callbacks those add
-    wait for the next step, so an asyncio task that never awaits anything real
-    (``while True: await asyncio.sleep(0)``) still lets trio run between steps.
+    trio-asyncio 0.16's main loop takes one callback (``Handle``) at a time from its
+    queue, and each take is a trio checkpoint under a ``move_on_after`` scope: with many
+    connections the loop task runs *one* asyncio callback per trio scheduler batch, however
+    many are ready (see bench/RESULTS-app-loop.md). Here, after each take that waited, the
+    callbacks already queued at that moment run too, without a checkpoint between them, as
+    asyncio's own loop runs its ready queue once per iteration: callbacks those add wait
+    for the next step, so an asyncio task that never awaits anything real still lets trio
+    run between steps.
 
     Only this one loop instance changes; a trio-asyncio without the private
     ``_main_loop_one`` and ``_q_recv`` (another version) is left as it is.
@@ -173,6 +178,15 @@ def run_ready_callbacks_together(loop: Any) -> None:
 
     main_loop_one.runs_ready_together = True  # type: ignore[attr-defined]
     loop._main_loop_one = main_loop_one
+    if not loop.get_debug():
+        # trio-asyncio checks every callback given to call_soon() (is it a coroutine
+        # function? inspect's slow path, twice per request); asyncio's own loop does so
+        # only in debug mode, and so does this one now.
+        loop._check_callback = _no_check
+
+
+def _no_check(callback: object, method: str) -> None:
+    """``BaseEventLoop._check_callback`` outside debug mode, as asyncio's loop has it."""
 
 
 class AsyncioApp:
@@ -209,10 +223,8 @@ class _Crossing:
 
     __slots__ = ("future", "held", "message", "scope")
 
-    def __init__(
-        self, message: Message | None, held: list[Message], future: asyncio.Future[Any]
-    ) -> None:
-        self.message = message
+    def __init__(self, message: Any, held: list[Message], future: asyncio.Future[Any]) -> None:
+        self.message: Message | None = message
         self.held = held  # sends held back until this crossing, done first (in order)
         self.future = future  # what the app's asyncio task awaits
         self.scope: trio.CancelScope | None = None  # set while trio performs it
@@ -225,8 +237,7 @@ class _CallBridge:
     app's asyncio task runs, it sleeps until the app hands it a ``receive()``/``send()``,
     performs that call itself, in the request's own task, and resolves the asyncio future
     the app awaits. A crossing thus costs one trio wake-up and one asyncio wake-up, with no
-    task spawned on either side and no nursery per app call (whose exit alone would cost
-    the request a trip through trio's scheduler).
+    task spawned on either side and no nursery (whose exit alone costs a scheduler trip).
 
     Only a call made while the servant is already busy with another (Starlette awaits
     ``receive()`` for a disconnect while it streams with ``send()``) runs as a trio task
@@ -239,11 +250,10 @@ class _CallBridge:
     stopped reading. Cancelling the asyncio side cancels the trio call through its cancel
     scope.
 
-    For an HTTP call, ``http.response.start`` does not cross on its own: the server sends
-    the head with the first body chunk anyway, so the start is held back and goes with the
-    app's next ``receive()``/``send()``, or when the app's task ends (a hello-world
-    response crosses once, not twice). An error the start causes (an invalid header) is
-    raised by that next call, or by the app call itself.
+    For an HTTP call, ``http.response.start`` does not cross on its own (the server sends
+    the head with the first body chunk anyway): it goes with the app's next call, or when
+    its task ends. An error it causes (an invalid header) is raised by that next call, or
+    by the app call itself.
     """
 
     __slots__ = (
@@ -316,7 +326,8 @@ class _CallBridge:
             if self._outcome is not None:
                 if call is not None:  # a leftover task's, not started: cancelled
                     self._next = None
-                    self._drop(call)
+                    self._held[:0] = call.held
+                    call.future.cancel()
                 break
             if call is not None:
                 try:
@@ -467,10 +478,6 @@ class _CallBridge:
                 call.scope.cancel()
             else:  # not started yet: _perform skips it
                 call.future.cancel()
-
-    def _drop(self, call: _Crossing) -> None:
-        self._held[:0] = call.held
-        call.future.cancel()
 
     # -- the asyncio side (runs in the app's task) -----------------------------------------
 

@@ -14,9 +14,15 @@ is repeated per request:
    trusted proxy (``--forwarded-allow-ips``), written down once in the connection's frozen
    ``protocol.scope.ConnectionFacts``; the per-request work then is one attribute check,
    plus header parsing only for trusted peers.
+4. ``--http2``: which HTTP the connection speaks. Over TLS the client chose with ALPN
+   (``h2``); on cleartext the first bytes tell (:func:`~trioserve.protocol.http2.preface_state`:
+   HTTP/2 prior knowledge starts with ``PRI * HTTP/2.0``). They are read once per
+   connection, never per request, and handed on as ``leftover``. (``Upgrade: h2c`` is
+   an HTTP/1.1 request, so ``connection.http1`` honours it.)
 
-The result, :class:`Prepared`, is handed to ``connection.http1.HTTPConnection``, which
-feeds ``leftover`` to its own parser. trio's resource errors are caught here too (the PROXY
+The result, :class:`Prepared`, is handed to ``connection.http1.HTTPConnection`` (or
+``connection.http2.HTTP2Connection`` when ``http2`` is set), which feeds ``leftover`` to
+its own parser. trio's resource errors are caught here too (the PROXY
 header read, the handshake): everything after goes through ``connection.stream``.
 
 Steps 1 and 2 together must finish within ``--timeout-request-header``. With
@@ -34,6 +40,8 @@ import trio
 
 from ..config import Config
 from ..message_trace import peer_name
+from ..metrics import ServerMetrics
+from ..protocol.http2 import preface_state
 from ..protocol.proxy_headers import TrustedHosts
 from ..protocol.proxy_protocol import ProxyProtocolError, parse_proxy_header
 from ..protocol.scope import ConnectionFacts
@@ -42,6 +50,7 @@ from ..tls import TLSSettings, load_tls, tls_extension
 logger = logging.getLogger(__name__)
 
 PROXY_HEADER_READ_SIZE: Final = 4096
+PREFACE_READ_SIZE: Final = 64 * 1024  # (the preface and what follows it: the first frames)
 
 Client = tuple[str, int] | None
 ServerAddress = tuple[str, int | None] | None
@@ -54,9 +63,18 @@ class EdgeSettings:
         ConfigError: TLS files or password are wrong (see :func:`trioserve.tls.load_tls`).
     """
 
-    __slots__ = ("proxy_protocol", "root_path", "timeout", "tls", "trusted")
+    __slots__ = (
+        "http2",
+        "idle_timeout",
+        "metrics",
+        "proxy_protocol",
+        "root_path",
+        "timeout",
+        "tls",
+        "trusted",
+    )
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: ServerMetrics | None = None) -> None:
         self.tls: TLSSettings | None = load_tls(config)
         self.trusted: TrustedHosts | None = (
             TrustedHosts(config.forwarded_allow_ips) if config.proxy_headers else None
@@ -64,6 +82,9 @@ class EdgeSettings:
         self.proxy_protocol = config.proxy_protocol
         self.timeout = config.timeout_request_header
         self.root_path = config.root_path
+        self.http2 = config.http2
+        self.idle_timeout = config.timeout_keep_alive  # (for the first bytes, as HTTP/1.1)
+        self.metrics = metrics  # (counts TLS handshake failures)
 
 
 class Prepared(NamedTuple):
@@ -72,6 +93,7 @@ class Prepared(NamedTuple):
     stream: trio.abc.Stream  # the accepted stream, or the SSLStream around it
     facts: ConnectionFacts
     leftover: bytes  # bytes read past the PROXY header (plain HTTP only): the head's start
+    http2: bool = False  # the client speaks HTTP/2 (ALPN h2, or the prior-knowledge preface)
 
 
 class _SetUp:
@@ -97,6 +119,7 @@ async def prepare_connection(
     """
     leftover = b""
     tls = None
+    http2 = False
     if edge.proxy_protocol or edge.tls is not None:
         prepared = _SetUp(stream, client, server)
         ok = False
@@ -104,10 +127,13 @@ async def prepare_connection(
             with trio.move_on_after(edge.timeout) as timeout:
                 ok = await _set_up(prepared, edge)
             if timeout.cancelled_caught:
+                handshaking = prepared.stream is not stream
+                if handshaking and edge.metrics is not None:
+                    edge.metrics.tls_handshake_failures += 1
                 logger.info(
                     "%s - connection set-up (%s) timed out, closing",
                     peer_name(client),
-                    "PROXY header" if prepared.stream is stream else "TLS handshake",
+                    "TLS handshake" if handshaking else "PROXY header",
                 )
         finally:
             if not ok:
@@ -116,6 +142,14 @@ async def prepare_connection(
             return None
         stream, client, server = prepared.stream, prepared.client, prepared.server
         leftover, tls = prepared.leftover, prepared.tls
+        if tls is not None:
+            http2 = tls_alpn(stream) == "h2"
+    if edge.http2 and tls is None:
+        sniffed = await _sniff_preface(stream, leftover, client, edge)
+        if sniffed is None:
+            await trio.aclose_forcefully(stream)
+            return None
+        leftover, http2 = sniffed
     trusted = edge.trusted
     if trusted is not None:
         host = client[0] if client is not None else None
@@ -129,7 +163,47 @@ async def prepare_connection(
         tls,
         trusted,
     )
-    return Prepared(stream, facts, leftover)
+    return Prepared(stream, facts, leftover, http2)
+
+
+def tls_alpn(stream: trio.abc.Stream) -> str | None:
+    """The protocol the client chose by ALPN on a TLS stream (None: none, or not TLS)."""
+    if isinstance(stream, trio.SSLStream):
+        return stream.selected_alpn_protocol()  # type: ignore[no-any-return]
+    return None
+
+
+async def _sniff_preface(
+    stream: trio.abc.Stream, received: bytes, client: Client, edge: EdgeSettings
+) -> tuple[bytes, bool] | None:
+    """Read until the first bytes tell HTTP/2 prior knowledge from HTTP/1.1.
+
+    Returns what was read (with ``received``, the bytes after a PROXY header) and whether
+    it is HTTP/2, or None when the client left or stayed silent first. The wait for the
+    first byte is the keep-alive timeout (what HTTP/1.1 gives a fresh connection); a
+    preface begun must be completed within ``--timeout-request-header``. Usually one read,
+    which HTTP/1.1 would have made anyway.
+    """
+    data = received
+    deadline = trio.current_time() + (edge.timeout if data else edge.idle_timeout)
+    while True:
+        decided = preface_state(data) if data else "undecided"
+        if decided != "undecided":
+            return data, decided == "h2"
+        with trio.move_on_at(deadline):
+            try:
+                more = await stream.receive_some(PREFACE_READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                more = b""
+            if not more:
+                # Closed before a request: HTTP/1.1 would have said nothing either.
+                return None
+            if not data:
+                deadline = trio.current_time() + edge.timeout
+            data += more
+            continue
+        logger.debug("%s - no request received in time, closing", peer_name(client))
+        return None
 
 
 async def _set_up(prepared: _SetUp, edge: EdgeSettings) -> bool:
@@ -148,6 +222,8 @@ async def _set_up(prepared: _SetUp, edge: EdgeSettings) -> bool:
         await ssl_stream.do_handshake()
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         _log_handshake_failure(prepared.client, exc)
+        if edge.metrics is not None:
+            edge.metrics.tls_handshake_failures += 1
         return False
     prepared.tls = tls_extension(ssl_stream, tls)
     return True

@@ -43,6 +43,7 @@ from typing import Any, Final
 import h11
 import trio
 
+from ..errors import ClientDisconnected
 from ..message_trace import TRACE_LOG_LEVEL
 from ..protocol.http1_messages import (
     ResponseWriter,
@@ -50,9 +51,10 @@ from ..protocol.http1_messages import (
     error_response,
     head_has_obs_fold,
     header_list,
-    is_websocket_upgrade,
+    upgrade_offered,
 )
 from ..protocol.http1_parser import refusal
+from ..protocol.http2 import CONNECTION_SPECIFIC, H2C_SWITCHING, RequestHead, h2c_settings
 from ..protocol.scope import ConnectionFacts, http_scope
 from .http1_body import HTTP1Body
 from .request_cycle import RequestCycle, run_until_first_wait
@@ -79,7 +81,9 @@ class HTTPConnection(HTTP1Body):
         stream: the accepted stream (after ``connection.edge``); this object closes it.
         state: the per-server shared state.
         facts: the connection's facts (client, server, scheme, TLS, trusted proxy).
-        leftover: bytes already read past a PROXY header: the start of the first head.
+
+    The bytes ``connection.edge`` already read (after a PROXY header, or to tell HTTP/1.1
+    from HTTP/2) are handed to :meth:`run`: the start of the first head.
     """
 
     # (Slots: an idle keep-alive connection then costs no instance __dict__. The stream,
@@ -91,15 +95,14 @@ class HTTPConnection(HTTP1Body):
         stream: trio.abc.Stream,
         state: ServerState,
         facts: ConnectionFacts,
-        leftover: bytes = b"",
     ) -> None:
         parser = state.new_parser()
         super().__init__(
-            ConnectionStream(stream, state.read_buffer, facts, parser.send_failed), state, parser
+            ConnectionStream(stream, state.read_buffer, facts, parser.send_failed, state.metrics),
+            state,
+            parser,
         )
         self.facts = facts
-        if leftover:
-            parser.receive_data(leftover)
         self.idle = False
         self._timeout_scope: trio.CancelScope | None = None
         self._upgraded_to: Any = None
@@ -148,8 +151,11 @@ class HTTPConnection(HTTP1Body):
         """No request has been received on this connection yet."""
         return self.parser.their_http_version is None
 
-    async def run(self, tasks: trio.Nursery) -> None:
+    async def run(self, tasks: trio.Nursery, leftover: bytes = b"") -> None:
         """Serve requests until the connection ends, or until an app call waits.
+
+        ``leftover``: bytes ``connection.edge`` read already, the start of the first head
+        (its ``--timeout-request-header`` runs from now, as for bytes read here).
 
         ``tasks`` is the nursery of the server's connection tasks (this one among them). An
         app call that waits for anything hands the serving over to a new task there (see
@@ -160,9 +166,16 @@ class HTTPConnection(HTTP1Body):
         """
         self.state.connections.add(self)
         self._holders = 1
+        if leftover:
+            self.parser.receive_data(leftover)
+            metrics = self.state.metrics
+            if metrics is not None:  # (read by connection.edge, not by the stream)
+                metrics.received_bytes += len(leftover)
+        serving = self._serve_requests(tasks, leftover)
+        del leftover  # (not kept while the connection lives)
         with self._bugs_logged():
             try:
-                await self._serve_requests(tasks)
+                await serving
             finally:
                 await self._release()
 
@@ -194,15 +207,19 @@ class HTTPConnection(HTTP1Body):
 
     # -- the request loop -----------------------------------------------------------------
 
-    async def _serve_requests(self, tasks: trio.Nursery) -> None:
+    async def _serve_requests(self, tasks: trio.Nursery, received: bytes = b"") -> None:
+        # ``received``: what was read and fed to the parser before (connection.edge's).
         # (A task serving a connection checkpoints before each read, here or at the end of
         # each request: a hard stop never lets it start another app call.)
         await trio.lowlevel.checkpoint_if_cancelled()
         config = self.state.config
         conn = self.parser
+        metrics = self.state.metrics
+        # (Counted: whether the next request reuses the connection, i.e. follows another.)
+        reused = metrics is not None and not self._fresh
         with trio.CancelScope() as timeout:
             self._timeout_scope = timeout
-            received = b""  # what the keep-alive wait read: the start of the next head
+            # (Below, what the keep-alive wait read: the start of the next head.)
             while True:
                 head = await self._read_head(timeout, config.timeout_request_header, received)
                 if head is None:
@@ -221,6 +238,10 @@ class HTTPConnection(HTTP1Body):
                 received = b""
                 if timeout.deadline != math.inf:
                     timeout.deadline = math.inf
+                if metrics is not None:
+                    if reused:
+                        metrics.keepalive_reuses += 1
+                    reused = True
                 reusable = await self._handle_request(*head, tasks)
                 # (Not kept while the connection waits for its next request: the last
                 # request's event and header list, ~0.6 KiB per idle connection.)
@@ -313,6 +334,8 @@ class HTTPConnection(HTTP1Body):
     async def _reject(self, status: int, reason: str, *, method: bytes = b"GET") -> None:
         """Answer a malformed request head with ``status`` and close (peer's fault)."""
         logger.info("%s - invalid HTTP request: %s (%d)", self.stream.peer, reason, status)
+        if self.state.metrics is not None:
+            self.state.metrics.protocol_error(status)
         await self.answer_and_close(status, method=method)
 
     async def answer_and_close(
@@ -350,10 +373,18 @@ class HTTPConnection(HTTP1Body):
             logger.warning(
                 "%s - concurrency limit %d reached, answering 503", self.stream.peer, limit
             )
+            if state.metrics is not None:
+                state.metrics.concurrency_rejections += 1
             await self.answer_and_close(503, method=request.method)
             return False
-        if state.config.ws != "none" and is_websocket_upgrade(request, headers):
-            return await self._upgrade(request, headers)
+        config = state.config
+        upgrade = upgrade_offered(request, headers) if config.ws != "none" or config.http2 else None
+        if upgrade is not None:
+            if upgrade == b"websocket" and config.ws != "none":
+                return await self._upgrade(request, headers)
+            settings = self._h2c_settings(headers)
+            if settings is not None:
+                return await self._upgrade_h2c(request, headers, settings)
         method = request.method
         parser = self.parser
         scope = http_scope(
@@ -467,6 +498,53 @@ class HTTPConnection(HTTP1Body):
             await ws.run()
         finally:
             self.state.release()
+        return False
+
+    def _h2c_settings(self, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """``HTTP2-Settings`` when this request may switch to HTTP/2 (``Upgrade: h2c``).
+
+        Only with ``--http2``, on cleartext (over TLS ALPN decides, RFC 9113 §3.2), for a
+        request without a body (its body would have to be read before the switch), and
+        not while draining. Otherwise HTTP/1.1 answers it, as RFC 7540 §3.2 allows.
+        """
+        if not self.state.config.http2 or self.facts.tls is not None or self.closing:
+            return None
+        for name, value in headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                return None
+        return h2c_settings(headers)
+
+    async def _upgrade_h2c(
+        self, request: h11.Request, headers: list[tuple[bytes, bytes]], settings: bytes
+    ) -> bool:
+        """Answer ``101 Switching Protocols``, then serve the connection as HTTP/2; the
+        request becomes stream 1 (RFC 7540 §3.2). Never reusable after."""
+        from .http2 import HTTP2Connection  # only when a client asks
+
+        stream = self.stream
+        received, _eof = self.parser.trailing_data  # the client's preface, if it did not wait
+        try:
+            await stream.write(H2C_SWITCHING)
+        except ClientDisconnected:
+            self.state.release()
+            return False
+        head = RequestHead(
+            request.method,
+            self.facts.scheme.encode("ascii"),
+            request.target,
+            [(n, v) for n, v in headers if n not in CONNECTION_SPECIFIC and n != b"http2-settings"],
+        )
+        conn = HTTP2Connection(
+            stream.stream,
+            self.state,
+            self.facts,
+            received=bytes(received),
+            upgrade_settings=settings,
+            upgrade_head=head,
+            upgrade_admitted=True,  # (stream 1 holds the place this request was admitted to)
+        )
+        self._upgraded_to = conn
+        await conn.run()
         return False
 
 

@@ -3,9 +3,14 @@
 Shape (issue 18): the connection task owns the ``h2`` state machine and runs the
 **reader**, which feeds received bytes to ``h2`` and turns its events into state changes
 of the streams, and never awaits an app. A **writer** task sends whatever ``h2`` has
-queued, woken by :meth:`HTTP2Connection.wake_writer`. Each request is an
-:class:`HTTP2Stream` whose app call runs as a task in the connection's nursery; closing
-the connection cancels them all, so nothing outlives it.
+queued, woken by :meth:`HTTP2Connection.wake_writer`. Each request is a
+``connection.http2_stream.HTTP2Stream`` running the same ``RequestCycle`` as HTTP/1.1, as
+a task in the connection's nursery; closing the connection cancels them all, so nothing
+outlives it.
+
+How a connection gets here: ``connection.edge`` saw ALPN ``h2`` or the prior-knowledge
+preface (``server.serve_connection``), or ``connection.http1`` answered ``Upgrade: h2c``
+with 101 and hands over the request as stream 1.
 
 Flow control, both ways and per stream:
 
@@ -17,9 +22,17 @@ Flow control, both ways and per stream:
   the other streams.
 * **Outbound.** ``send()`` of a body waits for its stream's and the connection's window,
   woken by WINDOW_UPDATE and SETTINGS; a client that never opens it gets the stream reset
-  after ``SEND_WINDOW_TIMEOUT``. Queued bytes are bounded too: a sender waits while more
-  than ``MAX_OUTBOUND_BACKLOG`` bytes are unsent, and so does the reader (a PING or
-  SETTINGS flood from a client that does not read the answers).
+  after ``SEND_WINDOW_TIMEOUT``. Queued bytes are bounded too: what ``h2`` queues is
+  moved to the connection's outbox at once (:meth:`HTTP2Connection.wake_writer`), so it
+  is counted even while the writer is blocked; a sender waits while more than
+  ``MAX_OUTBOUND_BACKLOG`` bytes are unsent, and so does the reader (a PING or SETTINGS
+  flood from a client that does not read the answers).
+
+Timeouts: an idle connection (no stream running) gets GOAWAY after
+``--timeout-keep-alive``; a header block begun must end (END_HEADERS) within
+``--timeout-request-header``, whether or not other streams run; a stream's request body
+is bounded by ``--timeout-request-body`` and ``--limit-request-body``
+(``connection.http2_stream``).
 
 Defences (numbers in ``protocol/http2.py``): resets from either side spend a
 :class:`~trioserve.protocol.http2.ResetBudget` (rapid reset, MadeYouReset); a reset
@@ -35,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from typing import Any, Final
 
 import h2.connection
@@ -45,229 +57,26 @@ import trio
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from ..app.call import call_app
-from ..errors import AppProtocolError, ClientDisconnected
 from ..protocol.http2 import (
     MAX_OUTBOUND_BACKLOG,
-    SEND_WINDOW_TIMEOUT,
     RequestHead,
     ResetBudget,
     StreamError,
     connection_window_increment,
     h2_connection,
     request_head,
-    response_header_list,
 )
-from ..protocol.response_heads import check_fields, parse_body, validate_headers
 from ..protocol.scope import ConnectionFacts, http_scope
-from .state import ServerState, log_access
+from .http2_stream import HTTP2Stream
+from .state import ServerState
 
 logger = logging.getLogger(__name__)
 
 RECEIVE_SIZE: Final = 64 * 1024
-_DISCONNECT: Final = {"type": "http.disconnect"}
 _LAST_STREAM_ID: Final = 2**31 - 1
 # After the last GOAWAY: how long, and how many bytes, to read and drop before the close.
 LINGER_TIMEOUT: Final = 1.0
 MAX_LINGER_BYTES: Final = 1024 * 1024
-
-
-class HTTP2Stream:
-    """One request on an HTTP/2 connection: the app call with its ``receive``/``send``."""
-
-    def __init__(self, conn: HTTP2Connection, stream_id: int, scope: dict[str, Any]) -> None:
-        self.conn = conn
-        self.stream_id = stream_id
-        self.scope = scope
-        self._body: list[bytes] = []
-        self.body_ended = False
-        self.reset = False  # the client reset the stream, or the connection ended
-        self.done = False  # the response ended (or was aborted)
-        self.changed = trio.Event()  # body arrived, stream ended or reset
-        self.status: int | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._trailers = False
-        self.started = False  # the HEADERS frame is queued
-        self._told_end = False  # receive() has returned more_body=False
-        self.body_bytes = 0
-        self._start_time = time.perf_counter() if conn.state.access_log_enabled() else 0.0
-
-    # -- the reader's side ------------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        self._body.append(data)
-        self._signal()
-
-    def ended(self) -> None:
-        self.body_ended = True
-        self._signal()
-
-    def was_reset(self) -> None:
-        self.reset = True
-        self._signal()
-        self.conn.open_windows()  # (a send() waiting for window sees the reset)
-
-    def _signal(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    # -- the app task -------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Call the app, then end the response one way or another (500 or RST_STREAM)."""
-        conn = self.conn
-        state = conn.state
-        try:
-            exc = await call_app(state.app, self.scope, self.receive, self.send)
-            if exc is not None:
-                state.report_app_error(exc)
-            if self.done or self.reset:
-                return
-            if not self.started:
-                if exc is None:
-                    logger.error("ASGI callable returned without starting response")
-                self._answer(500, b"Internal Server Error")
-            else:
-                if exc is None:
-                    logger.error("ASGI callable returned without completing response")
-                conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
-        finally:
-            state.active_requests -= 1
-            if not self.done:
-                self._finish(aborted=True)
-            conn.stream_exited(self)
-
-    def _answer(self, status: int, body: bytes) -> None:
-        """Answer on this stream before the app started a response (an error)."""
-        headers = [(b"content-type", b"text/plain; charset=utf-8")]
-        headers.append((b"content-length", str(len(body)).encode()))
-        self.status = status
-        fields = response_header_list(status, [*self.conn.state.response_headers(), *headers])
-        conn = self.conn
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            conn.h2.send_headers(self.stream_id, fields)
-            conn.h2.send_data(self.stream_id, body, end_stream=True)
-            self.body_bytes = len(body)
-            conn.wake_writer()
-        self._finish(aborted=False)
-
-    def _finish(self, *, aborted: bool) -> None:
-        self.done = True
-        if self._start_time:
-            log_access(
-                self.conn.state,
-                self.scope,
-                self.status,
-                self.body_bytes,
-                time.perf_counter() - self._start_time,
-                aborted=aborted,
-            )
-
-    async def receive(self) -> dict[str, Any]:
-        """The app's ``receive``: body pieces (credited back as taken), then disconnect."""
-        while True:
-            if self.reset or self.done:
-                return _DISCONNECT
-            if self._body:
-                body = b"".join(self._body) if len(self._body) > 1 else self._body[0]
-                self._body = []
-                self.conn.credit(self.stream_id, len(body))
-                return {"type": "http.request", "body": body, "more_body": not self.body_ended}
-            if self.body_ended and not self._told_end:
-                self._told_end = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await self.changed.wait()  # (after the body: until the reset or the response end)
-
-    async def send(self, message: Any) -> None:
-        """The app's ``send``: validate, then queue HEADERS / DATA on ``h2``."""
-        try:
-            message_type = message["type"]
-        except (TypeError, KeyError, IndexError):
-            raise AppProtocolError(
-                f"ASGI message must be a dict with a 'type', got {message!r}"
-            ) from None
-        if self.reset:
-            raise ClientDisconnected(f"{self.conn.peer} reset stream {self.stream_id}")
-        if self.done:
-            raise AppProtocolError(f"{message_type!r} sent after the response completed")
-        if message_type == "http.response.start":
-            if self.status is not None:
-                raise AppProtocolError("'http.response.start' sent twice")
-            status = message.get("status")
-            if type(status) is not int or not 100 <= status <= 999:
-                raise AppProtocolError(f"'status' must be an int in 100..999, got {status!r}")
-            headers = validate_headers(message.get("headers"))
-            check_fields(headers, self.conn.state.response_heads.checked)
-            self.status = status
-            self._headers = headers
-            self._trailers = bool(message.get("trailers", False))
-        elif message_type == "http.response.body":
-            if self.status is None:
-                raise AppProtocolError("'http.response.body' sent before 'http.response.start'")
-            body, more_body = parse_body(message)
-            end = not more_body and not self._trailers
-            if not self.started:
-                self._send_headers(end_stream=end and not body)
-            if body:
-                await self._send_data(body, end_stream=end)
-            if not more_body and not self._trailers:
-                self._finish(aborted=False)
-        elif message_type == "http.response.trailers":
-            if not self._trailers or not self.started:
-                raise AppProtocolError("'http.response.trailers' without 'trailers': True")
-            trailers = validate_headers(message.get("headers"))
-            check_fields(trailers, self.conn.state.response_heads.checked)
-            if not message.get("more_trailers", False):
-                fields = [(name.lower(), value) for name, value in trailers]
-                self.conn.h2.send_headers(self.stream_id, fields, end_stream=True)
-                self.conn.wake_writer()
-                self._finish(aborted=False)
-        else:
-            raise AppProtocolError(f"unexpected ASGI message type {message_type!r} for http")
-
-    def _send_headers(self, *, end_stream: bool) -> None:
-        assert self.status is not None
-        fields = response_header_list(
-            self.status, [*self.conn.state.response_headers(), *self._headers]
-        )
-        self.conn.h2.send_headers(self.stream_id, fields, end_stream=end_stream)
-        self.started = True
-        self.conn.wake_writer()
-
-    async def _send_data(self, body: bytes, *, end_stream: bool) -> None:
-        """Queue ``body`` as DATA frames as the windows allow (see the module docstring)."""
-        conn = self.conn
-        view = memoryview(body)
-        while True:
-            if self.reset:
-                raise ClientDisconnected(f"{conn.peer} reset stream {self.stream_id}")
-            window = conn.h2.local_flow_control_window(self.stream_id)
-            size = min(window, conn.h2.max_outbound_frame_size, len(view))
-            if size > 0 or not view:
-                conn.h2.send_data(
-                    self.stream_id,
-                    view[:size].tobytes(),
-                    end_stream=end_stream and size == len(view),
-                )
-                self.body_bytes += size
-                view = view[size:]
-                conn.wake_writer()
-                if not view:
-                    break
-                await conn.wait_backlog_below()
-                continue
-            with trio.move_on_after(SEND_WINDOW_TIMEOUT) as waited:
-                await conn.window_opened.wait()
-            if waited.cancelled_caught:
-                logger.info(
-                    "%s - stream %d: no flow-control window for %.0fs, resetting",
-                    conn.peer,
-                    self.stream_id,
-                    SEND_WINDOW_TIMEOUT,
-                )
-                conn.reset_stream(self.stream_id, ErrorCodes.CANCEL)
-                raise ClientDisconnected(f"{conn.peer} never opened its window")
-        await conn.wait_backlog_below()
 
 
 class HTTP2Connection:
@@ -280,6 +89,8 @@ class HTTP2Connection:
         received: bytes already read (the preface and what followed it).
         upgrade_settings: the ``HTTP2-Settings`` of an ``Upgrade: h2c`` request; with
             ``upgrade_head`` the request that is then answered as stream 1.
+        upgrade_admitted: that request already holds its ``--limit-concurrency`` place
+            (``ServerState.admit``), which stream 1 takes over.
     """
 
     def __init__(
@@ -291,6 +102,7 @@ class HTTP2Connection:
         received: bytes = b"",
         upgrade_settings: bytes | None = None,
         upgrade_head: RequestHead | None = None,
+        upgrade_admitted: bool = False,
     ) -> None:
         self.stream = stream
         self.state = state
@@ -299,6 +111,7 @@ class HTTP2Connection:
         self._received = received
         self._upgrade_settings = upgrade_settings
         self._upgrade_head = upgrade_head
+        self._upgrade_admitted = upgrade_admitted
         self.h2: h2.connection.H2Connection = h2_connection(state.config)
         self.streams: dict[int, HTTP2Stream] = {}
         # Streams whose task still runs, reset or not: what counts against the limit.
@@ -306,14 +119,17 @@ class HTTP2Connection:
         self.window_opened = trio.Event()
         self._writer_wake = trio.Event()
         self._backlog_low = trio.Event()
-        self._unsent = 0
-        self._extra: list[bytes] = []  # frames h2 cannot send while it stays usable (GOAWAY)
+        # What waits to be sent, taken from h2 as soon as it is queued (wake_writer), so
+        # that it is counted while the writer is blocked: the outbound backlog.
+        self._outbox: list[bytes] = []
+        self._unsent = 0  # bytes in the outbox and in the write under way
+        self._head_started: float | None = None  # a header block began, not yet ended
         self._budget = ResetBudget()
         self._closing = False
         self.draining = False
         self._last_stream_id = 0
         self._idle = trio.Event()
-        self._broken = False
+        self.broken = False  # the transport failed: nothing more can be sent
         self._read_scope: trio.CancelScope | None = None
         self._stopped = False
         self._writer_done = trio.Event()
@@ -348,9 +164,9 @@ class HTTP2Connection:
             conn.initiate_connection()
         conn.increment_flow_control_window(connection_window_increment(self.state.config))
         self.wake_writer()
-        self._nursery = nursery
+        self.nursery = nursery
         if self._upgrade_head is not None:
-            self._open_stream(1, self._upgrade_head, ended=True)
+            self._open_stream(1, self._upgrade_head, ended=True, admitted=self._upgrade_admitted)
 
     def drain(self) -> None:
         """Graceful shutdown: GOAWAY now, stop once the streams in flight have finished.
@@ -365,8 +181,8 @@ class HTTP2Connection:
         frame = GoAwayFrame(0)
         frame.last_stream_id = _LAST_STREAM_ID
         frame.error_code = ErrorCodes.NO_ERROR
-        self._extra.append(frame.serialize())
-        self.wake_writer()
+        self.wake_writer()  # (what h2 queued before goes first)
+        self._queue(frame.serialize())  # (h2 cannot send it and stay usable)
         self._stop_reading_if_done()
 
     def _stop_reading_if_done(self) -> None:
@@ -376,13 +192,13 @@ class HTTP2Connection:
 
     async def _flush_and_stop(self, nursery: trio.Nursery) -> None:
         """After reading ended: wait for the streams (draining), send GOAWAY, stop."""
-        if self.draining and not self._broken and self.running:
+        if self.draining and not self.broken and self.running:
             grace = self.state.config.timeout_graceful_shutdown
             with trio.move_on_after(math.inf if grace is None else grace):
                 while self.running:
                     await self._idle.wait()
                     self._idle = trio.Event()
-        if not self._broken:
+        if not self.broken:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 if self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
                     self.h2.close_connection(last_stream_id=self._last_stream_id)
@@ -423,9 +239,12 @@ class HTTP2Connection:
             if self.draining and not self.running:
                 return
             await self.wait_backlog_below()
-            timeout = config.timeout_keep_alive if not self.running else math.inf
+            now = trio.current_time()
+            deadline = now + config.timeout_keep_alive if not self.running else math.inf
+            head_deadline = self._head_deadline(now)
+            deadline = min(deadline, head_deadline)
             data = b""
-            with trio.move_on_after(timeout) as waited:
+            with trio.move_on_at(deadline) as waited:
                 self._read_scope = waited
                 try:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -434,13 +253,27 @@ class HTTP2Connection:
                 finally:
                     self._read_scope = None
             if waited.cancelled_caught:
+                if trio.current_time() >= head_deadline:
+                    logger.info("%s - HTTP/2 request head not received in time, closing", self.peer)
+                    return
                 if not self.running:
                     logger.debug("%s - idle HTTP/2 connection, sending GOAWAY", self.peer)
                     return
                 continue
             if not data:
-                self._broken = True
+                self.broken = True
                 return
+
+    def _head_deadline(self, now: float) -> float:
+        """When the header block under way must be complete (``--timeout-request-header``,
+        as on HTTP/1.1), or infinity. h2 emits nothing until END_HEADERS, so the open block
+        is read from its frame buffer (a HEADERS frame waiting for its CONTINUATIONs)."""
+        if not getattr(self.h2.incoming_buffer, "_headers_buffer", None):
+            self._head_started = None
+            return math.inf
+        if self._head_started is None:
+            self._head_started = now
+        return self._head_started + self.state.config.timeout_request_header
 
     def _receive(self, data: bytes | bytearray) -> bool:
         """Feed ``data`` to h2 and act on its events; False when the connection ends."""
@@ -503,32 +336,35 @@ class HTTP2Connection:
             return
         self._open_stream(stream_id, head, ended=event.stream_ended is not None)
 
-    def _open_stream(self, stream_id: int, head: RequestHead, *, ended: bool) -> None:
+    def _open_stream(
+        self, stream_id: int, head: RequestHead, *, ended: bool, admitted: bool = False
+    ) -> None:
+        """Start the task of a new stream, or answer 503 past ``--limit-concurrency``."""
         self._last_stream_id = max(self._last_stream_id, stream_id)
         state = self.state
-        stream = HTTP2Stream(self, stream_id, self._scope(head))
+        stream = HTTP2Stream(self, stream_id, head.method, self._scope(head))
         if ended:
             stream.body_ended = True
-        limit = state.config.limit_concurrency
-        state.count_request()
-        state.active_requests += 1
-        self.running += 1
-        if limit is not None and state.active_requests > limit:
-            stream._answer(503, b"Service Unavailable")
-            state.active_requests -= 1
-            self.running -= 1
+        if not admitted and not state.admit():  # (released by the stream's RequestCycle)
+            logger.warning(
+                "%s - concurrency limit %s reached, answering 503 on stream %d",
+                self.peer,
+                state.config.limit_concurrency,
+                stream_id,
+            )
+            stream.answer(503)
+            self.wake_writer()
             return
+        self.running += 1
         self.streams[stream_id] = stream
-        self._nursery.start_soon(stream.run, name=f"h2 stream {stream_id}")
+        self.nursery.start_soon(stream.run, name=f"h2 stream {stream_id}")
 
     def _scope(self, head: RequestHead) -> dict[str, Any]:
-        """The ``http`` scope of a stream: HTTP/1.1's, with ``http_version`` "2"."""
-        scope = http_scope(
+        """The ``http`` scope of a stream: HTTP/1.1's, with ``http_version`` "2" (and the
+        same response extensions: trailers, early hints, pathsend)."""
+        return http_scope(
             head.method, head.target, b"2", head.headers, self.facts, self.state.lifespan_state
         )
-        scope["http_version"] = "2"
-        scope["extensions"]["http.response.trailers"] = {}
-        return scope
 
     # -- what the streams call -------------------------------------------------------------
 
@@ -562,6 +398,16 @@ class HTTP2Connection:
         self._stop_reading_if_done()
 
     def wake_writer(self) -> None:
+        """Something was queued on h2: move it to the outbox and wake the writer."""
+        data = self.h2.data_to_send()
+        if data:
+            self._queue(data)
+        else:
+            self._writer_wake.set()
+
+    def _queue(self, data: bytes) -> None:
+        self._outbox.append(data)
+        self._unsent += len(data)
         self._writer_wake.set()
 
     def open_windows(self) -> None:
@@ -571,7 +417,7 @@ class HTTP2Connection:
 
     async def wait_backlog_below(self, bound: int = MAX_OUTBOUND_BACKLOG) -> None:
         """Wait while more than ``bound`` bytes wait to be sent (bounded memory)."""
-        while self._unsent > bound and not self._broken:
+        while self._unsent > bound and not self.broken:
             await self._backlog_low.wait()
         await trio.lowlevel.checkpoint()
 
@@ -589,23 +435,24 @@ class HTTP2Connection:
             if not self._stopped:
                 await self._writer_wake.wait()
             self._writer_wake = trio.Event()
-            data = self.h2.data_to_send()
-            if self._extra:
-                data = b"".join(self._extra) + data
-                self._extra = []
-            if not data:
+            pending = self.h2.data_to_send()  # (queued without a wake_writer(), if any)
+            if pending:
+                self._outbox.append(pending)
+                self._unsent += len(pending)
+            if not self._outbox:
                 if self._stopped:
                     return
                 continue
-            self._unsent = len(data)
+            data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
+            self._outbox = []
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._broken = True
+                self.broken = True
                 for stream in self.streams.values():
                     stream.was_reset()
                 return
             finally:
-                self._unsent = 0
+                self._unsent -= len(data)
                 self._backlog_low.set()
                 self._backlog_low = trio.Event()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
+import stat
 import time
 import types
 from collections.abc import Callable, Coroutine, Generator, Mapping
@@ -31,6 +33,7 @@ import trio
 from ..access_format import CLIENT_CLOSED_REQUEST
 from ..app.call import call_app
 from ..errors import AppProtocolError, ClientDisconnected
+from ..protocol.response_extensions import FileRegion, accepts_trailers, pathsend_path
 from .state import ServerState, log_access
 from .stream import MAX_WRITE_PIECES
 
@@ -56,6 +59,11 @@ class ResponseStream(Protocol):
 
     async def write(self, data: bytes | list[bytes]) -> None:
         """Write all of ``data`` (pieces back to back); ClientDisconnected if the peer left."""
+
+    async def write_file(self, pieces: list[bytes | FileRegion]) -> None:
+        """Write ``pieces``, some of them file regions (``http.response.pathsend``): the
+        file's bytes, read in pieces where the stream cannot take the file itself.
+        ClientDisconnected if the peer left; AppProtocolError if the file shrank."""
 
 
 class CycleView(Protocol):
@@ -110,9 +118,38 @@ class ResponseEncoder(Protocol):
     @property
     def body_bytes(self) -> int: ...
 
-    def start(self, message: Mapping[str, object], *, close: bool = False) -> None: ...
+    @property
+    def trailers(self) -> bool: ...  # the app's start announced trailers
+
+    def start(self, message: Mapping[str, object], *, close: bool = False) -> bool | None:
+        """Validate and hold the head; True if the app announced trailers and the
+        encoder wants to be told whether the client takes them (accept_trailers)."""
+        ...
+
     def body_pieces(self, message: Mapping[str, object]) -> list[bytes]: ...
     def note_status(self, status: int) -> None: ...
+
+    # The response extensions (``protocol.response_extensions``), in the same terms: each
+    # validates the app's message and returns the bytes to write, in order, on this
+    # response's stream.
+    def early_hint(self, message: Mapping[str, object]) -> bytes:
+        """``http.response.early_hint`` (before start): the 103 to write, or b"" when the
+        client cannot take one."""
+        ...
+
+    def file_pieces(self, region: FileRegion) -> list[bytes | FileRegion]:
+        """``http.response.pathsend``: the file (``region``) as the rest of the body, with
+        the head if it has not left; ends the response unless trailers were announced."""
+        ...
+
+    def accept_trailers(self, accepted: bool) -> None:
+        """Told after a start that announced trailers: whether the client takes them."""
+        ...
+
+    def trailer_pieces(self, message: Mapping[str, object]) -> list[bytes]:
+        """``http.response.trailers`` (after the body's last message): the bytes ending
+        the response once ``more_trailers`` is false (the trailers, if accepted)."""
+        ...
 
 
 class RequestCycle:
@@ -163,7 +200,14 @@ class RequestCycle:
         self._buffer: list[bytes] = []
         # The client waits for 100 before sending its body; True until the app reads.
         self.expect_100 = expect_100
-        self._start_time = time.perf_counter() if channel.state.access_log_enabled() else 0.0
+        # The request's clock, for the access line and the duration histogram (not read
+        # when neither is on); counted in flight until _finish (metrics.request_done).
+        state = channel.state
+        if state.metrics is not None:
+            state.metrics.requests_in_flight += 1
+            self._start_time = time.perf_counter()
+        else:
+            self._start_time = time.perf_counter() if state.access_log_enabled() else 0.0
 
     # -- the app call task -----------------------------------------------------------------
 
@@ -206,6 +250,9 @@ class RequestCycle:
 
     async def _send_error(self, status: int) -> None:
         self.writer.note_status(status)
+        metrics = self.channel.state.metrics
+        if self.body_error is not None and metrics is not None:
+            metrics.protocol_error(status)  # (a malformed or stalled request body)
         written = await self.channel.answer_and_close(status, method=self.method)
         self._finish(aborted=not written)
 
@@ -218,14 +265,24 @@ class RequestCycle:
         if self.attention is not None:
             self.attention.set()
         if self._start_time:
-            log_access(
-                self.channel.state,
-                self.scope,
-                self.writer.status,
-                self.writer.body_bytes,
-                time.perf_counter() - self._start_time,
-                aborted=aborted,
-            )
+            duration = time.perf_counter() - self._start_time
+            state = self.channel.state
+            metrics = state.metrics
+            if metrics is not None:
+                scope = self.scope
+                metrics.request_done(
+                    scope["method"], scope["http_version"], self.writer.status, duration
+                )
+            # (With metrics off, the clock runs only when the access log is on.)
+            if metrics is None or state.access_log_enabled():
+                log_access(
+                    state,
+                    self.scope,
+                    self.writer.status,
+                    self.writer.body_bytes,
+                    duration,
+                    aborted=aborted,
+                )
 
     async def wait_done(self) -> None:
         """Return once the response is complete (see :attr:`done`)."""
@@ -253,11 +310,7 @@ class RequestCycle:
             raise AppProtocolError(f"{message_type!r} sent after the response completed")
         if message_type == "http.response.body":
             if self._writing or self._continue_write is not None:
-                await self._wait_write_turn()
-                if stream.peer_gone or stream.broken:
-                    raise ClientDisconnected(f"{stream.peer} disconnected")
-                if self.done:
-                    raise AppProtocolError(f"{message_type!r} sent after the response completed")
+                await self._take_write_turn(message_type)
             pieces = self.writer.body_pieces(message)
             if pieces and not self.writer.complete:
                 size = sum(map(len, pieces))
@@ -299,9 +352,87 @@ class RequestCycle:
         elif message_type == "http.response.start":
             # Answering before asking for an expected body: tell the client this connection
             # ends, so it need not send the body (RFC 9110 §10.1.1).
-            self.writer.start(message, close=self.channel.closing or self.expect_100)
+            if self.writer.start(message, close=self.channel.closing or self.expect_100):
+                # (Trailers announced: does the client take them? RFC 9110 §10.1.4)
+                self.writer.accept_trailers(accepts_trailers(self.scope["headers"]))
+        elif message_type == "http.response.pathsend":
+            await self._take_write_turn(message_type)
+            await self._send_path(message)
+        elif message_type == "http.response.early_hint":
+            await self._take_write_turn(message_type)
+            hint = self.writer.early_hint(message)
+            if hint:
+                await self._write_in_turn([hint])
+        elif message_type == "http.response.trailers":
+            await self._take_write_turn(message_type)
+            await self._write_in_turn(self.writer.trailer_pieces(message))
+            if self.writer.complete:
+                self._finish(aborted=False)
         else:
             raise AppProtocolError(f"unexpected ASGI message type {message_type!r} for http")
+
+    # -- the response extensions (protocol.response_extensions) ---------------------------
+
+    async def _take_write_turn(self, message_type: str) -> None:
+        """Wait for the write turn (see :meth:`send`), then check the response is still on."""
+        if self._writing or self._continue_write is not None:
+            await self._wait_write_turn()
+            stream = self.channel.stream
+            if stream.peer_gone or stream.broken:
+                raise ClientDisconnected(f"{stream.peer} disconnected")
+            if self.done:
+                raise AppProtocolError(f"{message_type!r} sent after the response completed")
+
+    async def _write_in_turn(self, pieces: list[Any], *, file: bool = False) -> None:
+        """Write the buffered chunks, then ``pieces`` (``file``: some are file regions),
+        holding the write turn the caller took (:meth:`_take_write_turn`)."""
+        if self._buffer:
+            pieces = [*self._buffer, *pieces]
+            self._buffer = []
+            self._buffered = 0
+        if not pieces:
+            return
+        stream = self.channel.stream
+        self._writing = True
+        try:
+            if file:
+                await stream.write_file(pieces)
+            else:
+                await stream.write(pieces)
+        except ClientDisconnected:
+            self._finish(aborted=True)
+            raise
+        finally:
+            self._writing = False
+            if self._write_turn is not None:
+                self._write_turn.set()
+                self._write_turn = None
+
+    async def _send_path(self, message: Mapping[str, object]) -> None:
+        """``http.response.pathsend``: open the file, send it as the rest of the body
+        (``ResponseEncoder.file_pieces``, ``ResponseStream.write_file``), close it.
+
+        A path that cannot be opened, or is not a regular file, is the app's error (500 if
+        nothing was sent yet, as for any app error). The file is opened non-blocking (a
+        FIFO must not hang the connection) and closed whatever happens.
+        """
+        path = pathsend_path(message)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise AppProtocolError(
+                f"'http.response.pathsend' cannot open {path!r}: {exc.strerror}"
+            ) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise AppProtocolError(f"'http.response.pathsend' path {path!r} is not a file")
+            pieces = self.writer.file_pieces(FileRegion(fd, 0, info.st_size, path))
+            await self._write_in_turn(pieces, file=True)
+        finally:
+            os.close(fd)
+        if self.writer.complete:
+            self._finish(aborted=False)
 
     async def flush_until_done(self) -> None:
         """The connection task's wait for response completion.

@@ -22,11 +22,13 @@ from ..access_format import (
     status_phrase,
 )
 from ..asgi_types import ASGIApp
-from ..config import Config, http_implementation
+from ..config import Config, http_implementation, ws_implementation
 from ..errors import ClientDisconnected
 from ..message_trace import tracing_enabled
+from ..metrics import ServerMetrics
 from ..protocol.http1_parser import H11Connection, HTTPParser
 from ..protocol.response_heads import ResponseHeads
+from ..protocol.ws_engine import EngineFactory, WsprotoEngine
 from .edge import EdgeSettings
 from .stream import READ_BUFFER_SIZE
 
@@ -106,8 +108,13 @@ class ServerState:
         new_parser: makes each connection's HTTP/1.1 state machine: ``h11.Connection``, or
             its httptools-parsed equivalent for ``--http httptools`` (one interface,
             ``protocol.http1_parser.HTTPParser``).
+        new_ws_engine: makes each WebSocket's engine, ``new_ws_engine(max_size, deflate)``:
+            wsproto, or websockets for ``--ws websockets`` (``protocol.ws_engine``).
         trace: ``--log-level trace`` is on (decided when the server starts): log
             connection open and close (``message_trace``).
+        metrics: the server's counters for ``/metrics`` (``trioserve.metrics``), or None
+            when it does not count (``Config.collects_metrics``): every hook in the
+            connection code is one ``if metrics is not None``.
     """
 
     __slots__ = (
@@ -125,7 +132,9 @@ class ServerState:
         "edge",
         "lifespan_state",
         "max_requests",
+        "metrics",
         "new_parser",
+        "new_ws_engine",
         "on_app_error",
         "on_max_requests",
         "read_buffer",
@@ -159,6 +168,7 @@ class ServerState:
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
         self.response_heads = ResponseHeads()
         self.new_parser = _parser_factory(self)
+        self.new_ws_engine = _ws_engine_factory(config)
         self._date_second = -1
         self._date_value = b""
         self._date_headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -166,8 +176,9 @@ class ServerState:
         # --log-level trace, decided once (message_trace): the connection code checks only
         # this, once per connection.
         self.trace = tracing_enabled()
+        self.metrics = ServerMetrics(self.connections) if config.collects_metrics else None
         # TLS context, trusted proxies, PROXY protocol (reads the TLS files: ConfigError).
-        self.edge = EdgeSettings(config)
+        self.edge = EdgeSettings(config, self.metrics)
         self.access_template = (
             compile_access_format(config.access_log_format)
             if config.access_log_format is not None
@@ -224,6 +235,15 @@ class ServerState:
         (the peer left, the app did nothing wrong)."""
         if self.on_app_error is not None and not isinstance(exc, ClientDisconnected):
             self.on_app_error(exc)
+
+
+def _ws_engine_factory(config: Config) -> EngineFactory:
+    """What ``--ws`` chose: the class of each WebSocket's engine (``auto`` resolved)."""
+    if ws_implementation(config.ws) == "websockets":
+        from ..protocol.ws_websockets import WebsocketsEngine  # only with websockets installed
+
+        return WebsocketsEngine
+    return WsprotoEngine
 
 
 def _parser_factory(state: ServerState) -> Callable[[], HTTPParser]:

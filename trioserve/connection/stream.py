@@ -29,7 +29,9 @@ from typing import Final
 
 import trio
 
-from ..errors import ClientDisconnected
+from ..errors import AppProtocolError, ClientDisconnected
+from ..metrics import ServerMetrics
+from ..protocol.response_extensions import FileRegion
 from ..protocol.scope import ConnectionFacts
 
 # Bytes per socket read on plain TCP connections (the server's scratch buffer, see
@@ -42,6 +44,12 @@ RECEIVE_SIZE: Final = 64 * 1024  # per read from a TLS or other wrapped stream
 FAIR_SHARE_BYTES: Final = 256 * 1024
 # At most this many pieces per vectored write (the kernel's IOV_MAX is 1024).
 MAX_WRITE_PIECES: Final = 512
+# Files (http.response.pathsend): a region up to this size is read and written together
+# with the bytes around it (one pread and one writev beat a writev and a sendfile, and
+# the head and a small file leave in one segment); a larger one is sent by os.sendfile.
+SMALL_FILE_BYTES: Final = 64 * 1024
+# Bytes per read of a file sent through a wrapped stream (TLS, memory streams).
+FILE_PIECE_BYTES: Final = 256 * 1024
 # Lingering close: after an error response, read and discard for at most this long (and
 # this many bytes) so the kernel does not reset the connection under the client's feet
 # (RFC 9112 §9.6).
@@ -60,6 +68,8 @@ class ConnectionStream:
         on_broken: called when a write fails or is cancelled midway (part of the data may
             be on the wire): the protocol's state machine must learn that its output is
             unusable (``h11.Connection.send_failed``).
+        metrics: the server's counters (``ServerState.metrics``): every read and write
+            adds to ``received_bytes`` / ``sent_bytes``. None: nothing is counted.
 
     Attributes:
         peer_gone: the peer closed its side or is gone (EOF, a failed read or write).
@@ -78,6 +88,7 @@ class ConnectionStream:
         "broken",
         "facts",
         "fast",
+        "metrics",
         "peer_gone",
         "stream",
     )
@@ -88,9 +99,11 @@ class ConnectionStream:
         scratch: memoryview,
         facts: ConnectionFacts,
         on_broken: Callable[[], None],
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.stream = stream
         self.facts = facts
+        self.metrics = metrics
         self._scratch = scratch
         self._on_broken = on_broken
         # The socket's descriptor for the non-blocking fast paths; -1 for other streams
@@ -154,6 +167,8 @@ class ConnectionStream:
             # EOF counts as "client gone", as in uvicorn: a half-closed client gets
             # http.disconnect and no further responses.
             self.peer_gone = True
+        elif self.metrics is not None:
+            self.metrics.received_bytes += len(data)
         return data
 
     def _read_now(self) -> bytes:
@@ -183,6 +198,8 @@ class ConnectionStream:
             data = b""
         if not data:
             self.peer_gone = True
+        elif self.metrics is not None:
+            self.metrics.received_bytes += len(data)
         return data
 
     async def read_fairly(self, size: int) -> None:
@@ -214,11 +231,14 @@ class ConnectionStream:
         if self._fd < 0:
             return 0
         try:
-            return os.write(self._fd, data)
+            sent = os.write(self._fd, data)
         except BlockingIOError:
             return 0
         except OSError as exc:
             raise self._write_failed() from exc
+        if self.metrics is not None:
+            self.metrics.sent_bytes += sent
+        return sent
 
     def _write_failed(self) -> ClientDisconnected:
         """Record that a write found the peer gone; the error for the caller to raise."""
@@ -242,7 +262,10 @@ class ConnectionStream:
         """
         try:
             if self._fd < 0:
-                await self.stream.send_all(data if isinstance(data, bytes) else b"".join(data))
+                joined = data if isinstance(data, bytes) else b"".join(data)
+                await self.stream.send_all(joined)
+                if self.metrics is not None:
+                    self.metrics.sent_bytes += len(joined)
                 return
             # The fast path below may not wait at all, so honour a pending cancellation
             # first: an app streaming forever to a fast reader must still stop promptly
@@ -267,6 +290,8 @@ class ConnectionStream:
                 if self._written_since_yield >= FAIR_SHARE_BYTES:
                     self._written_since_yield = 0
                     await trio.lowlevel.cancel_shielded_checkpoint()
+            if self.metrics is not None:
+                self.metrics.sent_bytes += total
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._write_failed() from exc
         except BaseException:
@@ -290,6 +315,85 @@ class ConnectionStream:
             except BlockingIOError:
                 continue
             pieces = _after(pieces, sent)
+
+    async def write_file(self, pieces: list[bytes | FileRegion]) -> None:
+        """Write ``pieces`` completely, where some are file regions
+        (``http.response.pathsend``, see ``protocol.response_extensions``).
+
+        On a plain TCP socket a region larger than :data:`SMALL_FILE_BYTES` goes from the
+        file to the socket inside the kernel (``os.sendfile``: no copy through Python, no
+        thread), as :meth:`write` goes: without waiting while the socket takes it, then
+        through trio's write readiness (a slow client holds only its own task), yielding
+        once per :data:`FAIR_SHARE_BYTES`. Smaller regions, and every region on any other
+        stream (TLS, memory streams), are read in pieces of at most
+        :data:`FILE_PIECE_BYTES` (``os.pread`` in this thread: a file in the page cache
+        reads in microseconds, less than a hop to a worker thread) and written as bytes.
+
+        Raises:
+            ClientDisconnected: the peer is gone (the connection will be closed).
+            AppProtocolError: the file ended before its region did (it shrank while being
+                sent); the connection is broken, as after an interrupted write.
+        """
+        run: list[bytes] = []
+        size = 0
+        try:
+            for piece in pieces:
+                if not isinstance(piece, FileRegion):
+                    run.append(piece)
+                    size += len(piece)
+                    continue
+                if self._fd >= 0 and piece.count > SMALL_FILE_BYTES:
+                    if run:
+                        await self.write(run)
+                        run, size = [], 0
+                    await self._sendfile(piece)
+                    continue
+                for data in piece.pieces(FILE_PIECE_BYTES):
+                    run.append(data)
+                    size += len(data)
+                    if size >= FILE_PIECE_BYTES or len(run) >= MAX_WRITE_PIECES:
+                        await self.write(run)
+                        run, size = [], 0
+            if run:
+                await self.write(run)
+        except AppProtocolError:
+            self.broken = True  # (the framing promised bytes that will never come)
+            self._on_broken()
+            raise
+
+    async def _sendfile(self, region: FileRegion) -> None:
+        """Send ``region`` with ``os.sendfile`` (plain TCP only); see :meth:`write_file`."""
+        fd = self._fd
+        offset = region.offset
+        end = offset + region.count
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()  # (as in write())
+            waited = False
+            while offset < end:
+                try:
+                    sent = os.sendfile(fd, region.fd, offset, end - offset)
+                except BlockingIOError:
+                    sent = -1
+                if sent == 0:
+                    raise region.shrank(offset - region.offset)
+                if sent > 0:
+                    offset += sent
+                if offset < end:  # the socket's buffer is full: wait until it drains
+                    await trio.lowlevel.wait_writable(fd)
+                    waited = True
+            if self.metrics is not None:
+                self.metrics.sent_bytes += region.count
+            if waited:
+                self._written_since_yield = 0
+            elif self.owes_yield(region.count):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._write_failed() from exc
+        except BaseException:
+            # Cancelled mid-file (or the file shrank): part of it may be on the wire.
+            self.broken = True
+            self._on_broken()
+            raise
 
     def owes_yield(self, size: int) -> bool:
         """Count ``size`` bytes written without waiting (:meth:`write_nowait`); True once

@@ -2,8 +2,10 @@
 
 :class:`WebSocketConnection` takes over a connection whose request asked for a WebSocket
 upgrade, handed over by ``connection.http1`` as a :class:`WebSocketHandoff` (the stream,
-the bytes already read, the connection facts). It owns the ``wsproto.WSConnection`` (set
-up from the already-parsed request with ``initiate_upgrade_connection``), runs the app call
+the bytes already read, the connection facts). It answers the handshake with wsproto's
+``H11Handshake`` (set up from the already-parsed request with
+``initiate_upgrade_connection``), then speaks WebSocket through the engine ``--ws`` chose
+(``protocol.ws_engine``: wsproto or websockets, one interface), runs the app call
 in the connection task itself, and closes the WebSocket within a bound however the app,
 the peer or the server ends it.
 
@@ -44,16 +46,10 @@ from typing import Any, Final
 import h11
 import trio
 from typing_extensions import assert_never
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    TextMessage,
-)
+from wsproto import ConnectionType
+from wsproto.events import AcceptConnection
 from wsproto.extensions import Extension
+from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
 from ..app.call import call_app
@@ -62,6 +58,7 @@ from ..protocol.http1_messages import ResponseWriter, error_response
 from ..protocol.http1_parser import HTTPParser
 from ..protocol.scope import ConnectionFacts, http_scope, websocket_scope
 from ..protocol.ws_deflate import BoundedPerMessageDeflate
+from ..protocol.ws_engine import Closed
 from ..protocol.ws_messages import (
     CLOSE_ABNORMAL,
     CLOSE_INTERNAL_ERROR,
@@ -75,7 +72,6 @@ from ..protocol.ws_messages import (
     ResponseBody,
     ResponseStart,
     Send,
-    classify_close,
     connect_message,
     disconnect_message,
     handshake_headers,
@@ -119,7 +115,7 @@ class WebSocketConnection(WebSocketReader):
         self.handoff = handoff
         stream = self._stream = handoff.stream
         self._state = handoff.state
-        self.ws = WSConnection(ConnectionType.SERVER)
+        self._handshake = H11Handshake(ConnectionType.SERVER)
         config = handoff.state.config
         self._outbox = Outbox(stream, self._stop_reading)
         super().__init__(stream, self._outbox, config.ws_max_size, config.ws_max_queue)
@@ -154,13 +150,13 @@ class WebSocketConnection(WebSocketReader):
         # (The handshake's access line, should it be refused right here.)
         self._scope = http_scope(b"GET", target, version, headers, handoff.facts, None)
         try:
-            self.ws.initiate_upgrade_connection(
+            self._handshake.initiate_upgrade_connection(
                 handshake_headers(
                     request.headers, per_message_deflate=config.ws_per_message_deflate
                 ),
                 request.target,
             )
-            for _ in self.ws.events():  # the Request event: wsproto keeps what it needs
+            for _ in self._handshake.events():  # the Request: wsproto keeps what it needs
                 pass
         except (RemoteProtocolError, h11.LocalProtocolError, ValueError) as exc:
             await self._reject_upgrade(exc)
@@ -169,20 +165,26 @@ class WebSocketConnection(WebSocketReader):
             target, version, headers, handoff.facts, state.lifespan_state
         )
         self._app_messages = AppMessages(scope["subprotocols"])
-        async with trio.open_nursery() as io:
-            io.start_soon(self._outbox.run)
-            io.start_soon(self._watch)
-            if config.ws_ping_interval:
-                io.start_soon(self._keepalive, config.ws_ping_interval, config.ws_ping_timeout)
-            app_exc = await call_app(state.app, scope, self.receive, self.send)
-            if app_exc is not None:
-                state.report_app_error(app_exc)
-            await self._after_app(app_exc)
-            io.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as io:
+                io.start_soon(self._outbox.run)
+                io.start_soon(self._watch)
+                if config.ws_ping_interval:
+                    io.start_soon(self._keepalive, config.ws_ping_interval, config.ws_ping_timeout)
+                app_exc = await call_app(state.app, scope, self.receive, self.send)
+                if app_exc is not None:
+                    state.report_app_error(app_exc)
+                await self._after_app(app_exc)
+                io.cancel_scope.cancel()
+        finally:
+            if self._accepted and state.metrics is not None:
+                state.metrics.websockets_in_flight -= 1  # (counted in by _accept)
 
     async def _reject_upgrade(self, exc: Exception) -> None:
         """Answer an invalid upgrade request with 400 (the peer's fault, INFO)."""
         logger.info("%s - invalid WebSocket upgrade request: %s (400)", self._stream.peer, exc)
+        if self._state.metrics is not None:
+            self._state.metrics.protocol_error(400)
         extra: tuple[tuple[bytes, bytes], ...] = ()
         if isinstance(exc, RemoteProtocolError) and "Version" in str(exc):
             # RFC 6455 §4.2.2: tell the client which version we speak.
@@ -254,16 +256,13 @@ class WebSocketConnection(WebSocketReader):
                 left (ASGI spec 2.4).
         """
         action = self._app_messages.next(message)
-        ws = self.ws
         match action:
             case Send(data=data):
                 outbox = self._outbox
-                if outbox.gone or ws.state is not ConnectionState.OPEN:
+                engine = self.engine
+                if outbox.gone or not engine.open:
                     raise ClientDisconnected(f"{self._stream.peer} WebSocket is closed")
-                if isinstance(data, str):
-                    frame = ws.send(TextMessage(data=data))
-                else:
-                    frame = ws.send(BytesMessage(data=data))
+                frame = engine.send_message(data)
                 outbox.send(frame)
                 if outbox.pending():
                     await outbox.wait_below()
@@ -312,16 +311,22 @@ class WebSocketConnection(WebSocketReader):
         if config.ws_per_message_deflate:
             deflate = BoundedPerMessageDeflate(config.ws_max_size)
         extensions: list[Extension] = [deflate] if deflate is not None else []
-        handshake = self.ws.send(
+        handshake = self._handshake.send(
             AcceptConnection(
                 subprotocol=action.subprotocol, extensions=extensions, extra_headers=headers
             )
         )
         if deflate is not None and deflate.enabled():
             deflate.accept_any_client_window()
+        else:
+            deflate = None
+        self.engine = state.new_ws_engine(config.ws_max_size, deflate)
         self._unread += self.handoff.received  # bytes that arrived with the handshake
         self._eof = self.handoff.eof
         self._accepted = True
+        if state.metrics is not None:
+            state.metrics.websocket_sessions += 1
+            state.metrics.websockets_in_flight += 1
         self._log_handshake(101)
         self._handshake_done.set()
         self._outbox.send(handshake)
@@ -359,8 +364,8 @@ class WebSocketConnection(WebSocketReader):
 
     def _start_close(self, code: int, reason: str = "") -> None:
         """Send our Close frame if the WebSocket is open; bound the wait for the answer."""
-        if self.ws.state is ConnectionState.OPEN and not self._outbox.gone:
-            self._outbox.send(self.ws.send(CloseConnection(code=code, reason=reason)))
+        if self.engine.open and not self._outbox.gone:
+            self._outbox.send(self.engine.send_close(code, reason))
             deadline = trio.current_time() + CLOSE_TIMEOUT
             if deadline < self._close_deadline:
                 self._close_deadline = deadline
@@ -384,19 +389,19 @@ class WebSocketConnection(WebSocketReader):
         self._outbox.give_up()
         await self._stream.abort()
 
-    def _on_close(self, event: CloseConnection) -> None:
-        kind = classify_close(event, self.ws.state)
+    def _on_close(self, event: Closed) -> None:
+        kind = event.kind
         if kind is CloseKind.PEER_CLOSING:
             # RFC 6455 §5.5.1: answer with a Close frame, echoing the status code.
-            self._outbox.send(self.ws.send(event.response()))
-            self._set_disconnect(event.code, event.reason or "")
+            self._outbox.send(event.reply)
+            self._set_disconnect(event.code, event.reason)
         elif kind is CloseKind.HANDSHAKE_DONE:
-            self._set_disconnect(event.code, event.reason or "")
+            self._set_disconnect(event.code, event.reason)
         elif kind is CloseKind.LOST:
             logger.debug("%s - WebSocket peer closed the connection", self._stream.peer)
             self._set_disconnect(CLOSE_ABNORMAL)
         else:
-            self._fail(event.code, event.reason or "")
+            self._fail(event.code, event.reason)
 
     def _on_pong(self, payload: bytes) -> None:
         if self._ping_payload and payload == self._ping_payload:
@@ -411,18 +416,18 @@ class WebSocketConnection(WebSocketReader):
             return
         while True:
             await trio.sleep(interval)
-            if self._outbox.gone or self.ws.state is not ConnectionState.OPEN:
+            if self._outbox.gone or not self.engine.open:
                 return
             self._ping_payload = os.urandom(4)
             self._pong = trio.Event()
-            self._outbox.send(self.ws.send(Ping(payload=self._ping_payload)))
+            self._outbox.send(self.engine.send_ping(self._ping_payload))
             if not timeout:
                 continue
             with trio.move_on_after(timeout):
                 await self._pong.wait()
             if self._pong.is_set():
                 continue
-            if self._outbox.gone or self.ws.state is not ConnectionState.OPEN:
+            if self._outbox.gone or not self.engine.open:
                 return
             logger.info(
                 "%s - WebSocket keepalive ping not answered within %.1fs, dropping the peer",

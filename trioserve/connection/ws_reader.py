@@ -1,14 +1,15 @@
 """Reading a WebSocket: for the app, and when the app does not (layer 4).
 
 :class:`WebSocketReader` is the reading half of ``connection.websocket.WebSocketConnection``
-(its base class): the received bytes, wsproto's events, the inbox of messages for the app,
-and the watcher task that enforces the close and failure deadlines.
+(its base class): the received bytes, the engine's events (``protocol.ws_engine``: wsproto
+or websockets), the inbox of messages for the app, and the watcher task that enforces the
+close and failure deadlines.
 
 A message costs one task switch
 -------------------------------
 As on the HTTP path, the app's ``receive()`` reads the socket on demand: it waits until
 the socket is readable (the peer usually answers what the app just sent), reads, and
-decodes (wsproto) in the app's own task.
+decodes (the engine) in the app's own task.
 
 Reading when the app does not
 -----------------------------
@@ -20,7 +21,7 @@ peer instead of memory growing. Only one task ever reads: an app calling ``recei
 while ``_watch`` reads waits for it to hand the reader role back after its next read.
 Reading also pauses while more than :data:`READER_PAUSE_OUTBOX` bytes are unsent.
 
-A frame wsproto rejects (1002, 1007) or a message over ``--ws-max-size`` (1009) fails the
+A frame the engine rejects (1002, 1007) or a message over ``--ws-max-size`` (1009) fails the
 connection (RFC 6455 §7.1.7): the messages received before it are still delivered, and the
 Close frame is sent once the app has read them (so its replies to them are not lost), or
 after ``FAILURE_CLOSE_DELAY`` at the latest.
@@ -35,21 +36,8 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 import trio
-from wsproto import WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    Pong,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
 
+from ..protocol.ws_engine import Closed, Event, PingReceived, PongReceived, WebSocketEngine
 from ..protocol.ws_messages import (
     CLOSE_ABNORMAL,
     CLOSE_TOO_BIG,
@@ -85,7 +73,7 @@ class WebSocketReader:
     ``_close_deadline`` when it starts a close.
     """
 
-    ws: WSConnection
+    engine: WebSocketEngine  # (set by the accept: nothing is read before it)
     _accepted: bool
     _handshake_done: trio.Event
 
@@ -95,8 +83,8 @@ class WebSocketReader:
         self._stream = stream
         self._outbox = outbox
         self._assembler = MessageAssembler(max_size)
-        self._unread = bytearray()  # received, not yet handed to wsproto
-        self._events: Iterator[Event] | None = None  # a wsproto events() not yet exhausted
+        self._unread = bytearray()  # received, not yet handed to the engine
+        self._events: Iterator[Event] | None = None  # an engine's events() not yet exhausted
         self._inbox: deque[dict[str, Any]] = deque()  # messages ready for the app
         self._max_queue = max_queue
         self._eof = False  # the peer closed its side (or the read failed)
@@ -118,7 +106,7 @@ class WebSocketReader:
 
     # -- the session's part -----------------------------------------------------------------
 
-    def _on_close(self, event: CloseConnection) -> None:
+    def _on_close(self, event: Closed) -> None:
         raise NotImplementedError
 
     def _on_pong(self, payload: bytes) -> None:
@@ -226,11 +214,13 @@ class WebSocketReader:
     def _decode(self, limit: int) -> None:
         """Decode received bytes until the inbox holds ``limit`` messages or input runs out.
 
-        wsproto's events are taken one at a time (its generator stays suspended in
-        ``_events``): a compressed frame is only inflated when the app wants more.
+        The engine's events are taken one at a time (its generator stays suspended in
+        ``_events``): with wsproto, a compressed frame is only inflated when the app wants
+        more; with either engine, a peer's Close is answered only once the messages before
+        it are read.
         """
         inbox = self._inbox
-        ws = self.ws
+        engine = self.engine
         while len(inbox) < limit and not self._read_done:
             events = self._events
             if events is not None:
@@ -241,17 +231,17 @@ class WebSocketReader:
                 self._events = None
             unread = self._unread
             if unread:
-                ws.receive_data(bytes(unread))
+                engine.receive_data(bytes(unread))
                 unread.clear()
             elif self._eof:
-                ws.receive_data(None)  # yields the 1006 CloseConnection
+                engine.receive_data(None)  # yields the 1006 Closed
             else:
                 return
-            self._events = ws.events()
+            self._events = engine.events()
 
     def _on_event(self, event: Event) -> None:
-        ws = self.ws
-        if isinstance(event, (TextMessage, BytesMessage)):
+        if not isinstance(event, (PingReceived, PongReceived, Closed)):
+            # A message, or a fragment of one (the common case first).
             try:
                 message = self._assembler.feed(event)
             except MessageTooBigError as exc:
@@ -259,19 +249,13 @@ class WebSocketReader:
                 return
             if message is not None:
                 self._inbox.append(message)
-        elif isinstance(event, Ping):
-            if ws.state is ConnectionState.OPEN:
-                self._outbox.send(ws.send(event.response()))
-        elif isinstance(event, Pong):
+        elif isinstance(event, PingReceived):
+            self._outbox.send(event.reply)  # (b"" once our Close is sent)
+        elif isinstance(event, PongReceived):
             self._on_pong(event.payload)
-        elif isinstance(event, CloseConnection):
+        else:
             self._on_close(event)
             self._end_reading()
-        else:  # handshake events cannot follow the accept
-            assert isinstance(event, (Request, AcceptConnection, RejectConnection, RejectData)), (
-                event
-            )
-            raise AssertionError(f"unexpected wsproto event {event!r}")
 
     def _end_reading(self) -> None:
         """The peer's bytes are done with (close, EOF or failure)."""

@@ -19,6 +19,10 @@ everything about a request/response pair that can be decided without awaiting:
 
   Bodies are dropped (never sent) for HEAD requests and 204/304 responses
   (RFC 9110 §9.3.2, §15.3.5, §15.4.5); the parser keeps the framing honest.
+  The response extensions (``protocol.response_extensions``) fit in: an early hint is a
+  103 written while WAITING; ``http.response.pathsend`` is a last body whose bytes are a
+  ``FileRegion``; with trailers announced, the last body leads to TRAILERS and
+  ``http.response.trailers`` (its last message) to COMPLETE.
 * :class:`~trioserve.protocol.response_heads.ResponseHeads` (one per server, in
   ``response_heads``) checks and encodes each distinct header list an app sends once; the
   httptools parser takes the common head already encoded.
@@ -39,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 import h11
 
 from ..errors import AppProtocolError
+from .response_extensions import FileRegion, early_hint_fields, trailer_fields
 from .response_heads import ResponseFields, ResponseHeads, check_fields, parse_body
 from .scope import ConnectionFacts, http_scope
 
@@ -47,6 +52,7 @@ if TYPE_CHECKING:
 
 _EMPTY_BODY_STATUSES: Final = frozenset({204, 304})
 _CLOSE_HEADER: Final = (b"connection", b"close")
+_NO_MESSAGE: Final[Mapping[str, object]] = {}
 
 REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 
@@ -164,24 +170,45 @@ def is_websocket_upgrade(
     as it answers that method on that path. (Not 405, as the ``websockets`` library
     answers: only the app's routing knows which methods the path allows.)
     """
-    if request.method != b"GET" or request.http_version != b"1.1":
-        return False
-    upgrade = False
+    return upgrade_offered(request, headers) == b"websocket"
+
+
+def upgrade_offered(
+    request: h11.Request, headers: list[tuple[bytes, bytes]] | None = None
+) -> bytes | None:
+    """The protocol an HTTP/1.1 request asks to switch to, in one pass over its fields.
+
+    ``b"websocket"``: a WebSocket opening handshake (see :func:`is_websocket_upgrade`).
+    ``b"h2c"``: a GET or HEAD offering ``Upgrade: h2c`` (RFC 7540 §3.2; the caller checks
+    ``HTTP2-Settings`` with ``protocol.http2.h2c_settings`` and that there is no body).
+    None for any other request (the common case: one loop over the fields, no more).
+    """
+    method = request.method
+    if (method != b"GET" and method != b"HEAD") or request.http_version != b"1.1":
+        return None
+    websocket = h2c = False
     connection_upgrade = False
     for key, value in header_list(request) if headers is None else headers:
         if key == b"upgrade":
-            upgrade = upgrade or b"websocket" in value.lower()
+            value = value.lower()
+            websocket = websocket or b"websocket" in value
+            h2c = h2c or any(token.strip() == b"h2c" for token in value.split(b","))
         elif key == b"connection":
             connection_upgrade = connection_upgrade or any(
                 token.strip() == b"upgrade" for token in value.lower().split(b",")
             )
-    return upgrade and connection_upgrade
+    if not connection_upgrade:
+        return None
+    if websocket and method == b"GET":
+        return b"websocket"
+    return b"h2c" if h2c else None
 
 
 class ResponseState(enum.Enum):
     WAITING = "waiting"
     STARTED = "started"
     STREAMING = "streaming"
+    TRAILERS = "trailers"  # the body has ended; the app's trailer fields end the response
     COMPLETE = "complete"
 
 
@@ -190,6 +217,7 @@ class ResponseState(enum.Enum):
 _WAITING: Final = ResponseState.WAITING
 _STARTED: Final = ResponseState.STARTED
 _STREAMING: Final = ResponseState.STREAMING
+_TRAILERS: Final = ResponseState.TRAILERS
 _COMPLETE: Final = ResponseState.COMPLETE
 
 
@@ -216,6 +244,12 @@ class ResponseWriter:
     # (Plain attributes, not properties of ``state``: read several times per response.)
     started = False  # the head has been handed to the parser (maybe written)
     complete = False
+    # The app announced trailers ("trailers": True in start): the body's last message
+    # leaves the response open for http.response.trailers. They reach the wire only when
+    # the client accepts them (accept_trailers), in a chunked body.
+    trailers = False
+    _send_trailers = False
+    _trailer_fields: list[tuple[bytes, bytes]] | None = None
 
     def __init__(
         self,
@@ -234,11 +268,49 @@ class ResponseWriter:
         499 for a client that left first), for the access log; no head of the app's left."""
         self.status = status
 
-    def start(self, message: Mapping[str, object], *, close: bool = False) -> None:
+    def accept_trailers(self, accepted: bool) -> None:
+        """Whether the client takes trailer fields (it sent ``TE: trailers``), told once
+        the app announced some (:attr:`trailers`). They are sent only in a chunked body
+        to an HTTP/1.1 client, for a response that has a body; the app's Content-Length
+        then gives way to chunked framing. Otherwise they are dropped (RFC 9110 §6.5:
+        trailer fields are optional metadata) and the body ends as usual."""
+        if accepted and not self._no_body and self._conn.their_http_version == b"1.1":
+            self._send_trailers = True
+            fields = self._fields
+            assert fields is not None  # (set by start())
+            # Trailers follow the last chunk (RFC 9112 §7.1.2): the app's fields with
+            # chunked framing instead of any Content-Length.
+            chunked = [field for field in fields.fields if field[0].lower() != b"content-length"]
+            if b"transfer-encoding" not in fields.names:
+                chunked.append((b"transfer-encoding", b"chunked"))
+            self._fields = self._heads.fields_of(chunked)
+
+    def early_hint(self, message: Mapping[str, object]) -> bytes:
+        """Apply ``http.response.early_hint``: the ``103 Early Hints`` response to write
+        (RFC 8297), or b"" for an HTTP/1.0 client ("a server MUST NOT send a 1xx response
+        to an HTTP/1.0 client", RFC 9110 §15.2).
+
+        Raises:
+            AppProtocolError: sent after ``http.response.start``, or invalid links.
+        """
+        if self.state is not _WAITING:
+            raise AppProtocolError("'http.response.early_hint' sent after 'http.response.start'")
+        fields = early_hint_fields(message, self._heads.checked)
+        conn = self._conn
+        if conn.their_http_version != b"1.1":
+            return b""
+        hint = h11.InformationalResponse(status_code=103, headers=fields, reason=b"Early Hints")
+        return conn.send(hint) or b""
+
+    def start(self, message: Mapping[str, object], *, close: bool = False) -> bool:
         """Validate and hold ``http.response.start``; nothing is written yet.
 
         Until the first body message the head is only held, so an app that fails between
         ``start`` and its first body still gets a clean 500.
+
+        Returns whether the app announced trailers (``"trailers": True``): the caller
+        then says whether the client takes them (:meth:`accept_trailers`). (Returned, not
+        read from :attr:`trailers` after the call: the common response pays nothing.)
 
         Args:
             message: the app's message (type already checked by the caller).
@@ -261,8 +333,20 @@ class ResponseWriter:
         self._close = close
         self.status = status
         self.state = _STARTED
+        if "trailers" in message:  # (checked last: a bad value leaves the state as is)
+            return self._announce_trailers(message["trailers"])
+        return False
 
-    def _head(self, body: bytes, more_body: bool) -> list[bytes]:
+    def _announce_trailers(self, trailers: object) -> bool:
+        """Note start's ``trailers`` (see :meth:`start`); a value that is not a bool
+        leaves the writer WAITING, as if start had not come."""
+        if trailers is not True and trailers is not False:
+            self.state = _WAITING
+            raise AppProtocolError(f"'trailers' must be a bool, got {trailers!r}")
+        self.trailers = trailers
+        return trailers
+
+    def _head(self, body: bytes | FileRegion, more_body: bool) -> list[bytes]:
         """The head's bytes, handed to the parser (which applies the framing rules)."""
         fields = self._fields
         status = self.status
@@ -280,7 +364,7 @@ class ResponseWriter:
         add_length = (
             not more_body
             and not fields.framed
-            and (body or not self._no_body)
+            and (body or not self._no_body or type(body) is FileRegion)  # (a file's size)
             and status not in _EMPTY_BODY_STATUSES
         )
         reason = REASONS.get(status, b"")
@@ -324,9 +408,14 @@ class ResponseWriter:
         pieces = self.body_pieces(message)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def body_pieces(self, message: Mapping[str, object]) -> list[bytes]:
+    def body_pieces(
+        self, message: Mapping[str, object], region: FileRegion | None = None
+    ) -> list[Any]:
         """Like :meth:`body`, but the bytes stay in pieces (head, chunk framing, the app's
         body object itself), for a vectored write that copies no body.
+
+        ``region``: instead of the message's body, this file is the body's last piece
+        (:meth:`file_pieces`).
 
         Raises:
             AppProtocolError: as :meth:`body`.
@@ -335,33 +424,102 @@ class ResponseWriter:
             raise AppProtocolError("'http.response.body' sent before 'http.response.start'")
         if self.state is _COMPLETE:
             raise AppProtocolError("'http.response.body' sent after the response completed")
-        body = message.get("body", b"")
-        more_body = message.get("more_body", False)
-        if type(body) is not bytes or (more_body is not False and more_body is not True):
-            body, more_body = parse_body(message)
+        body: Any
+        if region is None:
+            body = message.get("body", b"")
+            more_body = message.get("more_body", False)
+            if type(body) is not bytes or (more_body is not False and more_body is not True):
+                body, more_body = parse_body(message)
+        else:
+            # (A FileRegion passes where the parser and the checks take bytes: they only
+            # take its len().)
+            body, more_body = region, False
         conn = self._conn
-        pieces: list[bytes]
+        pieces: list[Any]
         if self.state is _STARTED:
             pieces = self._head(body, more_body)  # may raise before anything is written
             self.state = _STREAMING
             self.started = True
         else:
+            if self.state is _TRAILERS:
+                raise AppProtocolError("response body sent after its last message")
             pieces = []
         if self._no_body:
             body = b""
         try:
-            if body or not more_body:
-                pieces += conn.send_body(body, not more_body)
-            self.body_bytes += len(body)
-            if not more_body:
+            if more_body:
+                if body:
+                    pieces += conn.send_body(body, False)
+            elif self.trailers:
+                # The last body; the trailers end the response (trailer_pieces).
+                if body:
+                    pieces += conn.send_body(body, False)
+                self.state = _TRAILERS
+            else:
+                pieces += conn.send_body(body, True)
                 self.state = _COMPLETE
                 self.complete = True
+            self.body_bytes += len(body)
         except h11.LocalProtocolError as exc:
             declared = self._fields.declared if self._fields is not None else None
             mismatch = None
             if declared is not None:
                 mismatch = _length_mismatch(self.body_bytes + len(body), declared, more_body)
             raise AppProtocolError(mismatch or f"invalid response body: {exc}") from None
+        return pieces
+
+    def file_pieces(self, region: FileRegion) -> list[bytes | FileRegion]:
+        """Apply ``http.response.pathsend``: the file (``region``) is the rest of the body.
+
+        The region stands in for its bytes (see ``protocol.response_extensions``): the
+        pieces hold it, framed like any body piece; a response without a declared length
+        gets the file's size as its Content-Length, like a complete body.
+
+        Raises:
+            AppProtocolError: as :meth:`body` (a file longer or shorter than the declared
+                Content-Length is refused before the head is handed over).
+        """
+        if self.state is _WAITING:
+            raise AppProtocolError("'http.response.pathsend' sent before 'http.response.start'")
+        if self.state is _COMPLETE:
+            raise AppProtocolError("'http.response.pathsend' sent after the response completed")
+        return self.body_pieces(_NO_MESSAGE, region)
+
+    def trailer_pieces(self, message: Mapping[str, object]) -> list[bytes]:
+        """Apply ``http.response.trailers``: the bytes that end the response (maybe
+        none yet, while ``more_trailers``), with the trailer fields when the client takes
+        them (:meth:`accept_trailers`).
+
+        Raises:
+            AppProtocolError: trailers not announced, sent before the body's last message
+                or after the end, or invalid fields (see
+                ``response_extensions.trailer_fields``).
+        """
+        if not self.trailers:
+            raise AppProtocolError(
+                "'http.response.trailers' sent without 'trailers': True in 'http.response.start'"
+            )
+        if self.state is not _TRAILERS:
+            raise AppProtocolError(
+                "'http.response.trailers' sent before the body's last message"
+                if self.state is not _COMPLETE
+                else "'http.response.trailers' sent after the response completed"
+            )
+        fields, more = trailer_fields(message, self._heads.checked)
+        if self._send_trailers:
+            self._trailer_fields = (self._trailer_fields or []) + fields
+        if more:
+            return []
+        conn = self._conn
+        try:
+            if self._trailer_fields:
+                pieces = conn.send_trailers(self._trailer_fields)
+            else:
+                pieces = conn.send_body(b"", True)
+        except h11.LocalProtocolError as exc:
+            raise AppProtocolError(f"invalid response end: {exc}") from None
+        self.state = _COMPLETE
+        self.complete = True
         return pieces
 
 

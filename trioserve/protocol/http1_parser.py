@@ -14,6 +14,7 @@ plus these additions:
   Content-Length) already encoded by the caller, which the httptools side takes as it is
   when h11's rules would not change it (h11 declines: it takes fields one by one).
 * :meth:`HTTPParser.send_body`: body bytes and the end of the response in one call.
+* :meth:`HTTPParser.send_trailers`: the end of a chunked response with trailer fields.
 * ``rejects_obs_fold``: whether the parser refuses obs-fold itself (llhttp does); h11
   unfolds it silently, so trioserve screens heads for it when the parser does not.
 
@@ -140,6 +141,15 @@ class HTTPParser(Protocol):
         """
         ...
 
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> list[Any]:
+        """The bytes of the response's end with trailer ``fields`` (checked by the caller):
+        the last chunk and the trailer section (RFC 9112 §7.1.2).
+
+        Raises:
+            h11.LocalProtocolError: the body is not chunked.
+        """
+        ...
+
     def send_failed(self) -> None: ...
 
     def start_next_cycle(self) -> None: ...
@@ -173,3 +183,7 @@ class H11Connection(h11.Connection):
         if end:
             pieces += self.send_with_data_passthrough(h11.EndOfMessage()) or ()
         return pieces
+
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> list[Any]:
+        # (h11 refuses trailers unless the body is chunked.)
+        return self.send_with_data_passthrough(h11.EndOfMessage(headers=fields)) or []

@@ -31,10 +31,17 @@ from typing import TYPE_CHECKING, Final, Literal
 
 import h2.config
 import h2.connection
+import h2.exceptions
+import h2.frame_buffer
 import h2.settings
+import hpack
 from h2.errors import ErrorCodes
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from hyperframe.frame import Frame
+
     from ..config import Config
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -61,8 +68,9 @@ MAX_OUTBOUND_BACKLOG: Final = 1024 * 1024
 # window before the stream is reset (CANCEL) and the app gets ClientDisconnected.
 SEND_WINDOW_TIMEOUT: Final = 60.0
 # CONTINUATION flood (CVE-2024-27316 class): h2 buffers at most 64 CONTINUATION frames
-# (h2.frame_buffer.CONTINUATION_BACKLOG) of at most --h2-max-inbound-frame-size bytes each
-# before END_HEADERS, then raises ProtocolError; the header block is bounded by that.
+# (h2.frame_buffer.CONTINUATION_BACKLOG) before END_HEADERS, however large each is (64 of
+# 16 MiB would be 1 GiB); _FrameBuffer also bounds the open header block in bytes, by
+# --h2-max-header-list-size, and refuses a frame as soon as its header announces it too long.
 
 
 class _ServerConnection(h2.connection.H2Connection):
@@ -78,6 +86,65 @@ class _ServerConnection(h2.connection.H2Connection):
     def open_inbound_streams(self) -> int:
         super().open_inbound_streams  # noqa: B018 (its side effect forgets closed streams)
         return 0
+
+
+class CompressionError(h2.exceptions.ProtocolError):
+    """A header block HPACK cannot decode: a connection error of type COMPRESSION_ERROR.
+
+    RFC 9113 §4.3 asks for COMPRESSION_ERROR; h2 turns every decoding error into a plain
+    PROTOCOL_ERROR. Being a ``ProtocolError`` (not an ``HPACKError``), this passes through
+    h2's translation, and h2 ends the connection with this class's code.
+    """
+
+    error_code = ErrorCodes.COMPRESSION_ERROR
+
+
+class _Decoder(hpack.Decoder):
+    """HPACK's decoder raising :class:`CompressionError` for a block it cannot decode.
+
+    ``OversizedHeaderListError`` stays what it is: h2 answers it with ENHANCE_YOUR_CALM.
+    """
+
+    def decode(self, data: bytes, raw: bool = False) -> Iterable[hpack.HeaderTuple]:
+        try:
+            return super().decode(data, raw)
+        except hpack.OversizedHeaderListError:
+            raise
+        except (hpack.HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
+            raise CompressionError(f"Error decoding header block: {exc}") from exc
+
+
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, with what it buffers for a peer bounded in bytes.
+
+    * A frame whose header announces more than the maximum frame size is refused as soon
+      as the 9-byte header is in (FRAME_SIZE_ERROR); h2 checks only once the whole frame
+      arrived, so a header announcing 16 MiB would make it buffer 16 MiB first.
+    * A header block not yet ended (HEADERS and CONTINUATION frames without END_HEADERS)
+      may hold at most ``max_header_block`` bytes (ENHANCE_YOUR_CALM); h2 only counts its
+      frames. An HPACK block is never larger than the header list it decodes to (each
+      field costs 32 bytes more in the list), so the header list limit serves.
+    """
+
+    def __init__(self, max_header_block: int) -> None:
+        super().__init__(server=True)
+        self.max_header_block = max_header_block
+
+    def __next__(self) -> Frame:
+        if len(self._data) >= 9:
+            self._validate_frame_length(int.from_bytes(self._data[:3], "big"))
+        return super().__next__()
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        f = super()._update_header_buffer(f)
+        if self._headers_buffer:
+            size = sum(len(frame.data) for frame in self._headers_buffer)
+            if size > self.max_header_block:
+                raise h2.exceptions.DenialOfServiceError(
+                    f"header block of {size} bytes without END_HEADERS "
+                    f"(limit {self.max_header_block})"
+                )
+        return f
 
 
 def h2_connection(config: Config) -> h2.connection.H2Connection:
@@ -109,7 +176,21 @@ def h2_connection(config: Config) -> h2.connection.H2Connection:
     # h2 refuses a frame larger than max_inbound_frame_size before acknowledging our
     # SETTINGS; the setting above covers the time after.
     conn.max_inbound_frame_size = config.h2_max_inbound_frame_size
+    conn.incoming_buffer = _FrameBuffer(config.h2_max_header_list_size)
+    # h2 hands a header list limit to HPACK only when a *changed* setting is acknowledged;
+    # initial values never are, so the limit is set here.
+    conn.decoder = _Decoder()
+    conn.decoder.max_header_list_size = config.h2_max_header_list_size
     return conn
+
+
+def header_block_pending(conn: h2.connection.H2Connection) -> bool:
+    """Whether a header block has begun and not ended (HEADERS without END_HEADERS yet).
+
+    While one is pending no other frame may arrive (RFC 9113 §6.10), so the connection
+    task bounds that time by ``--timeout-request-header``, as HTTP/1.1 bounds a head.
+    """
+    return bool(conn.incoming_buffer._headers_buffer)
 
 
 def connection_window_increment(config: Config) -> int:

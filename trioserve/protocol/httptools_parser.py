@@ -512,6 +512,14 @@ class HttptoolsConnection:
                 pieces.append(_LAST_CHUNK)
         return pieces
 
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> list[Any]:
+        """The end of a chunked body with trailer fields (``HTTPParser``'s addition)."""
+        if self._framing is not CHUNKED:
+            raise h11.LocalProtocolError("trailers require a chunked response body")
+        pieces = self.send_body(b"", True)
+        pieces[-1] = b"0\r\n%s\r\n" % b"".join(b"%s: %s\r\n" % field for field in fields)
+        return pieces
+
     def _must_close(self) -> None:
         """h11's rule once keep-alive is off: a side whose message is DONE must close."""
         if self.our_state is _DONE:

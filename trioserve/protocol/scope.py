@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 from ..message_trace import peer_name
 from .proxy_headers import TrustedHosts, resolve_forwarded
+from .response_extensions import HTTP_EXTENSIONS
 from .ws_messages import HTTP_RESPONSE_EXTENSION, parse_subprotocols
 
 ASGI_VERSION: Final = {"version": "3.0", "spec_version": "2.4"}
@@ -99,7 +100,7 @@ def http_scope(
     scope: dict[str, Any] = {
         "type": "http",
         "asgi": ASGI_VERSION,
-        "http_version": "1.1" if http_version == b"1.1" else "1.0",
+        "http_version": "1.1" if http_version == b"1.1" else _version_name(http_version),
         "method": method.decode("ascii"),
         "scheme": facts.scheme,
         "path": path,
@@ -109,7 +110,8 @@ def http_scope(
         "headers": headers,
         "client": facts.client,
         "server": facts.server,
-        "extensions": {},
+        # (pathsend, early hints, trailers: see protocol.response_extensions)
+        "extensions": HTTP_EXTENSIONS.copy(),
     }
     if state is not None:
         scope["state"] = state.copy()
@@ -120,6 +122,11 @@ def http_scope(
     if facts.trusted is not None:
         apply_proxy_headers(scope, facts.trusted)
     return scope
+
+
+def _version_name(http_version: bytes) -> str:
+    """The scope's ``http_version`` for anything but HTTP/1.1 (compared first, inline)."""
+    return "2" if http_version == b"2" else "1.0"
 
 
 def websocket_scope(
@@ -140,7 +147,11 @@ def websocket_scope(
     scope["type"] = "websocket"
     scope["scheme"] = "wss" if http["scheme"] == "https" else "ws"
     scope["subprotocols"] = parse_subprotocols(headers)
-    scope["extensions"] = {HTTP_RESPONSE_EXTENSION: {}, **http["extensions"]}
+    extensions: dict[str, Any] = {HTTP_RESPONSE_EXTENSION: {}}
+    extensions.update(
+        (name, value) for name, value in http["extensions"].items() if name not in HTTP_EXTENSIONS
+    )  # (the http response extensions are not a WebSocket's)
+    scope["extensions"] = extensions
     return scope
 
 

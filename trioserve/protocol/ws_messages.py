@@ -1,8 +1,9 @@
 """WebSocket <-> ASGI translation, decided without I/O (layer 2: wsproto and h11, never trio).
 
-``connection.websocket`` owns the socket and the ``wsproto.WSConnection``; this module
-holds what can be decided without awaiting (the ``websocket`` scope is built in
-``protocol.scope``, with :func:`parse_subprotocols` from here):
+``connection.websocket`` owns the socket, the handshake and the engine (``ws_engine``:
+wsproto or websockets); this module holds what can be decided without awaiting (the
+``websocket`` scope is built in ``protocol.scope``, with :func:`parse_subprotocols` from
+here):
 
 * :class:`AppMessages` is the state machine of what the *app* sends. Messages are untrusted
   input: each is validated here and returned as a typed value, or rejected with
@@ -19,7 +20,7 @@ holds what can be decided without awaiting (the ``websocket`` scope is built in
   delivered as one).
 * :func:`classify_close` tells a peer's Close frame, the end of our own close handshake, a
   lost connection and a frame wsproto refused (which it reports as a ``CloseConnection``
-  too) apart.
+  too) apart (for ``ws_engine.WsprotoEngine``; websockets' engine tells them itself).
 
 Close codes follow RFC 6455 §7.4.1; 1012 ("service restart") is the IANA-registered code
 uvicorn also uses for a server going down.
@@ -30,11 +31,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Union
+from typing import Any, Final, Protocol, Union
 
 import h11
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.events import CloseConnection
 
 from ..errors import AppProtocolError
 from .response_heads import validate_headers
@@ -320,16 +321,28 @@ def _close_fields(message: Mapping[str, object]) -> tuple[int, str]:
 # -- messages from the peer ---------------------------------------------------------------
 
 
+class MessagePart(Protocol):
+    """A message, or a fragment of one, as a WebSocket engine hands it out
+    (``ws_engine``): text (already UTF-8-checked) or binary. wsproto's ``TextMessage`` and
+    ``BytesMessage`` are ones."""
+
+    @property
+    def data(self) -> str | bytes | bytearray: ...
+
+    @property
+    def message_finished(self) -> bool: ...
+
+
 class MessageTooBigError(Exception):
     """An incoming message exceeds ``--ws-max-size``; the connection closes with 1009."""
 
 
 class MessageAssembler:
-    """Join the fragments wsproto yields into whole ``websocket.receive`` messages.
+    """Join the fragments an engine yields into whole ``websocket.receive`` messages.
 
-    wsproto hands out each frame, and even part of a frame, as soon as it is decoded
-    (text already UTF-8-checked), so the size limit is enforced while a message grows,
-    not after it has been buffered in full.
+    The engines hand out each frame (wsproto even part of a frame) as soon as it is
+    decoded, text already UTF-8-checked, so the size limit is enforced while a message
+    grows, not after it has been buffered in full.
 
     Args:
         max_size: the largest message accepted, in bytes (UTF-8 bytes for text).
@@ -342,7 +355,7 @@ class MessageAssembler:
         self._parts: list[Any] = []  # str fragments or bytes fragments, never mixed
         self._size = 0
 
-    def feed(self, event: TextMessage | BytesMessage) -> dict[str, Any] | None:
+    def feed(self, event: MessagePart) -> dict[str, Any] | None:
         """Add a fragment; return the message when it is complete, else None.
 
         Raises:

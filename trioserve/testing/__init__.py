@@ -53,7 +53,12 @@ import trio
 
 from ..config import Config
 from ..server import Server, resolve_app, serve, serve_in_memory
-from .transport import REQUEST_ID_HEADER, app_error_transport_class, memory_transport_class
+from .transport import (
+    REQUEST_ID_HEADER,
+    app_error_transport_class,
+    memory_http2_transport_class,
+    memory_transport_class,
+)
 from .ws_client import WebSocketClient, WebSocketClosed, WebSocketRejected, open_websocket
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -108,7 +113,9 @@ def running(
             :attr:`RunningServer.app_exceptions` before the block ends. False: the
             clients get the server's answer (500, close 1011) and nothing is raised.
         **options: :class:`~trioserve.Config` fields; ``port`` defaults to 0 and
-            ``access_log`` to False.
+            ``access_log`` to False. ``http2=True`` (given explicitly) also makes
+            :meth:`RunningServer.client` speak HTTP/2: httpx with ``http2=True``, by prior
+            knowledge on cleartext and in memory, by ALPN over TLS.
 
     Raises:
         AppLoadError: ``app`` is an import string that does not load (on entry).
@@ -157,6 +164,7 @@ async def _running(
             start_error = exc
         else:
             handle = RunningServer(server, transport, app_errors)
+            handle.http2 = options.get("http2") is True
             try:
                 yield handle
             except Exception as exc:
@@ -270,6 +278,8 @@ class RunningServer:
             ``raise_app_exceptions=False``; remove the ones the test expects).
     """
 
+    http2 = False  # the clients speak HTTP/2 (running(..., http2=True))
+
     def __init__(self, server: Server, transport: Transport, app_errors: _AppErrors) -> None:
         self.server = server
         self.transport = transport
@@ -319,6 +329,11 @@ class RunningServer:
         Use it as ``async with server.client() as client:``; clients left open are closed
         when the block ends. ``kwargs`` go to ``httpx.AsyncClient``.
 
+        ``h11=True``: the requests go through trioserve's own h11 client over
+        :meth:`open_stream` (as they always do in memory mode), which shows what httpx's
+        transport drops: 1xx responses and trailer fields (see
+        ``trioserve.testing.transport``).
+
         A request the app raised for raises the app's exception at the call (the
         response, or the broken connection, is dropped), unless ``raise_app_exceptions``
         is False. An exception the app raises only after the response was read is left
@@ -334,7 +349,15 @@ class RunningServer:
         }
         if "trust_env" in kwargs:
             options["trust_env"] = kwargs["trust_env"]
-        if self.transport == "memory":
+        own_h11 = kwargs.pop("h11", False)
+        if self.http2 and not own_h11:
+            # HTTP/2 only: httpx would otherwise stay on HTTP/1.1 without TLS (no h2c).
+            options.setdefault("http2", True)
+            options.setdefault("http1", False)
+        if self.transport == "memory" and options.get("http2") and not own_h11:
+            transport = transport or memory_http2_transport_class()(self.server)
+            kwargs.setdefault("base_url", self.url)
+        elif self.transport == "memory" or own_h11:
             transport = transport or memory_transport_class()(self.server)
             kwargs.setdefault("base_url", self.url)
         elif isinstance(address, str):

@@ -2,7 +2,11 @@
 
 - The in-memory transport (``transport="memory"``): each request opens one memory-stream
   connection to the server (:meth:`trioserve.Server.open_stream`), written and parsed with
-  an h11 client.
+  an h11 client. It also shows what httpx's own transport drops (``server.client(h11=True)``
+  uses it over a real socket too): the interim responses, 103 Early Hints among them, as
+  ``response.extensions["informational_responses"]`` (a list of ``(status, headers)``) and
+  the trailer fields, as ``response.extensions["trailers"]`` (a list of ``(name, value)``,
+  filled once the body has been read; send ``TE: trailers`` to get any).
 - The app-error transport, around the transport of every ``server.client()``: it tags
   each request with :data:`REQUEST_ID_HEADER` and raises the app's exception for that
   request at the test's call.
@@ -14,6 +18,7 @@ is first built.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -114,9 +119,15 @@ def memory_transport_class() -> Callable[[Server], httpx.AsyncBaseTransport]:
     import httpx
 
     class MemoryResponseStream(httpx.AsyncByteStream):
-        def __init__(self, conn: h11.Connection, stream: trio.abc.HalfCloseableStream) -> None:
+        def __init__(
+            self,
+            conn: h11.Connection,
+            stream: trio.abc.HalfCloseableStream,
+            trailers: list[tuple[bytes, bytes]],
+        ) -> None:
             self._conn = conn
             self._stream = stream
+            self._trailers = trailers
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
             while True:
@@ -127,6 +138,7 @@ def memory_transport_class() -> Callable[[Server], httpx.AsyncBaseTransport]:
                 if isinstance(event, h11.Data):
                     yield bytes(event.data)
                 elif isinstance(event, h11.EndOfMessage):
+                    self._trailers += event.headers.raw_items()
                     return
                 else:
                     raise httpx.RemoteProtocolError(f"unexpected event in response: {event!r}")
@@ -146,20 +158,31 @@ def memory_transport_class() -> Callable[[Server], httpx.AsyncBaseTransport]:
             except OSError as exc:
                 raise httpx.ConnectError(str(exc), request=request) from exc
             conn = h11.Connection(h11.CLIENT)
+            interim: list[tuple[int, list[tuple[bytes, bytes]]]] = []
             try:
-                response = await self._exchange(conn, stream, request)
+                response = await self._exchange(conn, stream, request, interim)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
+            trailers: list[tuple[bytes, bytes]] = []
             return httpx.Response(
                 status_code=response.status_code,
                 headers=list(response.headers),
-                stream=MemoryResponseStream(conn, stream),
-                extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
+                stream=MemoryResponseStream(conn, stream, trailers),
+                extensions={
+                    "http_version": b"HTTP/1.1",
+                    "reason_phrase": response.reason,
+                    "informational_responses": interim,
+                    "trailers": trailers,
+                },
             )
 
         async def _exchange(
-            self, conn: h11.Connection, stream: trio.abc.Stream, request: httpx.Request
+            self,
+            conn: h11.Connection,
+            stream: trio.abc.Stream,
+            request: httpx.Request,
+            interim: list[tuple[int, list[tuple[bytes, bytes]]]],
         ) -> h11.Response:
             try:
                 await stream.send_all(
@@ -186,7 +209,9 @@ def memory_transport_class() -> Callable[[Server], httpx.AsyncBaseTransport]:
                     raise httpx.RemoteProtocolError(str(exc), request=request) from exc
                 if isinstance(event, h11.Response):
                     return event
-                if not isinstance(event, h11.InformationalResponse):
+                if isinstance(event, h11.InformationalResponse):
+                    interim.append((event.status_code, event.headers.raw_items()))
+                else:
                     raise httpx.RemoteProtocolError(
                         "server closed the connection without a response", request=request
                     )
@@ -204,3 +229,62 @@ async def _next_client_event(conn: h11.Connection, stream: trio.abc.Stream) -> A
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         conn.receive_data(bytes(data))
+
+
+@functools.cache
+def memory_http2_transport_class() -> Callable[[Server], httpx.AsyncBaseTransport]:
+    """The httpx transport of in-memory mode with ``http2=True``: httpx's own HTTP/2
+    client (httpcore, prior knowledge) over memory-stream connections to the server.
+
+    httpcore takes a network backend; this one's "connections" are
+    :meth:`trioserve.Server.open_stream`. (httpx does not expose the backend, so the
+    transport's connection pool is replaced: httpx's ``_pool``, stable since 0.18.)
+    """
+    import httpcore
+    import httpx
+
+    class MemoryNetworkStream(httpcore.AsyncNetworkStream):
+        def __init__(self, stream: trio.abc.Stream) -> None:
+            self._stream = stream
+
+        async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                try:
+                    return bytes(await self._stream.receive_some(max_bytes))
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise httpcore.ReadError(str(exc)) from exc
+
+        async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                try:
+                    await self._stream.send_all(buffer)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise httpcore.WriteError(str(exc)) from exc
+
+        async def aclose(self) -> None:
+            await trio.aclose_forcefully(self._stream)
+
+        def get_extra_info(self, info: str) -> Any:
+            return None
+
+    class MemoryNetworkBackend(httpcore.AsyncNetworkBackend):
+        def __init__(self, server: Server) -> None:
+            self._server = server
+
+        async def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+            try:
+                return MemoryNetworkStream(await self._server.open_stream())
+            except OSError as exc:
+                raise httpcore.ConnectError(str(exc)) from exc
+
+        async def sleep(self, seconds: float) -> None:
+            await trio.sleep(seconds)
+
+    class MemoryHTTP2Transport(httpx.AsyncHTTPTransport):
+        def __init__(self, server: Server) -> None:
+            super().__init__(http1=False, http2=True)
+            self._pool = httpcore.AsyncConnectionPool(
+                http1=False, http2=True, network_backend=MemoryNetworkBackend(server)
+            )
+
+    return MemoryHTTP2Transport

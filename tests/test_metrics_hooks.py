@@ -1,0 +1,243 @@
+"""What the connection code counts for ``/metrics`` (issue 20), in process: each counter
+checked against what went over real sockets (``Server.metrics``; the Prometheus side is
+``test_metrics.py``)."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import trustme
+from conftest import Recorder, run_server
+from test_http2_serving import curl
+from wire import Client, connect, parse_responses, read_until_eof, receive_until
+
+from trioserve import Server
+from trioserve.metrics import Sample
+
+GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def sample(server: Server) -> Sample:
+    assert server.metrics is not None
+    return server.metrics.sample()
+
+
+async def settled(server: Server, **expected: float) -> Sample:
+    """The server's sample once it shows ``expected`` (a connection is closed, an app call
+    ends, a few scheduler turns after the client has seen the last bytes)."""
+    with trio.fail_after(5):
+        while True:
+            now = sample(server)
+            if all(now.get(key) == value for key, value in expected.items()):
+                return now
+            await trio.sleep(0.01)
+
+
+async def exchange(server: Server, data: bytes) -> bytes:
+    """Send ``data`` on a new connection; everything the server sends until it closes."""
+    stream = await connect(server.addresses[0])
+    async with stream:
+        await stream.send_all(data)
+        return await read_until_eof(stream)
+
+
+async def waiting_hello(scope: Any, receive: Any, send: Any) -> None:
+    """Answers after a wait: the connection moves to a new task for every request."""
+    await trio.sleep(0)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hi"})
+
+
+@pytest.mark.usefixtures("both_parsers")
+async def test_bytes_and_keepalive_reuses_are_those_on_the_wire() -> None:
+    pipelined = (
+        GET
+        + GET
+        + b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    )
+    async with run_server(Recorder(), metrics=True) as server:
+        answered = await exchange(server, pipelined)
+        now = await settled(server, connections_open=0)
+    assert [r.status_code for r, _ in parse_responses(answered)] == [200, 200, 200]
+    assert now["received_bytes"] == len(pipelined)
+    assert now["sent_bytes"] == len(answered)
+    assert now["connections"] == 1
+    assert now["keepalive_reuses"] == 2
+    assert now["requests|GET|2xx|1.1"] == 2
+    assert now["requests|POST|2xx|1.1"] == 1
+    assert now["request_duration_seconds|bucket|+Inf"] == 3
+    assert now["requests_in_flight"] == 0
+
+
+@pytest.mark.usefixtures("both_parsers")
+async def test_keepalive_reuses_are_counted_when_the_app_waits() -> None:
+    # Each request's wait hands the connection to a new task (connection.http1): the
+    # first request it reads there reuses the connection too.
+    async with run_server(waiting_hello, metrics=True) as server:
+        stream = await connect(server.addresses[0])
+        async with stream:
+            client = Client(stream)
+            for _ in range(3):
+                response, _ = await client.request()
+                assert response.status_code == 200
+        now = await settled(server, connections_open=0)
+    assert now["keepalive_reuses"] == 2
+    assert now["requests|GET|2xx|1.1"] == 3
+
+
+async def test_in_flight_gauges_and_concurrency_rejections() -> None:
+    release = trio.Event()
+    http_called = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            await release.wait()  # then closed with 1000
+        elif scope["type"] == "http":
+            http_called.set()
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"late"})
+
+    async with run_server(app, metrics=True, limit_concurrency=2) as server:
+        http = await connect(server.addresses[0])
+        ws = await connect(server.addresses[0])
+        async with http, ws:
+            await http.send_all(GET)
+            await ws.send_all(UPGRADE)
+            assert (await receive_until(ws, b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+            await http_called.wait()
+            assert (await exchange(server, GET)).startswith(b"HTTP/1.1 503 ")  # 2 calls run
+            held = await settled(server, connections_open=2)
+            release.set()
+            assert b"late" in await receive_until(http, b"late")
+        done = await settled(server, connections_open=0, websockets_in_flight=0)
+    assert held["requests_in_flight"] == 1
+    assert held["websockets_in_flight"] == 1
+    assert held["websocket_sessions"] == 1
+    assert held["concurrency_rejections"] == 1
+    assert held["connections"] == 3
+    assert done["requests_in_flight"] == 0
+    assert done["websocket_sessions"] == 1
+    assert done["requests|GET|2xx|1.1"] == 1  # (not the 503: it never reached the app)
+
+
+@pytest.mark.usefixtures("both_parsers")
+async def test_protocol_errors_are_counted_by_status() -> None:
+    chunked_too_long = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n14\r\n"
+        + b"x" * 20
+        + b"\r\n0\r\n\r\n"
+    )
+    cases = [
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n", 413),
+        (chunked_too_long, 413),  # found while the app reads the body
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 8000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+        (UPGRADE.replace(b"Sec-WebSocket-Key", b"X-Not-The-Key"), 400),  # bad upgrade
+    ]
+    options = {"limit_request_body": 10, "h11_max_incomplete_event_size": 4096}
+    async with run_server(Recorder(), metrics=True, **options) as server:
+        for data, status in cases:
+            answer = await exchange(server, data)
+            assert answer.startswith(b"HTTP/1.1 %d " % status), (data[:60], answer[:60])
+        now = await settled(server, connections_open=0)
+    errors = {key: value for key, value in now.items() if key.startswith("protocol_errors|")}
+    assert errors == {
+        "protocol_errors|413": 2,
+        "protocol_errors|501": 1,
+        "protocol_errors|431": 1,
+        "protocol_errors|400": 2,
+    }
+    assert now["requests|POST|4xx|1.1"] == 1  # the chunked one reached the app
+
+
+async def test_a_request_the_client_left_is_counted_with_no_status() -> None:
+    app = Recorder()  # returns without a response when told http.disconnect
+    async with run_server(app, metrics=True) as server:
+        stream = await connect(server.addresses[0])
+        async with stream:
+            await stream.send_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            await stream.send_eof()  # gone before the rest of the body
+            assert await read_until_eof(stream) == b""
+        now = await settled(server, connections_open=0, requests_in_flight=0)
+    assert app.requests[0]["disconnect"]
+    assert now["requests|POST|none|1.1"] == 1
+    assert not any(key.startswith("requests|POST|4xx") for key in now)  # (logged as 499)
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("metrics-pki")
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(root / "cert.pem")
+    cert.private_key_pem.write_to_path(root / "key.pem")
+    return {"ssl_certfile": str(root / "cert.pem"), "ssl_keyfile": str(root / "key.pem")}
+
+
+async def test_tls_handshake_failures_are_counted_and_bytes_are_the_plaintext(
+    ca: trustme.CA, tls_files: dict[str, str]
+) -> None:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n12345"
+    async with run_server(Recorder(), metrics=True, **tls_files) as server:
+        assert (await exchange(server, GET)) == b""  # plain HTTP to the TLS port
+        tcp = await connect(server.addresses[0])
+        stream = trio.SSLStream(tcp, context, server_hostname="127.0.0.1", https_compatible=True)
+        async with stream:
+            await stream.send_all(request)
+            answer = await read_until_eof(stream)
+        now = await settled(server, connections_open=0)
+    [(response, body)] = parse_responses(answer)
+    assert (response.status_code, body) == (200, b"POST / 12345")
+    assert now["tls_handshake_failures"] == 1
+    assert now["connections"] == 2
+    assert now["requests|POST|2xx|1.1"] == 1
+    # What HTTP read and wrote, not the TLS records.
+    assert (now["received_bytes"], now["sent_bytes"]) == (len(request), len(answer))
+
+
+async def test_a_connection_in_its_tls_handshake_is_open_until_it_times_out(
+    autojump_clock: trio.testing.MockClock, tls_files: dict[str, str]
+) -> None:
+    async with run_server(
+        Recorder(), metrics=True, timeout_request_header=4.0, **tls_files
+    ) as server:
+        tcp = await connect(server.addresses[0])  # and silent
+        async with tcp:
+            during = await settled(server, connections=1)
+            assert await read_until_eof(tcp) == b""
+        after = await settled(server, connections_open=0)
+    assert during["connections_open"] == 1  # not one of the live HTTP connections yet
+    assert during["tls_handshake_failures"] == 0
+    assert after["tls_handshake_failures"] == 1
+
+
+async def test_http2_requests_are_counted_by_the_same_request_cycle() -> None:
+    async with run_server(Recorder(), metrics=True) as server:
+        url = f"http://127.0.0.1:{server.port}/two"
+        for _ in range(2):
+            assert await curl("--http2-prior-knowledge", url) == (0, b"GET /two ")
+        now = await settled(server, connections_open=0)
+    assert now["requests|GET|2xx|2"] == 2
+    assert now["requests_in_flight"] == 0
+    assert now["connections"] == 2

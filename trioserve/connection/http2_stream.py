@@ -1,0 +1,472 @@
+"""One HTTP/2 stream: the request channel of a :class:`RequestCycle` (layer 4).
+
+An HTTP/2 request runs the same ASGI request cycle as an HTTP/1.1 one
+(``connection.request_cycle.RequestCycle``: validation and dispatch of the app's
+messages, write turns, coalescing, ``http.disconnect``, 500 / 499, the access line, the
+``--limit-concurrency`` place). What differs is what carries it, and that lives here:
+
+* :class:`HTTP2Stream` is the cycle's ``RequestChannel`` *and* its ``ResponseStream``.
+  ``receive_body`` hands out the DATA the connection's reader buffered on the stream,
+  crediting it back to the client (WINDOW_UPDATE) only as the app takes it; ``write``
+  queues HEADERS and DATA on the connection's ``h2`` state machine as the flow-control
+  windows allow (see :meth:`HTTP2Stream.write`).
+* :class:`H2ResponseEncoder` is the cycle's ``ResponseEncoder``: it validates the app's
+  messages as HTTP/1.1's ``ResponseWriter`` does, but encodes nothing (``h2`` frames and
+  compresses the fields, connection-wide). The "pieces" it returns only say that
+  something is due on the wire; ``write`` reads the head, the trailers and whether the
+  response ended from the encoder.
+
+The stream never imports the connection (``connection.http2``): what it needs of it is
+:class:`StreamOwner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol
+
+import h2.connection
+import h2.exceptions
+import trio
+from h2.errors import ErrorCodes
+
+from ..errors import AppProtocolError, ClientDisconnected
+from ..protocol.http1_messages import REASONS
+from ..protocol.http2 import SEND_WINDOW_TIMEOUT, response_header_list
+from ..protocol.response_extensions import FileRegion, early_hint_fields
+from ..protocol.response_heads import ResponseHeads, check_fields, parse_body, validate_headers
+from .request_cycle import DISCONNECT, CycleView, RequestCycle, run_until_first_wait
+from .state import ServerState
+from .stream import FILE_PIECE_BYTES
+
+logger = logging.getLogger(__name__)
+
+# Statuses whose response has no body (RFC 9110 §6.4.1), as on HTTP/1.1.
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+_DUE: Final = [b""]  # "something is due on the wire" (the head, or the end of the stream)
+
+
+class StreamOwner(Protocol):
+    """What a stream uses of its connection (``connection.http2.HTTP2Connection``)."""
+
+    h2: h2.connection.H2Connection
+    state: ServerState
+    peer: str
+    broken: bool
+    draining: bool
+    window_opened: trio.Event
+    nursery: trio.Nursery
+
+    def wake_writer(self) -> None: ...
+    def credit(self, stream_id: int, size: int) -> None: ...
+    def reset_stream(self, stream_id: int, code: ErrorCodes) -> None: ...
+    def stream_exited(self, stream: HTTP2Stream) -> None: ...
+    def open_windows(self) -> None: ...
+    async def wait_backlog_below(self) -> None: ...
+
+
+class H2ResponseEncoder:
+    """The response state machine of one stream (a ``ResponseEncoder``).
+
+    Args:
+        heads: the server's ``ResponseHeads`` (its cache of checked fields).
+        method: the request method (a HEAD response carries no body).
+        send_hint: queues a ``103 Early Hints`` with these fields (RFC 8297).
+    """
+
+    started = False  # the first body message came: the HEADERS frame is due
+    complete = False
+    status: int | None = None
+    body_bytes = 0
+    trailers = False  # announced in http.response.start
+    headers: list[tuple[bytes, bytes]] = []  # (the app's, once start() checked them)
+    trailer_fields: list[tuple[bytes, bytes]] | None = None
+    _body_ended = False  # the body's last message came (trailers may follow)
+
+    def __init__(
+        self,
+        heads: ResponseHeads,
+        method: bytes,
+        send_hint: Callable[[list[tuple[bytes, bytes]]], None],
+    ) -> None:
+        self._heads = heads
+        self._send_hint = send_hint
+        self._no_body = method == b"HEAD"
+
+    def note_status(self, status: int) -> None:
+        """Record the status of the server's own answer (error, 499), for the access log."""
+        self.status = status
+
+    def accept_trailers(self, accepted: bool) -> None:
+        """HTTP/2 always carries trailers (a HEADERS frame ending the stream)."""
+
+    def start(self, message: Mapping[str, object], *, close: bool = False) -> None:
+        """Validate and hold ``http.response.start`` (``close`` means nothing on HTTP/2:
+        a draining connection says so with GOAWAY)."""
+        if self.status is not None:
+            raise AppProtocolError("'http.response.start' sent twice")
+        status = message.get("status")
+        if type(status) is not int or not 200 <= status <= 999:
+            raise AppProtocolError(f"'status' must be a final status 200-999, got {status!r}")
+        headers = validate_headers(message.get("headers"))
+        check_fields(headers, self._heads.checked)
+        trailers = message.get("trailers", False)
+        if type(trailers) is not bool:
+            raise AppProtocolError(f"'trailers' must be a bool, got {trailers!r}")
+        if status in _NO_BODY_STATUSES:
+            self._no_body = True
+        self.status = status
+        self.headers = headers
+        self.trailers = trailers
+
+    def body_pieces(self, message: Mapping[str, object]) -> list[bytes]:
+        """Apply ``http.response.body``: ``[body]``, or :data:`_DUE` when only the head or
+        the end of the stream is due, or ``[]`` when nothing is."""
+        if self.status is None:
+            raise AppProtocolError("'http.response.body' sent before 'http.response.start'")
+        if self.complete or self._body_ended:
+            raise AppProtocolError("'http.response.body' sent after the response completed")
+        body, more_body = parse_body(message)
+        if self._no_body:
+            body = b""
+        first = not self.started
+        self.started = True
+        self.body_bytes += len(body)
+        if not more_body:
+            if self.trailers:
+                self._body_ended = True
+            else:
+                self.complete = True
+        if body:
+            return [body]
+        return _DUE if first or self.complete else []
+
+    def early_hint(self, message: Mapping[str, object]) -> bytes:
+        """``http.response.early_hint``: the ``103 Early Hints`` HEADERS frame is queued
+        at once (``send_hint``); no bytes for the cycle to write."""
+        if self.status is not None:
+            raise AppProtocolError("'http.response.early_hint' sent after 'http.response.start'")
+        self._send_hint(early_hint_fields(message, self._heads.checked))
+        return b""
+
+    def file_pieces(self, region: FileRegion) -> list[bytes | FileRegion]:
+        """``http.response.pathsend``: the file as the rest of the body (read by
+        :meth:`HTTP2Stream.write_file`)."""
+        if self.status is None:
+            raise AppProtocolError("'http.response.pathsend' sent before 'http.response.start'")
+        if self.complete or self._body_ended:
+            raise AppProtocolError("'http.response.pathsend' sent after the response completed")
+        self.started = True
+        if self.trailers:
+            self._body_ended = True
+        else:
+            self.complete = True
+        if self._no_body:
+            return [b""]
+        self.body_bytes += region.count
+        return [region]
+
+    def trailer_pieces(self, message: Mapping[str, object]) -> list[bytes]:
+        """Apply ``http.response.trailers``: :data:`_DUE` once the last one came (the
+        trailing HEADERS frame ends the stream), else ``[]``."""
+        if not self.trailers:
+            raise AppProtocolError(
+                "'http.response.trailers' sent without 'trailers': True in 'http.response.start'"
+            )
+        if not self._body_ended or self.complete:
+            raise AppProtocolError(
+                "'http.response.trailers' sent before the body's last message"
+                if not self.complete
+                else "'http.response.trailers' sent after the response completed"
+            )
+        fields = validate_headers(message.get("headers"))
+        check_fields(fields, self._heads.checked)
+        more = message.get("more_trailers", False)
+        if type(more) is not bool:
+            raise AppProtocolError(f"'more_trailers' must be a bool, got {more!r}")
+        self.trailer_fields = [
+            *(self.trailer_fields or ()),
+            *((name.lower(), value) for name, value in fields),
+        ]
+        if more:
+            return []
+        self.complete = True
+        return _DUE
+
+
+class HTTP2Stream:
+    """One request on an HTTP/2 connection (see the module docstring).
+
+    Args:
+        conn: the connection.
+        stream_id: the stream's id.
+        method: the request method.
+        scope: the request's ``http`` scope.
+    """
+
+    closing = False  # (RequestChannel: HTTP/2 has no Connection: close)
+    body_error: int | None = None
+
+    def __init__(
+        self, conn: StreamOwner, stream_id: int, method: bytes, scope: dict[str, Any]
+    ) -> None:
+        self.conn = conn
+        self.state = conn.state
+        self.stream_id = stream_id
+        self.method = method
+        self.scope = scope
+        self.encoder = H2ResponseEncoder(conn.state.response_heads, method, self._send_hint)
+        self._body: list[bytes] = []
+        self.body_ended = False
+        self.reset = False  # the client reset the stream, or the connection ended
+        self.changed = trio.Event()  # body arrived, stream ended or reset, response done
+        self._told_end = False  # receive_body() has returned more_body=False
+        self._head_sent = False
+        self._ended = False  # our side of the stream is closed (END_STREAM sent)
+        self._more_file = False  # write_file() has more of the file to come
+        self._received = 0  # request body bytes handed to the app
+
+    # -- ResponseStream (the cycle writes through these) -----------------------------------
+
+    @property
+    def stream(self) -> HTTP2Stream:
+        return self
+
+    @property
+    def peer_gone(self) -> bool:
+        return self.reset
+
+    @property
+    def broken(self) -> bool:
+        return self.conn.broken
+
+    @property
+    def peer(self) -> str:
+        return self.conn.peer
+
+    async def write(self, data: bytes | list[bytes]) -> None:
+        """Queue the response so far on ``h2``: HEADERS first, then DATA as the windows
+        allow, then the end of the stream (with the trailers) once the encoder says the
+        response is complete. ClientDisconnected when the stream was reset."""
+        encoder = self.encoder
+        body = data if isinstance(data, bytes) else b"".join(data)
+        end = encoder.complete and not self._more_file
+        trailers = encoder.trailer_fields if end else None
+        try:
+            if not self._head_sent:
+                status = encoder.status or 500
+                self._send_head(status, encoder.headers, end and not body and not trailers)
+            if body or (end and not trailers and not self._ended):
+                await self._send_data(body, end_stream=end and not trailers)
+            if trailers:
+                self.conn.h2.send_headers(self.stream_id, trailers, end_stream=True)
+                self._ended = True
+                self.conn.wake_writer()
+        except h2.exceptions.StreamClosedError:
+            raise ClientDisconnected(f"{self.conn.peer} closed stream {self.stream_id}") from None
+        if end:
+            self._signal()  # (a receive_body() waiting for the end of the response)
+        await self.conn.wait_backlog_below()
+
+    async def write_file(self, pieces: list[bytes | FileRegion]) -> None:
+        """Write ``pieces``, reading file regions (``http.response.pathsend``) in pieces
+        of at most :data:`FILE_PIECE_BYTES` (``FileRegion.pieces``); the stream ends
+        with the last one, if the response is complete."""
+        chunks = (
+            chunk
+            for piece in pieces
+            for chunk in (
+                piece.pieces(FILE_PIECE_BYTES) if isinstance(piece, FileRegion) else [piece]
+            )
+        )
+        last = b""
+        self._more_file = True
+        try:
+            for chunk in chunks:
+                if last:
+                    await self.write(last)
+                last = chunk
+        finally:
+            self._more_file = False
+        await self.write(last)
+
+    def _send_hint(self, fields: list[tuple[bytes, bytes]]) -> None:
+        if self.reset or self.conn.broken:
+            return
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.conn.h2.send_headers(self.stream_id, [(b":status", b"103"), *fields])
+            self.conn.wake_writer()
+
+    def _send_head(self, status: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        fields = response_header_list(status, [*self.state.response_headers(), *headers])
+        self.conn.h2.send_headers(self.stream_id, fields, end_stream=end)
+        self._head_sent = True
+        self._ended = end
+        self.conn.wake_writer()
+
+    async def _send_data(self, body: bytes, *, end_stream: bool) -> None:
+        """Queue ``body`` as DATA frames as the stream's and the connection's windows
+        allow, waiting for WINDOW_UPDATE or SETTINGS when they are closed. A client that
+        never opens them gets the stream reset after ``SEND_WINDOW_TIMEOUT``."""
+        conn = self.conn
+        view = memoryview(body)
+        while True:
+            if self.reset or conn.broken:
+                raise ClientDisconnected(f"{conn.peer} reset stream {self.stream_id}")
+            window = conn.h2.local_flow_control_window(self.stream_id)
+            size = min(window, conn.h2.max_outbound_frame_size, len(view))
+            if size > 0 or not view:
+                last = size == len(view)
+                data = view[:size].tobytes()
+                conn.h2.send_data(self.stream_id, data, end_stream=end_stream and last)
+                self._ended = end_stream and last
+                view = view[size:]
+                conn.wake_writer()
+                if not view:
+                    return
+                await conn.wait_backlog_below()
+                continue
+            with trio.move_on_after(SEND_WINDOW_TIMEOUT) as waited:
+                await conn.window_opened.wait()
+            if waited.cancelled_caught:
+                logger.info(
+                    "%s - stream %d: no flow-control window for %.0fs, resetting",
+                    conn.peer,
+                    self.stream_id,
+                    SEND_WINDOW_TIMEOUT,
+                )
+                conn.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+                raise ClientDisconnected(f"{conn.peer} never opened its window")
+
+    # -- RequestChannel ---------------------------------------------------------------------
+
+    def continue_bytes(self) -> bytes:
+        return b""  # (the cycle is made with expect_100=False: HTTP/2 clients send anyway)
+
+    async def receive_body(self, cycle: CycleView) -> dict[str, Any]:
+        """The next ``http.request`` (credited back to the client as taken), then, after
+        the last piece, wait for a reset or the end of the response.
+
+        As on HTTP/1.1, ``--timeout-request-body`` bounds each wait for more of the body
+        (408) and ``--limit-request-body`` its size (413): the app gets
+        ``http.disconnect`` and the cycle answers with ``body_error``.
+        """
+        config = self.state.config
+        while True:
+            if self.reset or cycle.done:
+                return DISCONNECT
+            if self._body:
+                body = b"".join(self._body) if len(self._body) > 1 else self._body[0]
+                self._body = []
+                self.conn.credit(self.stream_id, len(body))
+                self._received += len(body)
+                limit = config.limit_request_body
+                if limit and self._received > limit:
+                    reason = f"over the {limit}-byte --limit-request-body"
+                    return self._body_failed(413, reason)
+                more = not self.body_ended
+                self._told_end = not more
+                return {"type": "http.request", "body": body, "more_body": more}
+            if self.body_ended and not self._told_end:
+                self._told_end = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            if self.body_ended:
+                await self.changed.wait()
+                continue
+            timeout = config.timeout_request_body or math.inf
+            with trio.move_on_after(timeout) as waited:
+                await self.changed.wait()
+            if waited.cancelled_caught and not cycle.done:
+                return self._body_failed(408, f"nothing received for {timeout:g} s")
+
+    def _body_failed(self, status: int, reason: str) -> dict[str, Any]:
+        """The request body failed (the peer's fault): log it, tell the app to stop."""
+        logger.info(
+            "%s - stream %d: request body: %s (%d)", self.peer, self.stream_id, reason, status
+        )
+        self.body_error = status
+        return DISCONNECT
+
+    async def answer_and_close(self, status: int, *, method: bytes = b"GET") -> bool:
+        """The server's own answer on this stream (500 after an app error, 503)."""
+        await trio.lowlevel.checkpoint()
+        return self.answer(status)
+
+    def answer(self, status: int) -> bool:
+        """Queue a plain-text ``status`` response ending the stream; whether it could be."""
+        if self._head_sent or self.reset or self.conn.broken:
+            return False
+        body = REASONS.get(status, b"Error") + b"\n"
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if self.method == b"HEAD":
+            body = b""
+        try:
+            self._send_head(status, headers, end=not body)
+            if body:
+                self.conn.h2.send_data(self.stream_id, body, end_stream=True)
+                self._ended = True
+        except h2.exceptions.ProtocolError:  # (no window for these few bytes: rare)
+            return False
+        self.encoder.body_bytes = len(body)
+        self._signal()
+        return True
+
+    # -- the reader's side ------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._body.append(data)
+        self._signal()
+
+    def ended(self) -> None:
+        self.body_ended = True
+        self._signal()
+
+    def was_reset(self) -> None:
+        """The client reset the stream (or the connection ended): the app's ``receive()``
+        answers ``http.disconnect`` at once and its ``send()`` raises ClientDisconnected."""
+        self.reset = True
+        self._signal()
+        self.conn.open_windows()  # (a write waiting for window sees the reset)
+
+    def _signal(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # -- the stream's task ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the request cycle (admitted by the connection; the cycle releases it).
+
+        As on HTTP/1.1 the app runs in this task, and streamed chunks it sends back to back
+        are coalesced: if the app waits for anything, a second task writes what it left
+        buffered (``RequestCycle.flush_until_done``). A response the cycle aborted after its
+        head left is reset (INTERNAL_ERROR): the client must not take it as complete.
+        """
+        cycle = RequestCycle(self, self.scope, self.encoder, self.method, False)
+        try:
+
+            def flush() -> None:
+                self.conn.nursery.start_soon(cycle.flush_until_done)
+
+            await run_until_first_wait(cycle.run(), contextvars.copy_context(), flush)
+            if not self.reset:
+                if cycle.aborted and self._head_sent and not self._ended:
+                    self.conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+                elif self.body_error is not None and not self.body_ended:
+                    # Answered (408, 413) before the body ended: the client may stop
+                    # sending it (RFC 9113 §8.1).
+                    self.conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+        finally:
+            if self._body:
+                # Body the app never took still counts on the connection's window: give
+                # it back, or every such stream would shrink that window for good.
+                self.conn.credit(self.stream_id, sum(map(len, self._body)))
+                self._body = []
+            self.conn.stream_exited(self)
