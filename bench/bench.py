@@ -131,6 +131,12 @@ SCENARIOS: dict[str, Scenario] = {
             f"{IDLE_CONNECTIONS} idle keep-alive connections (memory)",
             unit="KiB/conn",
         ),
+        Scenario(
+            "h2-idle",
+            "idle",
+            f"{IDLE_CONNECTIONS} idle HTTP/2 (h2c) connections, one request each (memory)",
+            unit="KiB/conn",
+        ),
     )
 }
 
@@ -253,6 +259,9 @@ H2C_SERVERS = frozenset({"trioserve", "trioserve-httptools", "hypercorn-trio", "
 # row keeps the same 100 requests in flight on 100 connections (no pipelining).
 H2LOAD_ARGS = ("-c", "10", "-m", "10")
 H2LOAD_H1_ARGS = ("--h1", "-c", "100", "-m", "1")
+# Memory per idle HTTP/2 connection, against the "idle" row's HTTP/1.1 one (the target:
+# at most 2x): the h2c servers only.
+H2_IDLE = "h2-idle"
 SERVERS: dict[str, ServerSpec] = {
     s.name: s
     for s in (
@@ -278,7 +287,9 @@ SERVERS: dict[str, ServerSpec] = {
             "bare trio + h11 loop, no ASGI (bench/apps/trio_h11_min.py)",
             frozenset({"hello", "close", "idle"}),
         ),
-        ServerSpec("hypercorn-asyncio", "hypercorn -k asyncio (HTTP/2 rows)", H2_SCENARIOS),
+        ServerSpec(
+            "hypercorn-asyncio", "hypercorn -k asyncio (HTTP/2 rows)", H2_SCENARIOS | {H2_IDLE}
+        ),
         ServerSpec(
             "trioserve-h1",
             "trioserve loaded over HTTP/1.1 by h2load --h1, as many requests in flight "
@@ -632,13 +643,54 @@ def _idle_connections(port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def _idle_h2_connections(port: int, count: int) -> list[socket.socket]:
+    """Open ``count`` h2c connections (prior knowledge), each served one request on
+    stream 1 (and its SETTINGS acknowledged), then left idle."""
+    import h2.config  # the venv has it: trioserve depends on it
+    import h2.connection
+    import h2.events
+
+    request = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", b"/"),
+        (b":authority", f"127.0.0.1:{port}".encode()),
+    ]
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(sock)
+            client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+            client.initiate_connection()
+            client.send_headers(1, request, end_stream=True)
+            sock.sendall(client.data_to_send())
+            ended = False
+            while not ended:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("server closed an HTTP/2 connection")
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded) and event.stream_id == 1:
+                        ended = True
+                    elif isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                        raise ConnectionError(f"HTTP/2 request failed: {event}")
+                sock.sendall(client.data_to_send())  # (SETTINGS ack, WINDOW_UPDATE)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 def measure(
     spec: ServerSpec, scenario: Scenario, seconds: float, warmup: float, workdir: Path
 ) -> Sample:
     """Start ``spec``, load it with ``scenario`` and return the sample."""
     if spec.scenarios is not None and scenario.name not in spec.scenarios:
         return Sample(rate=None, note="-")
-    if scenario.kind == "h2load" and spec.name not in H2C_SERVERS | {"trioserve-h1"}:
+    h2c = scenario.kind == "h2load" or scenario.name == H2_IDLE
+    if h2c and spec.name not in H2C_SERVERS | {"trioserve-h1"}:
         return Sample(rate=None, note="-")
     lua_path = None
     if scenario.lua is not None:
@@ -650,7 +702,8 @@ def measure(
             time.sleep(0.5)
             pids = _tree(pid)
             fresh, fresh_total = _rss_mib(pids)
-            socks = _idle_connections(port, IDLE_CONNECTIONS)
+            opener = _idle_h2_connections if scenario.name == H2_IDLE else _idle_connections
+            socks = opener(port, IDLE_CONNECTIONS)
             try:
                 time.sleep(0.5)
                 largest, total = _rss_mib(_tree(pid))
@@ -849,6 +902,28 @@ def render_overview(scenarios: Sequence[Scenario], results: dict[str, list[Row]]
             f"Ratio to {ref} (paired per round, median)",
             lambda row, _s, ref=ref: "-" if row is None else _fmt(row.ratios.get(ref), ".2f"),
         )
+    return "\n".join(lines)
+
+
+def render_idle_ratio(results: dict[str, list[Row]]) -> str:
+    """Memory per idle HTTP/2 connection over memory per idle HTTP/1.1 one, per server
+    (the ``h2-idle`` row over the ``idle`` row; the target is at most 2); "" when either
+    row is missing."""
+    if "idle" not in results or H2_IDLE not in results:
+        return ""
+    h1 = {row.server: row.rate for row in results["idle"]}
+    lines = [
+        "### HTTP/2 over HTTP/1.1: memory per idle connection",
+        "",
+        "| server | KiB per idle h2c conn | KiB per idle HTTP/1.1 conn | ratio |",
+        "|---|---|---|---|",
+    ]
+    for row in results[H2_IDLE]:
+        base = h1.get(row.server)
+        if row.rate is None or base is None:
+            continue
+        ratio = row.rate / base if base > 0 else None
+        lines.append(f"| {row.server} | {row.rate:.1f} | {base:.1f} | {_fmt(ratio, '.2f')} |")
     return "\n".join(lines)
 
 
@@ -1107,6 +1182,9 @@ def run(
         results[scenario.name] = rows
         sections.append(render_scenario(scenario, rows))
     used = [SCENARIOS[s] for s in scenarios]
+    idle_ratio = render_idle_ratio(results)
+    if idle_ratio:
+        sections.append(idle_ratio)
     report = "\n\n".join([render_overview(used, results), *sections])
     return report, results
 

@@ -727,3 +727,26 @@ def test_writer_refuses_a_file_longer_or_shorter_than_declared_before_the_head(
     with pytest.raises(AppProtocolError, match="Content-Length"):
         writer.file_pieces(FileRegion(-1, 0, 7, "/f"))
     assert not writer.started  # (the server can still answer 500)
+
+
+@pytestmark_parsers
+async def test_pathsend_on_plain_tcp_goes_through_sendfile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file reaches a plain socket without passing through Python: ``os.sendfile``
+    moves it, in as many calls as the socket's buffer needs (partial sends)."""
+    path = make_file(tmp_path, 8 * MIB)
+    moved: list[int] = []
+    sendfile = os.sendfile
+
+    def counting_sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        sent = sendfile(out_fd, in_fd, offset, count)
+        moved.append(sent)
+        return sent
+
+    monkeypatch.setattr(os, "sendfile", counting_sendfile)
+    async with run_server(pathsend_app(path)) as server:
+        [(_, body)] = parse_responses(await exchange(server, GET_CLOSE))
+    assert body == path.read_bytes()
+    assert sum(moved) == 8 * MIB
+    assert len(moved) > 1  # (8 MiB never fits a loopback socket's buffer at once)

@@ -19,7 +19,7 @@ import pytest
 import trio
 from conftest import run_server
 from h2.errors import ErrorCodes
-from test_http2 import Client, echo, hello
+from test_http2 import Client, client, echo, hello
 from test_tls import ca, pki, tls_options  # noqa: F401 (fixtures)
 
 from trioserve.errors import ClientDisconnected
@@ -422,3 +422,40 @@ def test_http_scope_names_http2_as_version_2() -> None:
         http_scope(b"GET", b"/", v, [], facts, None)["http_version"] for v in (b"2", b"1.1", b"1.0")
     ]
     assert versions == ["2", "1.1", "1.0"]
+
+
+async def test_body_contradicting_its_content_length_is_refused_as_on_http1() -> None:
+    # Before the head left: 500. After it (the first piece went out): the stream is reset,
+    # never a body that does not match its Content-Length (RFC 9113 §8.1.1).
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        length = [(b"content-length", b"10")]
+        await send({"type": "http.response.start", "status": 200, "headers": length})
+        if scope["path"] == "/short":
+            await send({"type": "http.response.body", "body": b"12345"})
+        else:
+            await send({"type": "http.response.body", "body": b"12345", "more_body": True})
+            await send({"type": "http.response.body", "body": b"123456"})
+
+    async with run_server(app) as server, client(server.port) as c:
+        with trio.fail_after(5):
+            head, _ = await c.response(await c.request("/short"))
+            assert head[b":status"] == b"500"
+            sid = await c.request("/long")
+            with pytest.raises(AssertionError, match="INTERNAL_ERROR"):
+                await c.response(sid)
+            assert c.bodies.get(sid, b"") == b"12345"
+
+
+async def test_framing_fields_in_trailers_are_refused_as_on_http1() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "trailers": True})
+        await send({"type": "http.response.body", "body": b"ok"})
+        await send({"type": "http.response.trailers", "headers": [(b"content-length", b"2")]})
+
+    async with run_server(app) as server, client(server.port) as c:
+        with trio.fail_after(5):
+            sid = await c.request("/")
+            with pytest.raises(AssertionError, match="INTERNAL_ERROR"):
+                await c.response(sid)
+    trailers = [e for e in c.events if isinstance(e, h2.events.TrailersReceived)]
+    assert trailers == []

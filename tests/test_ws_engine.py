@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib.metadata
 import struct
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
-from test_websocket_wire import frame
+from server_process import started_process
+from test_websocket_wire import RawWS, frame
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Event, Pong, TextMessage
 from wsproto.extensions import PerMessageDeflate
@@ -71,6 +73,26 @@ def test_auto_picks_websockets_when_installed_and_wsproto_otherwise(
         assert engine_kind(Config()) is WsprotoEngine
         with pytest.raises(ConfigError, match=r"--ws websockets needs websockets>=14: pip"):
             Config(ws="websockets")
+
+
+@pytest.mark.parametrize(("ws", "engine"), [("websockets", "websockets"), ("wsproto", "wsproto")])
+async def test_the_command_line_serves_websocket_on_the_engine_it_names(
+    ws: str, engine: str
+) -> None:
+    # (uvicorn's users type --ws websockets: it was refused before this engine existed.)
+    echo_dir = Path(__file__).resolve().parent.parent / "autobahn"
+    args = ["echo_app:app", "--app-dir", str(echo_dir), "--port", "0", "--ws", ws]
+    async with started_process([*args, "--log-level", "debug"]) as server:
+        client, head = await RawWS.open(("127.0.0.1", server.port))
+        async with client.stream:
+            assert head.startswith(b"HTTP/1.1 101 ")
+            await client.send(TextMessage(data="héllo"))
+            assert await client.read_message() == "héllo"
+            await client.send(CloseConnection(code=1000))
+            assert await client.read_close() == (1000, "")
+        assert await server.stop() == 0
+    assert f"WebSocket engine: {engine}" in server.stderr
+    assert "Traceback" not in server.stderr
 
 
 def test_unknown_engine_name_is_refused() -> None:

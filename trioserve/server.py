@@ -31,7 +31,7 @@ from .app.asyncio_bridge import open_app_loop
 from .app.lifespan import lifespan
 from .app.loading import load_app
 from .asgi_types import ASGIApp
-from .config import Config, http_implementation
+from .config import Config, http_implementation, ws_implementation
 from .connection.edge import prepare_connection
 from .connection.http1 import HTTPConnection
 from .connection.http2 import HTTP2Connection
@@ -282,6 +282,8 @@ async def _serve(
                 for url in server.urls:
                     logger.debug("listening on %s", url)
                 logger.debug("HTTP/1.1 parser: %s", http_implementation(config.http))
+                if config.ws != "none":
+                    logger.debug("WebSocket engine: %s", ws_implementation(config.ws))
                 task_status.started(server)
                 await server._drain.wait()
                 if server.metrics is not None:

@@ -36,9 +36,15 @@ from h2.errors import ErrorCodes
 
 from ..errors import AppProtocolError, ClientDisconnected
 from ..protocol.http1_messages import REASONS
-from ..protocol.http2 import SEND_WINDOW_TIMEOUT, response_header_list
-from ..protocol.response_extensions import FileRegion, early_hint_fields
-from ..protocol.response_heads import ResponseHeads, check_fields, parse_body, validate_headers
+from ..protocol.http2 import SEND_BATCH_BYTES, SEND_WINDOW_TIMEOUT, response_header_list
+from ..protocol.response_extensions import FileRegion, early_hint_fields, trailer_fields
+from ..protocol.response_heads import (
+    ResponseHeads,
+    check_fields,
+    declared_length,
+    parse_body,
+    validate_headers,
+)
 from .request_cycle import DISCONNECT, CycleView, RequestCycle, run_until_first_wait
 from .state import ServerState
 from .stream import FILE_PIECE_BYTES
@@ -85,6 +91,7 @@ class H2ResponseEncoder:
     trailers = False  # announced in http.response.start
     headers: list[tuple[bytes, bytes]] = []  # (the app's, once start() checked them)
     trailer_fields: list[tuple[bytes, bytes]] | None = None
+    declared: int | None = None  # the app's Content-Length: the body must match it
     _body_ended = False  # the body's last message came (trailers may follow)
 
     def __init__(
@@ -122,6 +129,7 @@ class H2ResponseEncoder:
         self.status = status
         self.headers = headers
         self.trailers = trailers
+        self.declared = None if self._no_body else declared_length(headers)
 
     def body_pieces(self, message: Mapping[str, object]) -> list[bytes]:
         """Apply ``http.response.body``: ``[body]``, or :data:`_DUE` when only the head or
@@ -133,9 +141,10 @@ class H2ResponseEncoder:
         body, more_body = parse_body(message)
         if self._no_body:
             body = b""
+        self.body_bytes += len(body)
+        self._check_length(more_body)  # (before the head is due: a refusal is still a 500)
         first = not self.started
         self.started = True
-        self.body_bytes += len(body)
         if not more_body:
             if self.trailers:
                 self._body_ended = True
@@ -160,15 +169,27 @@ class H2ResponseEncoder:
             raise AppProtocolError("'http.response.pathsend' sent before 'http.response.start'")
         if self.complete or self._body_ended:
             raise AppProtocolError("'http.response.pathsend' sent after the response completed")
+        if not self._no_body:
+            self.body_bytes += region.count
+            self._check_length(False)  # (a file that does not match: 500, as on HTTP/1.1)
         self.started = True
         if self.trailers:
             self._body_ended = True
         else:
             self.complete = True
-        if self._no_body:
-            return [b""]
-        self.body_bytes += region.count
-        return [region]
+        return [b""] if self._no_body else [region]
+
+    def _check_length(self, more_body: bool) -> None:
+        """Refuse a body longer than the declared Content-Length, or one that ends short
+        of it (RFC 9113 §8.1.1: such a response is malformed), as HTTP/1.1's writer does."""
+        declared = self.declared
+        if declared is None:
+            return
+        if self.body_bytes > declared or (not more_body and self.body_bytes < declared):
+            raise AppProtocolError(
+                f"response body of {self.body_bytes} bytes"
+                f"{'' if more_body else ' ended'}, its Content-Length is {declared}"
+            )
 
     def trailer_pieces(self, message: Mapping[str, object]) -> list[bytes]:
         """Apply ``http.response.trailers``: :data:`_DUE` once the last one came (the
@@ -183,11 +204,7 @@ class H2ResponseEncoder:
                 if not self.complete
                 else "'http.response.trailers' sent after the response completed"
             )
-        fields = validate_headers(message.get("headers"))
-        check_fields(fields, self._heads.checked)
-        more = message.get("more_trailers", False)
-        if type(more) is not bool:
-            raise AppProtocolError(f"'more_trailers' must be a bool, got {more!r}")
+        fields, more = trailer_fields(message, self._heads.checked)
         self.trailer_fields = [
             *(self.trailer_fields or ()),
             *((name.lower(), value) for name, value in fields),
@@ -311,20 +328,36 @@ class HTTP2Stream:
     async def _send_data(self, body: bytes, *, end_stream: bool) -> None:
         """Queue ``body`` as DATA frames as the stream's and the connection's windows
         allow, waiting for WINDOW_UPDATE or SETTINGS when they are closed. A client that
-        never opens them gets the stream reset after ``SEND_WINDOW_TIMEOUT``."""
+        never opens them gets the stream reset after ``SEND_WINDOW_TIMEOUT``.
+
+        Frames are queued in batches of up to :data:`SEND_BATCH_BYTES` (as many frames
+        of the client's ``SETTINGS_MAX_FRAME_SIZE`` as the windows allow) before the
+        writer is woken and this task yields: one write of the socket per batch, not
+        per 16 KiB frame. Between batches the outbound backlog bound applies, so what
+        one stream adds past it is at most one batch.
+        """
         conn = self.conn
+        h2_conn = conn.h2
+        stream_id = self.stream_id
         view = memoryview(body)
         while True:
             if self.reset or conn.broken:
-                raise ClientDisconnected(f"{conn.peer} reset stream {self.stream_id}")
-            window = conn.h2.local_flow_control_window(self.stream_id)
-            size = min(window, conn.h2.max_outbound_frame_size, len(view))
-            if size > 0 or not view:
+                raise ClientDisconnected(f"{conn.peer} reset stream {stream_id}")
+            queued = 0
+            while True:
+                window = h2_conn.local_flow_control_window(stream_id)
+                size = min(window, h2_conn.max_outbound_frame_size, len(view))
+                if size <= 0 and view:
+                    break  # (no window left)
                 last = size == len(view)
-                data = view[:size].tobytes()
-                conn.h2.send_data(self.stream_id, data, end_stream=end_stream and last)
+                # (h2 copies a memoryview into the frame: no slice copy of our own)
+                h2_conn.send_data(stream_id, view[:size], end_stream=end_stream and last)
                 self._ended = end_stream and last
                 view = view[size:]
+                queued += size
+                if not view or queued >= SEND_BATCH_BYTES:
+                    break
+            if queued or not view:
                 conn.wake_writer()
                 if not view:
                     return

@@ -35,6 +35,7 @@ import h2.exceptions
 import h2.frame_buffer
 import h2.settings
 import hpack
+import hpack.table
 from h2.errors import ErrorCodes
 
 if TYPE_CHECKING:
@@ -67,6 +68,10 @@ MAX_OUTBOUND_BACKLOG: Final = 1024 * 1024
 # A client that never opens its window: a stream's send() waits at most this long for
 # window before the stream is reset (CANCEL) and the app gets ClientDisconnected.
 SEND_WINDOW_TIMEOUT: Final = 60.0
+# A stream queues up to this many bytes of DATA frames (as the windows allow) before it
+# wakes the writer and yields: one socket write per batch instead of one per frame. It is
+# also what one stream may add to the backlog past MAX_OUTBOUND_BACKLOG.
+SEND_BATCH_BYTES: Final = 64 * 1024
 # CONTINUATION flood (CVE-2024-27316 class): h2 buffers at most 64 CONTINUATION frames
 # (h2.frame_buffer.CONTINUATION_BACKLOG) before END_HEADERS, however large each is (64 of
 # 16 MiB would be 1 GiB); _FrameBuffer also bounds the open header block in bytes, by
@@ -112,6 +117,113 @@ class _Decoder(hpack.Decoder):
             raise
         except (hpack.HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise CompressionError(f"Error decoding header block: {exc}") from exc
+
+
+class _Values(list[int]):
+    """A setting's values, current first, then those sent and not yet acknowledged.
+
+    h2 keeps them in a ``collections.deque``: about 760 bytes however few values it holds,
+    and an idle connection holds two ``Settings`` of five to nine of them (over 10 KiB,
+    more than an idle HTTP/1.1 connection costs in all). A list of one value is 64 bytes;
+    ``popleft`` is all of deque that h2 uses beyond a list's methods.
+    """
+
+    def popleft(self) -> int:
+        return self.pop(0)
+
+
+class _Settings(h2.settings.Settings):
+    """``h2.settings.Settings`` keeping each setting's values in a :class:`_Values`."""
+
+    def __init__(
+        self,
+        client: bool = True,
+        initial_values: dict[h2.settings.SettingCodes, int] | None = None,
+    ) -> None:
+        super().__init__(client, initial_values)
+        for key, values in self._settings.items():
+            self._settings[key] = _Values(values)  # type: ignore[assignment]
+
+    def __setitem__(self, key: h2.settings.SettingCodes | int, value: int) -> None:
+        super().__setitem__(key, value)  # (a setting new to this object: a deque)
+        self._settings[key] = _Values(self._settings[key])  # type: ignore[assignment]
+
+
+class _HeaderTable(hpack.table.HeaderTable):
+    """HPACK's header table with the dynamic part indexed by dicts (the encoder's side).
+
+    ``hpack.table.HeaderTable.search`` scans the dynamic table entry by entry for every
+    field of every response; a table filled by fields that change (``date`` once a
+    second, ``content-length``, ``etag``) holds up to ~100 entries, and the scan was the
+    largest single cost of a small HTTP/2 response. Here the newest entry of each
+    (name, value) and of each name is kept in a dict by its sequence number (entries
+    ever added), from which its index follows, so a search costs two lookups. The
+    answers are the scan's: the static table first, then the newest dynamic match.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._added = 0  # entries ever added: the newest has sequence number _added - 1
+        self._fields: dict[tuple[bytes, bytes], int] = {}  # newest sequence number
+        self._names: dict[bytes, int] = {}
+
+    def add(self, name: bytes, value: bytes) -> None:
+        # Counted first: _shrink, which add() calls, works out sequence numbers from it.
+        seq = self._added
+        self._added += 1
+        self._fields[name, value] = seq
+        self._names[name] = seq
+        super().add(name, value)
+        if not self.dynamic_entries:  # (an entry larger than the table empties it)
+            self._forget_all()
+
+    def search(self, name: bytes, value: bytes) -> tuple[int, bytes, bytes | None] | None:
+        partial = None
+        static = self.STATIC_TABLE_MAPPING.get(name)
+        if static is not None:
+            index = static[1].get(value)
+            if index is not None:
+                return index, name, value
+            partial = (static[0], name, None)
+        newest = self._added + self.STATIC_TABLE_LENGTH  # (the index of sequence number s
+        seq = self._fields.get((name, value))  #  is newest - s: the table is 1-based)
+        if seq is not None:
+            return newest - seq, name, value
+        if partial is None:
+            seq = self._names.get(name)
+            if seq is not None:
+                return newest - seq, name, None
+        return partial
+
+    def _shrink(self) -> None:
+        entries = self.dynamic_entries
+        size = self._current_size
+        while size > self._maxsize:
+            name, value = entries.pop()
+            seq = self._added - len(entries) - 1  # (the oldest entry's, just evicted)
+            if self._fields.get((name, value)) == seq:
+                del self._fields[name, value]
+            if self._names.get(name) == seq:
+                del self._names[name]
+            size -= hpack.table.table_entry_size(name, value)
+        self._current_size = size
+        if not entries:
+            self._forget_all()
+
+    def _forget_all(self) -> None:
+        self._fields.clear()
+        self._names.clear()
+
+    # (The maxsize setter empties the table itself when the size goes to 0.)
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        hpack.table.HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+        if not self.dynamic_entries:
+            self._forget_all()
 
 
 class _FrameBuffer(h2.frame_buffer.FrameBuffer):
@@ -164,7 +276,9 @@ def h2_connection(config: Config) -> h2.connection.H2Connection:
         normalize_outbound_headers=False,
     )
     conn = _ServerConnection(config=h2_config)
-    conn.local_settings = h2.settings.Settings(
+    conn.encoder.header_table = _HeaderTable()  # (before any use: h2 has sent nothing)
+    conn.remote_settings = _Settings(client=True)  # (the defaults, as h2 made them)
+    conn.local_settings = _Settings(
         client=False,
         initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: config.h2_max_concurrent_streams,

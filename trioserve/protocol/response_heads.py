@@ -16,7 +16,7 @@ response path; ``ws_messages`` validates a WebSocket denial's headers with
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from ..errors import AppProtocolError
@@ -131,7 +131,7 @@ class ResponseFields:
         self.fields = tuple(fields)
         self.names = frozenset(names)
         self.framed = b"content-length" in names or b"transfer-encoding" in names
-        self.declared = _declared_length(self.fields) if self.framed else None
+        self.declared = declared_length(self.fields) if self.framed else None
         self.plain: bool | None = None
         self.lines = b""
         self.length: int | None = None
@@ -218,7 +218,7 @@ class ResponseHeads:
         return lines
 
 
-def _declared_length(fields: tuple[tuple[bytes, bytes], ...]) -> int | None:
+def declared_length(fields: Sequence[tuple[bytes, bytes]]) -> int | None:
     """The Content-Length ``fields`` frame the body with (see ``ResponseFields.declared``);
     None when Transfer-Encoding frames it, or when the value is one the parser refuses (it
     then names the fault)."""

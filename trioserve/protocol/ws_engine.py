@@ -46,7 +46,7 @@ from .ws_deflate import BoundedPerMessageDeflate
 from .ws_messages import CloseKind, MessagePart, classify_close
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: one is made per message, and frozen costs 3x)
 class Part:
     """A :class:`MessagePart` made by an engine whose library has no such event."""
 
