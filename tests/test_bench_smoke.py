@@ -288,3 +288,36 @@ def test_http2_rows_compare_h2c_servers_and_trioserve_over_http1() -> None:
     asyncio_cmd = bench.ALL_SERVERS["hypercorn-asyncio"].command(bench.RAW_APP, 8000)
     assert asyncio_cmd[1:3] == ["-k", "asyncio"]
     assert all(bench.SCENARIOS[name].kind == "h2load" for name in bench.H2_SCENARIOS)
+
+
+def test_idle_http2_memory_is_compared_with_http1_per_server() -> None:
+    def rows(values: dict[str, float]) -> list[object]:
+        return list(bench.aggregate({name: [bench.Sample(rate=v)] for name, v in values.items()}))
+
+    results = {
+        "idle": rows({"trioserve": 8.0, "hypercorn-trio": 20.0}),
+        bench.H2_IDLE: rows({"trioserve": 12.0, "hypercorn-trio": 44.0}),
+    }
+    table = bench.render_idle_ratio(results)
+    assert "| trioserve | 12.0 | 8.0 | 1.50 |" in table
+    assert "| hypercorn-trio | 44.0 | 20.0 | 2.20 |" in table
+    assert bench.render_idle_ratio({"idle": results["idle"]}) == ""
+    # Only the servers that speak h2c open idle HTTP/2 connections.
+    assert bench.SCENARIOS[bench.H2_IDLE].kind == "idle"
+    assert bench.H2_IDLE in (bench.ALL_SERVERS["hypercorn-asyncio"].scenarios or ())
+    assert bench.H2_IDLE not in (bench.ALL_SERVERS["trioserve-h1"].scenarios or ())
+
+
+def test_instruction_counts_load_http2_rows_over_h2c(monkeypatch: pytest.MonkeyPatch) -> None:
+    commands: list[list[str]] = []
+
+    def run(cmd: list[str], **_: object) -> object:
+        commands.append(cmd)
+        return type("Done", (), {"stdout": "requests: 5 total, 5 done, 0 errored, 0 timeout"})()
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    bench._h2load(bench.SCENARIOS["h2-hello"], 8000, 5, None)
+    bench._h2load(bench.SCENARIOS["hello"], 8000, 5, None)
+    assert commands[0][:7] == ["h2load", *bench.H2LOAD_ARGS, "-n", "5"]
+    assert "--h1" in commands[1]
+    assert {"h2-hello", "h2-json", "h2-stream1m"} <= set(bench.INSTRUCTION_REQUESTS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
@@ -26,6 +26,7 @@ from h2.errors import ErrorCodes
 from trioserve.config import Config
 from trioserve.connection.http2 import HTTP2Connection
 from trioserve.connection.state import ServerState
+from trioserve.protocol.http2 import SEND_BATCH_BYTES
 from trioserve.protocol.scope import ConnectionFacts
 
 App = Any
@@ -33,13 +34,19 @@ CONFIG = Config(port=0, lifespan="off", access_log=False)
 
 
 @asynccontextmanager
-async def h2_server(app: App, config: Config = CONFIG) -> AsyncIterator[int]:
+async def h2_server(
+    app: App,
+    config: Config = CONFIG,
+    wrap: Callable[[trio.SocketStream], trio.abc.Stream] | None = None,
+) -> AsyncIterator[int]:
+    """Serve ``app`` on a port over HTTP/2 (``wrap``: what the connection sees of the
+    socket)."""
     state = ServerState(config, app)
 
     async def handler(stream: trio.SocketStream) -> None:
         host, port = stream.socket.getpeername()[:2]
         facts = ConnectionFacts(client=(host, port), server=("127.0.0.1", 0))
-        await HTTP2Connection(stream, state, facts).run()
+        await HTTP2Connection(stream if wrap is None else wrap(stream), state, facts).run()
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
@@ -362,3 +369,71 @@ async def test_curl_prior_knowledge_is_served() -> None:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
     assert result.stdout == b"2 GET /c b'q' 2"
+
+
+class CountingStream(trio.abc.Stream):
+    """A socket stream that counts the server's writes."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.writes = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def test_a_large_body_leaves_in_batches_of_frames_not_a_write_per_frame() -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB: 64 DATA frames of 16 KiB
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200})
+            await send({"type": "http.response.body", "body": body})
+
+    streams: list[CountingStream] = []
+
+    def wrap(stream: trio.SocketStream) -> CountingStream:
+        streams.append(CountingStream(stream))
+        return streams[-1]
+
+    async with h2_server(app, wrap=wrap) as port, client(port, window=2**31 - 1) as c:
+        c.conn.increment_flow_control_window(2**31 - 1 - 65535)  # (the connection's too)
+        sid = await c.request()
+        _, received = await c.response(sid)
+    assert received == body
+    # One write per batch of frames (plus SETTINGS, its ACK and the head), not per frame.
+    assert streams[0].writes <= len(body) // SEND_BATCH_BYTES + 4
+
+
+async def test_a_response_sent_at_once_costs_its_stream_one_task() -> None:
+    # As on HTTP/1.1, an app that answers without waiting runs to its end in the
+    # stream's task: the end of the response does not yield to the writer (which would
+    # count as the app's first wait and start a second task to flush for it).
+    spawned: list[str] = []
+
+    class Spawns(trio.abc.Instrument):
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            spawned.append(task.name)
+
+    instrument = Spawns()
+    async with h2_server(hello) as port, client(port) as c:
+        await c.response(await c.request("/"))  # (the connection's own tasks started)
+        spawned.clear()
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            sids = [await c.request(f"/{n}") for n in range(5)]
+            bodies = [(await c.response(sid))[1] for sid in sids]
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+    assert bodies == [f"2 GET /{n} b''".encode() for n in range(5)]
+    assert spawned == [f"h2 stream {sid}" for sid in sids]

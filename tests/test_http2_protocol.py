@@ -317,3 +317,51 @@ def test_header_list_limit_applies_from_the_first_request() -> None:
     encoder = hpack.Encoder()
     block = encoder.encode([*BASE, (b":authority", b"a"), (b"x-big", b"v" * 2000)])
     assert _goaway_code(conn, _frame(0x1, 0x5, 1, block)) == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_response_header_blocks_are_hpacks_own_however_the_table_churns() -> None:
+    # The server's encoder looks fields up by dict (protocol.http2._HeaderTable); its
+    # blocks must be byte for byte those of hpack's scanning encoder, through evictions
+    # (a changing date, varying lengths), a field larger than the table, and resizes
+    # (the client's SETTINGS_HEADER_TABLE_SIZE, down to 0 and up again).
+    ours = _server_after_preface().encoder
+    stock = hpack.Encoder()
+    for n in range(600):
+        if n in (150, 300, 450):
+            size = {150: 256, 300: 0, 450: 4096}[n]
+            ours.header_table_size = stock.header_table_size = size
+        fields = [
+            (b":status", b"200"),
+            (b"date", b"Mon, 07 Dec 2026 10:%02d:%02d GMT" % (n // 60 % 60, n % 60)),
+            (b"server", b"trioserve"),
+            (b"content-length", str(n % 37).encode()),
+            (b"etag", b'"%d"' % (n % 11)),
+        ]
+        if n % 97 == 0:
+            fields.append((b"x-big", b"v" * 5000))  # larger than the whole table
+        assert ours.encode(fields) == stock.encode(fields), n
+        table = ours.header_table
+        assert list(table.dynamic_entries) == list(stock.header_table.dynamic_entries)
+
+
+def test_settings_of_an_idle_connection_stay_small() -> None:
+    # h2 keeps each setting's values in a deque (~760 bytes each, a dozen per
+    # connection): an idle HTTP/2 connection cost several times an HTTP/1.1 one.
+    import sys
+
+    conn = _server_after_preface()
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10})
+    conn.receive_data(client.data_to_send()[len(PREFACE) :])  # a new key, then the ACK
+    assert conn.remote_settings.max_concurrent_streams == 10
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 123_456})
+    assert conn.local_settings.initial_window_size != 123_456  # (not acknowledged yet)
+    client.receive_data(conn.data_to_send())
+    conn.receive_data(client.data_to_send())
+    assert conn.local_settings.initial_window_size == 123_456
+    for settings in (conn.local_settings, conn.remote_settings):
+        values = settings._settings.values()
+        assert sum(map(sys.getsizeof, values)) <= 100 * len(values)

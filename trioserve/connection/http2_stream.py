@@ -287,7 +287,13 @@ class HTTP2Stream:
             raise ClientDisconnected(f"{self.conn.peer} closed stream {self.stream_id}") from None
         if end:
             self._signal()  # (a receive_body() waiting for the end of the response)
-        await self.conn.wait_backlog_below()
+            # The writer sends it once this task waits; a response that ends here need
+            # not wait for that (as on HTTP/1.1: no trip through the scheduler, so an app
+            # that answers at once costs no second task, run_until_first_wait). Still a
+            # cancellation point, as a write is.
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            await self.conn.wait_backlog_below()
 
     async def write_file(self, pieces: list[bytes | FileRegion]) -> None:
         """Write ``pieces``, reading file regions (``http.response.pathsend``) in pieces
