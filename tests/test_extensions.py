@@ -415,6 +415,32 @@ async def test_early_hint_sends_103_with_links_before_the_response() -> None:
 
 
 @pytestmark_parsers
+async def test_early_hint_before_the_body_is_read_still_lets_100_continue_through() -> None:
+    # Any 1xx ends h11's wait for 100-continue; the client still waits for its 100.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.early_hint", "links": [b"</a.css>; rel=preload"]})
+        body = (await receive())["body"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    async with run_server(app) as server:
+        stream = await connect(("127.0.0.1", server.port))
+        async with stream:
+            await stream.send_all(
+                b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 4\r\nConnection: close\r\n\r\n"
+            )
+            seen = b""
+            with trio.fail_after(5):  # (without the 100 the client would wait for ever)
+                while b"HTTP/1.1 100 Continue\r\n\r\n" not in seen:
+                    seen += await stream.receive_some(65536)
+                await stream.send_all(b"ping")
+                seen += await read_until_eof(stream)
+    assert seen.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n")
+    assert seen.endswith(b"\r\n\r\nping")
+
+
+@pytestmark_parsers
 async def test_early_hint_is_dropped_for_an_http10_client() -> None:
     async with run_server(hinting_app([b"</a.css>; rel=preload"])) as server:
         data = await exchange(server, b"GET / HTTP/1.0\r\n\r\n")

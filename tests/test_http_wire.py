@@ -319,6 +319,20 @@ async def test_http10_streamed_response_is_close_delimited() -> None:
 EXPECT_HEAD = b"POST /u HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
 
 
+async def test_100_continue_is_sent_to_a_client_that_also_says_connection_close() -> None:
+    # (The httptools parser ignored the expectation when Connection: close came with it.)
+    head = EXPECT_HEAD.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    async with (
+        run_server(Recorder(), **EXACT) as server,
+        await connect(server.addresses[0]) as stream,
+    ):
+        await stream.send_all(head)
+        assert await receive_until(stream, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await stream.send_all(b"hello")
+        [(response, body)] = parse_responses(await read_until_eof(stream))
+        assert (response.status_code, body) == (200, b"POST /u hello")
+
+
 async def test_100_continue_is_sent_only_when_the_app_first_awaits_receive() -> None:
     may_read = trio.Event()
     app = Recorder()

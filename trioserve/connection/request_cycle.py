@@ -360,9 +360,22 @@ class RequestCycle:
             await self._send_path(message)
         elif message_type == "http.response.early_hint":
             await self._take_write_turn(message_type)
-            hint = self.writer.early_hint(message)
-            if hint:
-                await self._write_in_turn([hint])
+            continue_: Any = b""
+            if self.expect_100:
+                # Any 1xx ends the parser's wait for 100-continue, but the client still
+                # waits for its 100 before sending the body: it goes first.
+                self.expect_100 = False
+                continue_ = self.channel.continue_bytes()
+            hint: Any = self.writer.early_hint(message)
+            # (bytes, or a parser's list of pieces; b"" when there is nothing to send)
+            pieces = [
+                piece
+                for part in (continue_, hint)
+                for piece in (part if isinstance(part, list) else [part])
+                if piece
+            ]
+            if pieces:
+                await self._write_in_turn(pieces)
         elif message_type == "http.response.trailers":
             await self._take_write_turn(message_type)
             await self._write_in_turn(self.writer.trailer_pieces(message))

@@ -399,7 +399,9 @@ class HttptoolsConnection:
                 close, expect = self._flags.popleft()
                 if close:
                     self._keep_alive = False
-                elif expect:  # (HTTP/1.1 only: HTTP/1.0 expectations are ignored, RFC 9110)
+                # (HTTP/1.1 only: HTTP/1.0 expectations are ignored, RFC 9110 §10.1.1; a
+                # client that also says Connection: close still waits for its 100, as h11 has it)
+                if expect and event.http_version == b"1.1":
                     self.they_are_waiting_for_100_continue = True
                 return event
             self.their_state = h11.ERROR
