@@ -7,6 +7,7 @@ import signal
 import socket
 from pathlib import Path
 
+import h11
 import trio
 from server_process import ServerProcess, clean_env, get, running_process, started_process
 from wire import Client
@@ -92,8 +93,8 @@ async def test_readyz_goes_503_on_sigterm_while_the_app_is_served_for_the_shutdo
             while True:
                 try:
                     await get(server.port, "/")
-                except OSError:
-                    break
+                except (OSError, trio.BrokenResourceError, h11.RemoteProtocolError):
+                    break  # (refused, or reset by a listener closing under the connection)
                 await trio.sleep(0.02)
         assert await server.finish() == 0
     assert "Not ready any more; serving 1.5s more" in server.stderr

@@ -215,7 +215,7 @@ async def test_limit_concurrency_answers_503_per_stream_and_the_connection_lives
             await release.wait()
         await hello(scope, receive, send)
 
-    async with run_server(app, limit_concurrency=1) as server:
+    async with run_server(app, limit_concurrency=1, metrics=True) as server:
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         async with stream:
             c = Client(stream)
@@ -226,6 +226,8 @@ async def test_limit_concurrency_answers_503_per_stream_and_the_connection_lives
                 refused, body = await c.response(await c.request("/second"))
                 release.set()
                 head, _ = await c.response(held)
+        assert server.metrics is not None
+        assert server.metrics.concurrency_rejections == 1  # (counted as on HTTP/1.1)
     assert refused[b":status"] == b"503"
     assert body == b"Service Unavailable\n"
     assert head[b":status"] == b"200"

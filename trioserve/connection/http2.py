@@ -68,6 +68,7 @@ from ..protocol.http2 import (
 )
 from ..protocol.scope import ConnectionFacts, http_scope
 from .http2_stream import HTTP2Stream
+from .http2_websocket import H2WebSocket
 from .state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class HTTP2Connection:
         self._upgrade_admitted = upgrade_admitted
         self.h2: h2.connection.H2Connection = h2_connection(state.config)
         self.streams: dict[int, HTTP2Stream] = {}
+        self.websockets: set[H2WebSocket] = set()  # (drain() closes them with 1012)
         # Streams whose task still runs, reset or not: what counts against the limit.
         self.running = 0
         self.window_opened = trio.Event()
@@ -178,6 +180,8 @@ class HTTP2Connection:
         if self.draining:
             return
         self.draining = True
+        for session in list(self.websockets):
+            session.drain()  # (a Close with 1012, as on HTTP/1.1)
         frame = GoAwayFrame(0)
         frame.last_stream_id = _LAST_STREAM_ID
         frame.error_code = ErrorCodes.NO_ERROR
@@ -334,6 +338,11 @@ class HTTP2Connection:
             logger.info("%s - stream %d: malformed request: %s", self.peer, stream_id, exc)
             self.reset_stream(stream_id, exc.code)
             return
+        if head.protocol is not None and config.ws == "none":
+            # RFC 8441 §3: :protocol without our SETTINGS_ENABLE_CONNECT_PROTOCOL = 1.
+            logger.info("%s - stream %d: extended CONNECT not enabled", self.peer, stream_id)
+            self.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
         self._open_stream(stream_id, head, ended=event.stream_ended is not None)
 
     def _open_stream(
@@ -342,9 +351,9 @@ class HTTP2Connection:
         """Start the task of a new stream, or answer 503 past ``--limit-concurrency``."""
         self._last_stream_id = max(self._last_stream_id, stream_id)
         state = self.state
-        stream = HTTP2Stream(self, stream_id, head.method, self._scope(head))
-        if ended:
-            stream.body_ended = True
+        tunnel = head.protocol is not None  # an extended CONNECT (RFC 8441): a WebSocket
+        scope = {} if tunnel else self._scope(head)
+        stream = HTTP2Stream(self, stream_id, head.method, scope, body_ended=ended)
         if not admitted and not state.admit():  # (released by the stream's RequestCycle)
             logger.warning(
                 "%s - concurrency limit %s reached, answering 503 on stream %d",
@@ -352,12 +361,26 @@ class HTTP2Connection:
                 state.config.limit_concurrency,
                 stream_id,
             )
+            if state.metrics is not None:
+                state.metrics.concurrency_rejections += 1
             stream.answer(503)
             self.wake_writer()
             return
         self.running += 1
         self.streams[stream_id] = stream
-        self.nursery.start_soon(stream.run, name=f"h2 stream {stream_id}")
+        if tunnel:
+            session = H2WebSocket(stream, head, self.facts)
+            self.websockets.add(session)
+            self.nursery.start_soon(self._run_websocket, session, name=f"h2 websocket {stream_id}")
+        else:
+            self.nursery.start_soon(stream.run, name=f"h2 stream {stream_id}")
+
+    async def _run_websocket(self, session: H2WebSocket) -> None:
+        """A WebSocket stream's task (it ends the stream and frees its places itself)."""
+        try:
+            await session.run()
+        finally:
+            self.websockets.discard(session)
 
     def _scope(self, head: RequestHead) -> dict[str, Any]:
         """The ``http`` scope of a stream: HTTP/1.1's, with ``http_version`` "2" (and the
