@@ -46,6 +46,17 @@ def both_ws_engines(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
     return str(request.param)
 
 
+async def read_body(receive: Any) -> bytes:
+    """What an app reads of the request body: every ``http.request`` message's body until
+    one says no ``more_body`` (an ``http.disconnect`` ends it too)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 async def hello_app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return

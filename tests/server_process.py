@@ -131,6 +131,29 @@ async def app(scope, receive, send):
 """
 
 
+def write_worker_app(directory: Path) -> Path:
+    """Write :data:`WORKER_APP` as ``workerapp.py`` into ``directory``; return it (the
+    ``--app-dir`` of :func:`worker_args`)."""
+    (directory / "workerapp.py").write_text(WORKER_APP)
+    return directory
+
+
+def worker_args(app_dir: Path, *extra: str, workers: int = 2) -> list[str]:
+    """The command line of a ``--workers`` server running :data:`WORKER_APP` from
+    ``app_dir`` on a free port, without access lines, plus ``extra``."""
+    return [
+        "workerapp:app",
+        "--app-dir",
+        str(app_dir),
+        "--port",
+        "0",
+        "--workers",
+        str(workers),
+        "--no-access-log",
+        *extra,
+    ]
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without TRIOSERVE_* / WEB_CONCURRENCY, plus ``extra``."""
     env = {

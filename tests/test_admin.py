@@ -83,7 +83,7 @@ async def test_readyz_goes_503_on_sigterm_while_the_app_is_served_for_the_shutdo
         assert await probe(admin, "/livez") == 200
         assert await probe(admin, "/nope") == 404
         server.signal(signal.SIGTERM)
-        await wait_status(admin, "/readyz", 503, timeout=1.0)
+        await wait_status(admin, "/readyz", 503, timeout=1.5)
         # Not ready, but still serving normally: new connections are accepted.
         status, _ = await get(server.port, "/")
         assert status == 200
@@ -108,7 +108,7 @@ async def test_workers_parent_delays_the_drain_and_reports_not_ready(tmp_path: P
         await server.wait_ready(2)
         await wait_status(admin, "/readyz", 200)
         server.signal(signal.SIGTERM)
-        await wait_status(admin, "/readyz", 503, timeout=1.0)
+        await wait_status(admin, "/readyz", 503, timeout=1.5)
         status, _ = await get(server.port, "/")
         assert status == 200  # the workers were not told to drain yet
         assert "Shutting down" not in server.stderr

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trioserve"
 # fmt: off
 LAYERS: dict[str, int] = {
     "errors": 0, "asgi_types": 0,                          # vocabulary, stdlib only
+    "compiled": 0,                                          # what mypyc compiles (setup.py)
     "access_format": 1, "message_trace": 1, "config": 1,  # configuration, no trio
     "config_file": 1, "config_checks": 1,
     "tls": 1, "logs": 1, "metrics": 1,
@@ -149,3 +150,81 @@ def test_only_the_top_init_reexports() -> None:
             if a.asname == a.name
         ]
         assert name == "__init__" or not reexports, f"{name} re-exports {reexports}"
+
+
+# Writes to the fields of another module's objects that stay, by module and expression:
+FOREIGN_WRITES_ALLOWED = {
+    ("connection.http2", "frame.error_code"),  # h2's GoAwayFrame (third party)
+    ("protocol.ws_websockets", "protocol.state"),  # websockets' Protocol (third party)
+    ("testing.transport", "response.stream"),  # an httpx.Response (third party)
+}
+
+
+def own_attributes(tree: ast.Module) -> set[str]:
+    """The attribute names a module's own classes define: ``self.x = ...``, class-level
+    names and methods, ``__slots__``."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in ("self", "cls")
+        ):
+            names.add(node.attr)
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    names.add(item.name)
+                elif isinstance(item, (ast.Assign, ast.AnnAssign)):
+                    targets = item.targets if isinstance(item, ast.Assign) else [item.target]
+                    names.update(t.id for t in targets if isinstance(t, ast.Name))
+                    if any(isinstance(t, ast.Name) and t.id == "__slots__" for t in targets):
+                        assert item.value is not None
+                        names.update(
+                            c.value
+                            for c in ast.walk(item.value)
+                            if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                        )
+    return names
+
+
+def foreign_accesses() -> list[str]:
+    """``obj.attr = ...`` (or ``+=``) and ``obj._private`` reads, ``obj`` not ``self``, where
+    ``attr`` is defined by another trioserve module's classes and not by this one's.
+
+    By name only (no types): a write through a name this module defines too goes unseen.
+    ServerMetrics' counters are exempt (``....metrics.x += 1``: bumped inline on the hot
+    path, without a call; see ``trioserve.metrics``).
+    """
+    trees = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
+    owners: dict[str, set[str]] = {}
+    for name, tree in trees.items():
+        for attr in own_attributes(tree):
+            owners.setdefault(attr, set()).add(name)
+    found = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or (
+                isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            ):
+                continue
+            others = owners.get(node.attr, set()) - {name}
+            if not others or name in owners.get(node.attr, set()):
+                continue
+            expression = ast.unparse(node)
+            if isinstance(node.ctx, ast.Store):
+                if ast.unparse(node.value).endswith("metrics"):
+                    continue
+                if (name, expression) not in FOREIGN_WRITES_ALLOWED:
+                    found.append(f"{name}:{node.lineno} writes {expression} ({sorted(others)})")
+            elif node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{name}:{node.lineno} reads {expression} ({sorted(others)})")
+    return found
+
+
+def test_no_module_writes_another_modules_fields_or_reads_its_privates() -> None:
+    """An object's fields are written by its own module's code (methods say what happened
+    or what to do: ``WorkerProcess.retire``, ``ServerState.begin_drain``); another module
+    reads them, public ones only."""
+    assert foreign_accesses() == []

@@ -38,7 +38,7 @@ async def app(scope, receive, send):
 """
 RATE = 100.0  # requests per second, over all the client's connections
 CONNECTIONS = 4
-SHUTDOWN_DELAY = "1.0"
+SHUTDOWN_DELAY = "2.0"  # (also how long a roll may take to see /readyz flip, under load)
 
 
 @dataclass
@@ -141,7 +141,7 @@ async def test_rolling_three_instances_behind_nginx_loses_no_request(tmp_path: P
                     old.scraped = requests_total(await metrics_of(old.admin))
                     assert old.process is not None
                     old.process.signal(signal.SIGTERM)
-                    await wait_status(old.admin, "/readyz", 503, timeout=1)
+                    await wait_status(old.admin, "/readyz", 503, timeout=float(SHUTDOWN_DELAY))
                     new = Instance(f"{slot}-green", green, free_port())
                     instances.append(new)
                     await nursery.start(start_instance, nursery, tmp_path, new)

@@ -21,6 +21,7 @@ import h2.events
 import h2.settings
 import pytest
 import trio
+from conftest import read_body
 from h2.errors import ErrorCodes
 
 from trioserve.config import Config
@@ -139,12 +140,7 @@ async def hello(scope: Any, receive: Any, send: Any) -> None:
 
 
 async def echo(scope: Any, receive: Any, send: Any) -> None:
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": body})
 

@@ -785,13 +785,17 @@ async def test_body_within_limit_request_body_is_served(
     assert app.requests[0]["disconnect"] is False
 
 
-async def test_body_over_limit_request_body_gets_413_while_the_apps_head_is_held(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def post_body_over_limit(first: list[Any]) -> tuple[bytes, list[Any]]:
+    """POST a chunked body over ``BODY_LIMIT`` to an app that sends ``first`` and then reads
+    until ``http.disconnect``; check that the server still serves afterwards.
+
+    Returns: the bytes the server sent back, and the messages the app received.
+    """
     messages: list[Any] = []
 
     async def app(scope: Any, receive: Any, send_: Any) -> None:
-        await send_(START)  # held until the first body: nothing has left yet
+        for message in first:
+            await send_(message)
         while True:
             messages.append(await receive())
             if messages[-1]["type"] == "http.disconnect":
@@ -801,6 +805,14 @@ async def test_body_over_limit_request_body_gets_413_while_the_apps_head_is_held
     async with run_server(with_ok(app), limit_request_body=BODY_LIMIT, **EXACT) as server:
         data = await fetch(server, raw)
         await assert_still_serving(server)
+    return data, messages
+
+
+async def test_body_over_limit_request_body_gets_413_while_the_apps_head_is_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The app's head is held until its first body: nothing has left yet.
+    data, messages = await post_body_over_limit([START])
     [(response, _)] = parse_responses(data)
     assert response.status_code == 413
     assert header(response, b"connection") == b"close"
@@ -811,20 +823,8 @@ async def test_body_over_limit_request_body_gets_413_while_the_apps_head_is_held
 async def test_body_over_limit_request_body_cuts_a_response_already_streaming(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    messages: list[Any] = []
-
-    async def app(scope: Any, receive: Any, send_: Any) -> None:
-        await send_(START)
-        await send_({"type": "http.response.body", "body": b"streaming", "more_body": True})
-        while True:
-            messages.append(await receive())
-            if messages[-1]["type"] == "http.disconnect":
-                return
-
-    raw = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b"x" * 1200)
-    async with run_server(with_ok(app), limit_request_body=BODY_LIMIT, **EXACT) as server:
-        data = await fetch(server, raw)
-        await assert_still_serving(server)
+    streaming = {"type": "http.response.body", "body": b"streaming", "more_body": True}
+    data, messages = await post_body_over_limit([START, streaming])
     # The head left with a 200: the response is cut (its chunked body never ends).
     assert data.startswith(b"HTTP/1.1 200 OK\r\n")
     assert data.endswith(b"9\r\nstreaming\r\n")

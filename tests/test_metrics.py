@@ -35,10 +35,11 @@ async def metrics_of(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]]
 
 
 def test_a_dead_workers_gauges_are_dropped_and_its_counters_kept() -> None:
-    metrics = ServerMetrics()
-    metrics.request_done("GET", "1.1", 200, 0.002)
-    metrics.request_done("BREW", "1.0", None, 0.3)  # unknown method, client left
-    metrics.requests_in_flight = 3
+    metrics = ServerMetrics(app_calls=lambda: 3)  # (no WebSocket: 3 requests in flight)
+    metrics.count_new_labels("GET", "1.1", 200)
+    metrics.count_new_labels("BREW", "1.0", None)  # unknown method, client left
+    metrics.duration_buckets[0] += 1  # 0.002 s
+    metrics.duration_buckets[7] += 1  # 0.3 s
     total: dict[str, float] = {}
     add_sample(total, metrics.sample(), counters_only=True)
     add_sample(total, metrics.sample())

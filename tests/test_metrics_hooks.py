@@ -7,11 +7,13 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+import h2.connection
 import pytest
 import trio
 import trio.testing
 import trustme
 from conftest import Recorder, run_server
+from test_http2 import Client as H2Client
 from test_http2_serving import curl
 from wire import Client, connect, parse_responses, read_until_eof, receive_until
 
@@ -241,3 +243,77 @@ async def test_http2_requests_are_counted_by_the_same_request_cycle() -> None:
     assert now["requests|GET|2xx|2"] == 2
     assert now["requests_in_flight"] == 0
     assert now["connections"] == 2
+
+
+class Tally(trio.abc.HalfCloseableStream):
+    """A client's socket stream that counts the bytes it sends and receives."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.sent = 0
+        self.received = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+        self.sent += len(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.stream.receive_some(max_bytes)
+        self.received += len(data)
+        return data
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def test_http2_bytes_are_those_on_the_wire() -> None:
+    # connection.http2 frames the raw stream, not a ConnectionStream: it counts its own
+    # reads and writes, and the preface connection.edge read for it.
+    async with run_server(Recorder(), metrics=True) as server:
+        tally = Tally(await connect(server.addresses[0]))
+        async with tally:
+            client = H2Client(tally)  # type: ignore[arg-type]
+            await client.flush()
+            for _ in range(2):
+                head, body = await client.response(await client.request("/two"))
+                assert (head[b":status"], body) == (b"200", b"GET /two ")
+            await tally.send_eof()  # (the server reads EOF: nothing more to send)
+            await read_until_eof(tally)
+        now = await settled(server, connections_open=0)
+    assert now["requests|GET|2xx|2"] == 2
+    assert tally.sent > 24 and tally.received > 0  # (the preface alone is 24 bytes)
+    assert (now["received_bytes"], now["sent_bytes"]) == (tally.sent, tally.received)
+
+
+@pytest.mark.usefixtures("both_parsers")
+async def test_h2c_upgrade_bytes_are_counted_once() -> None:
+    # The upgrade request and the preface sent with it are read by the HTTP/1.1 stream,
+    # which counts them; the HTTP/2 connection counts only what it reads itself.
+    async with run_server(Recorder(), metrics=True) as server:
+        tally = Tally(await connect(server.addresses[0]))
+        async with tally:
+            client = H2Client(tally)  # type: ignore[arg-type]
+            client.conn = h2.connection.H2Connection(client.conn.config)
+            settings = client.conn.initiate_upgrade_connection()
+            await tally.send_all(
+                b"GET /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n"
+                + client.conn.data_to_send()  # (the preface at once: RFC 7540 §3.5)
+            )  # fmt: skip
+            switching = b""
+            while not switching.endswith(b"\r\n\r\n"):  # (the 101 alone: then h2 frames)
+                switching += await tally.receive_some(1)
+            assert switching.startswith(b"HTTP/1.1 101 ")
+            head, body = await client.response(1)
+            assert (head[b":status"], body) == (b"200", b"GET /up ")
+            await tally.send_eof()
+            await read_until_eof(tally)
+        now = await settled(server, connections_open=0)
+    assert now["requests|GET|2xx|2"] == 1
+    assert (now["received_bytes"], now["sent_bytes"]) == (tally.sent, tally.received)

@@ -23,7 +23,13 @@ from pathlib import Path
 import h11
 import pytest
 import trio
-from server_process import WORKER_APP, ServerProcess, started_process, wait_all_gone
+from server_process import (
+    ServerProcess,
+    started_process,
+    wait_all_gone,
+    worker_args,
+    write_worker_app,
+)
 from wire import Client
 
 CONNECTIONS = 30
@@ -39,22 +45,7 @@ RECONNECT_PAUSE = 0.05  # after a failed connect, so that a refusing server is n
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
-    (tmp_path / "workerapp.py").write_text(WORKER_APP)
-    return tmp_path
-
-
-def args(app_dir: Path, *extra: str, workers: int = 2) -> list[str]:
-    return [
-        "workerapp:app",
-        "--app-dir",
-        str(app_dir),
-        "--port",
-        "0",
-        "--workers",
-        str(workers),
-        "--no-access-log",
-        *extra,
-    ]
+    return write_worker_app(tmp_path)
 
 
 @dataclass
@@ -133,7 +124,9 @@ def assert_no_failure(load: KeepAliveLoad, server: ServerProcess) -> None:
 async def test_max_requests_recycles_under_keep_alive_load_without_a_failed_request(
     app_dir: Path,
 ) -> None:
-    options = args(app_dir, "--limit-max-requests", "400", "--limit-max-requests-jitter", "100")
+    options = worker_args(
+        app_dir, "--limit-max-requests", "400", "--limit-max-requests-jitter", "100"
+    )
     with trio.fail_after(30):
         async with started_process(options) as server:
             await server.wait_ready(2)
@@ -156,7 +149,7 @@ async def test_sighup_rolls_the_workers_under_keep_alive_load_without_a_failed_r
     app_dir: Path,
 ) -> None:
     with trio.fail_after(30):
-        async with started_process(args(app_dir)) as server:
+        async with started_process(worker_args(app_dir)) as server:
             old = await server.wait_ready(2)
 
             async def rolling_restart() -> None:
@@ -178,7 +171,7 @@ async def test_sigttou_removes_workers_under_keep_alive_load_without_a_failed_re
     app_dir: Path,
 ) -> None:
     with trio.fail_after(30):
-        async with started_process(args(app_dir, workers=3)) as server:
+        async with started_process(worker_args(app_dir, workers=3)) as server:
             workers = await server.wait_ready(3)
 
             async def remove_two() -> None:

@@ -57,17 +57,16 @@ async def app(scope, receive, send):
 """
 
 
-async def test_reload_follows_edits_and_waits_out_a_syntax_error(tmp_path: Path) -> None:
-    app_file = tmp_path / "reloadapp.py"
-    app_file.write_text(APP_TEMPLATE.format(version="v1"))
-    (tmp_path / "notes.txt").write_text("not watched")
-    argv = [
+def reload_args(app_dir: Path) -> list[str]:
+    """``reloadapp:app`` from ``app_dir`` with ``--reload`` watching ``app_dir`` (a short
+    ``--reload-delay``), on a free port, without lifespan or access lines."""
+    return [
         "reloadapp:app",
         "--app-dir",
-        str(tmp_path),
+        str(app_dir),
         "--reload",
         "--reload-dir",
-        str(tmp_path),
+        str(app_dir),
         "--port",
         "0",
         "--no-access-log",
@@ -76,6 +75,13 @@ async def test_reload_follows_edits_and_waits_out_a_syntax_error(tmp_path: Path)
         "--reload-delay",
         "0.05",
     ]
+
+
+async def test_reload_follows_edits_and_waits_out_a_syntax_error(tmp_path: Path) -> None:
+    app_file = tmp_path / "reloadapp.py"
+    app_file.write_text(APP_TEMPLATE.format(version="v1"))
+    (tmp_path / "notes.txt").write_text("not watched")
+    argv = reload_args(tmp_path)
     with trio.fail_after(40):
         async with started_process(argv) as server:
             await server.wait_for("Will watch for changes in these directories")
@@ -165,21 +171,7 @@ async def test_reload_without_watchfiles_polls_and_still_reloads(tmp_path: Path)
     project.mkdir()
     app_file = project / "reloadapp.py"
     app_file.write_text(APP_TEMPLATE.format(version="v1"))
-    argv = [
-        "reloadapp:app",
-        "--app-dir",
-        str(project),
-        "--reload",
-        "--reload-dir",
-        str(project),
-        "--port",
-        "0",
-        "--no-access-log",
-        "--lifespan",
-        "off",
-        "--reload-delay",
-        "0.05",
-    ]
+    argv = reload_args(project)
     env = clean_env(PYTHONPATH=str(blocker))
     with trio.fail_after(40):
         async with started_process(argv, env=env) as server:

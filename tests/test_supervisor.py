@@ -16,7 +16,6 @@ import trio
 import trio.testing
 from conftest import connection_tasks, hello_app, run_server
 from server_process import (
-    WORKER_APP,
     LoadResult,
     clean_env,
     get,
@@ -26,6 +25,8 @@ from server_process import (
     started_process,
     steady_load,
     wait_all_gone,
+    worker_args,
+    write_worker_app,
 )
 from wire import Client, connect, read_until_eof
 
@@ -38,22 +39,7 @@ from trioserve.workers.worker import heartbeat_interval
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
-    (tmp_path / "workerapp.py").write_text(WORKER_APP)
-    return tmp_path
-
-
-def args(app_dir: Path, *extra: str, workers: int = 2) -> list[str]:
-    return [
-        "workerapp:app",
-        "--app-dir",
-        str(app_dir),
-        "--port",
-        "0",
-        "--workers",
-        str(workers),
-        "--no-access-log",
-        *extra,
-    ]
+    return write_worker_app(tmp_path)
 
 
 # -- pure parts ---------------------------------------------------------------------------
@@ -166,7 +152,7 @@ async def test_connection_accepted_before_a_drain_gets_its_first_request_answere
 
 async def test_two_workers_answer_requests_from_two_distinct_pids(app_dir: Path) -> None:
     with trio.fail_after(30):
-        async with started_process(args(app_dir)) as server:
+        async with started_process(worker_args(app_dir)) as server:
             workers = set(await server.wait_ready(2))
             assert len(workers) == 2
             assert all(parent_pid(pid) == server.pid for pid in workers)
@@ -191,7 +177,7 @@ async def _record_pid(port: int, seen: set[int]) -> None:
 
 async def test_killed_worker_is_replaced_and_service_continues(app_dir: Path) -> None:
     with trio.fail_after(30):
-        async with started_process(args(app_dir)) as server:
+        async with started_process(worker_args(app_dir)) as server:
             first = await server.wait_ready(2)
             victim = first[0]
             os.kill(victim, signal.SIGKILL)
@@ -216,7 +202,7 @@ async def test_sigterm_during_a_slow_request_completes_it_and_leaves_no_orphans(
     app_dir: Path,
 ) -> None:
     with trio.fail_after(30):
-        async with started_process(args(app_dir)) as server:
+        async with started_process(worker_args(app_dir)) as server:
             workers = await server.wait_ready(2)
             stream = await connect(("127.0.0.1", server.port))
             async with stream:
@@ -240,7 +226,7 @@ async def test_sighup_rolls_the_workers_under_load_without_a_failed_request(
     app_dir: Path,
 ) -> None:
     with trio.fail_after(40):
-        async with started_process(args(app_dir)) as server:
+        async with started_process(worker_args(app_dir)) as server:
             old = set(await server.wait_ready(2))
             stop = trio.Event()
             result = LoadResult()
@@ -266,7 +252,7 @@ async def test_max_requests_recycles_workers_under_load_without_a_failed_request
 ) -> None:
     with trio.fail_after(40):
         async with started_process(
-            args(app_dir, "--limit-max-requests", "40", "--limit-max-requests-jitter", "5")
+            worker_args(app_dir, "--limit-max-requests", "40", "--limit-max-requests-jitter", "5")
         ) as server:
             await server.wait_ready(2)
             stop = trio.Event()
@@ -289,7 +275,9 @@ async def test_blocked_event_loop_is_reported_with_its_stack_and_replaced(
     app_dir: Path,
 ) -> None:
     with trio.fail_after(30):
-        async with started_process(args(app_dir, "--timeout-worker-healthcheck", "2")) as server:
+        async with started_process(
+            worker_args(app_dir, "--timeout-worker-healthcheck", "2")
+        ) as server:
             workers = await server.wait_ready(2)
             stream = await connect(("127.0.0.1", server.port))
             async with stream:
@@ -315,7 +303,7 @@ async def test_blocked_event_loop_is_reported_with_its_stack_and_replaced(
 
 async def test_workers_exit_on_their_own_when_the_parent_is_killed(app_dir: Path) -> None:
     with trio.fail_after(30):
-        async with started_process(args(app_dir)) as server:
+        async with started_process(worker_args(app_dir)) as server:
             workers = await server.wait_ready(2)
             server.signal(signal.SIGKILL)
             await server.wait_exit()
@@ -325,7 +313,7 @@ async def test_workers_exit_on_their_own_when_the_parent_is_killed(app_dir: Path
 
 async def test_sigttin_adds_and_sigttou_removes_a_worker(app_dir: Path) -> None:
     with trio.fail_after(30):
-        async with started_process(args(app_dir)) as server:
+        async with started_process(worker_args(app_dir)) as server:
             await server.wait_ready(2)
             server.signal(signal.SIGTTIN)
             third = (await server.wait_ready(3))[2]
@@ -343,7 +331,7 @@ async def test_every_worker_failing_startup_exits_3_with_the_error_shown_once(
 ) -> None:
     with trio.fail_after(30):
         env = clean_env(WORKER_APP_FAIL="1")
-        async with started_process(args(app_dir, workers=3), env=env) as server:
+        async with started_process(worker_args(app_dir, workers=3), env=env) as server:
             assert await server.wait_exit() == 3
             await server.wait_for("Application startup failed. Exiting.")
             assert server.stderr.count("database unreachable") == 1

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from conftest import read_body
 from wire import Client, read_until_eof
 
 from trioserve import LifespanError
@@ -87,12 +88,7 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": " ".join(names).encode()})
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     if path == "/slow":  # waits for the lifespan state's gate, if any, else forever
         gate = scope["state"].get("gate")
         await (gate.wait() if gate is not None else trio.sleep_forever())

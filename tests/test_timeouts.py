@@ -13,7 +13,7 @@ import h11
 import pytest
 import trio
 import trio.testing
-from conftest import hello_app, run_server
+from conftest import hello_app, read_body, run_server
 from wire import (
     Client,
     connect,
@@ -104,12 +104,7 @@ async def test_slow_app_and_slow_upload_are_not_cut_by_head_or_keep_alive_timeou
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async def app(scope: Any, receive: Any, send_: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         await trio.sleep(8)  # longer than either timeout
         await send_({"type": "http.response.start", "status": 200, "headers": []})
         await send_({"type": "http.response.body", "body": body})

@@ -51,6 +51,10 @@ class ServerHealth:
     def __init__(self) -> None:
         self.server: Server | None = None  # set once serving (after lifespan startup)
 
+    def serving(self, server: Server) -> None:
+        """``server`` has started (lifespan startup is done): ready until it drains."""
+        self.server = server
+
     def live(self) -> bool:
         # Answering at all proves the event loop runs; the server's tasks run until stopped.
         return True

@@ -35,6 +35,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
+from .compiled import build_description
 from .config import Config
 from .config_file import read_config_file
 from .errors import AppLoadError, BindError, ConfigError, LifespanError
@@ -234,7 +235,9 @@ def _command(func: Callable[..., Any]) -> click.Command:
         help="Show the resolved configuration and where each value came from, and exit.",
     )(func)
     func = click.version_option(
-        __version__, "--version", message=f"trioserve %(version)s (Python {sys.version.split()[0]})"
+        __version__,
+        "--version",
+        message=f"trioserve %(version)s (Python {sys.version.split()[0]}, {build_description()})",
     )(func)
     return click.command(
         cls=_ProcessCommand, context_settings={"help_option_names": ["-h", "--help"]}

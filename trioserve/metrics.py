@@ -2,10 +2,11 @@
 
 The hot path never touches prometheus_client. Each ``serve()`` with metrics on owns one
 :class:`ServerMetrics`: plain ints (and one float) in ``__slots__``, incremented in place
-by the connection code, so a request costs a few attribute increments, two dict look-ups
-and one dict update (:meth:`ServerMetrics.request_done`: about 2,900 instructions, its
-call included; with the two clock reads and the other hooks, about 5,000 per request).
-Nothing is locked: one trio thread owns the object.
+by the connection code, so a request costs a few attribute increments, three dict look-ups
+and one dict update, done inline where its response completes (no method call: the
+budget is 3 % of the instructions of a hello request, ~4,800). What can be derived from
+numbers the server keeps anyway (open connections, requests in flight) is derived at
+scrape time instead. Nothing is locked: one trio thread owns the object.
 
 At scrape time the numbers become a *sample*: a flat ``{key: number}`` dict, JSON-able, so
 a worker process sends it to its parent with every heartbeat and the parent adds up the
@@ -21,8 +22,7 @@ worker restarts); its gauges go with it.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -81,7 +81,7 @@ class Family:
 
 FAMILIES: Final = (
     Family("requests", "counter", "HTTP requests answered.", ("method", "status", "http_version")),
-    Family("requests_in_flight", "gauge", "HTTP requests whose response is not complete."),
+    Family("requests_in_flight", "gauge", "HTTP requests whose app call is running."),
     Family("websocket_sessions", "counter", "WebSocket sessions accepted."),
     Family("websockets_in_flight", "gauge", "WebSocket sessions open."),
     Family("connections", "counter", "Connections accepted."),
@@ -130,24 +130,30 @@ class ServerMetrics:
     * ``connection.stream.ConnectionStream``: ``received_bytes`` and ``sent_bytes`` at
       every read and write (what HTTP/1.1 and WebSocket read and write: after TLS
       decryption, without a PROXY header; ``connection.http1`` adds the first bytes
-      ``connection.edge`` read for it);
+      ``connection.edge`` read for it); ``connection.http2`` counts the same at its
+      own reads and writes (it frames the raw stream, without a ``ConnectionStream``);
     * ``server.serve_connection``: ``connections`` at accept, and
       ``connections_setting_up`` until the connection has joined the live ones (PROXY
       header, TLS handshake, HTTP/2 preface); ``connection.edge``:
       ``tls_handshake_failures``;
-    * ``connection.request_cycle.RequestCycle``: ``requests_in_flight`` +1 when a request
-      reaches the app, and :meth:`request_done` (which takes it off again) where its
-      response completes, the access-log point;
+    * ``connection.request_cycle.RequestCycle``: ``requests`` and the duration histogram
+      where a response completes, the access-log point (inline there; a label set seen
+      for the first time goes through :meth:`count_new_labels`);
     * ``connection.http1``: ``keepalive_reuses``, ``concurrency_rejections`` and
       :meth:`protocol_error`; ``connection.websocket``: ``websocket_sessions`` and
       ``websockets_in_flight``.
 
     Open connections are not counted per connection: they are the server's set of live
     connections (``live_connections``, which its drain needs anyway) plus those still in
-    set-up, read at scrape time.
+    set-up, read at scrape time. Nor are requests in flight: they are the app calls
+    running (``app_calls()``, the ``--limit-concurrency`` count, kept anyway) less the
+    WebSocket sessions among them (a handshake not accepted yet counts as a request). As
+    in Prometheus' own client libraries, a request is in flight while its app call runs
+    (a ``BackgroundTasks`` tail after its response too).
     """
 
     __slots__ = (
+        "app_calls",
         "concurrency_rejections",
         "connections",
         "connections_setting_up",
@@ -159,22 +165,23 @@ class ServerMetrics:
         "protocol_errors",
         "received_bytes",
         "requests",
-        "requests_in_flight",
         "sent_bytes",
         "tls_handshake_failures",
         "websocket_sessions",
         "websockets_in_flight",
     )
 
-    def __init__(self, live_connections: Sized = ()) -> None:
+    def __init__(
+        self, live_connections: Sized = (), app_calls: Callable[[], int] = lambda: 0
+    ) -> None:
         # Requests answered, {http_version: {method: {status: count}}}: keys whose hashes
         # are cached (str) or trivial (int). A (method, class, version) tuple key would be
-        # built and hashed twice per request, more than all of request_done costs now; the
+        # built and hashed twice per request, more than all of the counting costs now; the
         # status classes and label keys are made at scrape time (sample()).
         self.requests: dict[str, dict[str, dict[int | None, int]]] = {}
         self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
         self.duration_sum = 0.0
-        self.requests_in_flight = 0
+        self.app_calls = app_calls  # (ServerState.active_requests: HTTP and WebSocket)
         self.websocket_sessions = 0
         self.websockets_in_flight = 0
         self.connections = 0
@@ -188,34 +195,14 @@ class ServerMetrics:
         self.tls_handshake_failures = 0
         self.draining = 0
 
-    def request_done(
-        self, method: str, http_version: str, status: int | None, duration: float
-    ) -> None:
-        """Count one answered request (or one the client left before its response): its
-        response is complete, so it is no longer in ``requests_in_flight``."""
-        # (Once per request with metrics on, within the 3 % budget of instructions per
-        # request: no tuple key, and a fast request skips the bisection.)
-        self.requests_in_flight -= 1
-        try:  # (subscripts: cheaper than get() calls; a miss is once per label set)
-            statuses = self.requests[http_version][method]
-        except KeyError:
-            statuses = self._statuses(method, http_version)
-        try:
-            statuses[status] += 1
-        except KeyError:
-            statuses[status] = 1
-        if duration <= DURATION_BUCKETS[0]:
-            self.duration_buckets[0] += 1
-        else:
-            self.duration_buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
-        self.duration_sum += duration
-
-    def _statuses(self, method: str, http_version: str) -> dict[int | None, int]:
-        """The status counts of a method and version seen for the first time. A method a
-        client made up counts as "other" (looked up anew each time: the label set stays
-        small, whatever clients send)."""
+    def count_new_labels(self, method: str, http_version: str, status: int | None) -> None:
+        """Count a request whose label set the inline count (``RequestCycle._finish``) did
+        not find: a method, version or status seen for the first time. A method a client
+        made up counts as "other" (and comes here each time: the label set stays small,
+        whatever clients send)."""
         methods = self.requests.setdefault(http_version, {})
-        return methods.setdefault(method if method in KNOWN_METHODS else "other", {})
+        statuses = methods.setdefault(method if method in KNOWN_METHODS else "other", {})
+        statuses[status] = statuses.get(status, 0) + 1
 
     def protocol_error(self, status: int) -> None:
         """Count a malformed request answered with ``status`` (400, 413, 431, 501...)."""
@@ -237,8 +224,9 @@ class ServerMetrics:
             out[f"{HISTOGRAM}|bucket|{bound}"] = cumulative
         out[f"{HISTOGRAM}|sum"] = self.duration_sum
         out["connections_open"] = self.connections_setting_up + len(self.live_connections)
+        # (A session's app call ends just after it leaves websockets_in_flight: never < 0.)
+        out["requests_in_flight"] = max(0, self.app_calls() - self.websockets_in_flight)
         for name in (
-            "requests_in_flight",
             "websocket_sessions",
             "websockets_in_flight",
             "connections",

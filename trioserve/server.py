@@ -31,6 +31,7 @@ from .app.asyncio_bridge import open_app_loop
 from .app.lifespan import lifespan
 from .app.loading import load_app
 from .asgi_types import ASGIApp
+from .compiled import build_description
 from .config import Config, http_implementation, ws_implementation
 from .connection.edge import prepare_connection
 from .connection.http1 import HTTPConnection
@@ -256,12 +257,11 @@ async def _serve(
         # --app-loop asyncio: the app (lifespan, http, websocket) is called through the
         # bridge; the loop outlives every app call.
         async with (
-            open_app_loop(app, config) as state.app,
+            open_app_loop(app, config) as called_app,
             lifespan(
-                state.app, config, shutdown_timeout=config.timeout_graceful_shutdown
+                called_app, config, shutdown_timeout=config.timeout_graceful_shutdown
             ) as lifespan_state,
         ):
-            state.lifespan_state = lifespan_state
             listeners: list[SocketListener | MemoryListener]
             if memory is None:
                 bound = bind_sockets(config)
@@ -273,7 +273,7 @@ async def _serve(
                 listeners = [memory]
             server = Server(config, bound, memory=memory)
             server.metrics = state.metrics
-            state.on_max_requests = _max_requests_reached(server)
+            state.start_serving(called_app, lifespan_state, _max_requests_reached(server))
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(_accept_all, listeners, connections, state, accepting)
@@ -284,6 +284,7 @@ async def _serve(
                 logger.debug("HTTP/1.1 parser: %s", http_implementation(config.http))
                 if config.ws != "none":
                     logger.debug("WebSocket engine: %s", ws_implementation(config.ws))
+                logger.debug("hot path: %s", build_description())
                 task_status.started(server)
                 await server._drain.wait()
                 if server.metrics is not None:
@@ -371,7 +372,7 @@ async def _drain(
     """Stop accepting, tell each connection to end after at most one more request (an
     idle one once idle for a moment: ``HTTPConnection.drain``), bound all by ``grace``."""
     logger.info("Shutting down")
-    state.draining = True
+    state.begin_drain()
     accepting.cancel()
     for listener in listeners:
         await trio.aclose_forcefully(listener)

@@ -172,7 +172,7 @@ class HTTPConnection(HTTP1Body):
             if metrics is not None:  # (read by connection.edge, not by the stream)
                 metrics.received_bytes += len(leftover)
         serving = self._serve_requests(tasks, leftover)
-        del leftover  # (not kept while the connection lives)
+        leftover = b""  # (not kept while the connection lives; mypyc compiles no del here)
         with self._bugs_logged():
             try:
                 await serving
@@ -422,16 +422,18 @@ class HTTPConnection(HTTP1Body):
         await trio.lowlevel.checkpoint()
         return await self._after_response(cycle)
 
-    async def _continue_serving(self, cycle: RequestCycle, tasks: trio.Nursery) -> None:
+    async def _continue_serving(self, cycle: RequestCycle | None, tasks: trio.Nursery) -> None:
         """Serve the connection on after ``cycle`` 's app waited for something.
 
         A task of the server's connection nursery, the connection's only reader from now on
-        (see :meth:`run`).
+        (see :meth:`run`). ``cycle`` is never None: it is typed so only to be dropped once
+        the response is complete (mypyc compiles no ``del`` of a coroutine's local).
         """
         with self._bugs_logged():
             try:
+                assert cycle is not None
                 reusable = await self._after_response(cycle)
-                del cycle  # (not kept while the connection waits for its next request)
+                cycle = None  # (not kept while the connection waits for its next request)
                 if reusable:
                     self.parser.start_next_cycle()
                     await self._serve_requests(tasks)

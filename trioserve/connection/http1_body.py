@@ -23,7 +23,7 @@ from typing import Any, Final
 import h11
 import trio
 
-from ..protocol.http1_parser import HTTPParser
+from ..protocol.http1_parser import HTTPParser, data_of
 from .request_cycle import DISCONNECT, CycleView
 from .state import ServerState
 from .stream import ConnectionStream
@@ -161,7 +161,7 @@ class HTTP1Body:
                     # What crosses --limit-request-body never reaches the app. (A chunked
                     # body is counted here; a larger Content-Length got 413 before the app
                     # was called, from check_request.)
-                    self._body_received += len(event.data)
+                    self._body_received += len(data_of(event))
                     if self._body_received > limit:
                         return self._peer_error(
                             h11.RemoteProtocolError(
@@ -178,10 +178,10 @@ class HTTP1Body:
                     following = exc
                 if type(following) is h11.EndOfMessage:
                     self.body_done = True
-                    return {"type": "http.request", "body": event.data, "more_body": False}
+                    return {"type": "http.request", "body": data_of(event), "more_body": False}
                 if following is not h11.NEED_DATA:
                     self._pending = following
-                return {"type": "http.request", "body": event.data, "more_body": True}
+                return {"type": "http.request", "body": data_of(event), "more_body": True}
             if type(event) is h11.EndOfMessage:
                 self.body_done = True
                 return {"type": "http.request", "body": b"", "more_body": False}
@@ -251,7 +251,7 @@ class HTTP1Body:
             if event is h11.NEED_DATA:
                 break
             if type(event) is h11.Data:
-                discarded += len(event.data)
+                discarded += len(data_of(event))
                 if discarded > MAX_DISCARD_BODY:
                     return -1
         return discarded
@@ -272,5 +272,5 @@ class HTTP1Body:
                         return False
                     conn.receive_data(data)
                 elif type(event) is h11.Data:
-                    discarded += len(event.data)
+                    discarded += len(data_of(event))
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE

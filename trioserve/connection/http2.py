@@ -236,7 +236,12 @@ class HTTP2Connection:
 
     async def _read_loop(self) -> None:
         config = self.state.config
+        # (Bytes for /metrics: what was read here, and what connection.edge read first; an
+        # h2c upgrade's first bytes were read, and counted, by its HTTP/1.1 stream.)
+        metrics = self.state.metrics
         data: bytes | bytearray = self._received
+        if metrics is not None and self._upgrade_settings is None:
+            metrics.received_bytes += len(data)
         while True:
             if data and not self._receive(data):
                 return
@@ -267,6 +272,8 @@ class HTTP2Connection:
             if not data:
                 self.broken = True
                 return
+            if metrics is not None:
+                metrics.received_bytes += len(data)
 
     def _head_deadline(self, now: float) -> float:
         """When the header block under way must be complete (``--timeout-request-header``,
@@ -354,7 +361,7 @@ class HTTP2Connection:
         tunnel = head.protocol is not None  # an extended CONNECT (RFC 8441): a WebSocket
         scope = {} if tunnel else self._scope(head)
         stream = HTTP2Stream(self, stream_id, head.method, scope, body_ended=ended)
-        if not admitted and not state.admit():  # (released by the stream's RequestCycle)
+        if not admitted and not state.admit():  # (released by its RequestCycle or H2WebSocket)
             logger.warning(
                 "%s - concurrency limit %s reached, answering 503 on stream %d",
                 self.peer,
@@ -454,6 +461,7 @@ class HTTP2Connection:
             self._writer_done.set()
 
     async def _write_until_stopped(self) -> None:
+        metrics = self.state.metrics  # (counts the bytes sent, for /metrics)
         while True:
             if not self._stopped:
                 await self._writer_wake.wait()
@@ -470,6 +478,8 @@ class HTTP2Connection:
             self._outbox = []
             try:
                 await self.stream.send_all(data)
+                if metrics is not None:
+                    metrics.sent_bytes += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.broken = True
                 for stream in self.streams.values():

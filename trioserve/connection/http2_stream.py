@@ -229,7 +229,13 @@ class HTTP2Stream:
     body_error: int | None = None
 
     def __init__(
-        self, conn: StreamOwner, stream_id: int, method: bytes, scope: dict[str, Any]
+        self,
+        conn: StreamOwner,
+        stream_id: int,
+        method: bytes,
+        scope: dict[str, Any],
+        *,
+        body_ended: bool = False,
     ) -> None:
         self.conn = conn
         self.state = conn.state
@@ -238,7 +244,7 @@ class HTTP2Stream:
         self.scope = scope
         self.encoder = H2ResponseEncoder(conn.state.response_heads, method, self._send_hint)
         self._body: list[bytes] = []
-        self.body_ended = False
+        self.body_ended = body_ended  # (the request's HEADERS frame ended the stream)
         self.reset = False  # the client reset the stream, or the connection ended
         self.changed = trio.Event()  # body arrived, stream ended or reset, response done
         self._told_end = False  # receive_body() has returned more_body=False
@@ -456,6 +462,38 @@ class HTTP2Stream:
         self.encoder.body_bytes = len(body)
         self._signal()
         return True
+
+    # -- a tunnel's bytes (RFC 8441: connection.http2_websocket.StreamBytes) -----------------
+
+    @property
+    def ended_here(self) -> bool:
+        """Our side of the stream is closed (END_STREAM sent)."""
+        return self._ended
+
+    def take_data(self) -> bytes:
+        """The DATA received and not taken yet (b"" if none), credited back to the client."""
+        body = self._body
+        if not body:
+            return b""
+        data = b"".join(body) if len(body) > 1 else body[0]
+        self._body = []
+        self.conn.credit(self.stream_id, len(data))
+        return data
+
+    def send_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Queue response HEADERS with ``headers`` as given (the server's default fields
+        are the caller's to add), not ending the stream."""
+        self.conn.h2.send_headers(self.stream_id, response_header_list(status, headers))
+        self._head_sent = True
+        self.conn.wake_writer()
+
+    async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Send ``data`` as DATA frames as the windows allow (``end_stream``: then close our
+        side). Raises ClientDisconnected when the stream was reset or already closed."""
+        try:
+            await self._send_data(data, end_stream=end_stream)
+        except h2.exceptions.StreamClosedError:
+            raise ClientDisconnected(f"{self.conn.peer} closed stream {self.stream_id}") from None
 
     # -- the reader's side ------------------------------------------------------------------
 

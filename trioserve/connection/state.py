@@ -176,7 +176,11 @@ class ServerState:
         # --log-level trace, decided once (message_trace): the connection code checks only
         # this, once per connection.
         self.trace = tracing_enabled()
-        self.metrics = ServerMetrics(self.connections) if config.collects_metrics else None
+        self.metrics = (
+            ServerMetrics(self.connections, lambda: self.active_requests)
+            if config.collects_metrics
+            else None
+        )
         # TLS context, trusted proxies, PROXY protocol (reads the TLS files: ConfigError).
         self.edge = EdgeSettings(config, self.metrics)
         self.access_template = (
@@ -229,6 +233,23 @@ class ServerState:
     def release(self) -> None:
         """An admitted app call has returned (see :meth:`admit`)."""
         self.active_requests -= 1
+
+    def start_serving(
+        self,
+        app: ASGIApp,
+        lifespan_state: dict[str, Any] | None,
+        on_max_requests: Callable[[], None],
+    ) -> None:
+        """Lifespan startup is done: ``app`` is the app as the connections call it (through
+        the asyncio bridge, if any), ``lifespan_state`` what startup filled in, and
+        ``on_max_requests`` what to do past ``--limit-max-requests``."""
+        self.app = app
+        self.lifespan_state = lifespan_state
+        self.on_max_requests = on_max_requests
+
+    def begin_drain(self) -> None:
+        """A graceful shutdown has begun: ``draining`` from now on."""
+        self.draining = True
 
     def report_app_error(self, exc: BaseException) -> None:
         """Hand an app call's exception to ``on_app_error``; ClientDisconnected is not one

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -55,6 +55,32 @@ FILE_PIECE_BYTES: Final = 256 * 1024
 # (RFC 9112 §9.6).
 LINGER_TIMEOUT: Final = 1.0
 LINGER_MAX_BYTES: Final = 1024 * 1024
+
+
+class ByteStream(Protocol):
+    """What a WebSocket session uses of the bytes its frames travel in
+    (``connection.ws_reader``, ``connection.ws_outbox``, ``connection.websocket``).
+
+    :class:`ConnectionStream` is one (an upgraded HTTP/1.1 connection);
+    ``connection.http2_websocket.StreamBytes`` is another (an HTTP/2 stream's DATA frames,
+    RFC 8441). The semantics are :class:`ConnectionStream`'s: a read returns b"" once the
+    peer has gone (EOF, reset), a failed write raises ``ClientDisconnected``, and the
+    ``*_nowait`` methods are used only when :attr:`fast` is true.
+    """
+
+    @property
+    def peer(self) -> str: ...
+    @property
+    def fast(self) -> bool: ...
+    async def receive(self, *, wait_first: bool = False) -> bytes: ...
+    def receive_nowait(self) -> bytes | None: ...
+    def interrupt_read(self) -> None: ...
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> int: ...
+    async def write(self, data: bytes | list[bytes]) -> None: ...
+    def owes_yield(self, size: int) -> bool: ...
+    def linger_on_close(self) -> None: ...
+    def abort_on_close(self) -> None: ...
+    async def abort(self) -> None: ...
 
 
 class ConnectionStream:
@@ -134,8 +160,9 @@ class ConnectionStream:
         data: bytes
         try:
             if self._fd < 0:
-                # trio's streams return bytes; the abstract signature also allows bytearray.
-                data = await self.stream.receive_some(RECEIVE_SIZE)  # type: ignore[assignment]
+                # TLS and memory streams may return a bytearray (bytes() of bytes is the
+                # same object, no copy).
+                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
             else:
                 # What SocketStream.receive_some does (try, else wait until readable; always
                 # a checkpoint), minus its wrappers: an idle keep-alive connection then
@@ -180,7 +207,10 @@ class ConnectionStream:
         (``os.read(fd, 256 KiB)`` would map and unmap a large block every time).
         """
         scratch = self._scratch
-        return bytes(scratch[: os.readv(self._fd, (scratch,))])
+        # (The size in a variable of its own: mypyc evaluates a call inside a slice bound
+        # twice, which here would be two reads.)
+        size = os.readv(self._fd, (scratch,))
+        return bytes(scratch[:size])
 
     def receive_nowait(self) -> bytes | None:
         """Read what has already arrived, without waiting; None when nothing has.
@@ -470,13 +500,13 @@ class ConnectionStream:
             await trio.aclose_forcefully(stream)
 
 
-def _after(pieces: list[bytes], count: int) -> list[bytes]:
+def _after(pieces: list[bytes] | list[bytes | memoryview], count: int) -> list[bytes | memoryview]:
     """``pieces`` without their first ``count`` bytes (a partly sent piece is sliced)."""
     index = 0
     while count and count >= len(pieces[index]):
         count -= len(pieces[index])
         index += 1
-    rest = pieces[index:]
+    rest: list[bytes | memoryview] = list(pieces[index:])
     if count:
-        rest[0] = memoryview(rest[0])[count:]  # type: ignore[call-overload]
+        rest[0] = memoryview(rest[0])[count:]
     return rest

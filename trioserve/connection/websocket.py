@@ -9,6 +9,11 @@ the bytes already read, the connection facts). It answers the handshake with wsp
 in the connection task itself, and closes the WebSocket within a bound however the app,
 the peer or the server ends it.
 
+What does not depend on the carrier of the handshake is :class:`WebSocketSession`'s (the
+app's receive and send, the accept, the denial response, closing, keepalive): an HTTP/2
+stream carries a WebSocket too (RFC 8441, ``connection.http2_websocket``), its DATA frames
+being the bytes (a ``stream.ByteStream``) and its answer 200 instead of 101.
+
 Task tree (everything inside ``run()``'s nursery)::
 
     HTTPConnection task ── WebSocketConnection.run()
@@ -40,8 +45,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Protocol
 
 import h11
 import trio
@@ -77,11 +83,13 @@ from ..protocol.ws_messages import (
     handshake_headers,
 )
 from .state import ServerState, log_access
-from .stream import ConnectionStream
+from .stream import ByteStream, ConnectionStream
 from .ws_outbox import Outbox
 from .ws_reader import WebSocketReader
 
 logger = logging.getLogger(__name__)
+
+Header = tuple[bytes, bytes]
 
 # How long we wait for the peer's answer to our Close frame (and for our last bytes to
 # leave) before dropping the TCP connection.
@@ -104,23 +112,45 @@ class WebSocketHandoff:
     parser: HTTPParser  # only for HTTP answers before the accept: 400, 403, 500, denial
 
 
-class WebSocketConnection(WebSocketReader):
-    """Serve one WebSocket upgrade on an accepted HTTP connection.
+class DenialWriter(Protocol):
+    """The response state machine of a denial response (``websocket.http.response``):
+    HTTP/1.1's ``ResponseWriter``, or ``http2_websocket``'s for an HTTP/2 stream."""
+
+    @property
+    def status(self) -> int | None: ...
+    @property
+    def body_bytes(self) -> int: ...
+    @property
+    def started(self) -> bool: ...
+
+    def start(self, message: Mapping[str, object], *, close: bool = False) -> object: ...
+    def body(self, message: Mapping[str, object]) -> bytes: ...
+
+
+class WebSocketSession(WebSocketReader):
+    """One WebSocket session, from its handshake request to its close, whatever carried
+    the handshake (see the module docstring).
+
+    A subclass knows the carrier: it checks the handshake request and builds the scope,
+    then calls :meth:`_serve`, and it answers the handshake
+    (:meth:`_handshake_answer`, :meth:`_error_answer`, :meth:`_denial_writer`).
 
     Args:
-        handoff: the upgrade request and the connection it arrived on.
+        stream: the bytes the WebSocket's frames travel in.
+        state: the server's shared state.
     """
 
-    def __init__(self, handoff: WebSocketHandoff) -> None:
-        self.handoff = handoff
-        stream = self._stream = handoff.stream
-        self._state = handoff.state
-        self._handshake = H11Handshake(ConnectionType.SERVER)
-        config = handoff.state.config
+    # The status of an accepted handshake, for the access line.
+    ACCEPT_STATUS: ClassVar[int] = 101
+
+    def __init__(self, stream: ByteStream, state: ServerState) -> None:
+        self._stream = stream
+        self._state = state
+        config = state.config
         self._outbox = Outbox(stream, self._stop_reading)
         super().__init__(stream, self._outbox, config.ws_max_size, config.ws_max_queue)
         self._app_messages = AppMessages(())
-        self._response: ResponseWriter | None = None
+        self._response: DenialWriter | None = None
         # The handshake: resolved by an accept or by any HTTP answer.
         self._handshake_done = trio.Event()
         self._accepted = False
@@ -132,38 +162,30 @@ class WebSocketConnection(WebSocketReader):
         self._ping_payload = b""
         self._pong = trio.Event()
 
-    # -- the connection task --------------------------------------------------------------
+    # -- what the carrier supplies --------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve the upgrade until the app has returned and the WebSocket is closed.
+    def _handshake_answer(
+        self, subprotocol: str | None, extensions: list[Extension], headers: list[Header]
+    ) -> bytes:
+        """Accept the handshake (negotiating ``extensions``); the bytes to write."""
+        raise NotImplementedError
 
-        Returns within :data:`CLOSE_TIMEOUT` (plus the write of our last bytes, equally
-        bounded) of the app returning. The stream itself is closed by the caller.
+    def _error_answer(self, status: int) -> bytes:
+        """The server's own refusal of the handshake (403, 500); the bytes to write."""
+        raise NotImplementedError
 
-        Cancellation: the app call and the I/O tasks are cancelled together.
-        """
-        handoff = self.handoff
+    def _denial_writer(self) -> DenialWriter:
+        """The writer of the app's denial response (``websocket.http.response``)."""
+        raise NotImplementedError
+
+    # -- the session ------------------------------------------------------------------------
+
+    async def _serve(self, scope: dict[str, Any]) -> None:
+        """Run the app on ``scope`` with the session's I/O tasks beside it; return once
+        the app has returned and the WebSocket is closed (bounded: see :meth:`run`)."""
+        self._scope = scope
         state = self._state
         config = state.config
-        request = handoff.request
-        target, version, headers = request.target, request.http_version, handoff.headers
-        # (The handshake's access line, should it be refused right here.)
-        self._scope = http_scope(b"GET", target, version, headers, handoff.facts, None)
-        try:
-            self._handshake.initiate_upgrade_connection(
-                handshake_headers(
-                    request.headers, per_message_deflate=config.ws_per_message_deflate
-                ),
-                request.target,
-            )
-            for _ in self._handshake.events():  # the Request: wsproto keeps what it needs
-                pass
-        except (RemoteProtocolError, h11.LocalProtocolError, ValueError) as exc:
-            await self._reject_upgrade(exc)
-            return
-        scope = self._scope = websocket_scope(
-            target, version, headers, handoff.facts, state.lifespan_state
-        )
         self._app_messages = AppMessages(scope["subprotocols"])
         try:
             async with trio.open_nursery() as io:
@@ -179,20 +201,6 @@ class WebSocketConnection(WebSocketReader):
         finally:
             if self._accepted and state.metrics is not None:
                 state.metrics.websockets_in_flight -= 1  # (counted in by _accept)
-
-    async def _reject_upgrade(self, exc: Exception) -> None:
-        """Answer an invalid upgrade request with 400 (the peer's fault, INFO)."""
-        logger.info("%s - invalid WebSocket upgrade request: %s (400)", self._stream.peer, exc)
-        if self._state.metrics is not None:
-            self._state.metrics.protocol_error(400)
-        extra: tuple[tuple[bytes, bytes], ...] = ()
-        if isinstance(exc, RemoteProtocolError) and "Version" in str(exc):
-            # RFC 6455 §4.2.2: tell the client which version we speak.
-            extra = ((b"sec-websocket-version", b"13"),)
-        self._log_handshake(400)
-        state = self._state
-        data = error_response(self.handoff.parser, 400, extra + state.response_headers())
-        await self._stream.send_last(data, state.config.timeout_request_header)
 
     async def _after_app(self, exc: Exception | None) -> None:
         """The app returned (or raised): end the handshake or the WebSocket, bounded."""
@@ -282,10 +290,7 @@ class WebSocketConnection(WebSocketReader):
                     self._start_close(code, reason)
                 await self._outbox.wait_below()
             case ResponseStart(message=start):
-                state = self._state
-                self._response = ResponseWriter(
-                    self.handoff.parser, b"GET", state.response_headers(), state.response_heads
-                )
+                self._response = self._denial_writer()
                 self._response.start(start, close=True)
             case ResponseBody(message=body, last=last):
                 assert self._response is not None
@@ -311,23 +316,17 @@ class WebSocketConnection(WebSocketReader):
         if config.ws_per_message_deflate:
             deflate = BoundedPerMessageDeflate(config.ws_max_size)
         extensions: list[Extension] = [deflate] if deflate is not None else []
-        handshake = self._handshake.send(
-            AcceptConnection(
-                subprotocol=action.subprotocol, extensions=extensions, extra_headers=headers
-            )
-        )
+        handshake = self._handshake_answer(action.subprotocol, extensions, headers)
         if deflate is not None and deflate.enabled():
             deflate.accept_any_client_window()
         else:
             deflate = None
         self.engine = state.new_ws_engine(config.ws_max_size, deflate)
-        self._unread += self.handoff.received  # bytes that arrived with the handshake
-        self._eof = self.handoff.eof
         self._accepted = True
         if state.metrics is not None:
             state.metrics.websocket_sessions += 1
             state.metrics.websockets_in_flight += 1
-        self._log_handshake(101)
+        self._log_handshake(self.ACCEPT_STATUS)
         self._handshake_done.set()
         self._outbox.send(handshake)
         self._arm_idle_check()
@@ -336,7 +335,7 @@ class WebSocketConnection(WebSocketReader):
 
     def _answer_http(self, status: int) -> None:
         """Refuse the handshake with a plain HTTP response (403 or 500)."""
-        data = error_response(self.handoff.parser, status, self._state.response_headers())
+        data = self._error_answer(status)
         if data:
             self._log_handshake(status)
             self._outbox.send(data)
@@ -436,3 +435,82 @@ class WebSocketConnection(WebSocketReader):
             )
             await self._abort(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
             return
+
+
+class WebSocketConnection(WebSocketSession):
+    """Serve one WebSocket upgrade on an accepted HTTP/1.1 connection (wsproto's
+    ``H11Handshake`` answers it with 101).
+
+    Args:
+        handoff: the upgrade request and the connection it arrived on.
+    """
+
+    def __init__(self, handoff: WebSocketHandoff) -> None:
+        super().__init__(handoff.stream, handoff.state)
+        self.handoff = handoff
+        self._connection_stream = handoff.stream
+        self._handshake = H11Handshake(ConnectionType.SERVER)
+
+    async def run(self) -> None:
+        """Serve the upgrade until the app has returned and the WebSocket is closed.
+
+        Returns within :data:`CLOSE_TIMEOUT` (plus the write of our last bytes, equally
+        bounded) of the app returning. The stream itself is closed by the caller.
+
+        Cancellation: the app call and the I/O tasks are cancelled together.
+        """
+        handoff = self.handoff
+        state = self._state
+        config = state.config
+        request = handoff.request
+        target, version, headers = request.target, request.http_version, handoff.headers
+        # (The handshake's access line, should it be refused right here.)
+        self._scope = http_scope(b"GET", target, version, headers, handoff.facts, None)
+        try:
+            self._handshake.initiate_upgrade_connection(
+                handshake_headers(
+                    request.headers, per_message_deflate=config.ws_per_message_deflate
+                ),
+                request.target,
+            )
+            for _ in self._handshake.events():  # the Request: wsproto keeps what it needs
+                pass
+        except (RemoteProtocolError, h11.LocalProtocolError, ValueError) as exc:
+            await self._reject_upgrade(exc)
+            return
+        await self._serve(
+            websocket_scope(target, version, headers, handoff.facts, state.lifespan_state)
+        )
+
+    async def _reject_upgrade(self, exc: Exception) -> None:
+        """Answer an invalid upgrade request with 400 (the peer's fault, INFO)."""
+        logger.info("%s - invalid WebSocket upgrade request: %s (400)", self._stream.peer, exc)
+        if self._state.metrics is not None:
+            self._state.metrics.protocol_error(400)
+        extra: tuple[tuple[bytes, bytes], ...] = ()
+        if isinstance(exc, RemoteProtocolError) and "Version" in str(exc):
+            # RFC 6455 §4.2.2: tell the client which version we speak.
+            extra = ((b"sec-websocket-version", b"13"),)
+        self._log_handshake(400)
+        state = self._state
+        data = error_response(self.handoff.parser, 400, extra + state.response_headers())
+        await self._connection_stream.send_last(data, state.config.timeout_request_header)
+
+    def _handshake_answer(
+        self, subprotocol: str | None, extensions: list[Extension], headers: list[Header]
+    ) -> bytes:
+        handoff = self.handoff
+        self._unread += handoff.received  # bytes that arrived with the handshake
+        self._eof = handoff.eof
+        return self._handshake.send(
+            AcceptConnection(subprotocol=subprotocol, extensions=extensions, extra_headers=headers)
+        )
+
+    def _error_answer(self, status: int) -> bytes:
+        return error_response(self.handoff.parser, status, self._state.response_headers())
+
+    def _denial_writer(self) -> DenialWriter:
+        state = self._state
+        return ResponseWriter(
+            self.handoff.parser, b"GET", state.response_headers(), state.response_heads
+        )

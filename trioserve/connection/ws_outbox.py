@@ -26,7 +26,7 @@ from typing import Final
 import trio
 
 from ..errors import ClientDisconnected
-from .stream import ConnectionStream
+from .stream import ByteStream
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Outbox:
             nothing more is written.
     """
 
-    def __init__(self, stream: ConnectionStream, on_lost: Callable[[], None]) -> None:
+    def __init__(self, stream: ByteStream, on_lost: Callable[[], None]) -> None:
         self._stream = stream
         self._on_lost = on_lost
         self._buffer = bytearray()

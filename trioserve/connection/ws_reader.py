@@ -45,7 +45,7 @@ from ..protocol.ws_messages import (
     MessageTooBigError,
     disconnect_message,
 )
-from .stream import ConnectionStream
+from .stream import ByteStream
 from .ws_outbox import Outbox
 
 logger = logging.getLogger(__name__)
@@ -77,9 +77,7 @@ class WebSocketReader:
     _accepted: bool
     _handshake_done: trio.Event
 
-    def __init__(
-        self, stream: ConnectionStream, outbox: Outbox, max_size: int, max_queue: int
-    ) -> None:
+    def __init__(self, stream: ByteStream, outbox: Outbox, max_size: int, max_queue: int) -> None:
         self._stream = stream
         self._outbox = outbox
         self._assembler = MessageAssembler(max_size)

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import h11
+
+from .response_extensions import FileRegion
 
 # A Transfer-Encoding field of a request head, as h11 reads one (its value without OWS),
 # and the blank line that ends the head.
@@ -78,6 +80,14 @@ def refusal(exc: h11.RemoteProtocolError, head: bytes | bytearray) -> tuple[int,
         if problem is not None:
             return problem
     return exc.error_status_hint, str(exc)
+
+
+def data_of(event: h11.Data) -> bytes | bytearray:
+    """A request body piece's bytes. h11 declares ``Data.data`` as bytes, yet hands out
+    bytearray slices of its buffer: code compiled by mypyc, which checks declared types at
+    run time, reads the field through this (untyped access, truthful type)."""
+    data: bytes | bytearray = cast(Any, event).data
+    return data
 
 
 class HTTPParser(Protocol):
@@ -132,7 +142,7 @@ class HTTPParser(Protocol):
         (:meth:`send_response_head`)."""
         ...
 
-    def send_body(self, data: bytes, end: bool) -> list[Any]:
+    def send_body(self, data: bytes | FileRegion, end: bool) -> list[Any]:
         """The bytes of a piece of response body (maybe empty) and, if ``end``, of the
         response's end: h11's ``Data`` and ``EndOfMessage`` events in one call.
 
@@ -178,8 +188,11 @@ class H11Connection(h11.Connection):
     ) -> list[Any] | None:
         return None  # (h11 takes the fields one by one)
 
-    def send_body(self, data: bytes, end: bool) -> list[Any]:
-        pieces = (self.send_with_data_passthrough(h11.Data(data=data)) or []) if data else []
+    def send_body(self, data: bytes | FileRegion, end: bool) -> list[Any]:
+        # (A FileRegion passes through h11 as it is: h11 only takes its len().)
+        pieces: list[Any] = []
+        if data:
+            pieces = self.send_with_data_passthrough(h11.Data(data=data)) or []  # type: ignore[arg-type]
         if end:
             pieces += self.send_with_data_passthrough(h11.EndOfMessage()) or ()
         return pieces

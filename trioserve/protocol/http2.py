@@ -285,6 +285,8 @@ def h2_connection(config: Config) -> h2.connection.H2Connection:
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: config.h2_max_header_list_size,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: config.h2_initial_window_size,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: config.h2_max_inbound_frame_size,
+            # RFC 8441 §3: WebSocket over an extended CONNECT (connection.http2_websocket).
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: int(config.ws != "none"),
         },
     )
     # h2 refuses a frame larger than max_inbound_frame_size before acknowledging our

@@ -58,6 +58,7 @@ from .http1_framing import (
     response_head,
 )
 from .http1_parser import transfer_coding_problem
+from .response_extensions import FileRegion
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 # (h11's names bound once: the hot paths below look each up per request.)
@@ -485,7 +486,7 @@ class HttptoolsConnection:
             self.our_state = h11.ERROR
             raise
 
-    def send_body(self, data: bytes, end: bool) -> list[Any]:
+    def send_body(self, data: bytes | FileRegion, end: bool) -> list[Any]:
         """Body bytes and, if ``end``, the response's end (``HTTPParser``'s addition)."""
         state = self.our_state
         if state is not _SEND_BODY:

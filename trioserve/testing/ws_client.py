@@ -131,20 +131,6 @@ class WebSocketClient:
         subprotocols: tuple[str, ...],
         headers: tuple[tuple[str | bytes, str | bytes], ...],
     ) -> None:
-        try:
-            await self._handshake_once(host, path, subprotocols, headers)
-            return
-        except WebSocketRejected as exc:
-            failure = exc
-        raise self._failure(failure)
-
-    async def _handshake_once(
-        self,
-        host: str,
-        path: str,
-        subprotocols: tuple[str, ...],
-        headers: tuple[tuple[str | bytes, str | bytes], ...],
-    ) -> None:
         extra = [(_as_bytes(name), _as_bytes(value)) for name, value in headers]
         await self._write(
             self._ws.send(
@@ -168,7 +154,8 @@ class WebSocketClient:
                     break
             await self._close_stream()
             self.close_code = 1006
-            raise WebSocketRejected(event.status_code, list(event.headers), body)
+            rejected = WebSocketRejected(event.status_code, list(event.headers), body)
+            raise self._failure(rejected)
         raise AssertionError(f"unexpected WebSocket handshake event {event!r}")
 
     async def send_text(self, text: str) -> None:

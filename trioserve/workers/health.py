@@ -3,8 +3,7 @@
 With worker processes, the instance's health is the parent's to tell: it alone sees every
 worker. :class:`ParentHealth` is the :class:`trioserve.admin.Health` the parent's admin
 listener asks; :class:`~trioserve.workers.supervisor.Supervisor` tells it what happens to
-its workers (spawned, ready, blocked, exited) and sets :attr:`ParentHealth.stopping` on
-SIGTERM.
+its workers (spawned, ready, blocked, exited) and that it is stopping (SIGTERM).
 
 * ready: not stopping, and at least one worker is ready and not retiring. A worker being
   replaced by a rolling restart (SIGHUP) or ``--limit-max-requests`` retires only once its
@@ -36,6 +35,11 @@ class ParentHealth:
         self.healthcheck_failures = 0
 
     # -- what the supervisor reports ----------------------------------------------------
+
+    def stop(self) -> None:
+        """SIGINT/SIGTERM: not ready any more (the workers drain, maybe after
+        ``--shutdown-delay``)."""
+        self.stopping = True
 
     def worker_spawned(self) -> None:
         self.starts += 1

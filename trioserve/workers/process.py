@@ -37,24 +37,88 @@ STACK_DUMP_MAX_CHARS: Final = 20_000
 
 
 class WorkerProcess:
-    """One worker process, as the parent sees it."""
+    """One worker process, as the parent sees it.
+
+    Only this module writes its fields: the supervisor reads them, and tells it what happened
+    (:meth:`mark_ready`, :meth:`mark_failed`, :meth:`update_stats`) or what to do
+    (:meth:`retire`, :meth:`hurry`, :meth:`renew`).
+    """
 
     def __init__(self, generation: int) -> None:
-        self.generation = generation
+        self._generation = generation
         self.process: trio.Process | None = None
         self.started_at = trio.current_time()
-        self.ready_at: float | None = None
+        self._ready_at: float | None = None
         # No longer counted towards --workers: asked to stop, draining on its own, or killed.
-        self.retiring = False
+        self._retiring = False
         self.term_sent = False
         self.killed = False
-        self.failure: WorkerEvent | None = None
+        self._failure: WorkerEvent | None = None
         # Found with its event loop blocked (no heartbeat for the health-check time).
         self.blocked = False
         # Its counters as of its last heartbeat, with metrics on (``WorkerEvent.stats``).
-        self.stats: dict[str, float] | None = None
-        # Deadline of the kill-when-late task; moved when a stop is requested.
+        self._stats: dict[str, float] | None = None
+        # Deadline of the kill-when-late task; moved by retire() and hurry().
         self.stop_scope = trio.CancelScope()
+
+    @property
+    def generation(self) -> int:
+        """The rolling restart (SIGHUP) it was started in, or was renewed to."""
+        return self._generation
+
+    @property
+    def ready_at(self) -> float | None:
+        """When it reported ready (``trio.current_time()``); ``None`` until then."""
+        return self._ready_at
+
+    @property
+    def retiring(self) -> bool:
+        """No longer counted towards ``--workers``: stopping, draining on its own, or killed."""
+        return self._retiring
+
+    @property
+    def failure(self) -> WorkerEvent | None:
+        """Its ``failed`` status line (why it could not start), if it sent one."""
+        return self._failure
+
+    @property
+    def stats(self) -> dict[str, float] | None:
+        """Its counters as of its last heartbeat, with metrics on (``WorkerEvent.stats``)."""
+        return self._stats
+
+    def mark_ready(self) -> None:
+        """It reported ready: it serves."""
+        self._ready_at = trio.current_time()
+
+    def mark_failed(self, event: WorkerEvent) -> None:
+        """It reported why it could not start; it exits next."""
+        self._failure = event
+
+    def update_stats(self, stats: dict[str, float]) -> None:
+        """Its heartbeat carried its counters."""
+        self._stats = stats
+
+    def renew(self, generation: int) -> None:
+        """Count it as a worker of ``generation``: a rolling restart was given up."""
+        self._generation = generation
+
+    def retire(self, deadline: float | None = None) -> None:
+        """Stop counting it towards ``--workers``.
+
+        Without ``deadline`` it is draining on its own (``--limit-max-requests``). With one,
+        it is asked to drain (SIGTERM, the first time only) and killed if it still runs at
+        ``deadline``; a stop asked for before keeps its deadline.
+        """
+        self._retiring = True
+        if deadline is not None and not self.term_sent:
+            self.terminate()
+            self.stop_scope.deadline = min(self.stop_scope.deadline, deadline)
+
+    def hurry(self, deadline: float) -> None:
+        """A second stop: SIGTERM again (the worker's "stop now"), and kill it if it still
+        runs at ``deadline`` (or at an earlier deadline set before)."""
+        self.terminate(again=True)
+        self.stop_scope.deadline = min(self.stop_scope.deadline, deadline)
 
     @property
     def pid(self) -> int:
@@ -207,7 +271,7 @@ async def _blocked(worker: WorkerProcess, stack: IO[bytes], healthcheck: float) 
         healthcheck,
         dump or "(no stack dump received)",
     )
-    worker.retiring = True
+    worker.retire()
     worker.kill()
 
 

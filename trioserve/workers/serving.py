@@ -125,7 +125,8 @@ async def serve_until_signal(
                 if config.has_admin:  # up during lifespan startup too: /readyz says 503
                     await nursery.start(serve_admin, config, health)
                 server: Server = await nursery.start(serve, app, config)
-                watcher.server = health.server = server
+                watcher.server = server
+                health.serving(server)
                 if startup_line:
                     for url in server.urls:
                         logger.info("trioserve running on %s (Press CTRL+C to quit)", url)

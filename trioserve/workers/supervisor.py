@@ -214,7 +214,7 @@ class Supervisor:
                 await self._wake.wait()
 
     async def _delay_stop(self) -> None:
-        """``--shutdown-delay``: readiness is off already (``health.stopping``); the workers
+        """``--shutdown-delay``: readiness is off already (``health.stop()``); the workers
         keep serving normally until the delay is over, then drain."""
         delay = self.config.shutdown_delay
         logger.info("Not ready any more; serving %.1fs more before stopping the workers", delay)
@@ -245,14 +245,14 @@ class Supervisor:
         if sig in (signal.SIGINT, signal.SIGTERM):
             if not self.stopping:
                 logger.info("Received %s, stopping the workers gracefully", name)
-                self.stopping = self.health.stopping = True
+                self.stopping = True
+                self.health.stop()
             else:
                 logger.warning("Received %s again, stopping the workers now", name)
                 self._delay_over.set()
                 self.stop_deadline = trio.current_time() + HARD_STOP_TIMEOUT
                 for worker in self.workers:
-                    worker.terminate(again=True)
-                    worker.stop_scope.deadline = min(worker.stop_scope.deadline, self.stop_deadline)
+                    worker.hurry(self.stop_deadline)
         elif self.stopping:
             logger.info("Received %s while stopping; ignored", name)
         elif sig == signal.SIGHUP:
@@ -334,15 +334,12 @@ class Supervisor:
 
     def _retire(self, worker: WorkerProcess) -> None:
         """Stop counting ``worker`` and ask it to drain (SIGTERM), with a kill deadline."""
-        worker.retiring = True
-        if not worker.term_sent:
-            worker.terminate()
-            grace = self.config.timeout_graceful_shutdown
-            if grace is None:
-                timeout = RELOAD_STOP_TIMEOUT if self.reload and not self.stopping else math.inf
-            else:
-                timeout = grace + SHUTDOWN_MARGIN
-            worker.stop_scope.deadline = min(trio.current_time() + timeout, self.stop_deadline)
+        grace = self.config.timeout_graceful_shutdown
+        if grace is None:
+            timeout = RELOAD_STOP_TIMEOUT if self.reload and not self.stopping else math.inf
+        else:
+            timeout = grace + SHUTDOWN_MARGIN
+        worker.retire(min(trio.current_time() + timeout, self.stop_deadline))
         self.wake()
 
     def _record_crash(self) -> None:
@@ -357,11 +354,11 @@ class Supervisor:
 
     def _on_event(self, worker: WorkerProcess, event: WorkerEvent) -> None:
         if event.stats is not None:
-            worker.stats = event.stats
+            worker.update_stats(event.stats)
         if event.event == "beat":
             return
         if event.event == "ready":
-            worker.ready_at = trio.current_time()
+            worker.mark_ready()
             self.health.worker_ready()
             logger.info("Worker process [%d] is ready", worker.pid)
             if not self.ever_ready:
@@ -378,9 +375,9 @@ class Supervisor:
         elif event.event == "draining":
             if not worker.retiring:
                 logger.info("Worker process [%d] is draining; starting its replacement", worker.pid)
-                worker.retiring = True
+                worker.retire()
         elif event.event == "failed":
-            worker.failure = event
+            worker.mark_failed(event)
         self.wake()
 
     def _on_exit(self, worker: WorkerProcess) -> None:
@@ -422,7 +419,7 @@ class Supervisor:
             if outdated and worker.generation == self.generation:
                 logger.error("Rolling restart aborted; the old workers keep serving")
                 for old in outdated:
-                    old.generation = self.generation
+                    old.renew(self.generation)
 
     def _boot_error(self, failure: WorkerEvent | None, text: str) -> Exception:
         logger.error("Every worker process failed to start.")

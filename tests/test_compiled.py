@@ -1,0 +1,81 @@
+"""The mypyc-compiled build and the pure one: which one runs, and who says so.
+
+``make test`` runs the whole suite twice, on the pure package and on the compiled one
+(``TRIOSERVE_EXPECT_COMPILED`` names the build each run means to test: a run that silently
+tested the other build would prove nothing). Behaviour is the same by construction, so
+the rest of the suite is the test of the compiled build; what is here is what mypyc has
+been seen to get wrong in this code, and the reporting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import trio
+from conftest import hello_app, run_server
+from server_process import CONSOLE_SCRIPT
+
+from trioserve.compiled import COMPILED_MODULES, build_description, compiled_modules
+from trioserve.connection.stream import ConnectionStream
+from trioserve.protocol.scope import ConnectionFacts
+
+
+def test_suite_runs_on_the_build_it_names() -> None:
+    compiled = compiled_modules()
+    expected = os.environ.get("TRIOSERVE_EXPECT_COMPILED")
+    if expected == "1":
+        assert compiled == list(COMPILED_MODULES), "make test-compiled runs a pure build"
+    elif expected == "0":
+        assert compiled == [], "make test-pure runs compiled modules (stale .so files?)"
+    else:  # a bare pytest run: either build, but never a mix
+        assert compiled in ([], list(COMPILED_MODULES))
+
+
+def test_version_names_the_build() -> None:
+    result = subprocess.run(
+        [CONSOLE_SCRIPT, "--version"], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert result.stdout.strip().endswith(f", {build_description()})")
+    expected = "compiled (mypyc)" if compiled_modules() else "pure Python"
+    assert expected in result.stdout
+
+
+async def test_debug_start_line_names_the_build(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="trioserve")
+    async with run_server(hello_app):
+        pass
+    assert f"hot path: {build_description()}" in caplog.messages
+
+
+async def test_socket_reads_lose_no_bytes() -> None:
+    # mypyc evaluates a call inside a slice bound twice: ``scratch[: os.readv(...)]`` read
+    # the socket twice, and the first read's bytes were lost.
+    ours, peer = trio.socket.socketpair()
+    with ours, peer:
+        facts = ConnectionFacts(client=("127.0.0.1", 1), server=("127.0.0.1", 2))
+        stream = ConnectionStream(
+            trio.SocketStream(ours), memoryview(bytearray(1024)), facts, lambda: None
+        )
+        assert stream.fast
+        assert stream.receive_nowait() is None
+        await peer.send(b"first")
+        assert stream.receive_nowait() == b"first"
+        with trio.fail_after(5):
+            await peer.send(b"second")
+            assert await stream.receive() == b"second"
+            await peer.send(b"third")
+            assert await stream.receive(wait_first=True) == b"third"
+
+
+def test_compiled_modules_import_from_the_installed_package() -> None:
+    # The compiled run must not pick up the checkout's sources (make test-compiled runs in
+    # tests/): a child process started from here sees the same build as the tests.
+    probe = "from trioserve.compiled import compiled_modules; print(len(compiled_modules()))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert int(result.stdout) == len(compiled_modules())

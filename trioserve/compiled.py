@@ -1,0 +1,54 @@
+"""Which of trioserve's modules mypyc compiles, and whether this installation runs them
+compiled (layer 0: no trioserve imports, no trio; ``setup.py`` reads this file alone).
+
+``pip install .`` compiles :data:`COMPILED_MODULES` when it can (``setup.py`` says when,
+and how ``TRIOSERVE_COMPILE`` chooses); the package behaves the same either way. Each
+compiled module is a C extension next to its ``.py`` source, which Python's import system
+prefers, so whether a module runs compiled is a question of which file its import finds.
+``trioserve --version`` and the server's debug start line report it.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+from typing import Final
+
+# The request path, in the order a request meets it: the sans-IO protocol layer, then the
+# connection code that runs for every request. Every other module stays pure Python.
+COMPILED_MODULES: Final = (
+    "trioserve.protocol.http1_parser",
+    "trioserve.protocol.httptools_parser",
+    "trioserve.protocol.http1_framing",
+    "trioserve.protocol.http1_messages",
+    "trioserve.protocol.response_heads",
+    "trioserve.protocol.scope",
+    "trioserve.protocol.ws_messages",
+    "trioserve.connection.stream",
+    "trioserve.connection.http1_body",
+    "trioserve.connection.request_cycle",
+    "trioserve.connection.http1",
+)
+
+
+def compiled_modules() -> list[str]:
+    """The modules of :data:`COMPILED_MODULES` that import as compiled extensions here
+    (all of them in a compiled build, none in a pure one)."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    compiled = []
+    for name in COMPILED_MODULES:
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        if origin is not None and origin.endswith(suffixes):
+            compiled.append(name)
+    return compiled
+
+
+def build_description() -> str:
+    """How this installation runs its hot path, for ``--version`` and the start line."""
+    compiled = len(compiled_modules())
+    if compiled == 0:
+        return "pure Python"
+    if compiled == len(COMPILED_MODULES):
+        return "compiled (mypyc)"
+    return f"partly compiled (mypyc, {compiled} of {len(COMPILED_MODULES)} modules)"
