@@ -15,6 +15,7 @@ from typing import Any
 import h2.events
 import pytest
 import trio
+import trio.testing
 from conftest import run_server
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame
@@ -492,3 +493,18 @@ async def test_silent_peer_is_dropped_by_keepalive_with_a_stream_reset() -> None
         _, body = await c.response(await c.request("/after"))
         assert body.startswith(b"2 GET /after")
     assert app.disconnects[0]["code"] == 1011
+
+
+async def test_open_websocket_stream_holds_a_limit_concurrency_place_until_it_ends() -> None:
+    app = EchoApp()
+    async with h2_ws_server(app, limit_concurrency=1) as port, client(port) as c:
+        ws, _ = await open_ws(c)
+        head, _ = await c.response(await c.request("/busy"))
+        assert head[b":status"] == b"503"
+        await ws.send(CloseConnection(code=1000))
+        await ws.wait_end()
+        with trio.fail_after(5):
+            await app.done.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        head, _ = await c.response(await c.request("/free"))
+        assert head[b":status"] == b"200"
