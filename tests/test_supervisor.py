@@ -288,7 +288,9 @@ async def test_blocked_event_loop_is_reported_with_its_stack_and_replaced(
                 )
             blocked = int(match["pid"])
             assert blocked in workers
-            # The stack shows where the loop is stuck: the app's time.sleep line.
+            # The stack shows where the loop is stuck: the app's time.sleep line (waited
+            # for: the report's lines reach stderr one by one).
+            await server.wait_for(r"workerapp\.py\", line \d+ in app")
             report = server.stderr[match.start() :]
             assert 'workerapp.py", line' in report
             assert "in app" in report
