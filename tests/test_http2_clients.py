@@ -2,8 +2,8 @@
 
 Each client talks to the real server (``serve()``, in this process) over a real socket,
 cleartext (prior knowledge, ``Upgrade: h2c``) or TLS (ALPN). A client missing from the
-machine skips its test, except Chromium, which ``scripts/install-chromium.sh`` (the
-Makefile's ``test`` target) installs.
+machine skips its test; ``scripts/install-chromium.sh`` (the Makefile's ``test`` target)
+installs Chromium, nghttp and h2load.
 """
 
 from __future__ import annotations
