@@ -38,8 +38,7 @@ def test_a_dead_workers_gauges_are_dropped_and_its_counters_kept() -> None:
     metrics = ServerMetrics(app_calls=lambda: 3)  # (no WebSocket: 3 requests in flight)
     metrics.count_new_labels("GET", "1.1", 200)
     metrics.count_new_labels("BREW", "1.0", None)  # unknown method, client left
-    metrics.duration_buckets[0] += 1  # 0.002 s
-    metrics.duration_buckets[7] += 1  # 0.3 s
+    metrics.duration_buckets[7] += 1  # 0.3 s (the other one was fast: derived)
     total: dict[str, float] = {}
     add_sample(total, metrics.sample(), counters_only=True)
     add_sample(total, metrics.sample())

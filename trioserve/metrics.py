@@ -179,7 +179,10 @@ class ServerMetrics:
         # built and hashed twice per request, more than all of the counting costs now; the
         # status classes and label keys are made at scrape time (sample()).
         self.requests: dict[str, dict[str, dict[int | None, int]]] = {}
-        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        # Requests per duration bucket, the last one +Inf; the first (the fastest, most
+        # requests) is not counted but derived in sample(): the requests counted less those
+        # of the other buckets. (An increment per request is 7 % of the metrics budget.)
+        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
         self.app_calls = app_calls  # (ServerState.active_requests: HTTP and WebSocket)
         self.websocket_sessions = 0
@@ -211,15 +214,18 @@ class ServerMetrics:
     def sample(self) -> Sample:
         """The numbers now, as a flat JSON-able dict (see the module docstring)."""
         out: Sample = {}
+        answered = 0
         for version, methods in self.requests.items():
             for method, statuses in methods.items():
                 for status, count in statuses.items():
                     key = f"requests|{method}|{_STATUS_CLASS.get(status, 'none')}|{version}"
                     out[key] = out.get(key, 0) + count
+                    answered += count
         for status, count in self.protocol_errors.items():
             out[f"protocol_errors|{status}"] = count
         cumulative = 0
-        for bound, count in zip((*DURATION_BUCKETS, "+Inf"), self.duration_buckets, strict=True):
+        buckets = [answered - sum(self.duration_buckets[1:]), *self.duration_buckets[1:]]
+        for bound, count in zip((*DURATION_BUCKETS, "+Inf"), buckets, strict=True):
             cumulative += count
             out[f"{HISTOGRAM}|bucket|{bound}"] = cumulative
         out[f"{HISTOGRAM}|sum"] = self.duration_sum

@@ -163,6 +163,8 @@ class ConnectionStream:
                 # TLS and memory streams may return a bytearray (bytes() of bytes is the
                 # same object, no copy).
                 data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+                if self.metrics is not None:  # (a socket's reads count in _read_now)
+                    self.metrics.received_bytes += len(data)
             else:
                 # What SocketStream.receive_some does (try, else wait until readable; always
                 # a checkpoint), minus its wrappers: an idle keep-alive connection then
@@ -194,8 +196,6 @@ class ConnectionStream:
             # EOF counts as "client gone", as in uvicorn: a half-closed client gets
             # http.disconnect and no further responses.
             self.peer_gone = True
-        elif self.metrics is not None:
-            self.metrics.received_bytes += len(data)
         return data
 
     def _read_now(self) -> bytes:
@@ -210,6 +210,8 @@ class ConnectionStream:
         # (The size in a variable of its own: mypyc evaluates a call inside a slice bound
         # twice, which here would be two reads.)
         size = os.readv(self._fd, (scratch,))
+        if self.metrics is not None:  # (counted here, where the size is known: no len())
+            self.metrics.received_bytes += size
         return bytes(scratch[:size])
 
     def receive_nowait(self) -> bytes | None:
@@ -228,8 +230,6 @@ class ConnectionStream:
             data = b""
         if not data:
             self.peer_gone = True
-        elif self.metrics is not None:
-            self.metrics.received_bytes += len(data)
         return data
 
     async def read_fairly(self, size: int) -> None:
