@@ -21,11 +21,12 @@ import h2.events
 import h2.settings
 import pytest
 import trio
+import trio.testing
 from conftest import read_body
 from h2.errors import ErrorCodes
 
 from trioserve.config import Config
-from trioserve.connection.http2 import HTTP2Connection
+from trioserve.connection.http2 import WRITER_TASK, HTTP2Connection
 from trioserve.connection.state import ServerState
 from trioserve.protocol.http2 import SEND_BATCH_BYTES
 from trioserve.protocol.scope import ConnectionFacts
@@ -432,4 +433,25 @@ async def test_a_response_sent_at_once_costs_its_stream_one_task() -> None:
         finally:
             trio.lowlevel.remove_instrument(instrument)
     assert bodies == [f"2 GET /{n} b''".encode() for n in range(5)]
-    assert spawned == [f"h2 stream {sid}" for sid in sids]
+    # (The writer ends whenever the connection is idle, so it may start again.)
+    assert [name for name in spawned if name != WRITER_TASK] == [f"h2 stream {sid}" for sid in sids]
+
+
+def _task_names(task: trio.lowlevel.Task) -> list[str]:
+    names = [task.name]
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            names += _task_names(child)
+    return names
+
+
+async def test_an_idle_connection_keeps_no_writer_task() -> None:
+    # Memory per idle connection (issue 18): the writer runs only while there is
+    # something to send or a stream runs; a new request starts it again.
+    async with h2_server(hello) as port, client(port) as c:
+        for n in range(2):
+            assert (await c.response(await c.request(f"/{n}")))[1] == f"2 GET /{n} b''".encode()
+            await trio.testing.wait_all_tasks_blocked()
+            names = _task_names(trio.lowlevel.current_root_task())
+            assert WRITER_TASK not in names
+            assert not any(name.startswith("h2 stream") for name in names)

@@ -3,7 +3,9 @@
 Shape (issue 18): the connection task owns the ``h2`` state machine and runs the
 **reader**, which feeds received bytes to ``h2`` and turns its events into state changes
 of the streams, and never awaits an app. A **writer** task sends whatever ``h2`` has
-queued, woken by :meth:`HTTP2Connection.wake_writer`. Each request is a
+queued, woken by :meth:`HTTP2Connection.wake_writer`; it ends when nothing is left to send
+and no stream runs, and queueing starts it again (an idle connection holds no task but
+its own, and no ``trio.Event`` nobody waits on: memory per idle connection). Each request is a
 ``connection.http2_stream.HTTP2Stream`` running the same ``RequestCycle`` as HTTP/1.1, as
 a task in the connection's nursery; closing the connection cancels them all, so nothing
 outlives it.
@@ -74,6 +76,7 @@ from .state import ServerState
 logger = logging.getLogger(__name__)
 
 RECEIVE_SIZE: Final = 64 * 1024
+WRITER_TASK: Final = "h2 writer"  # (started again after the connection was idle)
 _LAST_STREAM_ID: Final = 2**31 - 1
 # After the last GOAWAY: how long, and how many bytes, to read and drop before the close.
 LINGER_TIMEOUT: Final = 1.0
@@ -119,8 +122,9 @@ class HTTP2Connection:
         # Streams whose task still runs, reset or not: what counts against the limit.
         self.running = 0
         self.window_opened = trio.Event()
-        self._writer_wake = trio.Event()
-        self._backlog_low = trio.Event()
+        self._writer_wake: trio.Event | None = None  # (made by the writer when it waits)
+        # Events made only when a task waits on them (an idle connection holds none).
+        self._backlog_low: trio.Event | None = None
         # What waits to be sent, taken from h2 as soon as it is queued (wake_writer), so
         # that it is counted while the writer is blocked: the outbound backlog.
         self._outbox: list[bytes] = []
@@ -130,11 +134,12 @@ class HTTP2Connection:
         self._closing = False
         self.draining = False
         self._last_stream_id = 0
-        self._idle = trio.Event()
+        self._idle: trio.Event | None = None  # (a stream task exited: _flush_and_stop)
         self.broken = False  # the transport failed: nothing more can be sent
         self._read_scope: trio.CancelScope | None = None
         self._stopped = False
-        self._writer_done = trio.Event()
+        self._writer_exited = False
+        self._writer_done: trio.Event | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -147,7 +152,7 @@ class HTTP2Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._start(nursery)
-                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._write_loop, name=WRITER_TASK)
                 try:
                     await self._read_loop()
                 finally:
@@ -200,8 +205,8 @@ class HTTP2Connection:
             grace = self.state.config.timeout_graceful_shutdown
             with trio.move_on_after(math.inf if grace is None else grace):
                 while self.running:
-                    await self._idle.wait()
                     self._idle = trio.Event()
+                    await self._idle.wait()
         if not self.broken:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 if self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
@@ -211,7 +216,9 @@ class HTTP2Connection:
                 # The writer sends what is queued (the GOAWAY), then ends: send_eof is ours.
                 self._stopped = True
                 self.wake_writer()
-                await self._writer_done.wait()
+                if not self._writer_exited:
+                    self._writer_done = trio.Event()
+                    await self._writer_done.wait()
                 await self._linger()
         for stream in self.streams.values():
             stream.was_reset()
@@ -424,7 +431,12 @@ class HTTP2Connection:
         self.running -= 1
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
-        self._idle.set()
+        if self._idle is not None:
+            self._idle.set()
+        if not self.running:
+            # Let h2 forget its closed streams now (it does so only when the next one
+            # opens): an idle connection keeps no finished stream.
+            self.h2.open_inbound_streams  # noqa: B018 (a property with that side effect)
         self._stop_reading_if_done()
 
     def wake_writer(self) -> None:
@@ -433,12 +445,20 @@ class HTTP2Connection:
         if data:
             self._queue(data)
         else:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._writer_wake is not None:
             self._writer_wake.set()
 
     def _queue(self, data: bytes) -> None:
         self._outbox.append(data)
         self._unsent += len(data)
-        self._writer_wake.set()
+        self._wake()
+        if self._writer_exited and not self.broken and not self._stopped:
+            # (The writer ends while the connection is idle: it costs a task's memory.)
+            self._writer_exited = False
+            self.nursery.start_soon(self._write_loop, name=WRITER_TASK)
 
     def open_windows(self) -> None:
         """Wake every send() waiting for flow-control window (they re-check theirs)."""
@@ -448,24 +468,34 @@ class HTTP2Connection:
     async def wait_backlog_below(self, bound: int = MAX_OUTBOUND_BACKLOG) -> None:
         """Wait while more than ``bound`` bytes wait to be sent (bounded memory)."""
         while self._unsent > bound and not self.broken:
+            if self._backlog_low is None:
+                self._backlog_low = trio.Event()
             await self._backlog_low.wait()
         await trio.lowlevel.checkpoint()
 
     # -- writing -------------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        """The one writer: send what h2 (and drain) queued. Returns when the peer is gone."""
+        """The one writer: send what h2 (and drain) queued. Returns when the peer is gone,
+        or when the connection is idle (``_queue`` starts it again)."""
         try:
             await self._write_until_stopped()
         finally:
-            self._writer_done.set()
+            self._writer_exited = True
+            if self._writer_done is not None:
+                self._writer_done.set()
 
     async def _write_until_stopped(self) -> None:
         metrics = self.state.metrics  # (counts the bytes sent, for /metrics)
         while True:
-            if not self._stopped:
+            if self._stopped or self._outbox:
+                await trio.lowlevel.checkpoint()  # (streams may add to the batch)
+            elif not self.running:
+                return  # (idle: the next _queue starts the writer again)
+            else:
+                self._writer_wake = trio.Event()
                 await self._writer_wake.wait()
-            self._writer_wake = trio.Event()
+                self._writer_wake = None
             pending = self.h2.data_to_send()  # (queued without a wake_writer(), if any)
             if pending:
                 self._outbox.append(pending)
@@ -487,5 +517,6 @@ class HTTP2Connection:
                 return
             finally:
                 self._unsent -= len(data)
-                self._backlog_low.set()
-                self._backlog_low = trio.Event()
+                if self._backlog_low is not None:
+                    self._backlog_low.set()
+                    self._backlog_low = None
