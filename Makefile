@@ -32,9 +32,8 @@ COMPILED_PY := $(COMPILED_VENV)/bin/python
 COMPILED_STAMP := $(COMPILED_VENV)/.built
 SOURCES := $(shell find trioserve -name '*.py') setup.py pyproject.toml
 
-# CI runs the pure build only for now (.ci/run -> make test): the compiled suite doubles the
-# run time; run `make test-compiled` before changing the compiled modules.
-test: test-pure
+# CI runs both (.ci/run -> make test); `make test-pure` or `make test-compiled` runs one.
+test: test-pure test-compiled
 
 test-pure: venv
 	sh scripts/install-nginx.sh
@@ -47,13 +46,18 @@ test-compiled: $(COMPILED_STAMP)
 	cd tests && TRIOSERVE_EXPECT_COMPILED=1 ../$(COMPILED_PY) -m pytest -c ../pyproject.toml \
 		--rootdir .. $(PYTEST_ARGS) ../tests ../examples
 
-$(COMPILED_STAMP): $(SOURCES)
+# The dependencies first (mypyc type-checks against them; installed again only when
+# pyproject.toml changes), then the compiled package (setup.py compiles the modules' C
+# files on every core at once).
+$(COMPILED_VENV)/.deps: pyproject.toml
 	test -x $(COMPILED_PY) || $(PYTHON) -m venv $(COMPILED_VENV)
 	$(COMPILED_PY) -m pip install --quiet --upgrade pip
 	$(COMPILED_PY) -m pip install --quiet 'setuptools>=77' 'mypy>=1.11'
-	# The dependencies first (mypyc type-checks against them), then the compiled package.
 	TRIOSERVE_COMPILE=0 $(COMPILED_PY) -m pip install --quiet --no-build-isolation \
 		'.[test,dev,examples]'
+	touch $@
+
+$(COMPILED_STAMP): $(COMPILED_VENV)/.deps $(SOURCES)
 	TRIOSERVE_COMPILE=1 $(COMPILED_PY) -m pip install --quiet --no-build-isolation \
 		--no-deps --force-reinstall .
 	touch $@

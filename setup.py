@@ -29,13 +29,19 @@ optional mypy, would have made ``pip install .`` pure unless the user knew to pa
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import runpy
 import sys
 import sysconfig
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 from setuptools.errors import CCompilerError, CompileError
 
 # The modules to compile, as trioserve.compiled lists them (read without importing the
@@ -97,9 +103,11 @@ def _ext_modules() -> list[object]:
             raise SystemExit("TRIOSERVE_COMPILE=1 needs a working C compiler")
         sys.stderr.write("trioserve: no working C compiler, building pure Python\n")
         return []
-    # opt_level 3 is mypyc's default; debug_level 0 keeps the wheel small.
+    # opt_level 3 is mypyc's default; debug_level 0 keeps the wheel small. multi_file: a C
+    # file per module (plus mypyc's runtime files) instead of one, which the C compiler
+    # takes one per core (ParallelBuildExt).
     try:
-        return list(mypycify(COMPILED_MODULES, opt_level="3", debug_level="0"))
+        return list(mypycify(COMPILED_MODULES, opt_level="3", debug_level="0", multi_file=True))
     except SystemExit:  # mypyc's type check failed (it has printed why)
         if mode == "1":
             raise
@@ -107,4 +115,84 @@ def _ext_modules() -> list[object]:
         return []
 
 
-setup(ext_modules=_ext_modules())
+class FreshBuildPy(build_py):
+    """``build_py`` that first removes the extension modules an earlier build left in
+    ``build/lib``: pip builds in the checkout's ``build/`` and the wheel takes all that is
+    there, so a pure build after a compiled one (or a module taken off the compiled list)
+    would ship stale compiled modules, shadowing their sources."""
+
+    def run(self) -> None:
+        suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+        lib = Path(self.build_lib)
+        for path in [*lib.glob("*__mypyc.*"), *lib.glob("trioserve/**/*")]:
+            if path.name.endswith(suffixes):
+                path.unlink()
+        super().run()
+
+
+class ParallelBuildExt(build_ext):
+    """``build_ext`` that compiles an extension's C files on every core at once.
+
+    mypyc puts all the compiled modules in one extension (their shared library), whose C
+    files distutils compiles one after the other: on one core, most of the build's time.
+    Each file is compiled by a ``cc`` child process, so threads suffice to run them side
+    by side. A compiler class that compiles in its own way (MSVC) keeps doing so.
+    """
+
+    def build_extension(self, ext: Any) -> None:
+        compiler = self.compiler
+        if _compiles_by_base_loop(type(compiler)):
+            compiler.compile = _parallel_compile.__get__(compiler)
+        super().build_extension(ext)
+
+
+def _parallel_compile(
+    compiler: Any,
+    sources: list[str],
+    output_dir: str | None = None,
+    macros: Any = None,
+    include_dirs: Any = None,
+    debug: bool = False,
+    extra_preargs: Any = None,
+    extra_postargs: Any = None,
+    depends: Any = None,
+) -> list[str]:
+    """``CCompiler.compile`` with its loop over the sources run on a thread per core."""
+    macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+        output_dir, macros, include_dirs, sources, depends, extra_postargs
+    )
+    cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+
+    def one(obj: str) -> None:
+        src, ext = build[obj]
+        compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+    # Largest first: the biggest module is the one that bounds the build's time.
+    todo = sorted(
+        (obj for obj in objects if obj in build),
+        key=lambda obj: os.path.getsize(build[obj][0]),
+        reverse=True,
+    )
+    with ThreadPoolExecutor(_cores()) as pool:
+        list(pool.map(one, todo))  # (list(): a failed compile raises here)
+    return objects
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):  # (Linux)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _compiles_by_base_loop(cls: type) -> bool:
+    """Whether a compiler class compiles by distutils' base ``compile`` (a loop over
+    ``_compile``) rather than by its own (MSVC)."""
+    owner = next(base for base in cls.__mro__ if "compile" in vars(base))
+    return "_setup_compile" in vars(owner) and hasattr(cls, "_compile")
+
+
+setup(
+    ext_modules=_ext_modules(),
+    cmdclass={"build_py": FreshBuildPy, "build_ext": ParallelBuildExt},
+)

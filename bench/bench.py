@@ -161,6 +161,13 @@ class ServerSpec:
         py = sys.executable
         bindir = Path(py).parent
         p = str(port)
+        if self.name in COMPILED_SERVERS:
+            # -P: not the checkout's trioserve/ from the current directory (the pure one).
+            return [
+                str(COMPILED_PYTHON),
+                "-P",
+                *ALL_SERVERS[self.name.removesuffix("-compiled")]._command(app, port)[1:],
+            ]
         if self.name == "uvicorn-h11-2w-nodelay":
             app = {
                 RAW_APP: "apps.uvicorn_nodelay:raw",
@@ -353,8 +360,25 @@ METRICS_SERVER = ServerSpec(
     "trioserve --http httptools --metrics (counting for /metrics), access log off",
     extra_args=("--metrics",),
 )
+# The mypyc-compiled build (issue 21; `make .venv-compiled/.built` builds it), not in the
+# default server list: trioserve and trioserve-httptools run by .venv-compiled's Python,
+# or BENCH_COMPILED_PYTHON's.
+COMPILED_PYTHON = Path(
+    os.environ.get("BENCH_COMPILED_PYTHON", BENCH_DIR.parent / ".venv-compiled" / "bin" / "python")
+)
+COMPILED_SERVERS: dict[str, ServerSpec] = {
+    s.name: s
+    for s in (
+        ServerSpec("trioserve-compiled", "trioserve, mypyc-compiled build, access log off"),
+        ServerSpec(
+            "trioserve-httptools-compiled",
+            "trioserve --http httptools, mypyc-compiled build, access log off",
+        ),
+    )
+}
 ALL_SERVERS = {
     **SERVERS,
+    **COMPILED_SERVERS,
     **WORKER_SERVERS,
     **REUSE_PORT_SERVERS,
     FIFO_SERVER.name: FIFO_SERVER,
@@ -1197,6 +1221,19 @@ def run(
     return report, results
 
 
+def _check_compiled_build(parser: argparse.ArgumentParser) -> None:
+    """Refuse to run the compiled servers on a build that is not (all) compiled."""
+    probe = "from trioserve.compiled import build_description; print(build_description())"
+    try:
+        done = subprocess.run(
+            [str(COMPILED_PYTHON), "-P", "-c", probe], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        parser.error(f"{COMPILED_PYTHON}: {exc} (make .venv-compiled/.built builds it)")
+    if done.stdout.strip() != "compiled (mypyc)":
+        parser.error(f"{COMPILED_PYTHON} runs trioserve {done.stdout.strip()}, not compiled")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark trioserve against its peers.")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s (smoke use)")
@@ -1250,6 +1287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if unknown:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")
+    if any(s in COMPILED_SERVERS for s in servers):
+        _check_compiled_build(parser)
     if args.instructions:
         return _main_instructions(parser, servers, scenarios, args.output, argv)
     if shutil.which("wrk") is None or shutil.which("taskset") is None:

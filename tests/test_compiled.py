@@ -9,16 +9,19 @@ been seen to get wrong in this code, and the reporting.
 
 from __future__ import annotations
 
+import importlib.machinery
 import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
 from conftest import hello_app, run_server
 from server_process import CONSOLE_SCRIPT
 
+import trioserve
 from trioserve.compiled import COMPILED_MODULES, build_description, compiled_modules
 from trioserve.connection.stream import ConnectionStream
 from trioserve.protocol.scope import ConnectionFacts
@@ -33,6 +36,21 @@ def test_suite_runs_on_the_build_it_names() -> None:
         assert compiled == [], "make test-pure runs compiled modules (stale .so files?)"
     else:  # a bare pytest run: either build, but never a mix
         assert compiled in ([], list(COMPILED_MODULES))
+
+
+def test_no_module_off_the_list_is_compiled() -> None:
+    # A stale extension module (an earlier build's, say of a module since taken off the
+    # list) would shadow its source unnoticed: compiled_modules() looks at the list only.
+    package = Path(trioserve.__file__).parent
+    found = set()
+    for path in package.rglob("*"):
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            if path.name.endswith(suffix):
+                parts = path.relative_to(package.parent).parts
+                found.add(".".join([*parts[:-1], path.name.removesuffix(suffix)]))
+                break  # (the longest suffix comes first: ".cpython-311-...so", ".so")
+    assert found <= set(COMPILED_MODULES)
+    assert found == set(compiled_modules())
 
 
 def test_version_names_the_build() -> None:

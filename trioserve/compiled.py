@@ -16,8 +16,13 @@ from typing import Final
 
 # The request path, in the order a request meets it: the sans-IO protocol layer, then the
 # connection code that runs for every request. Every other module stays pure Python.
+#
+# Not protocol.http1_parser: its H11Connection subclasses h11.Connection, and mypyc makes
+# such a class an extension type whose instances keep their attributes in a plain
+# ``__dict__``. h11's own (interpreted) code reads and writes dozens of attributes of that
+# object per request, and CPython's specialized attribute access works only on ordinary
+# instances: compiled, the h11 default cost more instructions per request than pure.
 COMPILED_MODULES: Final = (
-    "trioserve.protocol.http1_parser",
     "trioserve.protocol.httptools_parser",
     "trioserve.protocol.http1_framing",
     "trioserve.protocol.http1_messages",

@@ -69,14 +69,16 @@ _DATA: Final = h11.Data
 _END: Final = h11.EndOfMessage
 _REQUEST: Final = h11.Request
 _SEND_RESPONSE: Final = h11.SEND_RESPONSE
+_ERROR: Final = h11.ERROR
+_NEED_DATA: Final = h11.NEED_DATA
 # Request fields on_header looks at (any other is only kept).
 _NOTED_FIELDS: Final = frozenset({b"host", b"transfer-encoding", b"connection", b"expect"})
 _END_OF_MESSAGE: Final = h11.EndOfMessage()
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _OWS: Final = b" \t"
 _OWS_BYTES: Final = (b" ", b"\t")
-_new = object.__new__
-_set = object.__setattr__  # (h11's events are frozen dataclasses)
+_new: Final = object.__new__
+_set: Final = object.__setattr__  # (h11's events are frozen dataclasses)
 # A well-formed request line (as h11 reads one), to tell a method llhttp does not know
 # (501) from garbage (400); and the beginnings that may still become one.
 _REQUEST_LINE: Final = re.compile(
@@ -411,7 +413,7 @@ class HttptoolsConnection:
 
     def _no_queued_event(self, state: Any) -> Any:
         """:meth:`next_event` when no event of the current request is queued."""
-        if state is h11.ERROR:
+        if state is _ERROR:
             raise h11.RemoteProtocolError("Can't receive data when peer state is ERROR")
         events = self._events
         if state is _IDLE or state is _SEND_BODY:
@@ -434,7 +436,7 @@ class HttptoolsConnection:
                 raise h11.RemoteProtocolError("peer unexpectedly closed connection")
             self.their_state = h11.CLOSED
             return h11.ConnectionClosed()
-        return h11.NEED_DATA
+        return _NEED_DATA
 
     def start_next_cycle(self) -> None:
         """Reset for the next request on a reusable connection (both sides DONE)."""
