@@ -7,7 +7,10 @@ by hand (RFC 6455 §5.2: client frames masked, server frames not) and every echo
 compared byte for byte with the expected frame. Prints one JSON line:
 ``{"messages": N, "seconds": S, "rate": N/S, "errors": E, "p50_ms": ..., "p99_ms": ...}``.
 
-Usage: python bench/ws_load.py --port 8000 [--conns 50] [--duration 3]
+Usage: python bench/ws_load.py --port 8000 [--conns 50] [--duration 3] [--messages N]
+
+``--messages N`` stops once N echoes have come back (and sends no more than N): a fixed
+amount of work, for counting the server's instructions per message under callgrind.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ def handshake(port: int, path: str, timeout: float) -> socket.socket:
     return sock
 
 
-def run(port: int, conns: int, duration: float, path: str = "/") -> dict[str, float]:
+def run(
+    port: int, conns: int, duration: float, path: str = "/", limit: int = 0
+) -> dict[str, float]:
     out_frame = client_frame(PAYLOAD)
     expected = server_frame(PAYLOAD)
     size = len(expected)
@@ -74,6 +79,8 @@ def run(port: int, conns: int, duration: float, path: str = "/") -> dict[str, fl
     latencies: list[float] = []
     errors = 0
     messages = 0
+    sent = 0
+    limit = limit or -1  # (no limit: -1 is never reached)
     try:
         for sock in socks:
             sock.setblocking(False)
@@ -84,10 +91,13 @@ def run(port: int, conns: int, duration: float, path: str = "/") -> dict[str, fl
         start = time.perf_counter()
         end = start + duration
         for fd, sock in by_fd.items():
+            if sent == limit:
+                break
             sent_at[fd] = time.perf_counter()
             sock.send(out_frame)
+            sent += 1
         now = start
-        while now < end and by_fd:
+        while now < end and by_fd and messages + errors != limit:
             for fd, _ in poller.poll(0.1):
                 sock = by_fd[fd]
                 try:
@@ -111,8 +121,11 @@ def run(port: int, conns: int, duration: float, path: str = "/") -> dict[str, fl
                     messages += 1
                     latencies.append(now - sent_at[fd])
                 buffers[fd] = b""
+                if sent == limit:
+                    continue
                 sent_at[fd] = now
                 sock.send(out_frame)
+                sent += 1
             now = time.perf_counter()
         elapsed = time.perf_counter() - start
     finally:
@@ -145,8 +158,9 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=50)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--path", default="/")
+    parser.add_argument("--messages", type=int, default=0, help="stop after N echoes")
     args = parser.parse_args()
-    print(json.dumps(run(args.port, args.conns, args.duration, args.path)))
+    print(json.dumps(run(args.port, args.conns, args.duration, args.path, args.messages)))
 
 
 if __name__ == "__main__":

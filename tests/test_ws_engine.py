@@ -114,8 +114,19 @@ def feed(engine: WebSocketEngine, data: bytes | None) -> list[Any]:
     return list(engine.events())
 
 
+def data_of(event: Any) -> Any:
+    """A data event's payload: a fragment's, or a whole message's (its ASGI dict)."""
+    if isinstance(event, dict):
+        assert event["type"] == "websocket.receive"
+        return event["text"] if "text" in event else event["bytes"]
+    return event.data
+
+
 def parts(events: list[Any]) -> list[tuple[Any, bool]]:
-    return [(event.data, event.message_finished) for event in events]
+    return [
+        (data_of(event), True if isinstance(event, dict) else event.message_finished)
+        for event in events
+    ]
 
 
 def from_server(data: bytes, client: Connection | None = None) -> list[Event]:
@@ -139,10 +150,61 @@ def test_messages_of_both_kinds_and_fragments(new_engine: EngineFactory) -> None
         + frame(0x0, "\u00e9".encode()[1:])
     )
     events = feed(engine, data)
-    assert [type(event.data) for event in events] == [str, bytes, str, str, str]
-    assert "".join(event.data for event in events[2:]) == "ab\u00e9"
+    assert [type(data_of(event)) for event in events] == [str, bytes, str, str, str]
+    assert "".join(data_of(event) for event in events[2:]) == "ab\u00e9"
     assert parts(events[:2]) == [("héllo", True), (b"\x00\xff", True)]
     assert [event.message_finished for event in events[2:]] == [False, False, True]
+
+
+def test_websockets_hands_a_message_in_one_frame_over_as_the_asgi_message() -> None:
+    # (No fragment object, no reassembly: the common case of the session's reading.)
+    engine = WebsocketsEngine(1 << 20, None)
+    events = feed(engine, frame(0x1, "héllo".encode()) + frame(0x2, b"\x00\xff"))
+    assert events == [
+        {"type": "websocket.receive", "text": "héllo"},
+        {"type": "websocket.receive", "bytes": b"\x00\xff"},
+    ]
+    assert type(events[1]["bytes"]) is bytes
+    # Fragments stay fragments.
+    [first, last] = feed(engine, frame(0x2, b"a", fin=False) + frame(0x0, b"b"))
+    assert parts([first, last]) == [(b"a", False), (b"b", True)]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        frame(0x1, b"a") + frame(0x1, b"b"),  # two messages
+        frame(0x1, b"a", fin=False),  # a fragment
+        frame(0x9, b"p"),  # a ping
+        close_frame(1000),
+        frame(0x1, b"\xff"),  # invalid UTF-8
+        frame(0x1, b"ab")[:4],  # an incomplete frame
+    ],
+    ids=["two", "fragment", "ping", "close", "invalid-utf8", "incomplete"],
+)
+def test_receive_message_returns_a_lone_whole_message_else_leaves_it_to_events(
+    new_engine: EngineFactory, data: bytes
+) -> None:
+    engine = new_engine(1 << 20, None)
+    assert engine.receive_message(frame(0x1, "héllo".encode())) == (
+        {"type": "websocket.receive", "text": "héllo"}
+        if isinstance(engine, WebsocketsEngine)
+        else None
+    )
+    if isinstance(engine, WebsocketsEngine):
+        assert engine.receive_message(frame(0x2, b"\x00")) == {
+            "type": "websocket.receive",
+            "bytes": b"\x00",
+        }
+        assert list(engine.events()) == []  # (handed out: not again)
+    else:
+        assert parts(list(engine.events())) == [("héllo", True)]
+    # Anything else: None, and events() hands it out as receive_data's would.
+    reference = new_engine(1 << 20, None)
+    assert engine.receive_message(data) is None
+    assert [repr(event) for event in engine.events()] == [
+        repr(event) for event in feed(reference, data)
+    ]
 
 
 def test_a_message_before_a_close_in_one_read_can_still_be_answered(
@@ -272,7 +334,7 @@ def test_negotiated_deflate_works_both_ways(new_engine: EngineFactory, offer: st
     engine = new_engine(1 << 20, deflate)
     text = "compress me " * 1000
     events = feed(engine, frame(0x1, compressed(text.encode()), rsv=4))
-    assert "".join(event.data for event in events) == text
+    assert "".join(data_of(event) for event in events) == text
     data = engine.send_message(text)
     assert data[0] == 0xC1 and len(data) < 200  # FIN, RSV1, text: compressed
     [message] = from_server(data, client)
@@ -283,7 +345,7 @@ def test_a_compressed_bomb_is_refused_at_max_size(new_engine: EngineFactory) -> 
     deflate, _ = negotiated("permessage-deflate", 1000)
     engine = new_engine(1000, deflate)
     events = feed(engine, frame(0x2, compressed(b"\x00" * 1_000_000), rsv=4))
-    assert sum(len(event.data) for event in events[:-1]) <= 1000
+    assert sum(len(data_of(event)) for event in events[:-1]) <= 1000
     assert events[-1].kind is CloseKind.INVALID and events[-1].code == 1009
 
 

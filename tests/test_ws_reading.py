@@ -175,6 +175,44 @@ async def test_cancelled_receive_loses_no_message(autojump_clock: Any) -> None:
     ]
 
 
+async def test_receive_in_a_cancelled_scope_raises_and_takes_no_message(
+    autojump_clock: Any,
+) -> None:
+    # receive() checks for cancellation after its yield, before reading: a message that
+    # has already arrived is left for the next receive().
+    got: list[Any] = []
+
+    async def body(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": "ready"})
+        got.append(await receive())  # "first"
+        await send({"type": "websocket.send", "text": "again"})
+        await trio.sleep(0.1)  # "second" arrives meanwhile
+        with trio.CancelScope() as scope_:
+            scope_.cancel()
+            await receive()
+        got.append(scope_.cancelled_caught)
+        got.append(await receive())  # still "second"
+        got.append(await receive())  # and then the Close
+
+    async with run_server(body, ws_ping_interval=None) as server:
+        ws, _ = await RawWS.open(server.addresses[0])
+        async with ws.stream:
+            assert await ws.read_message() == "ready"
+            await ws.send(TextMessage(data="first"))
+            assert await ws.read_message() == "again"
+            await ws.send(TextMessage(data="second"))
+            await ws.send(CloseConnection(code=1000))
+            assert (await ws.read_close())[0] == 1000
+    assert got == [
+        {"type": "websocket.receive", "text": "first"},
+        True,
+        {"type": "websocket.receive", "text": "second"},
+        {"type": "websocket.disconnect", "code": 1000, "reason": ""},
+    ]
+
+
 async def receive_while_closing(receive: Any, send: Any) -> Any:
     """The app's ``receive()``, while another task of the app sends a Close (code 4000)
     a second later: the receive is waiting in a read when the close goes out."""

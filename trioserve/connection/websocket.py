@@ -6,8 +6,8 @@ the bytes already read, the connection facts). It answers the handshake with wsp
 ``H11Handshake`` (set up from the already-parsed request with
 ``initiate_upgrade_connection``), then speaks WebSocket through the engine ``--ws`` chose
 (``protocol.ws_engine``: wsproto or websockets, one interface), runs the app call
-in the connection task itself, and closes the WebSocket within a bound however the app,
-the peer or the server ends it.
+in a task of the session's nursery, and closes the WebSocket within a bound however the
+app, the peer or the server ends it.
 
 What does not depend on the carrier of the handshake is :class:`WebSocketSession`'s (the
 app's receive and send, the accept, the denial response, closing, keepalive): an HTTP/2
@@ -17,7 +17,10 @@ being the bytes (a ``stream.ByteStream``) and its answer 200 instead of 101.
 Task tree (everything inside ``run()``'s nursery)::
 
     HTTPConnection task ── WebSocketConnection.run()
-        ├── app call          (in the connection task: receive() reads, send() writes)
+        ├── _run_app          the app call (receive() reads, send() writes), then the
+        │                     close; a task of its own: its stack is what every message
+        │                     crosses twice on its way to the scheduler, and the
+        │                     connection task's (server, HTTP/1.1, upgrade) is deep
         ├── Outbox.run        writes what the socket did not take at once (backpressure)
         ├── _watch            reads for an app that stays away from receive(); close and
         │                     failure deadlines
@@ -71,6 +74,7 @@ from ..protocol.ws_messages import (
     CLOSE_NORMAL,
     CLOSE_SERVICE_RESTART,
     Accept,
+    AppMessage,
     AppMessages,
     Close,
     CloseKind,
@@ -78,9 +82,8 @@ from ..protocol.ws_messages import (
     ResponseBody,
     ResponseStart,
     Send,
-    connect_message,
-    disconnect_message,
     handshake_headers,
+    message_data,
 )
 from .state import ServerState, log_access
 from .stream import ByteStream, ConnectionStream
@@ -96,6 +99,8 @@ Header = tuple[bytes, bytes]
 CLOSE_TIMEOUT: Final = 5.0
 # A dropped (keepalive-timed-out) peer gets this long to take our Close frame.
 ABORT_FLUSH_TIMEOUT: Final = 1.0
+
+_ACCEPTED: Final = Phase.ACCEPTED  # (bound once: a member lookup on an enum class is dear)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,14 +198,22 @@ class WebSocketSession(WebSocketReader):
                 io.start_soon(self._watch)
                 if config.ws_ping_interval:
                     io.start_soon(self._keepalive, config.ws_ping_interval, config.ws_ping_timeout)
-                app_exc = await call_app(state.app, scope, self.receive, self.send)
-                if app_exc is not None:
-                    state.report_app_error(app_exc)
-                await self._after_app(app_exc)
-                io.cancel_scope.cancel()
+                io.start_soon(self._run_app, io.cancel_scope)
         finally:
             if self._accepted and state.metrics is not None:
                 state.metrics.websockets_in_flight -= 1  # (counted in by _accept)
+
+    async def _run_app(self, io: trio.CancelScope) -> None:
+        """The app call, then the end of the session (``io``: the session's tasks).
+
+        (A task of its own rather than the connection's: see the module docstring.)
+        """
+        state = self._state
+        app_exc = await call_app(state.app, self._scope, self.receive, self.send)
+        if app_exc is not None:
+            state.report_app_error(app_exc)
+        await self._after_app(app_exc)
+        io.cancel()
 
     async def _after_app(self, exc: Exception | None) -> None:
         """The app returned (or raised): end the handshake or the WebSocket, bounded."""
@@ -227,34 +240,6 @@ class WebSocketSession(WebSocketReader):
 
     # -- the app's receive and send -------------------------------------------------------
 
-    async def receive(self) -> dict[str, Any]:
-        """The app's ``receive``: ``websocket.connect``, messages, ``websocket.disconnect``."""
-        if not self._connect_delivered:
-            self._connect_delivered = True
-            return connect_message()
-        if not self._accepted:
-            await self._handshake_done.wait()
-            if not self._accepted:
-                return disconnect_message(CLOSE_ABNORMAL)
-        inbox = self._inbox
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not inbox:
-            self._in_receive = True
-            try:
-                await self._fill_inbox()
-            finally:
-                self._in_receive = False
-                if self._idle_check_at == math.inf and not self._read_done:
-                    self._arm_idle_check()  # (also when cancelled)
-            if not inbox:
-                # The app has read everything: a pending failure Close may go now.
-                self._send_failure()
-                return self._disconnect or disconnect_message(CLOSE_ABNORMAL)
-        self._receives += 1
-        if self._idle_check_at == math.inf and not self._read_done:
-            self._arm_idle_check()
-        return inbox.popleft()
-
     async def send(self, message: Any) -> None:
         """The app's ``send``: validate, write (or queue) the bytes, wait for room.
 
@@ -263,23 +248,41 @@ class WebSocketSession(WebSocketReader):
             ClientDisconnected: ``websocket.send`` after the WebSocket closed or the peer
                 left (ASGI spec 2.4).
         """
-        action = self._app_messages.next(message)
+        if (
+            type(message) is dict
+            and message.get("type") == "websocket.send"
+            and self._app_messages.phase is _ACCEPTED
+        ):
+            # A message on an open WebSocket, the common case, checked here without
+            # AppMessages.next's dispatch (the same checks).
+            data = message.get("text")
+            if type(data) is not str or message.get("bytes") is not None:
+                data = message_data(message)
+        else:
+            action = self._app_messages.next(message)
+            if type(action) is not Send:
+                await self._send_other(action)
+                return
+            data = action.data
+        outbox = self._outbox
+        engine = self.engine
+        if outbox.gone or not engine.open:
+            raise ClientDisconnected(f"{self._stream.peer} WebSocket is closed")
+        frame = engine.send_message(data)
+        if not outbox.send(frame):
+            await outbox.wait_below()
+        elif self._stream.owes_yield(len(frame)):
+            # Fairness: an app sending faster than anything else lets the other tasks run
+            # (once per stream.FAIR_SHARE_BYTES written without waiting).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        if outbox.gone:
+            raise ClientDisconnected(f"{self._stream.peer} disconnected")
+
+    async def _send_other(self, action: AppMessage) -> None:
+        """``send()`` of anything but a message (accept, close, a denial response)."""
         match action:
-            case Send(data=data):
-                outbox = self._outbox
-                engine = self.engine
-                if outbox.gone or not engine.open:
-                    raise ClientDisconnected(f"{self._stream.peer} WebSocket is closed")
-                frame = engine.send_message(data)
-                outbox.send(frame)
-                if outbox.pending():
-                    await outbox.wait_below()
-                elif self._stream.owes_yield(len(frame)):
-                    # Fairness: an app sending faster than anything else lets the other
-                    # tasks run (once per stream.FAIR_SHARE_BYTES written without waiting).
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                if outbox.gone:
-                    raise ClientDisconnected(f"{self._stream.peer} disconnected")
+            case Send():
+                raise AssertionError("send() sends the messages")
             case Accept():
                 self._accept(action)
                 await self._outbox.wait_below()

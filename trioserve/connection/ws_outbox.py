@@ -55,26 +55,31 @@ class Outbox:
         self._written = trio.Event()  # replaced after every completed (or failed) write
         self.gone = False
 
-    def send(self, data: bytes | bytearray) -> None:
+    def send(self, data: bytes | bytearray) -> bool:
         """Write ``data`` now as far as the socket takes it without waiting; queue the rest.
 
         Never waits, so every producer (any task, or a synchronous caller such as a drain)
         can call it and a cancellation can never cut a frame in two.
+
+        Returns:
+            True when nothing is left unsent (False: bytes are queued, see :meth:`pending`).
         """
         if not data or self.gone:
-            return
+            return not self._buffer and not self._in_flight
         if self._buffer or self._in_flight or not self._stream.fast:
             self._buffer += data
             self._has_output.set()
-            return
+            return False
         try:
             sent = self._stream.write_nowait(data)
         except ClientDisconnected:
             self._lost()
-            return
+            return True
         if sent < len(data):
             self._buffer += memoryview(data)[sent:]
             self._has_output.set()
+            return False
+        return True
 
     def give_up(self) -> None:
         """Write nothing more (the connection is being aborted)."""

@@ -7,9 +7,12 @@ close and failure deadlines.
 
 A message costs one task switch
 -------------------------------
-As on the HTTP path, the app's ``receive()`` reads the socket on demand: it waits until
-the socket is readable (the peer usually answers what the app just sent), reads, and
-decodes (the engine) in the app's own task.
+As on the HTTP path, the app's ``receive()`` reads the socket on demand, in the app's own
+task: it yields once (the other connections run, and meanwhile the peer's answer to what
+the app just sent usually arrives), reads what is there without waiting, and waits for
+the socket only when nothing is. The engine decodes at once; a read that held one whole
+message and nothing else gives that message straight to the app
+(``WebSocketEngine.receive_message``), without a round through the engine's events.
 
 Reading when the app does not
 -----------------------------
@@ -43,6 +46,7 @@ from ..protocol.ws_messages import (
     CLOSE_TOO_BIG,
     MessageAssembler,
     MessageTooBigError,
+    connect_message,
     disconnect_message,
 )
 from .stream import ByteStream
@@ -57,6 +61,7 @@ FAILURE_CLOSE_DELAY: Final = 1.0
 READER_PAUSE_OUTBOX: Final = 1024 * 1024
 # An app that has stayed away from receive() this long gets a reader of its own.
 IDLE_READ_DELAY: Final = 0.25
+_NEVER: Final = math.inf
 
 
 class WebSocketReader:
@@ -75,6 +80,7 @@ class WebSocketReader:
 
     engine: WebSocketEngine  # (set by the accept: nothing is read before it)
     _accepted: bool
+    _connect_delivered: bool
     _handshake_done: trio.Event
 
     def __init__(self, stream: ByteStream, outbox: Outbox, max_size: int, max_queue: int) -> None:
@@ -145,6 +151,94 @@ class WebSocketReader:
             # than the read): wake it as if the socket were closed; it then sees EOF.
             self._stream.interrupt_read()
 
+    async def receive(self) -> dict[str, Any]:
+        """The app's ``receive``: ``websocket.connect``, messages, ``websocket.disconnect``.
+
+        The common case (nothing buffered, nobody else reading, a plain socket) is written
+        out here rather than in helpers: every coroutine frame between the app and the
+        scheduler is crossed twice per message.
+        """
+        if not self._accepted or not self._connect_delivered:
+            message = await self._receive_before_accept()
+            if message is not None:
+                return message
+        inbox = self._inbox
+        if inbox or self._events is not None or self._unread or self._eof or self._read_done:
+            # (Below, only reading from the socket is sure to be a checkpoint.)
+            await trio.lowlevel.checkpoint_if_cancelled()
+        if not inbox:
+            self._in_receive = True
+            try:
+                while True:
+                    if self._events is not None or self._unread or self._eof:
+                        self._decode(1)
+                        if inbox:
+                            break
+                    if self._read_done:
+                        break
+                    if self._reading:
+                        # Another task reads (_watch, or a second app task): it hands the
+                        # reader role over after its read.
+                        if self._handover is None:
+                            self._handover = trio.Event()
+                        await self._handover.wait()
+                        continue
+                    self._reading = True
+                    try:
+                        stream = self._stream
+                        if stream.fast and self._outbox.pending() <= READER_PAUSE_OUTBOX:
+                            # As _read does (see there), without its frame.
+                            await trio.lowlevel.checkpoint()
+                            if self._read_done:  # stopped meanwhile (_stop_reading)
+                                break
+                            data = stream.receive_nowait()
+                            if data is None:
+                                data = await stream.receive(wait_first=True)
+                        else:
+                            data = await self._read()
+                    finally:
+                        self._reading = False
+                        if self._handover is not None:
+                            self._hand_over()
+                    if self._read_done:
+                        break
+                    if data:
+                        # (Nothing is left undecoded here: the engine takes it at once.)
+                        engine = self.engine
+                        message = engine.receive_message(data)
+                        if message is not None:
+                            inbox.append(message)
+                            break
+                        self._events = engine.events()
+                    else:
+                        self._eof = True
+            finally:
+                self._in_receive = False
+                if self._idle_check_at == _NEVER and not self._read_done:
+                    self._arm_idle_check()  # (also when cancelled)
+            if not inbox:
+                # The app has read everything: a pending failure Close may go now.
+                self._send_failure()
+                return self._disconnect or disconnect_message(CLOSE_ABNORMAL)
+        elif self._idle_check_at == _NEVER and not self._read_done:
+            self._receives += 1
+            self._arm_idle_check()
+            return inbox.popleft()
+        self._receives += 1
+        return inbox.popleft()
+
+    async def _receive_before_accept(self) -> dict[str, Any] | None:
+        """``receive()`` until the handshake is answered: ``websocket.connect`` first, then
+        wait for the accept (None once accepted) or a disconnect for a refusal."""
+        if not self._connect_delivered:
+            self._connect_delivered = True
+            return connect_message()
+        if not self._accepted:
+            await self._handshake_done.wait()
+            if not self._accepted:
+                return disconnect_message(CLOSE_ABNORMAL)
+        return None
+
     async def _fill_inbox(self) -> None:
         """Read and decode until a message is in the inbox or reading has ended."""
         inbox = self._inbox
@@ -153,8 +247,6 @@ class WebSocketReader:
             if inbox or self._read_done:
                 return
             if self._reading:
-                # Another task reads (_watch, or a second app task): it hands the reader
-                # role over after its read.
                 if self._handover is None:
                     self._handover = trio.Event()
                 await self._handover.wait()
@@ -223,7 +315,10 @@ class WebSocketReader:
             events = self._events
             if events is not None:
                 for event in events:
-                    self._on_event(event)
+                    if type(event) is dict:
+                        inbox.append(event)  # a whole message (see ws_engine)
+                    else:
+                        self._on_event(event)
                     if len(inbox) >= limit or self._read_done:
                         return
                 self._events = None
@@ -238,7 +333,9 @@ class WebSocketReader:
             self._events = engine.events()
 
     def _on_event(self, event: Event) -> None:
-        if not isinstance(event, (PingReceived, PongReceived, Closed)):
+        if isinstance(event, dict):
+            self._inbox.append(event)  # a whole message
+        elif not isinstance(event, (PingReceived, PongReceived, Closed)):
             # A message, or a fragment of one (the common case first).
             try:
                 message = self._assembler.feed(event)

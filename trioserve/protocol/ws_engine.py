@@ -17,14 +17,21 @@ knows nothing of HTTP.
 The interface is wsproto's shape, made smaller:
 
 * :meth:`WebSocketEngine.receive_data` takes bytes (None at EOF);
+  :meth:`WebSocketEngine.receive_message` takes bytes too, and returns the
+  ``websocket.receive`` message itself when they held one whole message and nothing else
+  (websockets' engine; wsproto's always returns None): the common case then skips
+  :meth:`~WebSocketEngine.events`;
   :meth:`WebSocketEngine.events` hands out what they held, one event at a time, so a
   caller that stops early (the app's inbox is full) leaves the rest undecoded, and a
   peer's Close takes effect only when its turn comes (messages before it are still read,
   and still answered).
 * events: a data fragment (:class:`MessagePart`: ``data`` and ``message_finished``,
-  reassembled by ``ws_messages.MessageAssembler``), :class:`PingReceived` (with the pong
-  to write), :class:`PongReceived`, :class:`Closed` (a ``ws_messages.CloseKind``, the code
-  and reason, and the Close frame that answers the peer's).
+  reassembled by ``ws_messages.MessageAssembler``), or a whole message as its
+  ``websocket.receive`` dict (websockets' engine, for a message in one frame: already
+  bounded by ``max_size``, it needs no reassembly and costs no fragment object),
+  :class:`PingReceived` (with the pong to write), :class:`PongReceived`, :class:`Closed`
+  (a ``ws_messages.CloseKind``, the code and reason, and the Close frame that answers the
+  peer's).
 * ``send_*`` return the bytes to write. :attr:`WebSocketEngine.open` says whether
   messages and a Close may still be sent.
 
@@ -37,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Any, Protocol, Union
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
@@ -81,7 +88,8 @@ class Closed:
     reply: bytes = b""
 
 
-Event = Union[MessagePart, PingReceived, PongReceived, Closed]
+# (A dict: a whole ``websocket.receive`` message.)
+Event = Union[MessagePart, PingReceived, PongReceived, Closed, dict[str, Any]]
 
 
 class WebSocketEngine(Protocol):
@@ -91,6 +99,8 @@ class WebSocketEngine(Protocol):
     def open(self) -> bool: ...  # (messages and a Close may still be sent)
 
     def receive_data(self, data: bytes | None) -> None: ...  # (None: the peer's EOF)
+
+    def receive_message(self, data: bytes) -> dict[str, Any] | None: ...
 
     def events(self) -> Iterator[Event]: ...
 
@@ -126,6 +136,10 @@ class WsprotoEngine:
 
     def receive_data(self, data: bytes | None) -> None:
         self._ws.receive_data(data)
+
+    def receive_message(self, data: bytes) -> dict[str, Any] | None:
+        self._ws.receive_data(data)
+        return None  # (wsproto's events hand out even a whole message in parts)
 
     def events(self) -> Iterator[Event]:
         ws = self._ws

@@ -228,7 +228,7 @@ class AppMessages:
         if kind == "websocket.send":
             if phase is not _ACCEPTED:
                 raise _out_of_order(kind, phase)
-            return Send(_message_data(message))
+            return Send(message_data(message))
         if kind == "websocket.accept":
             if phase is not Phase.CONNECTING:
                 raise _out_of_order(kind, phase)
@@ -276,7 +276,7 @@ def _out_of_order(kind: object, phase: Phase) -> AppProtocolError:
     return AppProtocolError(f"{kind!r} cannot be sent when the websocket is {phase.value}")
 
 
-def _message_data(message: Mapping[str, object]) -> str | bytes:
+def message_data(message: Mapping[str, object]) -> str | bytes:
     """The payload of ``websocket.send``: exactly one of ``bytes`` and ``text``."""
     data = message.get("bytes")
     text = message.get("text")

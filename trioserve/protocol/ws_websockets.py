@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Generator, Iterator
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Close, Frame, Opcode
@@ -44,6 +44,7 @@ _PING: Final = Opcode.PING
 _PONG: Final = Opcode.PONG
 _CLOSE: Final = Opcode.CLOSE
 _UTF8Decoder: Final = codecs.getincrementaldecoder("utf-8")
+_RECV_FRAME: Final = ServerProtocol.recv_frame
 
 
 class _Protocol(ServerProtocol):
@@ -66,7 +67,7 @@ class _Protocol(ServerProtocol):
             self.events.append(frame)
             self.stop_parsing()  # RFC 6455 §1.4: nothing after a Close is read
         else:
-            super().recv_frame(frame)
+            _RECV_FRAME(self, frame)  # (super().recv_frame without building a super object)
 
     def fail(self, code: int, reason: str = "") -> None:
         """Record the failure, send nothing: the session sends the Close."""
@@ -95,7 +96,7 @@ class WebsocketsEngine:
             websockets' own extension.
     """
 
-    __slots__ = ("_decoder", "_protocol", "_text")
+    __slots__ = ("_decoder", "_protocol", "_text", "open")
 
     def __init__(self, max_size: int, deflate: BoundedPerMessageDeflate | None) -> None:
         protocol = self._protocol = _Protocol(state=State.OPEN, max_size=max_size)
@@ -110,12 +111,11 @@ class WebsocketsEngine:
                     local_max_window_bits=deflate.server_max_window_bits,
                 )
             ]
+        # Messages and a Close may still be sent (the protocol's state is OPEN: kept here,
+        # as only send_close and a peer's Close change it, for a cheaper check per message).
+        self.open = True
         self._text = False  # the fragmented message being received is text
         self._decoder: codecs.IncrementalDecoder | None = None  # its UTF-8 decoder
-
-    @property
-    def open(self) -> bool:
-        return self._protocol.state is OPEN
 
     def receive_data(self, data: bytes | None) -> None:
         protocol = self._protocol
@@ -125,16 +125,59 @@ class WebsocketsEngine:
             protocol.receive_data(data)
         protocol.data_to_send()  # (nothing to write: the EOF marker, if any, is ours to drop)
 
+    def receive_message(self, data: bytes) -> dict[str, Any] | None:
+        protocol = self._protocol
+        protocol.receive_data(data)
+        if protocol.writes:
+            protocol.data_to_send()  # (none are made: see receive_data)
+        frames = protocol.events
+        if len(frames) != 1 or protocol.failure is not None:
+            return None
+        frame = cast("Frame", frames[0])
+        if not frame.fin:
+            return None
+        opcode = frame.opcode
+        payload = frame.data
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        message: dict[str, Any]
+        if opcode is _TEXT:
+            try:
+                message = {"type": "websocket.receive", "text": payload.decode()}
+            except UnicodeDecodeError:
+                return None  # (events() fails the connection)
+        elif opcode is _BINARY:
+            message = {"type": "websocket.receive", "bytes": payload}
+        else:
+            return None
+        frames.clear()
+        return message
+
     def events(self) -> Iterator[Event]:
         protocol = self._protocol
         # (After the handshake a protocol's events are frames.)
         for frame in cast("list[Frame]", protocol.events_received()):
             opcode = frame.opcode
-            if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
+            if opcode is _CONT or not frame.fin:
                 part = self._part(frame, opcode)
                 yield part
                 if type(part) is Closed:
                     return
+            elif opcode is _TEXT:
+                # A whole message in one frame (the common case): the ASGI message itself.
+                data = frame.data
+                try:
+                    text = (data if type(data) is bytes else bytes(data)).decode()
+                except UnicodeDecodeError as exc:
+                    yield self._invalid_utf8(exc)
+                    return
+                yield {"type": "websocket.receive", "text": text}
+            elif opcode is _BINARY:
+                data = frame.data
+                yield {
+                    "type": "websocket.receive",
+                    "bytes": data if type(data) is bytes else bytes(data),
+                }
             elif opcode is _PING:
                 reply = b""
                 if protocol.state is OPEN:
@@ -174,12 +217,15 @@ class WebsocketsEngine:
                 decoder = self._decoder = _UTF8Decoder()
             decoded = decoder.decode(data, fin)
         except UnicodeDecodeError as exc:
-            self._protocol.stop_parsing()
-            reason = f"invalid UTF-8: {exc.reason} at position {exc.start}"
-            return Closed(CloseKind.INVALID, CLOSE_INVALID_PAYLOAD, reason)
+            return self._invalid_utf8(exc)
         if fin:
             self._decoder = None
         return Part(decoded, fin)
+
+    def _invalid_utf8(self, exc: UnicodeDecodeError) -> Closed:
+        self._protocol.stop_parsing()
+        reason = f"invalid UTF-8: {exc.reason} at position {exc.start}"
+        return Closed(CloseKind.INVALID, CLOSE_INVALID_PAYLOAD, reason)
 
     def _closed(self, frame: Frame) -> Closed:
         """The peer's Close, now that its turn came: answer it, or end our handshake."""
@@ -194,6 +240,7 @@ class WebsocketsEngine:
         protocol.close_sent = close
         protocol.close_rcvd_then_sent = True
         protocol.state = State.CLOSING
+        self.open = False
         return Closed(CloseKind.PEER_CLOSING, code, reason, self._output())
 
     def _output(self) -> bytes:
@@ -201,11 +248,11 @@ class WebsocketsEngine:
         return writes[0] if len(writes) == 1 else b"".join(writes)
 
     def send_message(self, data: str | bytes) -> bytes:
-        if isinstance(data, str):
-            self._protocol.send_text(data.encode())
-        else:
-            self._protocol.send_binary(data)
-        return self._output()
+        # websockets' Frame serializes (and compresses); send_text's checks are the
+        # caller's: the engine is open (WebSocketEngine.open), and no message is sent in
+        # fragments.
+        frame = Frame(_TEXT, data.encode()) if isinstance(data, str) else Frame(_BINARY, data)
+        return frame.serialize(mask=False, extensions=self._protocol.extensions)
 
     def send_ping(self, payload: bytes) -> bytes:
         self._protocol.send_ping(payload)
@@ -213,4 +260,5 @@ class WebsocketsEngine:
 
     def send_close(self, code: int, reason: str) -> bytes:
         self._protocol.send_close(code, reason)
+        self.open = False
         return self._output()
