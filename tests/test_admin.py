@@ -171,10 +171,11 @@ async def test_admin_options_are_checked(tmp_path: Path) -> None:
     assert "admin_bind must not use the app's port 8765" in server.stderr
     server = await run_to_exit([*base, "--admin-bind", "nonsense"])
     assert "admin_bind must be HOST:PORT" in server.stderr
-    # Without the [metrics] extra: one line, exit 2 (prometheus_client hidden from imports).
+    # Without the [metrics] extra: one line, exit 2 (prometheus_client hidden from imports:
+    # the check finds the package without importing it).
     hide = tmp_path / "hide"
     hide.mkdir()
-    (hide / "prometheus_client.py").write_text("raise ImportError('hidden for the test')\n")
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['prometheus_client'] = None\n")
     env = clean_env(PYTHONPATH=str(hide))
     server = await run_to_exit([*base, "--admin-bind", "127.0.0.1:0"], env=env)
     assert "pip install 'trioserve[metrics]'" in server.stderr

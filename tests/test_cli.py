@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import gc
 import json
 import logging
 import re
@@ -18,12 +19,14 @@ import click
 import pytest
 import trio
 from click.testing import CliRunner
+from conftest import hello_app
 from server_process import CLI_APP, clean_env, running_process, started_process
 from wire import Client, connect, header
 
 from trioserve import Config, __version__
 from trioserve.cli import main, uvicorn_variables_warning
 from trioserve.errors import ConfigError
+from trioserve.testing import running
 
 # uvicorn's access line (the default): no duration, the status code and its phrase.
 ACCESS_RE = re.compile(r'127\.0\.0\.1:\d+ - "GET /x\?q=1 HTTP/1\.1" 200 OK\n')
@@ -62,6 +65,22 @@ async def test_port_zero_prints_the_real_port_and_logs_each_request(
         assert await server.stop() == 0
     assert len(ACCESS_RE.findall(server.stdout)) == 1
     assert "app: shutdown" in server.stderr
+
+
+async def test_server_process_freezes_its_startup_objects(app_dir: Path) -> None:
+    # The process the CLI owns: what startup made is out of the collector's full walks.
+    async with started_process(app_args(app_dir, "--port", "0")) as server:
+        response, body = await get(("127.0.0.1", server.port), "/gc")
+        assert response.status_code == 200
+        assert int(body) > 10_000  # (the modules, the app, trio, h11: all of them)
+        assert await server.stop() == 0
+
+
+async def test_embedded_serve_leaves_the_collector_alone() -> None:
+    async with running(hello_app) as server, server.client() as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert gc.get_freeze_count() == 0  # (a program embedding trioserve owns its collector)
 
 
 async def test_no_access_log(app_dir: Path) -> None:

@@ -26,7 +26,7 @@ from conftest import read_body
 from h2.errors import ErrorCodes
 
 from trioserve.config import Config
-from trioserve.connection.http2 import WRITER_TASK, HTTP2Connection
+from trioserve.connection.http2 import READER_TASK, WRITER_TASK, HTTP2Connection
 from trioserve.connection.state import ServerState
 from trioserve.protocol.http2 import SEND_BATCH_BYTES
 from trioserve.protocol.scope import ConnectionFacts
@@ -412,10 +412,10 @@ async def test_a_large_body_leaves_in_batches_of_frames_not_a_write_per_frame() 
     assert streams[0].writes <= len(body) // SEND_BATCH_BYTES + 4
 
 
-async def test_a_response_sent_at_once_costs_its_stream_one_task() -> None:
-    # As on HTTP/1.1, an app that answers without waiting runs to its end in the
-    # stream's task: the end of the response does not yield to the writer (which would
-    # count as the app's first wait and start a second task to flush for it).
+async def test_a_response_sent_at_once_costs_its_stream_no_task() -> None:
+    # As on HTTP/1.1, an app that answers without waiting runs to its end in the task
+    # that read its request (the reader's): no task per stream, and the end of the
+    # response does not yield to the writer (which would count as the app's first wait).
     spawned: list[str] = []
 
     class Spawns(trio.abc.Instrument):
@@ -434,7 +434,46 @@ async def test_a_response_sent_at_once_costs_its_stream_one_task() -> None:
             trio.lowlevel.remove_instrument(instrument)
     assert bodies == [f"2 GET /{n} b''".encode() for n in range(5)]
     # (The writer ends whenever the connection is idle, so it may start again.)
-    assert [name for name in spawned if name != WRITER_TASK] == [f"h2 stream {sid}" for sid in sids]
+    assert [name for name in spawned if name != WRITER_TASK] == []
+
+
+async def test_an_app_that_waits_hands_the_reader_to_a_new_task() -> None:
+    # Streams opened by one read: the first app waits (for an event only the third
+    # stream sets), so the reader must move on to call the others; nothing stalls.
+    release = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/wait":
+            await release.wait()
+        elif scope["path"] == "/release":
+            release.set()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    spawned: list[str] = []
+
+    class Spawns(trio.abc.Instrument):
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            spawned.append(task.name)
+
+    instrument = Spawns()
+    async with h2_server(app) as port, client(port) as c:
+        await c.response(await c.request("/warm"))
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            sids = []
+            for path in (b"/wait", b"/other", b"/release"):
+                sid = c.conn.get_next_available_stream_id()
+                fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", path)]
+                c.conn.send_headers(sid, [*fields, (b":authority", b"localhost")], end_stream=True)
+                sids.append(sid)
+            await c.flush()  # (all three in one write: one read on the server)
+            with trio.fail_after(5):
+                bodies = [(await c.response(sid))[1] for sid in sids]
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+    assert bodies == [b"/wait", b"/other", b"/release"]
+    assert spawned.count(READER_TASK) == 1  # (only the waiting app cost a hand-over)
 
 
 def _task_names(task: trio.lowlevel.Task) -> list[str]:
@@ -455,3 +494,54 @@ async def test_an_idle_connection_keeps_no_writer_task() -> None:
             names = _task_names(trio.lowlevel.current_root_task())
             assert WRITER_TASK not in names
             assert not any(name.startswith("h2 stream") for name in names)
+
+
+async def test_coalesced_pieces_are_framed_where_they_lie_whatever_the_window() -> None:
+    # A streamed body the request cycle coalesced reaches the stream as pieces; pieces of
+    # a frame's size or more are framed in place (no join), across window waits.
+    chunks = [bytes([65 + n]) * (16384 + n * 1000) for n in range(6)]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with h2_server(app) as port, client(port, window=10_000) as c:
+        with trio.fail_after(5):
+            headers, body = await c.response(await c.request("/"))
+    assert headers[b":status"] == b"200"
+    assert body == b"".join(chunks)
+
+
+async def test_a_large_read_handed_over_mid_way_keeps_its_order() -> None:
+    # One read larger than the reader hands h2 at once (RECEIVE_SIZE): the first app
+    # waits while the rest of the read is unprocessed; the new reader task takes it
+    # from there, in order (a body split across the parts, then a later request).
+    release = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/wait":
+            await release.wait()
+        elif scope["path"] == "/release":
+            release.set()
+        body = await read_body(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"%d" % len(body)})
+
+    big = b"b" * 150_000
+    async with h2_server(app) as port, client(port) as c:
+        await c.response(await c.request("/warm"))
+        sids = []
+        for path, body in ((b"/wait", b""), (b"/big", big), (b"/release", b"")):
+            sid = c.conn.get_next_available_stream_id()
+            fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path)]
+            c.conn.send_headers(sid, [*fields, (b":authority", b"x")], end_stream=not body)
+            for start in range(0, len(body), 16384):
+                last = start + 16384 >= len(body)
+                c.conn.send_data(sid, body[start : start + 16384], end_stream=last)
+            sids.append(sid)
+        await c.flush()  # (one write of ~150 KB)
+        with trio.fail_after(5):
+            bodies = [(await c.response(sid))[1] for sid in sids]
+    assert bodies == [b"0", b"150000", b"0"]

@@ -365,3 +365,43 @@ def test_settings_of_an_idle_connection_stay_small() -> None:
     for settings in (conn.local_settings, conn.remote_settings):
         values = settings._settings.values()
         assert sum(map(sys.getsizeof, values)) <= 100 * len(values)
+
+
+def test_settings_tables_are_shared_while_no_change_is_in_flight() -> None:
+    # Memory per idle connection: connections with the same settings share one table
+    # (protocol.http2._Settings); a change in flight gives its connection a table of its
+    # own, and the acknowledgement shares it again.
+    a, b = _server_after_preface(), _server_after_preface()
+    assert a.local_settings._settings is b.local_settings._settings
+    assert a.remote_settings._settings is b.remote_settings._settings
+    a.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 123_456})
+    assert a.local_settings._settings is not b.local_settings._settings
+    assert b.local_settings.initial_window_size == Config().h2_initial_window_size
+    a.receive_data(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")  # the client's SETTINGS ACK
+    assert a.local_settings.initial_window_size == 123_456
+    c = _server_after_preface()
+    c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 123_456})
+    c.receive_data(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
+    assert c.local_settings._settings is a.local_settings._settings
+    assert b.local_settings.initial_window_size == Config().h2_initial_window_size
+
+
+def test_request_header_blocks_decode_as_hpacks_own_however_the_table_churns() -> None:
+    # The server's decoder keeps its dynamic table in a list (protocol.http2._Entries):
+    # every block a stock encoder makes decodes to its fields, through evictions, a field
+    # larger than the table and table size updates.
+    ours = _server_after_preface().decoder
+    stock = hpack.Encoder()
+    for n in range(600):
+        if n in (150, 300, 450):
+            stock.header_table_size = {150: 256, 300: 0, 450: 4096}[n]
+        fields = [
+            (b":method", b"GET"),
+            (b":path", b"/item/%d" % (n % 53)),
+            (b"x-request", b"%d" % n),
+            (b"cookie", b"session=%d" % (n % 7)),
+        ]
+        if n % 97 == 0:
+            fields.append((b"x-big", b"v" * 5000))  # larger than the whole table
+        assert list(ours.decode(stock.encode(fields), raw=True)) == fields, n
+        assert list(ours.header_table.dynamic_entries) == list(stock.header_table.dynamic_entries)

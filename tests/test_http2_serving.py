@@ -141,6 +141,60 @@ async def test_h2c_upgrade_on_the_wire_answers_101_then_stream_1(
     assert body == b"2 GET /wire b''"
 
 
+async def read_to_eof(stream: trio.SocketStream) -> bytes:
+    received = b""
+    while data := await stream.receive_some(65536):
+        received += data
+    return received
+
+
+@pytest.mark.parametrize("split", [1, 5, 23])
+async def test_preface_arriving_in_pieces_is_still_http2(split: int) -> None:
+    # The first read may hold only a prefix of the preface: the rest is waited for.
+    async with run_server(hello) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            c = Client(stream)
+            sid = await c.request("/split")
+            data = c.conn.data_to_send()
+            await stream.send_all(data[:split])
+            await trio.sleep(0.05)  # (the server reads the prefix alone)
+            await stream.send_all(data[split:])
+            with trio.fail_after(5):
+                headers, body = await c.response(sid)
+    assert headers[b":status"] == b"200"
+    assert body == b"2 GET /split b''"
+
+
+async def test_http1_request_starting_like_the_preface_is_http1(both_parsers: str) -> None:
+    # "P" could begin the preface: the server reads on until the bytes tell.
+    async with run_server(hello) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(b"P")
+            await trio.sleep(0.05)
+            await stream.send_all(b"UT /p HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            with trio.fail_after(5):
+                received = await read_to_eof(stream)
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert received.endswith(b"1.1 PUT /p b''")
+
+
+async def test_preface_begun_and_stalled_is_closed_at_the_head_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with run_server(hello, timeout_request_header=3, timeout_keep_alive=60) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(b"PRI * HT")
+            start = trio.current_time()
+            with trio.fail_after(30):
+                received = await read_to_eof(stream)
+            waited = trio.current_time() - start
+    assert received == b""  # (closed without an answer: no protocol was spoken yet)
+    assert 3 <= waited < 10
+
+
 async def test_unix_socket_speaks_http2(tmp_path: Path) -> None:
     path = str(tmp_path / "s.sock")
     async with run_server(hello, uds=path):

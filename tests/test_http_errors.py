@@ -830,3 +830,39 @@ async def test_body_over_limit_request_body_cuts_a_response_already_streaming(
     assert data.endswith(b"9\r\nstreaming\r\n")
     assert messages == [{"type": "http.disconnect"}]
     assert error_records(caplog) == []  # the peer's doing, not the app's
+
+
+# -- a bug in trioserve's own connection code -------------------------------------------
+
+
+@pytest.mark.parametrize("app_waits", [False, True], ids=["inline", "moved-on"])
+async def test_a_bug_in_the_connection_task_is_logged_and_costs_only_that_connection(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, app_waits: bool
+) -> None:
+    # The bug strikes after the response: in the connection's first task when the app
+    # answered inline, in the task the serving moved on to when the app waited.
+    from trioserve.connection.http1 import HTTPConnection
+
+    real = HTTPConnection._after_response
+
+    async def buggy(self: HTTPConnection, cycle: Any) -> bool:
+        await real(self, cycle)
+        if cycle.scope["path"] == "/bug":
+            raise RuntimeError(SECRET)
+        return True
+
+    monkeypatch.setattr(HTTPConnection, "_after_response", buggy)
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        if app_waits:
+            await trio.sleep(0)
+        await hello_app(scope, receive, send_)
+
+    async with run_server(with_ok(app), **EXACT) as server:
+        received = await fetch(server, b"GET /bug HTTP/1.1\r\nHost: t\r\n\r\n")
+        await assert_still_serving(server)
+    assert received.startswith(b"HTTP/1.1 200 ")  # (answered; then closed by the bug)
+    assert SECRET.encode() not in received
+    (record,) = error_records(caplog)
+    assert record.getMessage().endswith(" - internal error in connection task")
+    assert record.exc_info is not None and str(record.exc_info[1]) == SECRET

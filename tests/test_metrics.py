@@ -4,6 +4,8 @@ monotonic across worker restarts (real processes; parsed with prometheus_client)
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import trio
@@ -36,8 +38,8 @@ async def metrics_of(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]]
 
 def test_a_dead_workers_gauges_are_dropped_and_its_counters_kept() -> None:
     metrics = ServerMetrics(app_calls=lambda: 3)  # (no WebSocket: 3 requests in flight)
-    metrics.count_new_labels("GET", "1.1", 200)
-    metrics.count_new_labels("BREW", "1.0", None)  # unknown method, client left
+    metrics.count_new_labels(b"GET", "1.1", 200)
+    metrics.count_new_labels(b"BREW", "1.0", None)  # unknown method, client left
     metrics.duration_buckets[7] += 1  # 0.3 s (the other one was fast: derived)
     total: dict[str, float] = {}
     add_sample(total, metrics.sample(), counters_only=True)
@@ -47,6 +49,37 @@ def test_a_dead_workers_gauges_are_dropped_and_its_counters_kept() -> None:
     assert total["requests_in_flight"] == 3  # only the live one's
     assert total["request_duration_seconds|bucket|0.005"] == 2
     assert total["request_duration_seconds|bucket|+Inf"] == 4
+
+
+def test_prometheus_client_is_found_but_not_imported_until_a_scrape() -> None:
+    # (A worker never renders a scrape, nor does --metrics alone: it never loads it.)
+    code = (
+        "import sys; from trioserve import Config; Config(metrics=True); "
+        "print('prometheus_client' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "False"), done.stderr
+
+
+def test_keepalive_reuses_are_derived_from_the_admitted_calls() -> None:
+    # 7 app calls admitted and 2 refused: 3 were HTTP/1.1 connections' first requests
+    # (one of them refused) and 2 HTTP/2 streams (one refused): 4 reuses.
+    metrics = ServerMetrics(admitted=lambda: 7)
+    metrics.concurrency_rejections = 2
+    metrics.first_requests = 3
+    metrics.h2_streams = 2
+    assert metrics.sample()["keepalive_reuses"] == 4
+
+
+def test_statuses_without_a_slot_count_as_none() -> None:
+    metrics = ServerMetrics()
+    for status in (None, 499, 600, 999):
+        metrics.count_new_labels(b"GET", "1.1", status)
+    metrics.count_new_labels(b"GET", "1.1", 204)
+    sample = metrics.sample()
+    assert sample["requests|GET|none|1.1"] == 4
+    assert sample["requests|GET|2xx|1.1"] == 1
+    assert sample["request_duration_seconds|bucket|+Inf"] == 5
 
 
 async def test_metrics_count_requests_errors_and_bytes(tmp_path: Path) -> None:

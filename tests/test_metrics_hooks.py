@@ -5,6 +5,7 @@ checked against what went over real sockets (``Server.metrics``; the Prometheus 
 from __future__ import annotations
 
 import ssl
+from types import SimpleNamespace
 from typing import Any
 
 import h2.connection
@@ -18,9 +19,12 @@ from test_http2_serving import curl
 from wire import Client, connect, parse_responses, read_until_eof, receive_until
 
 from trioserve import Server
+from trioserve.connection import request_cycle as request_cycle_module
+from trioserve.connection import state as state_module
 from trioserve.metrics import Sample
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+CLOSE = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 UPGRADE = (
     b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -87,12 +91,98 @@ async def test_keepalive_reuses_are_counted_when_the_app_waits() -> None:
         stream = await connect(server.addresses[0])
         async with stream:
             client = Client(stream)
+            seen = []
             for _ in range(3):
                 response, _ = await client.request()
                 assert response.status_code == 200
+                seen.append(sample(server)["keepalive_reuses"])
         now = await settled(server, connections_open=0)
+    assert seen == sorted(seen)  # (derived at scrape time: never goes down)
     assert now["keepalive_reuses"] == 2
     assert now["requests|GET|2xx|1.1"] == 3
+
+
+@pytest.mark.usefixtures("both_parsers")
+async def test_a_refused_request_on_a_used_connection_is_a_keepalive_reuse() -> None:
+    release = trio.Event()
+    blocked = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/block":
+            blocked.set()
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with run_server(app, metrics=True, limit_concurrency=1) as server:
+        used = await connect(server.addresses[0])
+        holder = await connect(server.addresses[0])
+        async with used, holder:
+            client = Client(used)
+            assert (await client.request())[0].status_code == 200
+            await holder.send_all(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+            await blocked.wait()
+            await used.send_all(GET)  # its second request: refused, but a reuse
+            assert (await read_until_eof(used)).startswith(b"HTTP/1.1 503 ")
+            assert (await exchange(server, GET)).startswith(b"HTTP/1.1 503 ")  # a first one
+            release.set()
+            assert b"ok" in await receive_until(holder, b"ok")
+        now = await settled(server, connections_open=0, requests_in_flight=0)
+    assert now["concurrency_rejections"] == 2
+    assert now["requests|GET|2xx|1.1"] == 2
+    assert now["keepalive_reuses"] == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "duration"),
+    [
+        ({}, 0.3),  # HTTP/1.1: from the clock read for its Date header
+        ({"date_header": False}, 0.0),  # no Date header: read by the request cycle
+    ],
+)
+async def test_a_request_is_timed_from_the_clock_its_date_header_read(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any], duration: float
+) -> None:
+    # The Date header's clock reads 1000.0 and the request cycle's 1000.3: an HTTP/1.1
+    # request's start is the read made for its Date header, not a second one.
+    monkeypatch.setattr(state_module, "time", SimpleNamespace(time=lambda: 1000.0))
+    monkeypatch.setattr(request_cycle_module, "time", lambda: 1000.3)
+    async with run_server(Recorder(), metrics=True, **options) as server:
+        assert (await exchange(server, CLOSE)).startswith(b"HTTP/1.1 200 ")
+        now = await settled(server, connections_open=0)
+    assert now["request_duration_seconds|sum"] == pytest.approx(duration)
+    fast = now["request_duration_seconds|bucket|0.005"]
+    assert (fast, now["request_duration_seconds|bucket|0.5"]) == ((0, 1) if duration else (1, 1))
+
+
+async def test_an_http2_request_is_timed_by_the_request_cycle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # (HTTP/2 reads the Date header's clock when the head is sent, not before the cycle.)
+    monkeypatch.setattr(state_module, "time", SimpleNamespace(time=lambda: 1000.0))
+    monkeypatch.setattr(request_cycle_module, "time", lambda: 1000.3)
+    async with run_server(Recorder(), metrics=True) as server:
+        url = f"http://127.0.0.1:{server.port}/two"
+        assert await curl("--http2-prior-knowledge", url) == (0, b"GET /two ")
+        now = await settled(server, connections_open=0)
+    assert now["request_duration_seconds|sum"] == 0.0
+    assert now["request_duration_seconds|bucket|0.005"] == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "bucket"),
+    [(204, "2xx"), (499, "none"), (799, "none")],  # (an app may send 200-999)
+)
+async def test_statuses_are_counted_by_class(status: int, bucket: str) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with run_server(app, metrics=True) as server:
+        for _ in range(2):  # (the second time the label set is known)
+            assert (await exchange(server, CLOSE)).startswith(b"HTTP/1.1 %d " % status)
+        now = await settled(server, connections_open=0)
+    assert now[f"requests|GET|{bucket}|1.1"] == 2
 
 
 async def test_in_flight_gauges_and_concurrency_rejections() -> None:
@@ -131,6 +221,7 @@ async def test_in_flight_gauges_and_concurrency_rejections() -> None:
     assert done["requests_in_flight"] == 0
     assert done["websocket_sessions"] == 1
     assert done["requests|GET|2xx|1.1"] == 1  # (not the 503: it never reached the app)
+    assert done["keepalive_reuses"] == 0  # (three connections, one request each)
 
 
 @pytest.mark.usefixtures("both_parsers")
@@ -287,6 +378,7 @@ async def test_http2_bytes_are_those_on_the_wire() -> None:
             await read_until_eof(tally)
         now = await settled(server, connections_open=0)
     assert now["requests|GET|2xx|2"] == 2
+    assert now["keepalive_reuses"] == 0  # (streams of one connection: not keep-alive)
     assert tally.sent > 24 and tally.received > 0  # (the preface alone is 24 bytes)
     assert (now["received_bytes"], now["sent_bytes"]) == (tally.sent, tally.received)
 
@@ -312,8 +404,12 @@ async def test_h2c_upgrade_bytes_are_counted_once() -> None:
             assert switching.startswith(b"HTTP/1.1 101 ")
             head, body = await client.response(1)
             assert (head[b":status"], body) == (b"200", b"GET /up ")
+            head, body = await client.response(await client.request("/two"))
+            assert (head[b":status"], body) == (b"200", b"GET /two ")
             await tally.send_eof()
             await read_until_eof(tally)
         now = await settled(server, connections_open=0)
-    assert now["requests|GET|2xx|2"] == 1
+    assert now["requests|GET|2xx|2"] == 2
+    # The upgrade is the connection's first request; its streams are not keep-alive reuses.
+    assert now["keepalive_reuses"] == 0
     assert (now["received_bytes"], now["sent_bytes"]) == (tally.sent, tally.received)

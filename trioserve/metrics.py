@@ -2,11 +2,12 @@
 
 The hot path never touches prometheus_client. Each ``serve()`` with metrics on owns one
 :class:`ServerMetrics`: plain ints (and one float) in ``__slots__``, incremented in place
-by the connection code, so a request costs a few attribute increments, three dict look-ups
-and one dict update, done inline where its response completes (no method call: the
-budget is 3 % of the instructions of a hello request, ~4,800). What can be derived from
-numbers the server keeps anyway (open connections, requests in flight) is derived at
-scrape time instead. Nothing is locked: one trio thread owns the object.
+by the connection code, so a request costs a few attribute increments, two dict look-ups
+and a list slot's increment, done inline where its response completes (no method call:
+the budget is 3 % of the instructions of a hello request, ~4,800). Its duration is timed
+from the clock read its Date header already made. What can be derived from numbers the
+server keeps anyway (open connections, requests in flight, keep-alive reuses) is derived
+at scrape time instead. Nothing is locked: one trio thread owns the object.
 
 At scrape time the numbers become a *sample*: a flat ``{key: number}`` dict, JSON-able, so
 a worker process sends it to its parent with every heartbeat and the parent adds up the
@@ -22,6 +23,7 @@ worker restarts); its gauges go with it.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
@@ -54,17 +56,21 @@ DURATION_BUCKETS: Final = (
 # The methods counted by name; any other (a client's invention) is "other", so that a peer
 # cannot grow the label set without bound.
 KNOWN_METHODS: Final = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"CONNECT", b"TRACE"}
 )
-# status -> its class's label, one dict look-up per request. A request that got no response
-# is "none": the client left first (the access log's 499, CLIENT_CLOSED_REQUEST, never sent)
-# or no status was recorded (None).
+# status -> its class's label (at scrape time). A request that got no response is "none":
+# the client left first (the access log's 499, CLIENT_CLOSED_REQUEST, never sent) or no
+# status was recorded (None); so is a status past 599 (an app may send up to 999).
 STATUS_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 _STATUS_CLASS: Final[dict[int | None, str]] = {
     status: "none" if status == CLIENT_CLOSED_REQUEST else STATUS_CLASSES[status // 100]
     for status in range(100, 600)
 }
 PROTOCOL_ERROR_STATUSES: Final = (400, 408, 413, 414, 431, 501, 505)
+# Requests are counted per status in a list of this many slots (ServerMetrics.requests);
+# slot 0 holds the statuses of the "none" class that have no slot (None, 600-999).
+STATUS_SLOTS: Final = 600
+OTHER_METHOD: Final = b"other"  # (the key of the methods not in KNOWN_METHODS)
 
 Kind = Literal["counter", "gauge"]
 
@@ -111,14 +117,16 @@ Sample = dict[str, float]
 
 
 def require_prometheus_client() -> None:
-    """Raise ConfigError when the ``trioserve[metrics]`` extra is not installed."""
-    try:
-        import prometheus_client  # noqa: F401  (the exposition format, at scrape time)
-    except ImportError:
+    """Raise ConfigError when the ``trioserve[metrics]`` extra is not installed.
+
+    Found, not imported: a process that never renders a scrape (a worker, whose parent
+    renders; ``--metrics`` alone) never loads it, nor its imports (http.server, wsgiref...).
+    """
+    if importlib.util.find_spec("prometheus_client") is None:
         raise ConfigError(
             "metrics and --admin-bind/--admin-uds need prometheus-client: "
             "pip install 'trioserve[metrics]'"
-        ) from None
+        )
 
 
 class ServerMetrics:
@@ -139,8 +147,9 @@ class ServerMetrics:
     * ``connection.request_cycle.RequestCycle``: ``requests`` and the duration histogram
       where a response completes, the access-log point (inline there; a label set seen
       for the first time goes through :meth:`count_new_labels`);
-    * ``connection.http1``: ``keepalive_reuses``, ``concurrency_rejections`` and
-      :meth:`protocol_error`; ``connection.websocket``: ``websocket_sessions`` and
+    * ``connection.http1``: ``first_requests`` (once per connection),
+      ``concurrency_rejections`` and :meth:`protocol_error`; ``connection.http2``:
+      ``h2_streams``; ``connection.websocket``: ``websocket_sessions`` and
       ``websockets_in_flight``.
 
     Open connections are not counted per connection: they are the server's set of live
@@ -149,10 +158,14 @@ class ServerMetrics:
     running (``app_calls()``, the ``--limit-concurrency`` count, kept anyway) less the
     WebSocket sessions among them (a handshake not accepted yet counts as a request). As
     in Prometheus' own client libraries, a request is in flight while its app call runs
-    (a ``BackgroundTasks`` tail after its response too).
+    (a ``BackgroundTasks`` tail after its response too). Nor are keep-alive reuses: they
+    are the app calls admitted (``admitted()``, ``ServerState.total_requests``) and the
+    requests refused by ``--limit-concurrency``, less each HTTP/1.1 connection's first
+    request and the HTTP/2 streams (see ``__init__``).
     """
 
     __slots__ = (
+        "admitted",
         "app_calls",
         "concurrency_rejections",
         "connections",
@@ -160,7 +173,8 @@ class ServerMetrics:
         "draining",
         "duration_buckets",
         "duration_sum",
-        "keepalive_reuses",
+        "first_requests",
+        "h2_streams",
         "live_connections",
         "protocol_errors",
         "received_bytes",
@@ -172,13 +186,17 @@ class ServerMetrics:
     )
 
     def __init__(
-        self, live_connections: Sized = (), app_calls: Callable[[], int] = lambda: 0
+        self,
+        live_connections: Sized = (),
+        app_calls: Callable[[], int] = lambda: 0,
+        admitted: Callable[[], int] = lambda: 0,
     ) -> None:
-        # Requests answered, {http_version: {method: {status: count}}}: keys whose hashes
-        # are cached (str) or trivial (int). A (method, class, version) tuple key would be
-        # built and hashed twice per request, more than all of the counting costs now; the
-        # status classes and label keys are made at scrape time (sample()).
-        self.requests: dict[str, dict[str, dict[int | None, int]]] = {}
+        # Requests answered, {http_version: {method: counts}}, ``counts[status]`` (a list
+        # of STATUS_SLOTS; slot 0 counts the "none" class past 599 or without a status):
+        # the request's own method bytes and the scope's version string, no tuple key to
+        # build and hash; a list slot is cheaper to increment than a dict entry. The status
+        # classes and label keys are made at scrape time (sample()).
+        self.requests: dict[str, dict[bytes, list[int]]] = {}
         # Requests per duration bucket, the last one +Inf; the first (the fastest, most
         # requests) is not counted but derived in sample(): the requests counted less those
         # of the other buckets. (An increment per request is 7 % of the metrics budget.)
@@ -190,7 +208,14 @@ class ServerMetrics:
         self.connections = 0
         self.connections_setting_up = 0
         self.live_connections = live_connections
-        self.keepalive_reuses = 0
+        # Keep-alive reuses are not counted per request but derived in sample(): the app
+        # calls admitted (ServerState.total_requests, kept anyway) and the requests refused
+        # by --limit-concurrency, less the first request of each HTTP/1.1 connection
+        # (first_requests) and the HTTP/2 streams (h2_streams: not keep-alive; the stream
+        # of an h2c upgrade is its HTTP/1.1 request, not counted there).
+        self.admitted = admitted
+        self.first_requests = 0
+        self.h2_streams = 0
         self.received_bytes = 0
         self.sent_bytes = 0
         self.concurrency_rejections = 0
@@ -198,14 +223,16 @@ class ServerMetrics:
         self.tls_handshake_failures = 0
         self.draining = 0
 
-    def count_new_labels(self, method: str, http_version: str, status: int | None) -> None:
-        """Count a request whose label set the inline count (``RequestCycle._finish``) did
-        not find: a method, version or status seen for the first time. A method a client
-        made up counts as "other" (and comes here each time: the label set stays small,
-        whatever clients send)."""
+    def count_new_labels(self, method: bytes, http_version: str, status: int | None) -> None:
+        """Count a request that the inline count (``RequestCycle._finish``) did not place:
+        a method or version seen for the first time, or a status with no slot of its own
+        (none, or past 599: the "none" class, slot 0). A method a client made up counts as
+        "other" (and comes here each time: the label set stays small, whatever clients
+        send)."""
         methods = self.requests.setdefault(http_version, {})
-        statuses = methods.setdefault(method if method in KNOWN_METHODS else "other", {})
-        statuses[status] = statuses.get(status, 0) + 1
+        known = method in KNOWN_METHODS
+        counts = methods.setdefault(method if known else OTHER_METHOD, [0] * STATUS_SLOTS)
+        counts[status if status is not None and status < STATUS_SLOTS else 0] += 1
 
     def protocol_error(self, status: int) -> None:
         """Count a malformed request answered with ``status`` (400, 413, 431, 501...)."""
@@ -216,11 +243,14 @@ class ServerMetrics:
         out: Sample = {}
         answered = 0
         for version, methods in self.requests.items():
-            for method, statuses in methods.items():
-                for status, count in statuses.items():
-                    key = f"requests|{method}|{_STATUS_CLASS.get(status, 'none')}|{version}"
-                    out[key] = out.get(key, 0) + count
-                    answered += count
+            for method, counts in methods.items():
+                name = method.decode("latin-1")
+                for status, count in enumerate(counts):
+                    if count:
+                        label = _STATUS_CLASS.get(status, "none")
+                        key = f"requests|{name}|{label}|{version}"
+                        out[key] = out.get(key, 0) + count
+                        answered += count
         for status, count in self.protocol_errors.items():
             out[f"protocol_errors|{status}"] = count
         cumulative = 0
@@ -232,11 +262,16 @@ class ServerMetrics:
         out["connections_open"] = self.connections_setting_up + len(self.live_connections)
         # (A session's app call ends just after it leaves websockets_in_flight: never < 0.)
         out["requests_in_flight"] = max(0, self.app_calls() - self.websockets_in_flight)
+        # (Each term changes with the one it pairs with, in one step of the same task: a
+        # first request is counted just before it is admitted or refused.)
+        out["keepalive_reuses"] = max(
+            0,
+            self.admitted() + self.concurrency_rejections - self.h2_streams - self.first_requests,
+        )
         for name in (
             "websocket_sessions",
             "websockets_in_flight",
             "connections",
-            "keepalive_reuses",
             "received_bytes",
             "sent_bytes",
             "concurrency_rejections",

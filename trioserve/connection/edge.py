@@ -33,6 +33,7 @@ because the balancer in front does not touch the HTTP headers.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from typing import Any, Final, NamedTuple
 
@@ -69,12 +70,13 @@ class EdgeSettings:
         "metrics",
         "proxy_protocol",
         "root_path",
+        "scratch",
         "timeout",
         "tls",
         "trusted",
     )
 
-    def __init__(self, config: Config, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: ServerMetrics | None, scratch: memoryview) -> None:
         self.tls: TLSSettings | None = load_tls(config)
         self.trusted: TrustedHosts | None = (
             TrustedHosts(config.forwarded_allow_ips) if config.proxy_headers else None
@@ -85,6 +87,9 @@ class EdgeSettings:
         self.http2 = config.http2
         self.idle_timeout = config.timeout_keep_alive  # (for the first bytes, as HTTP/1.1)
         self.metrics = metrics  # (counts TLS handshake failures)
+        # The server's read buffer (ServerState.read_buffer): the first read of a plain
+        # socket goes through it, as connection.stream's reads do.
+        self.scratch = scratch
 
 
 class Prepared(NamedTuple):
@@ -185,25 +190,57 @@ async def _sniff_preface(
     which HTTP/1.1 would have made anyway.
     """
     data = received
-    deadline = trio.current_time() + (edge.timeout if data else edge.idle_timeout)
-    while True:
-        decided = preface_state(data) if data else "undecided"
+    # A plain socket is read straight from its descriptor, as connection.stream reads it:
+    # first without waiting. When the request arrived with the connection, as it usually
+    # has, this is the one read HTTP/1.1 would have made, and no scheduler round is spent
+    # on it (SocketStream.receive_some always yields once).
+    fd = stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+    if not data and fd >= 0:
+        read = _read_plain(fd, edge.scratch)
+        if read == b"":
+            return None  # (closed before a request: HTTP/1.1 would have said nothing)
+        data = read or b""
+    if data:
+        decided = preface_state(data)
         if decided != "undecided":
             return data, decided == "h2"
-        with trio.move_on_at(deadline):
+    # The first byte within the keep-alive timeout; a preface begun, whole within the
+    # request-head timeout.
+    with trio.move_on_after(edge.timeout if data else edge.idle_timeout) as scope:
+        while True:
             try:
-                more = await stream.receive_some(PREFACE_READ_SIZE)
+                if fd >= 0:
+                    await trio.lowlevel.wait_readable(fd)
+                    more = _read_plain(fd, edge.scratch)
+                    if more is None:
+                        continue
+                else:
+                    more = bytes(await stream.receive_some(PREFACE_READ_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 more = b""
             if not more:
                 # Closed before a request: HTTP/1.1 would have said nothing either.
                 return None
             if not data:
-                deadline = trio.current_time() + edge.timeout
+                scope.deadline = trio.current_time() + edge.timeout
             data += more
-            continue
-        logger.debug("%s - no request received in time, closing", peer_name(client))
+            decided = preface_state(data)
+            if decided != "undecided":
+                return data, decided == "h2"
+    logger.debug("%s - no request received in time, closing", peer_name(client))
+    return None
+
+
+def _read_plain(fd: int, scratch: memoryview) -> bytes | None:
+    """One non-blocking read of a plain socket through the server's read buffer: the bytes,
+    b"" when the peer closed (or the socket failed), None when nothing has arrived."""
+    try:
+        size = os.readv(fd, (scratch,))
+    except BlockingIOError:
         return None
+    except OSError:
+        return b""
+    return bytes(scratch[:size])
 
 
 async def _set_up(prepared: _SetUp, edge: EdgeSettings) -> bool:

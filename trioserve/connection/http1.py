@@ -32,12 +32,10 @@ trio's resource errors are translated in ``connection.stream`` only.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import math
 import sys
-from collections.abc import Iterator
 from typing import Any, Final
 
 import h11
@@ -47,17 +45,17 @@ from ..errors import ClientDisconnected
 from ..message_trace import TRACE_LOG_LEVEL
 from ..protocol.http1_messages import (
     ResponseWriter,
-    check_request,
     error_response,
     head_has_obs_fold,
     header_list,
+    screen_request,
     upgrade_offered,
 )
 from ..protocol.http1_parser import refusal
 from ..protocol.http2 import CONNECTION_SPECIFIC, H2C_SWITCHING, RequestHead, h2c_settings
 from ..protocol.scope import ConnectionFacts, http_scope
 from .http1_body import HTTP1Body
-from .request_cycle import RequestCycle, run_until_first_wait
+from .request_cycle import RequestCycle, UntilFirstWait
 from .state import ServerState
 from .stream import ConnectionStream
 
@@ -173,28 +171,32 @@ class HTTPConnection(HTTP1Body):
                 metrics.received_bytes += len(leftover)
         serving = self._serve_requests(tasks, leftover)
         leftover = b""  # (not kept while the connection lives; mypyc compiles no del here)
-        with self._bugs_logged():
+        try:
             try:
                 await serving
             finally:
                 await self._release()
-
-    @contextlib.contextmanager
-    def _bugs_logged(self) -> Iterator[None]:
-        """A bug in a task serving this connection is logged and costs only this connection
-        (trioserve's own code: the app's exceptions are handled in ``call_app``)."""
-        try:
-            yield
         except Exception:
-            logger.exception("%s - internal error in connection task", self.stream.peer)
+            self._log_bug()
         except BaseExceptionGroup as group:
-            bugs, rest = group.split(Exception)
-            if bugs is not None:
-                logger.error(
-                    "%s - internal error in connection task", self.stream.peer, exc_info=bugs
-                )
-            if rest is not None:
-                raise rest from None
+            self._log_bugs_in(group)
+
+    # A bug in a task serving this connection is logged and costs only this connection
+    # (trioserve's own code: the app's exceptions are handled in ``call_app``). (Written as
+    # except clauses in the two tasks rather than a context manager: a generator-based one
+    # costs each connection a dozen calls.)
+
+    def _log_bug(self) -> None:
+        """Log the exception being handled (call from an except clause)."""
+        logger.exception("%s - internal error in connection task", self.stream.peer)
+
+    def _log_bugs_in(self, group: BaseExceptionGroup[BaseException]) -> None:
+        """Log the bugs in ``group``; re-raise the rest (cancellation, KeyboardInterrupt)."""
+        bugs, rest = group.split(Exception)
+        if bugs is not None:
+            logger.error("%s - internal error in connection task", self.stream.peer, exc_info=bugs)
+        if rest is not None:
+            raise rest from None
 
     async def _release(self) -> None:
         """This task is done with the connection: close it if no other task needs it."""
@@ -215,8 +217,9 @@ class HTTPConnection(HTTP1Body):
         config = self.state.config
         conn = self.parser
         metrics = self.state.metrics
-        # (Counted: whether the next request reuses the connection, i.e. follows another.)
-        reused = metrics is not None and not self._fresh
+        # (Counted: the connection's first request; its keep-alive reuses are derived from
+        # that, ServerMetrics.sample. Once per connection, not per request.)
+        first = metrics is not None and self._fresh
         with trio.CancelScope() as timeout:
             self._timeout_scope = timeout
             # (Below, what the keep-alive wait read: the start of the next head.)
@@ -238,10 +241,9 @@ class HTTPConnection(HTTP1Body):
                 received = b""
                 if timeout.deadline != math.inf:
                     timeout.deadline = math.inf
-                if metrics is not None:
-                    if reused:
-                        metrics.keepalive_reuses += 1
-                    reused = True
+                if first and metrics is not None:  # (just before it is admitted or refused)
+                    metrics.first_requests += 1
+                    first = False
                 reusable = await self._handle_request(*head, tasks)
                 # (Not kept while the connection waits for its next request: the last
                 # request's event and header list, ~0.6 KiB per idle connection.)
@@ -257,8 +259,9 @@ class HTTPConnection(HTTP1Body):
 
     async def _read_head(
         self, timeout: trio.CancelScope, header_timeout: float, received: bytes
-    ) -> tuple[h11.Request, list[tuple[bytes, bytes]]] | None:
-        """Return the next request and its header list, or None when the connection should
+    ) -> tuple[h11.Request, list[tuple[bytes, bytes]], bool] | None:
+        """Return the next request, its header list and whether it has an ``Upgrade`` field
+        (``protocol.http1_messages.screen_request``), or None when the connection should
         end, or None with ``idle`` set when nothing has arrived yet: the caller then waits
         for the next request under the keep-alive timeout.
 
@@ -318,16 +321,16 @@ class HTTPConnection(HTTP1Body):
             if type(event) is h11.Request:
                 headers = header_list(event)  # one pass over h11's Headers per request
                 config = self.state.config
-                problem = check_request(
+                screened = screen_request(
                     event,
                     max_head_size=config.h11_max_incomplete_event_size,
                     headers=headers,
                     max_body_size=config.limit_request_body,
                 )
-                if problem is not None:
-                    await self._reject(*problem, method=event.method)
+                if type(screened) is not bool:
+                    await self._reject(*screened, method=event.method)
                     return None
-                return event, headers
+                return event, headers, screened
             # ConnectionClosed (clean EOF between requests) or PAUSED after an error.
             return None
 
@@ -361,9 +364,12 @@ class HTTPConnection(HTTP1Body):
         self,
         request: h11.Request,
         headers: list[tuple[bytes, bytes]],
+        has_upgrade: bool,
         tasks: trio.Nursery,
     ) -> bool:
-        """Run one request to response completion; True if the connection can be reused."""
+        """Run one request to response completion; True if the connection can be reused.
+
+        ``has_upgrade``: the request has an ``Upgrade`` field (see :meth:`_read_head`)."""
         state = self.state
         # A WebSocket session is one app call like a request: --limit-concurrency answers
         # its upgrade with 503 too, and --limit-max-requests counts its handshake. (Admitted
@@ -378,7 +384,7 @@ class HTTPConnection(HTTP1Body):
             await self.answer_and_close(503, method=request.method)
             return False
         config = state.config
-        upgrade = upgrade_offered(request, headers) if config.ws != "none" or config.http2 else None
+        upgrade = upgrade_offered(request, headers) if has_upgrade else None
         if upgrade is not None:
             if upgrade == b"websocket" and config.ws != "none":
                 return await self._upgrade(request, headers)
@@ -396,6 +402,7 @@ class HTTPConnection(HTTP1Body):
             ResponseWriter(parser, method, state.response_headers(), state.response_heads),
             method,
             parser.they_are_waiting_for_100_continue,
+            True,  # (the writer's Date header was just read from the clock: the start)
         )
 
         # The app is called in this task; only if it waits for anything (I/O, a lock, a
@@ -412,7 +419,7 @@ class HTTPConnection(HTTP1Body):
             self._holders += 1  # (released by the new task; this one's by run())
             tasks.start_soon(self._continue_serving, cycle, tasks, name=_CONTINUE_TASK_NAME)
 
-        detached = await run_until_first_wait(cycle.run(), contextvars.copy_context(), move_on)
+        detached = await UntilFirstWait(cycle.run(), contextvars.copy_context(), move_on)
         if detached:
             return False  # this task only ran the app; the new one serves the connection
         # The request's one trip through the scheduler: other connections run before this
@@ -429,7 +436,7 @@ class HTTPConnection(HTTP1Body):
         (see :meth:`run`). ``cycle`` is never None: it is typed so only to be dropped once
         the response is complete (mypyc compiles no ``del`` of a coroutine's local).
         """
-        with self._bugs_logged():
+        try:
             try:
                 assert cycle is not None
                 reusable = await self._after_response(cycle)
@@ -439,6 +446,10 @@ class HTTPConnection(HTTP1Body):
                     await self._serve_requests(tasks)
             finally:
                 await self._release()
+        except Exception:
+            self._log_bug()
+        except BaseExceptionGroup as group:
+            self._log_bugs_in(group)
 
     async def _after_response(self, cycle: RequestCycle) -> bool:
         """Wait for ``cycle`` 's response to complete; True if the connection can be reused."""

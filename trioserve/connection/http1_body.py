@@ -156,12 +156,13 @@ class HTTP1Body:
                         return DISCONNECT
                 continue
             if type(event) is h11.Data:
+                body = data_of(event)
                 limit = self.state.config.limit_request_body
                 if limit:
                     # What crosses --limit-request-body never reaches the app. (A chunked
                     # body is counted here; a larger Content-Length got 413 before the app
                     # was called, from check_request.)
-                    self._body_received += len(data_of(event))
+                    self._body_received += len(body)
                     if self._body_received > limit:
                         return self._peer_error(
                             h11.RemoteProtocolError(
@@ -178,10 +179,10 @@ class HTTP1Body:
                     following = exc
                 if type(following) is h11.EndOfMessage:
                     self.body_done = True
-                    return {"type": "http.request", "body": data_of(event), "more_body": False}
+                    return {"type": "http.request", "body": body, "more_body": False}
                 if following is not h11.NEED_DATA:
                     self._pending = following
-                return {"type": "http.request", "body": data_of(event), "more_body": True}
+                return {"type": "http.request", "body": body, "more_body": True}
             if type(event) is h11.EndOfMessage:
                 self.body_done = True
                 return {"type": "http.request", "body": b"", "more_body": False}

@@ -2,13 +2,16 @@
 
 Shape (issue 18): the connection task owns the ``h2`` state machine and runs the
 **reader**, which feeds received bytes to ``h2`` and turns its events into state changes
-of the streams, and never awaits an app. A **writer** task sends whatever ``h2`` has
+of the streams, and never waits for an app. A **writer** task sends whatever ``h2`` has
 queued, woken by :meth:`HTTP2Connection.wake_writer`; it ends when nothing is left to send
 and no stream runs, and queueing starts it again (an idle connection holds no task but
 its own, and no ``trio.Event`` nobody waits on: memory per idle connection). Each request is a
-``connection.http2_stream.HTTP2Stream`` running the same ``RequestCycle`` as HTTP/1.1, as
-a task in the connection's nursery; closing the connection cancels them all, so nothing
-outlives it.
+``connection.http2_stream.HTTP2Stream`` running the same ``RequestCycle`` as HTTP/1.1. As
+HTTP/1.1 does in its connection task, the reader calls each new stream's app itself until
+the app first waits (a response made at once costs no task); then the reader goes on in a
+new task of the connection's nursery and the app keeps the old one (``_start_streams``).
+Closing the connection cancels that nursery, so nothing outlives it. Bytes move through a
+``connection.stream.ConnectionStream``, as on HTTP/1.1.
 
 How a connection gets here: ``connection.edge`` saw ALPN ``h2`` or the prior-knowledge
 preface (``server.serve_connection``), or ``connection.http1`` answered ``Upgrade: h2c``
@@ -59,6 +62,7 @@ import trio
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from ..errors import ClientDisconnected
 from ..protocol.http2 import (
     MAX_OUTBOUND_BACKLOG,
     RequestHead,
@@ -72,11 +76,13 @@ from ..protocol.scope import ConnectionFacts, http_scope
 from .http2_stream import HTTP2Stream
 from .http2_websocket import H2WebSocket
 from .state import ServerState
+from .stream import ConnectionStream
 
 logger = logging.getLogger(__name__)
 
 RECEIVE_SIZE: Final = 64 * 1024
 WRITER_TASK: Final = "h2 writer"  # (started again after the connection was idle)
+READER_TASK: Final = "h2 reader"  # (the reader, after an app it called waited)
 _LAST_STREAM_ID: Final = 2**31 - 1
 # After the last GOAWAY: how long, and how many bytes, to read and drop before the close.
 LINGER_TIMEOUT: Final = 1.0
@@ -97,6 +103,15 @@ class HTTP2Connection:
             (``ServerState.admit``), which stream 1 takes over.
     """
 
+    # (Slots: every idle connection holds one; a dict of this many attributes is 1.5 KiB.)
+    __slots__ = tuple(
+        """_backlog_low _budget _closing _head_started _idle _last_stream_id _outbox _read_over
+        _read_scope _reader_turn _received _stopped _to_start _unread _unsent _upgrade_admitted
+        _upgrade_head _upgrade_settings _window_opened _writer_done _writer_exited _writer_wake
+        broken draining facts h2 io nursery peer running state stream streams
+        websockets""".split()  # noqa: SIM905
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -109,6 +124,13 @@ class HTTP2Connection:
         upgrade_admitted: bool = False,
     ) -> None:
         self.stream = stream
+        # Reads and writes go through a ConnectionStream, as on HTTP/1.1: on a plain socket
+        # straight to the descriptor (no coroutine wrappers parked while idle, one
+        # vectored write of what is queued instead of a join and send_all), and the bytes
+        # are counted for /metrics there.
+        self.io = ConnectionStream(
+            stream, state.read_buffer, facts, self._write_broke, state.metrics
+        )
         self.state = state
         self.facts = facts
         self.peer = facts.peer
@@ -118,10 +140,10 @@ class HTTP2Connection:
         self._upgrade_admitted = upgrade_admitted
         self.h2: h2.connection.H2Connection = h2_connection(state.config)
         self.streams: dict[int, HTTP2Stream] = {}
-        self.websockets: set[H2WebSocket] = set()  # (drain() closes them with 1012)
+        self.websockets: set[H2WebSocket] | None = None  # (drain() closes them with 1012)
         # Streams whose task still runs, reset or not: what counts against the limit.
         self.running = 0
-        self.window_opened = trio.Event()
+        self._window_opened: trio.Event | None = None  # (made when a send() waits for window)
         self._writer_wake: trio.Event | None = None  # (made by the writer when it waits)
         # Events made only when a task waits on them (an idle connection holds none).
         self._backlog_low: trio.Event | None = None
@@ -130,7 +152,7 @@ class HTTP2Connection:
         self._outbox: list[bytes] = []
         self._unsent = 0  # bytes in the outbox and in the write under way
         self._head_started: float | None = None  # a header block began, not yet ended
-        self._budget = ResetBudget()
+        self._budget: ResetBudget | None = None  # (made at the first reset)
         self._closing = False
         self.draining = False
         self._last_stream_id = 0
@@ -138,6 +160,10 @@ class HTTP2Connection:
         self.broken = False  # the transport failed: nothing more can be sent
         self._read_scope: trio.CancelScope | None = None
         self._stopped = False
+        self._to_start: list[HTTP2Stream] = []  # opened streams whose apps the reader calls next
+        self._reader_turn = 0  # counts hand-overs of the reader to a new task (_move_reader)
+        self._read_over = False  # the connection ends: start what is opened, read no more
+        self._unread = b""  # the rest of a large read, for h2 after a yield
         self._writer_exited = False
         self._writer_done: trio.Event | None = None
 
@@ -153,10 +179,7 @@ class HTTP2Connection:
             async with trio.open_nursery() as nursery:
                 self._start(nursery)
                 nursery.start_soon(self._write_loop, name=WRITER_TASK)
-                try:
-                    await self._read_loop()
-                finally:
-                    await self._flush_and_stop(nursery)
+                await self._read(self._received)
         except Exception:
             logger.exception("%s - internal error in HTTP/2 connection task", self.peer)
         finally:
@@ -185,7 +208,7 @@ class HTTP2Connection:
         if self.draining:
             return
         self.draining = True
-        for session in list(self.websockets):
+        for session in list(self.websockets or ()):
             session.drain()  # (a Close with 1012, as on HTTP/1.1)
         frame = GoAwayFrame(0)
         frame.last_stream_id = _LAST_STREAM_ID
@@ -241,20 +264,43 @@ class HTTP2Connection:
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _read(self, data: bytes) -> None:
+        """The reader, in whichever task holds it (the connection's at first; another one
+        after an app it called waited: :meth:`_move_reader`), which closes the connection."""
+        turn = self._reader_turn
+        try:
+            await self._read_loop(data, turn)
+        finally:
+            if self._reader_turn == turn:  # (not handed over: reading ended in this task)
+                for stream in self._to_start:  # (cancelled before their apps were called)
+                    stream.abandon()
+                self._to_start = []
+                await self._flush_and_stop(self.nursery)
+
+    async def _read_loop(self, data: bytes, turn: int) -> None:
         config = self.state.config
-        # (Bytes for /metrics: what was read here, and what connection.edge read first; an
-        # h2c upgrade's first bytes were read, and counted, by its HTTP/1.1 stream.)
+        # (/metrics: what connection.edge read first; self.io counts the rest. An h2c
+        # upgrade's bytes were counted by its HTTP/1.1 stream.)
         metrics = self.state.metrics
-        data: bytes | bytearray = self._received
-        if metrics is not None and self._upgrade_settings is None:
+        if metrics is not None and turn == 0 and self._upgrade_settings is None:
             metrics.received_bytes += len(data)
         while True:
+            if len(data) > RECEIVE_SIZE:  # (fair: h2 takes a large read in parts, yielding)
+                data, self._unread = data[:RECEIVE_SIZE], data[RECEIVE_SIZE:]
             if data and not self._receive(data):
-                return
-            if self.draining and not self.running:
+                self._read_over = True
+            if self._to_start:
+                await self._start_streams(turn)
+                if self._reader_turn != turn:
+                    return  # (an app waited: the reader, and _unread, went on in another task)
+            if self._read_over or (self.draining and not self.running):
                 return
             await self.wait_backlog_below()
+            if self.broken:  # (a write failed: the peer is gone, what it sent is moot)
+                return
+            if self._unread:
+                data, self._unread = self._unread, b""
+                continue
             now = trio.current_time()
             deadline = now + config.timeout_keep_alive if not self.running else math.inf
             head_deadline = self._head_deadline(now)
@@ -263,9 +309,7 @@ class HTTP2Connection:
             with trio.move_on_at(deadline) as waited:
                 self._read_scope = waited
                 try:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+                    data = await self.io.receive()  # (b"" once the peer is gone)
                 finally:
                     self._read_scope = None
             if waited.cancelled_caught:
@@ -279,8 +323,20 @@ class HTTP2Connection:
             if not data:
                 self.broken = True
                 return
-            if metrics is not None:
-                metrics.received_bytes += len(data)
+
+    async def _start_streams(self, turn: int) -> None:
+        """Call the apps of the streams just opened, in order, in this task (the reader's),
+        each until it first waits: a response made at once costs no task (as on HTTP/1.1).
+        When an app waits for anything, the reader first moves on in a new task
+        (:meth:`_move_reader`), so no stream ever stalls the reading of the others."""
+        while self._to_start and self._reader_turn == turn:
+            stream = self._to_start.pop(0)
+            await stream.run(self._move_reader)
+
+    def _move_reader(self) -> None:
+        """An app the reader called is about to wait: the reader goes on in a new task."""
+        self._reader_turn += 1
+        self.nursery.start_soon(self._read, b"", name=READER_TASK)
 
     def _head_deadline(self, now: float) -> float:
         """When the header block under way must be complete (``--timeout-request-header``,
@@ -330,8 +386,14 @@ class HTTP2Connection:
         self.wake_writer()
         return True
 
+    def _spend_budget(self) -> bool:
+        """Count a reset in the budget (rapid reset, MadeYouReset); False when it is spent."""
+        if self._budget is None:
+            self._budget = ResetBudget()
+        return self._budget.spend(trio.current_time())
+
     def _spend_reset(self) -> bool:
-        if self._budget.spend(trio.current_time()):
+        if self._spend_budget():
             return True
         logger.info("%s - too many HTTP/2 stream resets, closing (rapid reset)", self.peer)
         self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=self._last_stream_id)
@@ -368,6 +430,8 @@ class HTTP2Connection:
         tunnel = head.protocol is not None  # an extended CONNECT (RFC 8441): a WebSocket
         scope = {} if tunnel else self._scope(head)
         stream = HTTP2Stream(self, stream_id, head.method, scope, body_ended=ended)
+        if not admitted and state.metrics is not None:
+            state.metrics.h2_streams += 1  # (not a keep-alive reuse: ServerMetrics.sample)
         if not admitted and not state.admit():  # (released by its RequestCycle or H2WebSocket)
             logger.warning(
                 "%s - concurrency limit %s reached, answering 503 on stream %d",
@@ -384,17 +448,20 @@ class HTTP2Connection:
         self.streams[stream_id] = stream
         if tunnel:
             session = H2WebSocket(stream, head, self.facts)
+            if self.websockets is None:
+                self.websockets = set()
             self.websockets.add(session)
             self.nursery.start_soon(self._run_websocket, session, name=f"h2 websocket {stream_id}")
         else:
-            self.nursery.start_soon(stream.run, name=f"h2 stream {stream_id}")
+            self._to_start.append(stream)  # (the reader calls its app: _start_streams)
 
     async def _run_websocket(self, session: H2WebSocket) -> None:
         """A WebSocket stream's task (it ends the stream and frees its places itself)."""
         try:
             await session.run()
         finally:
-            self.websockets.discard(session)
+            if self.websockets is not None:
+                self.websockets.discard(session)
 
     def _scope(self, head: RequestHead) -> dict[str, Any]:
         """The ``http`` scope of a stream: HTTP/1.1's, with ``http_version`` "2" (and the
@@ -419,7 +486,7 @@ class HTTP2Connection:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.reset_stream(stream_id, code)
         self.wake_writer()
-        if not self._closing and not self._budget.spend(trio.current_time()):
+        if not self._closing and not self._spend_budget():
             logger.info("%s - too many HTTP/2 stream resets, closing", self.peer)
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
@@ -462,8 +529,15 @@ class HTTP2Connection:
 
     def open_windows(self) -> None:
         """Wake every send() waiting for flow-control window (they re-check theirs)."""
-        self.window_opened.set()
-        self.window_opened = trio.Event()
+        if self._window_opened is not None:
+            self._window_opened.set()
+            self._window_opened = None
+
+    async def wait_window_opened(self) -> None:
+        """Wait for the next WINDOW_UPDATE, SETTINGS change or reset (:meth:`open_windows`)."""
+        if self._window_opened is None:
+            self._window_opened = trio.Event()
+        await self._window_opened.wait()
 
     async def wait_backlog_below(self, bound: int = MAX_OUTBOUND_BACKLOG) -> None:
         """Wait while more than ``bound`` bytes wait to be sent (bounded memory)."""
@@ -486,7 +560,7 @@ class HTTP2Connection:
                 self._writer_done.set()
 
     async def _write_until_stopped(self) -> None:
-        metrics = self.state.metrics  # (counts the bytes sent, for /metrics)
+        io = self.io
         while True:
             if self._stopped or self._outbox:
                 await trio.lowlevel.checkpoint()  # (streams may add to the batch)
@@ -500,23 +574,27 @@ class HTTP2Connection:
             if pending:
                 self._outbox.append(pending)
                 self._unsent += len(pending)
-            if not self._outbox:
+            outbox = self._outbox
+            if not outbox:
                 if self._stopped:
                     return
                 continue
-            data = b"".join(self._outbox) if len(self._outbox) > 1 else self._outbox[0]
             self._outbox = []
+            size = self._unsent
             try:
-                await self.stream.send_all(data)
-                if metrics is not None:
-                    metrics.sent_bytes += len(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.broken = True
+                # (One vectored write of the pieces on a plain socket: no join.)
+                await io.write(outbox if len(outbox) > 1 else outbox[0])
+            except ClientDisconnected:
+                self._write_broke()
                 for stream in self.streams.values():
                     stream.was_reset()
                 return
             finally:
-                self._unsent -= len(data)
+                self._unsent -= size
                 if self._backlog_low is not None:
                     self._backlog_low.set()
                     self._backlog_low = None
+
+    def _write_broke(self) -> None:
+        """A write failed or was interrupted midway: nothing more can be sent."""
+        self.broken = True

@@ -45,7 +45,7 @@ from ..protocol.response_heads import (
     parse_body,
     validate_headers,
 )
-from .request_cycle import DISCONNECT, CycleView, RequestCycle, run_until_first_wait
+from .request_cycle import DISCONNECT, CycleView, RequestCycle, UntilFirstWait
 from .state import ServerState
 from .stream import FILE_PIECE_BYTES
 
@@ -64,7 +64,6 @@ class StreamOwner(Protocol):
     peer: str
     broken: bool
     draining: bool
-    window_opened: trio.Event
     nursery: trio.Nursery
 
     def wake_writer(self) -> None: ...
@@ -72,6 +71,7 @@ class StreamOwner(Protocol):
     def reset_stream(self, stream_id: int, code: ErrorCodes) -> None: ...
     def stream_exited(self, stream: HTTP2Stream) -> None: ...
     def open_windows(self) -> None: ...
+    async def wait_window_opened(self) -> None: ...
     async def wait_backlog_below(self) -> None: ...
 
 
@@ -227,6 +227,14 @@ class HTTP2Stream:
 
     closing = False  # (RequestChannel: HTTP/2 has no Connection: close)
     body_error: int | None = None
+    # (What most streams never change stays a class attribute: a stream is made per request.)
+    reset = False  # the client reset the stream, or the connection ended
+    _changed: trio.Event | None = None  # made when a task waits (wait_changed)
+    _told_end = False  # receive_body() has returned more_body=False
+    _head_sent = False
+    _ended = False  # our side of the stream is closed (END_STREAM sent)
+    _more_file = False  # write_file() has more of the file to come
+    _received = 0  # request body bytes handed to the app
 
     def __init__(
         self,
@@ -245,13 +253,6 @@ class HTTP2Stream:
         self.encoder = H2ResponseEncoder(conn.state.response_heads, method, self._send_hint)
         self._body: list[bytes] = []
         self.body_ended = body_ended  # (the request's HEADERS frame ended the stream)
-        self.reset = False  # the client reset the stream, or the connection ended
-        self.changed = trio.Event()  # body arrived, stream ended or reset, response done
-        self._told_end = False  # receive_body() has returned more_body=False
-        self._head_sent = False
-        self._ended = False  # our side of the stream is closed (END_STREAM sent)
-        self._more_file = False  # write_file() has more of the file to come
-        self._received = 0  # request body bytes handed to the app
 
     # -- ResponseStream (the cycle writes through these) -----------------------------------
 
@@ -276,14 +277,19 @@ class HTTP2Stream:
         allow, then the end of the stream (with the trailers) once the encoder says the
         response is complete. ClientDisconnected when the stream was reset."""
         encoder = self.encoder
-        body = data if isinstance(data, bytes) else b"".join(data)
+        body = data if isinstance(data, bytes) or len(data) > 1 else data[0]
         end = encoder.complete and not self._more_file
         trailers = encoder.trailer_fields if end else None
         try:
+            head_ends = not self._head_sent and end and not body and not trailers
+            data_follows = bool(body) or (
+                end and not trailers and not self._ended and not head_ends
+            )
             if not self._head_sent:
+                # (The head leaves with the DATA that follows: _send_data wakes the writer.)
                 status = encoder.status or 500
-                self._send_head(status, encoder.headers, end and not body and not trailers)
-            if body or (end and not trailers and not self._ended):
+                self._send_head(status, encoder.headers, head_ends, wake=not data_follows)
+            if data_follows:
                 await self._send_data(body, end_stream=end and not trailers)
             if trailers:
                 self.conn.h2.send_headers(self.stream_id, trailers, end_stream=True)
@@ -295,7 +301,7 @@ class HTTP2Stream:
             self._signal()  # (a receive_body() waiting for the end of the response)
             # The writer sends it once this task waits; a response that ends here need
             # not wait for that (as on HTTP/1.1: no trip through the scheduler, so an app
-            # that answers at once costs no second task, run_until_first_wait). Still a
+            # that answers at once costs no second task, UntilFirstWait). Still a
             # cancellation point, as a write is.
             await trio.lowlevel.checkpoint_if_cancelled()
         else:
@@ -330,28 +336,45 @@ class HTTP2Stream:
             self.conn.h2.send_headers(self.stream_id, [(b":status", b"103"), *fields])
             self.conn.wake_writer()
 
-    def _send_head(self, status: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+    def _send_head(
+        self, status: int, headers: list[tuple[bytes, bytes]], end: bool, *, wake: bool = True
+    ) -> None:
         fields = response_header_list(status, [*self.state.response_headers(), *headers])
         self.conn.h2.send_headers(self.stream_id, fields, end_stream=end)
         self._head_sent = True
         self._ended = end
-        self.conn.wake_writer()
+        if wake:
+            self.conn.wake_writer()
 
-    async def _send_data(self, body: bytes, *, end_stream: bool) -> None:
-        """Queue ``body`` as DATA frames as the stream's and the connection's windows
-        allow, waiting for WINDOW_UPDATE or SETTINGS when they are closed. A client that
-        never opens them gets the stream reset after ``SEND_WINDOW_TIMEOUT``.
+    async def _send_data(self, body: bytes | list[bytes], *, end_stream: bool) -> None:
+        """Queue ``body`` (bytes, or pieces sent back to back) as DATA frames as the
+        stream's and the connection's windows allow, waiting for WINDOW_UPDATE or SETTINGS
+        when they are closed. A client that never opens them gets the stream reset after
+        ``SEND_WINDOW_TIMEOUT``.
 
         Frames are queued in batches of up to :data:`SEND_BATCH_BYTES` (as many frames
         of the client's ``SETTINGS_MAX_FRAME_SIZE`` as the windows allow) before the
         writer is woken and this task yields: one write of the socket per batch, not
         per 16 KiB frame. Between batches the outbound backlog bound applies, so what
-        one stream adds past it is at most one batch.
+        one stream adds past it is at most one batch. Pieces of a frame's size or more
+        (a streamed body the request cycle coalesced) are framed where they lie, not
+        joined into a copy first.
         """
         conn = self.conn
         h2_conn = conn.h2
         stream_id = self.stream_id
-        view = memoryview(body)
+        frame_size = h2_conn.max_outbound_frame_size
+        # (h2 copies a memoryview into the frame; a whole bytes object it takes as it is.)
+        views: list[bytes | memoryview]
+        if isinstance(body, bytes):
+            views = [body]
+        else:
+            body = [piece for piece in body if piece]
+            if len(body) > 1 and min(map(len, body)) >= frame_size:
+                views = list(reversed(body))  # (popped from the end)
+            else:  # (small pieces: one frame for several)
+                views = [body[0] if len(body) == 1 else b"".join(body)]
+        view = views.pop()  # (views: the pieces after this one, last first)
         while True:
             if self.reset or conn.broken:
                 raise ClientDisconnected(f"{conn.peer} reset stream {stream_id}")
@@ -361,12 +384,17 @@ class HTTP2Stream:
                 size = min(window, h2_conn.max_outbound_frame_size, len(view))
                 if size <= 0 and view:
                     break  # (no window left)
-                last = size == len(view)
-                # (h2 copies a memoryview into the frame: no slice copy of our own)
-                h2_conn.send_data(stream_id, view[:size], end_stream=end_stream and last)
+                last = size == len(view) and not views
+                if size == len(view):
+                    chunk, view = view, b""
+                else:  # (a slice of a memoryview: no copy of our own)
+                    view = view if isinstance(view, memoryview) else memoryview(view)
+                    chunk, view = view[:size], view[size:]
+                h2_conn.send_data(stream_id, chunk, end_stream=end_stream and last)
                 self._ended = end_stream and last
-                view = view[size:]
                 queued += size
+                if not view and views:
+                    view = views.pop()
                 if not view or queued >= SEND_BATCH_BYTES:
                     break
             if queued or not view:
@@ -375,8 +403,9 @@ class HTTP2Stream:
                     return
                 await conn.wait_backlog_below()
                 continue
+            conn.wake_writer()  # (what was queued before, the head perhaps, leaves now)
             with trio.move_on_after(SEND_WINDOW_TIMEOUT) as waited:
-                await conn.window_opened.wait()
+                await conn.wait_window_opened()
             if waited.cancelled_caught:
                 logger.info(
                     "%s - stream %d: no flow-control window for %.0fs, resetting",
@@ -420,11 +449,11 @@ class HTTP2Stream:
                 self._told_end = True
                 return {"type": "http.request", "body": b"", "more_body": False}
             if self.body_ended:
-                await self.changed.wait()
+                await self.wait_changed()
                 continue
             timeout = config.timeout_request_body or math.inf
             with trio.move_on_after(timeout) as waited:
-                await self.changed.wait()
+                await self.wait_changed()
             if waited.cancelled_caught and not cycle.done:
                 return self._body_failed(408, f"nothing received for {timeout:g} s")
 
@@ -513,26 +542,36 @@ class HTTP2Stream:
         self.conn.open_windows()  # (a write waiting for window sees the reset)
 
     def _signal(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_changed(self) -> None:
+        """Wait until body arrives, the stream ends or is reset, or the response is done."""
+        if self._changed is None:
+            self._changed = trio.Event()
+        await self._changed.wait()
 
     # -- the stream's task ------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, on_first_wait: Callable[[], None]) -> None:
         """Run the request cycle (admitted by the connection; the cycle releases it).
 
-        As on HTTP/1.1 the app runs in this task, and streamed chunks it sends back to back
-        are coalesced: if the app waits for anything, a second task writes what it left
-        buffered (``RequestCycle.flush_until_done``). A response the cycle aborted after its
-        head left is reset (INTERNAL_ERROR): the client must not take it as complete.
+        The connection's reader calls this: the app runs in the reader's task until it
+        first waits, when ``on_first_wait()`` moves the reader to a new task; this task then
+        stays with the app. As on HTTP/1.1, streamed chunks the app sends back to back are
+        coalesced: once the app waits for anything, another task writes what it left
+        buffered (``RequestCycle.flush_until_done``). A response the cycle aborted after
+        its head left is reset (INTERNAL_ERROR): the client must not take it as complete.
         """
         cycle = RequestCycle(self, self.scope, self.encoder, self.method, False)
         try:
 
-            def flush() -> None:
+            def first_wait() -> None:
+                on_first_wait()
                 self.conn.nursery.start_soon(cycle.flush_until_done)
 
-            await run_until_first_wait(cycle.run(), contextvars.copy_context(), flush)
+            await UntilFirstWait(cycle.run(), contextvars.copy_context(), first_wait)
             if not self.reset:
                 if cycle.aborted and self._head_sent and not self._ended:
                     self.conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
@@ -547,3 +586,8 @@ class HTTP2Stream:
                 self.conn.credit(self.stream_id, sum(map(len, self._body)))
                 self._body = []
             self.conn.stream_exited(self)
+
+    def abandon(self) -> None:
+        """The connection closed before the app was called: free the stream's places."""
+        self.state.release()  # (admitted by the connection; a cycle would have released it)
+        self.conn.stream_exited(self)

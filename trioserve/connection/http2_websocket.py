@@ -83,7 +83,7 @@ class StreamBytes:
             data = b"" if stream.reset else stream.take_data()
             if data or stream.reset or stream.body_ended:
                 break
-            await stream.changed.wait()
+            await stream.wait_changed()
             waited = True
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()

@@ -335,9 +335,11 @@ def local_address(stream: trio.abc.Stream) -> tuple[str, int | None]:
     if not isinstance(stream, trio.SocketStream):
         return MEMORY_SERVER
     name = stream.socket.getsockname()  # (still answers after the peer's reset)
-    if stream.socket.family == socket.AF_UNIX:
-        return (name.decode() if isinstance(name, bytes) else str(name)), None
-    return name[0], name[1]
+    # (The address's shape tells the family: a socket's family attribute converts to an
+    # enum on every read, which costs more than the system call.)
+    if isinstance(name, tuple):  # AF_INET (host, port), AF_INET6 (host, port, flow, scope)
+        return name[0], name[1]
+    return (name.decode() if isinstance(name, bytes) else str(name)), None
 
 
 class MemoryListener(trio.abc.Listener[trio.abc.HalfCloseableStream]):

@@ -115,6 +115,10 @@ class ServerState:
         metrics: the server's counters for ``/metrics`` (``trioserve.metrics``), or None
             when it does not count (``Config.collects_metrics``): every hook in the
             connection code is one ``if metrics is not None``.
+        date_clock: the wall clock as :meth:`response_headers` last read it for the Date
+            header: on HTTP/1.1, the start of the request being set up
+            (``connection.request_cycle.RequestCycle`` takes it, instead of a clock read
+            of its own, for the duration histogram).
     """
 
     __slots__ = (
@@ -127,6 +131,7 @@ class ServerState:
         "app",
         "config",
         "connections",
+        "date_clock",
         "default_headers",
         "draining",
         "edge",
@@ -172,17 +177,20 @@ class ServerState:
         self._date_second = -1
         self._date_value = b""
         self._date_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.date_clock = 0.0
         self.access_log = config.access_log
         # --log-level trace, decided once (message_trace): the connection code checks only
         # this, once per connection.
         self.trace = tracing_enabled()
         self.metrics = (
-            ServerMetrics(self.connections, lambda: self.active_requests)
+            ServerMetrics(
+                self.connections, lambda: self.active_requests, lambda: self.total_requests
+            )
             if config.collects_metrics
             else None
         )
         # TLS context, trusted proxies, PROXY protocol (reads the TLS files: ConfigError).
-        self.edge = EdgeSettings(config, self.metrics)
+        self.edge = EdgeSettings(config, self.metrics, self.read_buffer)
         self.access_template = (
             compile_access_format(config.access_log_format)
             if config.access_log_format is not None
@@ -193,7 +201,7 @@ class ServerState:
         """Default headers for a response starting now (Date cached once a second)."""
         if not self.config.date_header:
             return self.default_headers
-        now = time.time()
+        now = self.date_clock = time.time()  # (an HTTP/1.1 request's start: RequestCycle)
         second = int(now)
         if second != self._date_second:
             self._date_second = second
@@ -216,19 +224,11 @@ class ServerState:
         limit = self.config.limit_concurrency
         if limit is not None and self.active_requests >= limit:
             return False
-        self.count_request()
         self.active_requests += 1
-        return True
-
-    def count_request(self) -> None:
-        """Count a request; past ``--limit-max-requests`` ask the server to drain."""
         self.total_requests += 1
-        if (
-            self.max_requests is not None
-            and self.total_requests == self.max_requests
-            and self.on_max_requests is not None
-        ):
-            self.on_max_requests()
+        if self.total_requests == self.max_requests and self.on_max_requests is not None:
+            self.on_max_requests()  # (--limit-max-requests reached: drain)
+        return True
 
     def release(self) -> None:
         """An admitted app call has returned (see :meth:`admit`)."""

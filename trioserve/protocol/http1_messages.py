@@ -6,7 +6,7 @@ Theory of operation
 httptools twin, one interface: ``http1_parser.HTTPParser``); this module holds
 everything about a request/response pair that can be decided without awaiting:
 
-* :func:`header_list` and :func:`check_request` take an ``h11.Request`` apart and screen
+* :func:`header_list` and :func:`screen_request` take an ``h11.Request`` apart and screen
   it (the scope itself is built in ``protocol.scope``; :func:`build_http_scope` adapts).
 * :class:`ResponseWriter` is the response state machine. The app's ``http.response.start``
   is validated and *held*; the head leaves together with the first body chunk, and a
@@ -103,7 +103,24 @@ def check_request(
     headers: list[tuple[bytes, bytes]] | None = None,
     max_body_size: int = 0,
 ) -> tuple[int, str] | None:
-    """Reject what h11 lets through: return ``(status, reason)`` or None when acceptable.
+    """Reject what h11 lets through: return ``(status, reason)`` or None when acceptable
+    (see :func:`screen_request`)."""
+    result = screen_request(
+        request, max_head_size=max_head_size, headers=headers, max_body_size=max_body_size
+    )
+    return None if type(result) is bool else result
+
+
+def screen_request(
+    request: h11.Request,
+    *,
+    max_head_size: int,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    max_body_size: int = 0,
+) -> tuple[int, str] | bool:
+    """Reject what h11 lets through: return ``(status, reason)``; or, when the request is
+    acceptable, whether it has an ``Upgrade`` field (then :func:`upgrade_offered` tells what
+    it asks for: the common request, without one, is looked at once).
 
     * Content-Length together with Transfer-Encoding (RFC 9112 §6.3: "ought to be handled as
       an error"; h11 silently prefers chunked), and Transfer-Encoding in an HTTP/1.0 request
@@ -124,13 +141,15 @@ def check_request(
         return 501, "CONNECT is not supported"
     size = len(request.method) + len(request.target) + 12
     content_length: bytes | None = None
-    transfer_encoding = False
+    transfer_encoding = upgrade = False
     for name, value in header_list(request) if headers is None else headers:
         size += len(name) + len(value) + 4
         if name == b"content-length":
             content_length = value
         elif name == b"transfer-encoding":
             transfer_encoding = True
+        elif name == b"upgrade":
+            upgrade = True
     if size > max_head_size:
         return 431, f"request head larger than {max_head_size} bytes"
     if transfer_encoding:
@@ -144,7 +163,7 @@ def check_request(
             f"request body too large: Content-Length {int(content_length)} over the "
             f"{max_body_size}-byte --limit-request-body"
         )
-    return None
+    return upgrade
 
 
 def head_has_obs_fold(buffer: bytes) -> bool:
@@ -355,10 +374,11 @@ class ResponseWriter:
         # A first body that already contradicts the declared length fails here, before
         # the head goes to the parser: it is unsent, so the client still gets a clean 500
         # (handed to the parser, it could never be replaced by one).
-        if fields.declared is not None and not self._no_body:
-            mismatch = _length_mismatch(len(body), fields.declared, more_body)
-            if mismatch is not None:
-                raise AppProtocolError(mismatch)
+        declared = fields.declared
+        if declared is not None and not self._no_body:
+            sent = len(body)
+            if sent > declared or (sent < declared and not more_body):  # (no call if it fits)
+                raise AppProtocolError(_length_mismatch(sent, declared, more_body) or "")
         # A complete body in one message: declare its length instead of chunking. For HEAD
         # that is the length a GET would have had (RFC 9110 §9.3.2).
         add_length = (
@@ -420,10 +440,14 @@ class ResponseWriter:
         Raises:
             AppProtocolError: as :meth:`body`.
         """
-        if self.state is _WAITING:
-            raise AppProtocolError("'http.response.body' sent before 'http.response.start'")
-        if self.state is _COMPLETE:
-            raise AppProtocolError("'http.response.body' sent after the response completed")
+        state = self.state
+        if state is not _STREAMING:  # (one check for every chunk after the first)
+            if state is _WAITING:
+                raise AppProtocolError("'http.response.body' sent before 'http.response.start'")
+            if state is _COMPLETE:
+                raise AppProtocolError("'http.response.body' sent after the response completed")
+            if state is _TRAILERS:
+                raise AppProtocolError("response body sent after its last message")
         body: Any
         if region is None:
             body = message.get("body", b"")
@@ -436,13 +460,11 @@ class ResponseWriter:
             body, more_body = region, False
         conn = self._conn
         pieces: list[Any]
-        if self.state is _STARTED:
+        if state is _STARTED:
             pieces = self._head(body, more_body)  # may raise before anything is written
             self.state = _STREAMING
             self.started = True
         else:
-            if self.state is _TRAILERS:
-                raise AppProtocolError("response body sent after its last message")
             pieces = []
         if self._no_body:
             body = b""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from ..config import Config
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PREFACE_FIRST: Final = PREFACE[0]
 
 # RFC 9113 §8.2.2: fields that only mean something to one HTTP/1.1 connection. A request
 # carrying one is malformed; a response field with one of these names is dropped.
@@ -141,20 +143,39 @@ class _Decoder(hpack.Decoder):
 
 
 class _Values(list[int]):
-    """A setting's values, current first, then those sent and not yet acknowledged.
-
-    h2 keeps them in a ``collections.deque``: about 760 bytes however few values it holds,
-    and an idle connection holds two ``Settings`` of five to nine of them (over 10 KiB,
-    more than an idle HTTP/1.1 connection costs in all). A list of one value is 64 bytes;
-    ``popleft`` is all of deque that h2 uses beyond a list's methods.
-    """
+    """A setting's values while a change is in flight: current first, then those sent and
+    not yet acknowledged (h2 keeps them in a ``collections.deque``, about 760 bytes
+    however few values it holds; ``popleft`` is all of deque that h2 uses beyond a
+    list's methods)."""
 
     def popleft(self) -> int:
         return self.pop(0)
 
 
+@functools.lru_cache(maxsize=256)
+def _shared_values(items: tuple[tuple[int, int], ...]) -> dict[int, tuple[int]]:
+    """One settings table per distinct set of current values, shared by every connection
+    that holds it and never mutated (a memo of a pure function: the per-process sharing
+    of an immutable value). Bounded: a client varying its settings only evicts."""
+    return {key: (value,) for key, value in items}
+
+
 class _Settings(h2.settings.Settings):
-    """``h2.settings.Settings`` keeping each setting's values in a :class:`_Values`."""
+    """``h2.settings.Settings`` whose table is shared while no change is in flight.
+
+    h2 keeps, per connection and for each side, a dict of a deque per setting (two
+    ``Settings`` of five to nine settings: over 10 KiB, more than an idle HTTP/1.1
+    connection costs in all). Here, whenever every setting has just its current value
+    (after construction and after each ``acknowledge()``), the table is a dict of 1-tuples
+    shared by all connections with the same values (:func:`_shared_values`): what h2 reads
+    of it (``[0]``, ``len``) works on a tuple. Before a change (``__setitem__``, h2's only
+    mutation besides ``acknowledge``), the table is copied into lists of this connection's
+    own. Relies on h2 4.4's table (``_settings``: per setting a sequence, the current value
+    first), as the list-based version before did; every mutation goes through the mapping
+    methods overridden here.
+    """
+
+    _shared = False  # self._settings is a _shared_values() table (copy before a change)
 
     def __init__(
         self,
@@ -162,41 +183,87 @@ class _Settings(h2.settings.Settings):
         initial_values: dict[h2.settings.SettingCodes, int] | None = None,
     ) -> None:
         super().__init__(client, initial_values)
-        for key, values in self._settings.items():
-            self._settings[key] = _Values(values)  # type: ignore[assignment]
+        self._share()
+
+    def _share(self) -> None:
+        settings = self._settings
+        if all(len(values) == 1 and values[0] is not None for values in settings.values()):
+            key = tuple((code, values[0]) for code, values in settings.items())
+            self._settings = _shared_values(key)  # type: ignore[assignment]
+            self._shared = True
+
+    def _own(self) -> None:
+        if self._shared:
+            owned: dict[Any, Any] = {
+                code: _Values(values) for code, values in self._settings.items()
+            }
+            self._settings = owned
+            self._shared = False
+
+    def acknowledge(self) -> dict[h2.settings.SettingCodes | int, h2.settings.ChangedSetting]:
+        changed = super().acknowledge()  # (mutates only a table with a change in flight)
+        self._share()
+        return changed
 
     def __setitem__(self, key: h2.settings.SettingCodes | int, value: int) -> None:
+        self._own()
         super().__setitem__(key, value)  # (a setting new to this object: a deque)
-        self._settings[key] = _Values(self._settings[key])  # type: ignore[assignment]
+
+    def __delitem__(self, key: h2.settings.SettingCodes | int) -> None:
+        self._own()
+        super().__delitem__(key)
+
+
+class _Entries(list[tuple[bytes, bytes]]):
+    """An HPACK dynamic table's entries, newest first, in a list.
+
+    ``hpack.table.HeaderTable`` keeps them in a ``collections.deque`` (about 630 bytes
+    even when empty, two per connection); a table holds a few dozen entries at most
+    (4 KiB of 32-byte overhead each), so inserting at the front costs a short memmove.
+    ``appendleft`` is all of deque that hpack uses beyond a list's methods.
+    """
+
+    def appendleft(self, entry: tuple[bytes, bytes]) -> None:
+        self.insert(0, entry)
+
+
+class _DecoderTable(hpack.table.HeaderTable):
+    """HPACK's header table (the decoder's side) with its entries in an :class:`_Entries`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dynamic_entries = _Entries()  # type: ignore[assignment]
 
 
 class _HeaderTable(hpack.table.HeaderTable):
-    """HPACK's header table with the dynamic part indexed by dicts (the encoder's side).
+    """HPACK's header table with the dynamic part indexed by a dict (the encoder's side).
 
     ``hpack.table.HeaderTable.search`` scans the dynamic table entry by entry for every
     field of every response; a table filled by fields that change (``date`` once a
     second, ``content-length``, ``etag``) holds up to ~100 entries, and the scan was the
     largest single cost of a small HTTP/2 response. Here the newest entry of each
-    (name, value) and of each name is kept in a dict by its sequence number (entries
-    ever added), from which its index follows, so a search costs two lookups. The
-    answers are the scan's: the static table first, then the newest dynamic match.
+    (name, value) and of each name is kept in one dict (keyed by the pair, and by the
+    name: a tuple and bytes never collide) by its sequence number (entries ever added),
+    from which its index follows, so a search costs two lookups. The answers are the
+    scan's: the static table first, then the newest dynamic match.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.dynamic_entries = _Entries()  # type: ignore[assignment]
         self._added = 0  # entries ever added: the newest has sequence number _added - 1
-        self._fields: dict[tuple[bytes, bytes], int] = {}  # newest sequence number
-        self._names: dict[bytes, int] = {}
+        self._index: dict[tuple[bytes, bytes] | bytes, int] = {}  # newest sequence number
 
     def add(self, name: bytes, value: bytes) -> None:
         # Counted first: _shrink, which add() calls, works out sequence numbers from it.
         seq = self._added
         self._added += 1
-        self._fields[name, value] = seq
-        self._names[name] = seq
+        index = self._index
+        index[name, value] = seq
+        index[name] = seq
         super().add(name, value)
         if not self.dynamic_entries:  # (an entry larger than the table empties it)
-            self._forget_all()
+            index.clear()
 
     def search(self, name: bytes, value: bytes) -> tuple[int, bytes, bytes | None] | None:
         partial = None
@@ -207,11 +274,11 @@ class _HeaderTable(hpack.table.HeaderTable):
                 return index, name, value
             partial = (static[0], name, None)
         newest = self._added + self.STATIC_TABLE_LENGTH  # (the index of sequence number s
-        seq = self._fields.get((name, value))  #  is newest - s: the table is 1-based)
+        seq = self._index.get((name, value))  #  is newest - s: the table is 1-based)
         if seq is not None:
             return newest - seq, name, value
         if partial is None:
-            seq = self._names.get(name)
+            seq = self._index.get(name)
             if seq is not None:
                 return newest - seq, name, None
         return partial
@@ -219,21 +286,18 @@ class _HeaderTable(hpack.table.HeaderTable):
     def _shrink(self) -> None:
         entries = self.dynamic_entries
         size = self._current_size
+        index = self._index
         while size > self._maxsize:
             name, value = entries.pop()
             seq = self._added - len(entries) - 1  # (the oldest entry's, just evicted)
-            if self._fields.get((name, value)) == seq:
-                del self._fields[name, value]
-            if self._names.get(name) == seq:
-                del self._names[name]
+            if index.get((name, value)) == seq:
+                del index[name, value]
+            if index.get(name) == seq:
+                del index[name]
             size -= hpack.table.table_entry_size(name, value)
         self._current_size = size
         if not entries:
-            self._forget_all()
-
-    def _forget_all(self) -> None:
-        self._fields.clear()
-        self._names.clear()
+            index.clear()
 
     # (The maxsize setter empties the table itself when the size goes to 0.)
     @property
@@ -244,7 +308,7 @@ class _HeaderTable(hpack.table.HeaderTable):
     def maxsize(self, newmax: int) -> None:
         hpack.table.HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
         if not self.dynamic_entries:
-            self._forget_all()
+            self._index.clear()
 
 
 class _FrameBuffer(h2.frame_buffer.FrameBuffer):
@@ -318,6 +382,7 @@ def h2_connection(config: Config) -> h2.connection.H2Connection:
     # h2 hands a header list limit to HPACK only when a *changed* setting is acknowledged;
     # initial values never are, so the limit is set here.
     conn.decoder = _Decoder()
+    conn.decoder.header_table = _DecoderTable()
     conn.decoder.max_header_list_size = config.h2_max_header_list_size
     return conn
 
@@ -348,6 +413,8 @@ def preface_state(data: bytes | bytearray) -> Literal["h2", "http1", "undecided"
     HTTP/1.1 request can never be a prefix: ``PRI`` with target ``*`` and version
     ``HTTP/2.0`` is not one h11 would serve.
     """
+    if data and data[0] != PREFACE_FIRST:  # (one comparison for the common case: HTTP/1.1)
+        return "http1"
     if data[: len(PREFACE)] == PREFACE:
         return "h2"
     if PREFACE.startswith(data):

@@ -4,7 +4,8 @@ Both kinds of process that serve run the same code here: the single process star
 :func:`trioserve.runner.run_config` and each worker process
 (``python -m trioserve.workers.worker``). :func:`serve_until_signal` turns SIGINT/SIGTERM into
 a graceful drain (a second signal cancels at once), :func:`tune_allocator` keeps freed heap
-memory in the process, and :func:`arm_exit_watchdog` bounds how long an app's stuck thread
+memory in the process, :func:`freeze_startup_objects` takes what startup made out of the
+garbage collector's walks, and :func:`arm_exit_watchdog` bounds how long an app's stuck thread
 can hold the exit. A program embedding :func:`trioserve.serve` owns its signals, allocator
 and exit, so none of this runs there.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -82,6 +84,21 @@ def arm_exit_watchdog(code: int, timeout: float = EXIT_TIMEOUT) -> None:
     threading.Thread(target=watch, name="trioserve-exit-watchdog", daemon=True).start()
 
 
+def freeze_startup_objects() -> None:
+    """In a server process we own, once the app is loaded and lifespan startup is done:
+    collect once, then move every object alive (modules, the app, what startup built) into
+    the collector's permanent generation (``gc.freeze()``).
+
+    They live as long as the process. Left in the oldest generation, each full collection
+    walks all of them again (tens of thousands of objects for a FastAPI app with its
+    imports), a pause that falls on whichever request happens to trigger it and that grows
+    with every import. Not done by ``serve()``: a program embedding trioserve owns its
+    collector.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def tune_allocator() -> None:
     """In a server process we own: keep freed heap memory up to 4 MiB instead of 128 KiB.
 
@@ -127,6 +144,7 @@ async def serve_until_signal(
                 server: Server = await nursery.start(serve, app, config)
                 watcher.server = server
                 health.serving(server)
+                freeze_startup_objects()
                 if startup_line:
                     for url in server.urls:
                         logger.info("trioserve running on %s (Press CTRL+C to quit)", url)
