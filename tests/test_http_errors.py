@@ -835,23 +835,44 @@ async def test_body_over_limit_request_body_cuts_a_response_already_streaming(
 # -- a bug in trioserve's own connection code -------------------------------------------
 
 
+class BuggyParser:
+    """A parser (h11's or httptools') whose first ``start_next_cycle`` raises: a bug in
+    trioserve's own connection code once a response is complete. (A wrapper rather than a
+    patched method: the compiled build's classes take no monkeypatching.)"""
+
+    struck = False
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def start_next_cycle(self) -> None:
+        if not BuggyParser.struck:
+            BuggyParser.struck = True
+            raise RuntimeError(SECRET)
+        self._real.start_next_cycle()
+
+
 @pytest.mark.parametrize("app_waits", [False, True], ids=["inline", "moved-on"])
 async def test_a_bug_in_the_connection_task_is_logged_and_costs_only_that_connection(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, app_waits: bool
 ) -> None:
     # The bug strikes after the response: in the connection's first task when the app
     # answered inline, in the task the serving moved on to when the app waited.
-    from trioserve.connection.http1 import HTTPConnection
+    import trioserve.connection.state as state_module
+    from trioserve.protocol import httptools_parser
 
-    real = HTTPConnection._after_response
-
-    async def buggy(self: HTTPConnection, cycle: Any) -> bool:
-        await real(self, cycle)
-        if cycle.scope["path"] == "/bug":
-            raise RuntimeError(SECRET)
-        return True
-
-    monkeypatch.setattr(HTTPConnection, "_after_response", buggy)
+    for module, name in (
+        (state_module, "H11Connection"),
+        (httptools_parser, "HttptoolsConnection"),
+    ):
+        real_class = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda real_class=real_class, **kw: BuggyParser(real_class(**kw))
+        )
+    monkeypatch.setattr(BuggyParser, "struck", False)
 
     async def app(scope: Any, receive: Any, send_: Any) -> None:
         if app_waits:
@@ -861,6 +882,7 @@ async def test_a_bug_in_the_connection_task_is_logged_and_costs_only_that_connec
     async with run_server(with_ok(app), **EXACT) as server:
         received = await fetch(server, b"GET /bug HTTP/1.1\r\nHost: t\r\n\r\n")
         await assert_still_serving(server)
+    assert BuggyParser.struck
     assert received.startswith(b"HTTP/1.1 200 ")  # (answered; then closed by the bug)
     assert SECRET.encode() not in received
     (record,) = error_records(caplog)
