@@ -177,11 +177,7 @@ class WebSocketReader:
                     if self._read_done:
                         break
                     if self._reading:
-                        # Another task reads (_watch, or a second app task): it hands the
-                        # reader role over after its read.
-                        if self._handover is None:
-                            self._handover = trio.Event()
-                        await self._handover.wait()
+                        await self._wait_for_handover()
                         continue
                     self._reading = True
                     try:
@@ -239,6 +235,13 @@ class WebSocketReader:
                 return disconnect_message(CLOSE_ABNORMAL)
         return None
 
+    async def _wait_for_handover(self) -> None:
+        """Another task reads (_watch, or a second app task): wait until it hands the
+        reader role over, after its read."""
+        if self._handover is None:
+            self._handover = trio.Event()
+        await self._handover.wait()
+
     async def _fill_inbox(self) -> None:
         """Read and decode until a message is in the inbox or reading has ended."""
         inbox = self._inbox
@@ -247,9 +250,7 @@ class WebSocketReader:
             if inbox or self._read_done:
                 return
             if self._reading:
-                if self._handover is None:
-                    self._handover = trio.Event()
-                await self._handover.wait()
+                await self._wait_for_handover()
                 continue
             self._reading = True
             try:
