@@ -1290,6 +1290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(s in COMPILED_SERVERS for s in servers):
         _check_compiled_build(parser)
     if args.instructions:
+        # The two runs whose totals are subtracted must start alike: a random hash seed
+        # changes every dict's probe cost (+-1-2 k instructions per request between runs),
+        # and a first run that still compiles .pyc files counts the compiling.
+        os.environ["PYTHONHASHSEED"] = "0"
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(BENCH_DIR.parent / "trioserve")],
+            check=False,
+        )
         return _main_instructions(parser, servers, scenarios, args.output, argv)
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         parser.error("wrk and taskset are required (make bench installs wrk)")
@@ -1346,7 +1354,8 @@ def _main_instructions(
         f"--trace-children=yes` twice per scenario, answering N1 and then N2 requests from "
         f"`h2load --h1 -c {INSTRUCTION_CONNECTIONS}` (the h2-* rows: `h2load "
         f"{' '.join(H2LOAD_ARGS)}` over h2c) ({counts}); the figure is the "
-        "difference of the two totals (all of the server's processes) divided by N2 - N1: "
+        "difference of the two totals (all of the server's processes, `PYTHONHASHSEED=0`, "
+        ".pyc files compiled first) divided by N2 - N1: "
         "user-space instructions per request, repeatable on a noisy machine, blind to kernel "
         "time, cache misses and scheduling order.",
         "",
