@@ -5,7 +5,6 @@ checked against what went over real sockets (``Server.metrics``; the Prometheus 
 from __future__ import annotations
 
 import ssl
-from types import SimpleNamespace
 from typing import Any
 
 import h2.connection
@@ -145,7 +144,7 @@ async def test_a_request_is_timed_from_the_clock_its_date_header_read(
 ) -> None:
     # The Date header's clock reads 1000.0 and the request cycle's 1000.3: an HTTP/1.1
     # request's start is the read made for its Date header, not a second one.
-    monkeypatch.setattr(state_module, "time", SimpleNamespace(time=lambda: 1000.0))
+    monkeypatch.setattr(state_module, "time", lambda: 1000.0)
     monkeypatch.setattr(request_cycle_module, "time", lambda: 1000.3)
     async with run_server(Recorder(), metrics=True, **options) as server:
         assert (await exchange(server, CLOSE)).startswith(b"HTTP/1.1 200 ")
@@ -159,7 +158,7 @@ async def test_an_http2_request_is_timed_by_the_request_cycle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # (HTTP/2 reads the Date header's clock when the head is sent, not before the cycle.)
-    monkeypatch.setattr(state_module, "time", SimpleNamespace(time=lambda: 1000.0))
+    monkeypatch.setattr(state_module, "time", lambda: 1000.0)
     monkeypatch.setattr(request_cycle_module, "time", lambda: 1000.3)
     async with run_server(Recorder(), metrics=True) as server:
         url = f"http://127.0.0.1:{server.port}/two"

@@ -30,6 +30,7 @@ COMPILED_MODULES: Final = (
     "trioserve.protocol.scope",
     "trioserve.protocol.ws_messages",
     "trioserve.connection.stream",
+    "trioserve.connection.state",
     "trioserve.connection.http1_body",
     "trioserve.connection.request_cycle",
     "trioserve.connection.http1",

@@ -70,6 +70,16 @@ logger = logging.getLogger(__name__)
 DRAIN_IDLE_GRACE: Final = 1.0
 
 _CONTINUE_TASK_NAME: Final = "trioserve.connection.http1.HTTPConnection.continue_serving"
+# (Bound once: compiled, ``h11.X``, ``trio.X`` and ``trio.lowlevel.X`` are module
+# attribute look-ups per use.)
+_NEED_DATA: Final = h11.NEED_DATA
+_REQUEST: Final = h11.Request
+_SEND_BODY: Final = h11.SEND_BODY
+_DONE: Final = h11.DONE
+_checkpoint: Final = trio.lowlevel.checkpoint
+_checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
+_current_time: Final = trio.current_time
+_copy_context: Final = contextvars.copy_context
 
 
 class HTTPConnection(HTTP1Body):
@@ -213,7 +223,7 @@ class HTTPConnection(HTTP1Body):
         # ``received``: what was read and fed to the parser before (connection.edge's).
         # (A task serving a connection checkpoints before each read, here or at the end of
         # each request: a hard stop never lets it start another app call.)
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await _checkpoint_if_cancelled()
         config = self.state.config
         conn = self.parser
         metrics = self.state.metrics
@@ -233,7 +243,7 @@ class HTTPConnection(HTTP1Body):
                     keep_alive = config.timeout_keep_alive
                     if self.closing and not self._fresh:
                         keep_alive = min(keep_alive, DRAIN_IDLE_GRACE)  # see drain()
-                    timeout.deadline = trio.current_time() + keep_alive
+                    timeout.deadline = _current_time() + keep_alive
                     received = await self.stream.receive(wait_first=True)
                     conn.receive_data(received)
                     self.idle = False
@@ -291,10 +301,10 @@ class HTTPConnection(HTTP1Body):
             except h11.RemoteProtocolError as exc:
                 await self._reject(*refusal(exc, seen))
                 return None
-            if event is h11.NEED_DATA:
+            if event is _NEED_DATA:
                 # (All that is buffered now is one incomplete head.)
                 if head_deadline is None and unscreened:
-                    head_deadline = trio.current_time() + header_timeout
+                    head_deadline = _current_time() + header_timeout
                 if head_deadline is None:
                     # Under load the next keep-alive request has usually arrived by the
                     # time this task runs again: take it without arming the keep-alive
@@ -318,7 +328,7 @@ class HTTPConnection(HTTP1Body):
                     seen = _appended(seen, data) if seen else data
                 continue
             # (type() checks: h11's events derive from an ABC, so isinstance() is dear.)
-            if type(event) is h11.Request:
+            if type(event) is _REQUEST:
                 headers = header_list(event)  # one pass over h11's Headers per request
                 config = self.state.config
                 screened = screen_request(
@@ -419,14 +429,14 @@ class HTTPConnection(HTTP1Body):
             self._holders += 1  # (released by the new task; this one's by run())
             tasks.start_soon(self._continue_serving, cycle, tasks, name=_CONTINUE_TASK_NAME)
 
-        detached = await UntilFirstWait(cycle.run(), contextvars.copy_context(), move_on)
+        detached = await UntilFirstWait(cycle.run(), _copy_context(), move_on)
         if detached:
             return False  # this task only ran the app; the new one serves the connection
         # The request's one trip through the scheduler: other connections run before this
         # one reads its next request (fairness; a pipelining client cannot hog the loop).
         # A hard stop that came meanwhile ends the connection here, before another
         # request is read (the response is complete).
-        await trio.lowlevel.checkpoint()
+        await _checkpoint()
         return await self._after_response(cycle)
 
     async def _continue_serving(self, cycle: RequestCycle | None, tasks: trio.Nursery) -> None:
@@ -482,13 +492,13 @@ class HTTPConnection(HTTP1Body):
             # is buffered (for a bodiless GET: just its EndOfMessage) is consumed without
             # arming a timeout; only a body still in flight needs the bounded wait.
             conn = self.parser
-            discarded = self._discard_buffered_body() if conn.our_state is h11.DONE else -1
+            discarded = self._discard_buffered_body() if conn.our_state is _DONE else -1
             if discarded < 0:
                 reusable = False
-            elif conn.their_state is h11.SEND_BODY:
+            elif conn.their_state is _SEND_BODY:
                 reusable = await self._discard_body_in_flight(discarded)
             else:
-                reusable = conn.their_state is h11.DONE
+                reusable = conn.their_state is _DONE
         if not reusable and self._body_in_flight():
             # Closing with request body unread: close gracefully, or the kernel resets the
             # connection and the response may be lost in flight (RFC 9112 §9.6).

@@ -35,6 +35,15 @@ logger = logging.getLogger(__name__)
 MAX_PIPELINE_BUFFER: Final = 256 * 1024
 # An unread request body is drained (so the connection can be reused) up to this size.
 MAX_DISCARD_BODY: Final = 1024 * 1024
+# (Bound once: compiled, ``h11.X`` and ``trio.lowlevel.X`` are module attribute look-ups
+# per use.)
+_NEED_DATA: Final = h11.NEED_DATA
+_DATA: Final = h11.Data
+_END: Final = h11.EndOfMessage
+_PEER_ERROR: Final = h11.RemoteProtocolError
+_SEND_BODY: Final = h11.SEND_BODY
+_DONE: Final = h11.DONE
+_checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
 
 
 class HTTP1Body:
@@ -126,12 +135,12 @@ class HTTP1Body:
                     event = parser.next_event()
                 except h11.RemoteProtocolError as exc:
                     return self._peer_error(exc)
-            if isinstance(event, h11.RemoteProtocolError):
+            if isinstance(event, _PEER_ERROR):
                 return self._peer_error(event)
-            if event is h11.NEED_DATA:
+            if event is _NEED_DATA:
                 # Body bytes usually have arrived already (sent right behind the head):
                 # read them without the cancel scope and Event a waiting read needs.
-                await trio.lowlevel.checkpoint_if_cancelled()
+                await _checkpoint_if_cancelled()
                 data = stream.receive_nowait()
                 waited = data is None
                 if data is None:
@@ -155,7 +164,7 @@ class HTTP1Body:
                     if cycle.done:  # the connection task reads now
                         return DISCONNECT
                 continue
-            if type(event) is h11.Data:
+            if type(event) is _DATA:
                 body = data_of(event)
                 limit = self.state.config.limit_request_body
                 if limit:
@@ -177,13 +186,13 @@ class HTTP1Body:
                     following = parser.next_event()
                 except h11.RemoteProtocolError as exc:
                     following = exc
-                if type(following) is h11.EndOfMessage:
+                if type(following) is _END:
                     self.body_done = True
                     return {"type": "http.request", "body": body, "more_body": False}
-                if following is not h11.NEED_DATA:
+                if following is not _NEED_DATA:
                     self._pending = following
                 return {"type": "http.request", "body": body, "more_body": True}
-            if type(event) is h11.EndOfMessage:
+            if type(event) is _END:
                 self.body_done = True
                 return {"type": "http.request", "body": b"", "more_body": False}
             # ConnectionClosed / PAUSED cannot precede EndOfMessage; treat as a disconnect.
@@ -232,8 +241,8 @@ class HTTP1Body:
         if conn.their_state is h11.ERROR:  # a malformed body: the rest is still coming
             return True
         try:
-            while conn.their_state is h11.SEND_BODY:
-                if conn.next_event() is h11.NEED_DATA:
+            while conn.their_state is _SEND_BODY:
+                if conn.next_event() is _NEED_DATA:
                     return True
         except h11.RemoteProtocolError:
             return True
@@ -244,14 +253,14 @@ class HTTP1Body:
         malformed body)."""
         conn = self.parser
         discarded = 0
-        while conn.their_state is h11.SEND_BODY:
+        while conn.their_state is _SEND_BODY:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError:
                 return -1
-            if event is h11.NEED_DATA:
+            if event is _NEED_DATA:
                 break
-            if type(event) is h11.Data:
+            if type(event) is _DATA:
                 discarded += len(data_of(event))
                 if discarded > MAX_DISCARD_BODY:
                     return -1
@@ -262,16 +271,16 @@ class HTTP1Body:
         and ``MAX_DISCARD_BODY`` bytes in all; True if it ended (the connection is reusable)."""
         conn = self.parser
         with trio.move_on_after(self.state.config.timeout_keep_alive):
-            while conn.their_state is h11.SEND_BODY and discarded <= MAX_DISCARD_BODY:
+            while conn.their_state is _SEND_BODY and discarded <= MAX_DISCARD_BODY:
                 try:
                     event = conn.next_event()
                 except h11.RemoteProtocolError:
                     return False
-                if event is h11.NEED_DATA:
+                if event is _NEED_DATA:
                     data = await self.stream.receive()
                     if not data:
                         return False
                     conn.receive_data(data)
-                elif type(event) is h11.Data:
+                elif type(event) is _DATA:
                     discarded += len(data_of(event))
-        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        return conn.our_state is _DONE and conn.their_state is _DONE

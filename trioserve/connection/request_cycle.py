@@ -52,6 +52,8 @@ DISCONNECT: Final[dict[str, Any]] = {"type": "http.disconnect"}
 FASTEST_BUCKET: Final = DURATION_BUCKETS[0]
 SECOND_BUCKET: Final = DURATION_BUCKETS[1]
 THIRD_BUCKET: Final = DURATION_BUCKETS[2]
+_next: Final = next  # (UntilFirstWait's; bound once: compiled, a builtin is looked up per use)
+_RETURNED: Final = object()  # (what UntilFirstWait's next() answers once the call returned)
 
 
 class ResponseStream(Protocol):
@@ -131,7 +133,6 @@ class ResponseEncoder(Protocol):
     def start(self, message: Mapping[str, object], *, close: bool = False) -> bool | None:
         """Validate and hold the head; True if the app announced trailers and the
         encoder wants to be told whether the client takes them (accept_trailers)."""
-        ...
 
     def body_pieces(self, message: Mapping[str, object]) -> list[bytes]: ...
     def note_status(self, status: int) -> None: ...
@@ -142,21 +143,17 @@ class ResponseEncoder(Protocol):
     def early_hint(self, message: Mapping[str, object]) -> bytes:
         """``http.response.early_hint`` (before start): the 103 to write, or b"" when the
         client cannot take one."""
-        ...
 
     def file_pieces(self, region: FileRegion) -> list[bytes | FileRegion]:
         """``http.response.pathsend``: the file (``region``) as the rest of the body, with
         the head if it has not left; ends the response unless trailers were announced."""
-        ...
 
     def accept_trailers(self, accepted: bool) -> None:
         """Told after a start that announced trailers: whether the client takes them."""
-        ...
 
     def trailer_pieces(self, message: Mapping[str, object]) -> list[bytes]:
         """``http.response.trailers`` (after the body's last message): the bytes ending
         the response once ``more_trailers`` is false (the trailers, if accepted)."""
-        ...
 
 
 class RequestCycle:
@@ -558,12 +555,11 @@ class UntilFirstWait:
     """``await UntilFirstWait(coro, context, on_wait)``: run ``coro`` in the calling task,
     in ``context``; call ``on_wait()`` the first time it yields to trio (it is about to wait
     or checkpoint); return whether it did. Every trap and every value trio sends back
-    (outcomes, so cancellation too) passes through unchanged. This is how an app call runs
-    inline in the connection's task until its first wait, then moves the serving of the
-    connection to a sibling task (``on_wait``). (An object with ``__await__``, not a
-    ``types.coroutine`` generator: mypyc compiles a generator into an object that
-    interpreted code cannot await.)
-    """
+    (outcomes, so cancellation too) passes through unchanged. So an app call runs inline in
+    the connection's task until its first wait, then the serving moves to a sibling task.
+    (Not a ``types.coroutine`` generator: mypyc makes that an object interpreted code cannot
+    await. Its first step is ``next()`` with a default: an app that never waits ends with
+    no StopIteration, which compiled code catches at the cost of a traceback entry.)"""
 
     __slots__ = ("_context", "_coro", "_on_wait")
 
@@ -578,17 +574,20 @@ class UntilFirstWait:
         self._on_wait = on_wait
 
     def __await__(self) -> Generator[Any, Any, bool]:
-        coro, context = self._coro, self._context
-        waited = False
+        steps, context, waited = self._coro.__await__(), self._context, False
         value: Any = None
         error: BaseException | None = None
         while True:
             try:
-                if error is None:
-                    trap = context.run(coro.send, value)
+                if error is not None:
+                    trap = context.run(steps.throw, error)
+                elif waited:
+                    trap = context.run(steps.send, value)
                 else:
-                    trap = context.run(coro.throw, error)
+                    trap = context.run(_next, steps, _RETURNED)
             except StopIteration:
+                return waited
+            if trap is _RETURNED:
                 return waited
             error = None
             if not waited:

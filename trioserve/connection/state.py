@@ -9,10 +9,11 @@ through).
 
 from __future__ import annotations
 
+import importlib
 import logging
-import time
 from collections.abc import Callable
 from email.utils import formatdate
+from time import time
 from typing import Any, Protocol
 
 from ..access_format import (
@@ -201,7 +202,7 @@ class ServerState:
         """Default headers for a response starting now (Date cached once a second)."""
         if not self.config.date_header:
             return self.default_headers
-        now = self.date_clock = time.time()  # (an HTTP/1.1 request's start: RequestCycle)
+        now = self.date_clock = time()  # (an HTTP/1.1 request's start: RequestCycle)
         second = int(now)
         if second != self._date_second:
             self._date_second = second
@@ -272,7 +273,9 @@ def _parser_factory(state: ServerState) -> Callable[[], HTTPParser]:
     config = state.config
     limit = config.h11_max_incomplete_event_size
     if http_implementation(config.http) == "httptools":
-        from ..protocol.httptools_parser import HttptoolsConnection  # only with the optional extra
-
-        return lambda: HttptoolsConnection(max_incomplete_event_size=limit)
+        # (Imported only with the optional extra; the class looked up by name, which a
+        # compiled build would otherwise bind for good: tests substitute it.)
+        parser_module = importlib.import_module("trioserve.protocol.httptools_parser")
+        parser_class = parser_module.HttptoolsConnection
+        return lambda: parser_class(max_incomplete_event_size=limit)
     return lambda: H11Connection(max_incomplete_event_size=limit)

@@ -56,6 +56,19 @@ FILE_PIECE_BYTES: Final = 256 * 1024
 LINGER_TIMEOUT: Final = 1.0
 LINGER_MAX_BYTES: Final = 1024 * 1024
 
+# (Bound once: compiled, each ``trio.lowlevel.X`` or ``os.X`` would be two or one module
+# attribute look-ups per use, and a builtin passed as a value one more. Not os.writev:
+# tests count its calls.)
+_checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
+_cancel_shielded_checkpoint: Final = trio.lowlevel.cancel_shielded_checkpoint
+_wait_readable: Final = trio.lowlevel.wait_readable
+_wait_writable: Final = trio.lowlevel.wait_writable
+_readv: Final = os.readv
+_write: Final = os.write
+_len: Final = len
+_map: Final = map
+_sum: Final = sum
+
 
 class ByteStream(Protocol):
     """What a WebSocket session uses of the bytes its frames travel in
@@ -171,9 +184,9 @@ class ConnectionStream:
                 # parks fewer frames (memory per connection) and a read costs less. As with
                 # receive_some, a read in a cancelled scope raises before consuming anything.
                 if wait_first:
-                    await trio.lowlevel.wait_readable(self._fd)  # the checkpoint
+                    await _wait_readable(self._fd)  # the checkpoint
                 else:
-                    await trio.lowlevel.checkpoint_if_cancelled()
+                    await _checkpoint_if_cancelled()
                 try:
                     read: bytes | None = self._read_now()
                 except BlockingIOError:
@@ -182,13 +195,13 @@ class ConnectionStream:
                 # exception and its traceback alive for the whole idle period, ~0.5 KiB.)
                 if read is None:
                     while read is None:
-                        await trio.lowlevel.wait_readable(self._fd)
+                        await _wait_readable(self._fd)
                         try:
                             read = self._read_now()
                         except BlockingIOError:
                             pass
                 elif not wait_first:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    await _cancel_shielded_checkpoint()
                 data = read
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
@@ -209,7 +222,7 @@ class ConnectionStream:
         scratch = self._scratch
         # (The size in a variable of its own: mypyc evaluates a call inside a slice bound
         # twice, which here would be two reads.)
-        size = os.readv(self._fd, (scratch,))
+        size = _readv(self._fd, (scratch,))
         if self.metrics is not None:  # (counted here, where the size is known: no len())
             self.metrics.received_bytes += size
         return bytes(scratch[:size])
@@ -238,7 +251,7 @@ class ConnectionStream:
         self._read_since_yield += size
         if self._read_since_yield >= FAIR_SHARE_BYTES:
             self._read_since_yield = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await _cancel_shielded_checkpoint()
 
     def interrupt_read(self) -> None:
         """Wake a task waiting in :meth:`receive` on a plain socket, as if the socket had
@@ -261,7 +274,7 @@ class ConnectionStream:
         if self._fd < 0:
             return 0
         try:
-            sent = os.write(self._fd, data)
+            sent = _write(self._fd, data)
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -300,13 +313,13 @@ class ConnectionStream:
             # The fast path below may not wait at all, so honour a pending cancellation
             # first: an app streaming forever to a fast reader must still stop promptly
             # on a hard stop (nothing has been written yet, so this is a clean cancel).
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _checkpoint_if_cancelled()
             try:
                 if isinstance(data, bytes):
                     total = len(data)
-                    sent = os.write(self._fd, data)
+                    sent = _write(self._fd, data)
                 else:  # one vectored write: the pieces (a large body) are not copied
-                    total = sum(map(len, data))
+                    total = _sum(_map(_len, data))
                     sent = os.writev(self._fd, data[:MAX_WRITE_PIECES])
             except BlockingIOError:
                 sent = 0
@@ -319,7 +332,7 @@ class ConnectionStream:
                 self._written_since_yield += sent
                 if self._written_since_yield >= FAIR_SHARE_BYTES:
                     self._written_since_yield = 0
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    await _cancel_shielded_checkpoint()
             if self.metrics is not None:
                 self.metrics.sent_bytes += total
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -339,7 +352,7 @@ class ConnectionStream:
         fd = self._fd
         pieces = _after(data if isinstance(data, list) else [data], sent)
         while pieces:
-            await trio.lowlevel.wait_writable(fd)
+            await _wait_writable(fd)
             try:
                 sent = os.writev(fd, pieces[:MAX_WRITE_PIECES])
             except BlockingIOError:
@@ -397,7 +410,7 @@ class ConnectionStream:
         offset = region.offset
         end = offset + region.count
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()  # (as in write())
+            await _checkpoint_if_cancelled()  # (as in write())
             waited = False
             while offset < end:
                 try:
@@ -409,14 +422,14 @@ class ConnectionStream:
                 if sent > 0:
                     offset += sent
                 if offset < end:  # the socket's buffer is full: wait until it drains
-                    await trio.lowlevel.wait_writable(fd)
+                    await _wait_writable(fd)
                     waited = True
             if self.metrics is not None:
                 self.metrics.sent_bytes += region.count
             if waited:
                 self._written_since_yield = 0
             elif self.owes_yield(region.count):
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                await _cancel_shielded_checkpoint()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._write_failed() from exc
         except BaseException:

@@ -226,8 +226,8 @@ class HttptoolsConnection:
         _set(request, "method", parser.get_method())
         _set(request, "target", self._url)
         _set(request, "http_version", http_version)
-        fields = _new(Headers)  # (what Headers(headers) does, minus its Python frame)
-        _set(fields, "_full_items", headers)
+        fields = _new(Headers)  # (what Headers(headers) does, minus its Python frame; a
+        fields._full_items = headers  # plain attribute: Headers is not frozen)
         _set(request, "headers", fields)
         # What next_event needs when it hands this request out (later, if pipelined).
         self._flags.append((self._close or http_version < b"1.1", self._expect))
