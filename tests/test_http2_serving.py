@@ -8,16 +8,18 @@ The raw frame client is ``test_http2.Client``; real clients are curl and httpx.
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
 import h2.events
 import pytest
 import trio
-from conftest import run_server
+from conftest import connection_tasks, run_server
 from h2.errors import ErrorCodes
 from test_http2 import Client, client, echo, hello
 from test_tls import ca, pki, tls_options  # noqa: F401 (fixtures)
@@ -193,6 +195,23 @@ async def test_preface_begun_and_stalled_is_closed_at_the_head_timeout(
             waited = trio.current_time() - start
     assert received == b""  # (closed without an answer: no protocol was spoken yet)
     assert 3 <= waited < 10
+
+
+async def test_hard_stop_while_a_fresh_connection_is_silent_closes_its_socket() -> None:
+    # The connection waits in connection.edge for its first bytes (HTTP/2 or HTTP/1.1?):
+    # a hard stop then must close the socket there, not leave it to the garbage collector.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with run_server(hello) as server:
+            client = await trio.open_tcp_stream("127.0.0.1", server.port)
+            with trio.fail_after(5):
+                while not connection_tasks():
+                    await trio.sleep(0.01)
+        with trio.fail_after(5):
+            assert await client.receive_some(10) == b""  # (the server's end is closed)
+        await client.aclose()
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 async def test_unix_socket_speaks_http2(tmp_path: Path) -> None:

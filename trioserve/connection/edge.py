@@ -150,7 +150,11 @@ async def prepare_connection(
         if tls is not None:
             http2 = tls_alpn(stream) == "h2"
     if edge.http2 and tls is None:
-        sniffed = await _sniff_preface(stream, leftover, client, edge)
+        try:
+            sniffed = await _sniff_preface(stream, leftover, client, edge)
+        except BaseException:  # (a hard stop while the client is silent: close it here)
+            await trio.aclose_forcefully(stream)
+            raise
         if sniffed is None:
             await trio.aclose_forcefully(stream)
             return None
