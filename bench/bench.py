@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -150,6 +151,8 @@ class ServerSpec:
     cpus: str = SERVER_CPU  # taskset list for the server's processes
     pythonpath: tuple[str, ...] = ()  # extra PYTHONPATH entries (before the bench dir)
     extra_args: tuple[str, ...] = ()  # appended to the server's command line
+    base: str = ""  # --baseline twins: the server whose command this one runs
+    cwd: str | None = None  # the server's working directory (None: this process's)
 
     def command(self, app: str, port: int) -> list[str]:
         argv = self._command(app, port)
@@ -158,6 +161,8 @@ class ServerSpec:
         return [*argv, *self.extra_args]
 
     def _command(self, app: str, port: int) -> list[str]:
+        if self.base:  # (a --baseline twin: the same command, run in the baseline's tree)
+            return ALL_SERVERS[self.base]._command(app, port)
         py = sys.executable
         bindir = Path(py).parent
         p = str(port)
@@ -442,6 +447,47 @@ def parse_wrk(output: str) -> Sample:
     )
 
 
+def baseline_twin(spec: ServerSpec, tree: str) -> ServerSpec:
+    """``spec`` run from another trioserve tree (``--baseline``): the same command, started
+    in ``tree`` so that ``python -m trioserve`` imports that tree's package."""
+    return dataclasses.replace(
+        spec,
+        name=f"{spec.name}@base",
+        description=f"{spec.description}, at the baseline",
+        base=spec.name,
+        cwd=tree,
+        pythonpath=(tree, *spec.pythonpath),
+    )
+
+
+def export_baseline(rev: str, into: Path) -> str:
+    """The ``trioserve/`` package of git revision ``rev`` of this checkout, written under
+    ``into``; returns the tree's directory (what :func:`baseline_twin` takes)."""
+    tree = into / f"baseline-{re.sub(r'[^A-Za-z0-9._-]', '_', rev)}"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(BENCH_DIR.parent), "archive", rev, "trioserve"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return str(tree)
+
+
+def with_baseline(servers: list[str], tree: str) -> list[str]:
+    """``servers`` with a twin after each trioserve server (not the compiled ones) that runs
+    ``tree``'s package, registered in :data:`ALL_SERVERS`."""
+    result = []
+    for name in servers:
+        result.append(name)
+        if name.startswith("trioserve") and name not in COMPILED_SERVERS and "@" not in name:
+            twin = baseline_twin(ALL_SERVERS[name], tree)
+            ALL_SERVERS[twin.name] = twin
+            result.append(twin.name)
+    return result
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -513,6 +559,7 @@ def running_server(
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            cwd=spec.cwd,
         )
     try:
         deadline = time.monotonic() + start_timeout
@@ -1264,6 +1311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"also run {FIFO_SERVER.name}: {FIFO_SERVER.description}",
     )
     parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REV",
+        help="also run each trioserve server as of git revision REV of this checkout "
+        "(named SERVER@base), in the same interleaved run: a paired before/after",
+    )
+    parser.add_argument(
         "--output",
         default=None,
         help=f"markdown file (default: {RESULTS_PATH.name} unless --quick)",
@@ -1289,15 +1343,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")
     if any(s in COMPILED_SERVERS for s in servers):
         _check_compiled_build(parser)
+    if args.baseline:
+        trees = Path(tempfile.gettempdir()) / "trioserve-bench-baselines"
+        servers = with_baseline(servers, export_baseline(args.baseline, trees))
     if args.instructions:
         # The two runs whose totals are subtracted must start alike: a random hash seed
         # changes every dict's probe cost (+-1-2 k instructions per request between runs),
         # and a first run that still compiles .pyc files counts the compiling.
         os.environ["PYTHONHASHSEED"] = "0"
-        subprocess.run(
-            [sys.executable, "-m", "compileall", "-q", str(BENCH_DIR.parent / "trioserve")],
-            check=False,
-        )
+        trees = {str(BENCH_DIR.parent)} | {ALL_SERVERS[s].cwd or "" for s in servers} - {""}
+        for tree in sorted(trees):
+            subprocess.run(
+                [sys.executable, "-m", "compileall", "-q", str(Path(tree) / "trioserve")],
+                check=False,
+            )
         return _main_instructions(parser, servers, scenarios, args.output, argv)
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         parser.error("wrk and taskset are required (make bench installs wrk)")

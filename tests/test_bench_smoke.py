@@ -321,3 +321,22 @@ def test_instruction_counts_load_http2_rows_over_h2c(monkeypatch: pytest.MonkeyP
     assert commands[0][:7] == ["h2load", *bench.H2LOAD_ARGS, "-n", "5"]
     assert "--h1" in commands[1]
     assert {"h2-hello", "h2-json", "h2-stream1m"} <= set(bench.INSTRUCTION_REQUESTS)
+
+
+def test_baseline_twins_run_the_same_command_from_the_baseline_tree(tmp_path: Path) -> None:
+    tree = bench.export_baseline("HEAD", tmp_path)
+    assert (Path(tree) / "trioserve" / "__init__.py").is_file()
+    servers = bench.with_baseline(["trioserve", "uvicorn-h11", "trioserve-httptools"], tree)
+    assert servers == [
+        "trioserve",
+        "trioserve@base",
+        "uvicorn-h11",
+        "trioserve-httptools",
+        "trioserve-httptools@base",
+    ]
+    twin = bench.ALL_SERVERS["trioserve-httptools@base"]
+    original = bench.ALL_SERVERS["trioserve-httptools"]
+    assert twin.command(bench.RAW_APP, 8000) == original.command(bench.RAW_APP, 8000)
+    # Started in the baseline tree, `python -m trioserve` imports that tree's package.
+    assert (twin.cwd, twin.pythonpath[0]) == (tree, tree)
+    assert original.cwd is None
