@@ -97,3 +97,35 @@ def test_compiled_modules_import_from_the_installed_package() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=30
     )
     assert int(result.stdout) == len(compiled_modules())
+
+
+def test_websocket_classes_without_mypy_extensions() -> None:
+    # connection.ws_reader takes mypyc_attr from mypy_extensions (mypy's), which an install
+    # without mypy lacks: the modules still import, and the interpreted H2WebSocket still
+    # subclasses the (compiled: allow_interpreted_subclasses) WebSocketSession.
+    probe = (
+        "import sys; sys.modules['mypy_extensions'] = None\n"
+        "from trioserve.connection.http2_websocket import H2WebSocket\n"
+        "from trioserve.connection.websocket import WebSocketConnection, WebSocketSession\n"
+        "from trioserve.protocol.ws_websockets import WebsocketsEngine\n"
+        "assert issubclass(H2WebSocket, WebSocketSession)\n"
+        "engine = WebsocketsEngine(1 << 20, None)\n"
+        "message = engine.receive_message(bytes([0x82, 0x82, 0, 0, 0, 0]) + b'hi')\n"
+        "print(message)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert result.stdout.strip() == "{'type': 'websocket.receive', 'bytes': b'hi'}"
+
+
+def test_websockets_protocol_subclass_stays_interpreted() -> None:
+    # ws_websockets._Protocol subclasses websockets' ServerProtocol, whose interpreted code
+    # reads and writes its attributes per frame: it must stay an ordinary class (instances
+    # with a __dict__, attributes settable from outside), also compiled.
+    from trioserve.protocol.ws_websockets import WebsocketsEngine
+
+    protocol = WebsocketsEngine(1 << 20, None)._protocol
+    assert "__dict__" in dir(protocol)
+    protocol.some_new_attribute = 1  # type: ignore[attr-defined]
+    assert vars(protocol)["some_new_attribute"] == 1

@@ -22,6 +22,11 @@ from typing import Final
 # ``__dict__``. h11's own (interpreted) code reads and writes dozens of attributes of that
 # object per request, and CPython's specialized attribute access works only on ordinary
 # instances: compiled, the h11 default cost more instructions per request than pure.
+#
+# The WebSocket path is compiled too, but for protocol.ws_deflate (its class subclasses
+# wsproto's PerMessageDeflate, and it runs only with permessage-deflate). ws_websockets'
+# subclass of websockets' ServerProtocol stays an ordinary class there (websockets' own code
+# uses its attributes per frame), as does http2_websocket's WebSocketSession subclass.
 COMPILED_MODULES: Final = (
     "trioserve.protocol.httptools_parser",
     "trioserve.protocol.http1_framing",
@@ -29,11 +34,16 @@ COMPILED_MODULES: Final = (
     "trioserve.protocol.response_heads",
     "trioserve.protocol.scope",
     "trioserve.protocol.ws_messages",
+    "trioserve.protocol.ws_engine",
+    "trioserve.protocol.ws_websockets",
     "trioserve.connection.stream",
     "trioserve.connection.state",
     "trioserve.connection.http1_body",
     "trioserve.connection.request_cycle",
     "trioserve.connection.http1",
+    "trioserve.connection.ws_outbox",
+    "trioserve.connection.ws_reader",
+    "trioserve.connection.websocket",
 )
 
 

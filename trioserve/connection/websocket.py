@@ -48,9 +48,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol, TypeVar
 
 import h11
 import trio
@@ -89,6 +89,16 @@ from .state import ServerState, log_access
 from .stream import ByteStream, ConnectionStream
 from .ws_outbox import Outbox
 from .ws_reader import WebSocketReader
+
+_T = TypeVar("_T")
+
+try:  # (mypyc's class options)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # (mypy's, which a pure install may lack: a no-op at run time)
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
+        return lambda cls: cls
+
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +142,8 @@ class DenialWriter(Protocol):
     def body(self, message: Mapping[str, object]) -> bytes: ...
 
 
+# (Compiled, a native class: http2_websocket's H2WebSocket, interpreted, subclasses it.)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class WebSocketSession(WebSocketReader):
     """One WebSocket session, from its handshake request to its close, whatever carried
     the handshake (see the module docstring).

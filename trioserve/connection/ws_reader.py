@@ -35,8 +35,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TypeVar
 
 import trio
 
@@ -62,8 +62,23 @@ READER_PAUSE_OUTBOX: Final = 1024 * 1024
 # An app that has stayed away from receive() this long gets a reader of its own.
 IDLE_READ_DELAY: Final = 0.25
 _NEVER: Final = math.inf
+_T = TypeVar("_T")
+
+try:  # (mypyc's class options)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # (mypy's, which a pure install may lack: a no-op at run time)
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
+        return lambda cls: cls
 
 
+_checkpoint: Final = trio.lowlevel.checkpoint
+_checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
+_current_time: Final = trio.current_time
+
+
+# (Compiled, a native class: http2_websocket's H2WebSocket, interpreted, subclasses it.)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class WebSocketReader:
     """The reading half of a WebSocket session (see the module docstring).
 
@@ -165,7 +180,7 @@ class WebSocketReader:
         inbox = self._inbox
         if inbox or self._events is not None or self._unread or self._eof or self._read_done:
             # (Below, only reading from the socket is sure to be a checkpoint.)
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _checkpoint_if_cancelled()
         if not inbox:
             self._in_receive = True
             try:
@@ -184,12 +199,13 @@ class WebSocketReader:
                         stream = self._stream
                         if stream.fast and self._outbox.pending() <= READER_PAUSE_OUTBOX:
                             # As _read does (see there), without its frame.
-                            await trio.lowlevel.checkpoint()
-                            if self._read_done:  # stopped meanwhile (_stop_reading)
-                                break
-                            data = stream.receive_nowait()
-                            if data is None:
-                                data = await stream.receive(wait_first=True)
+                            await _checkpoint()
+                            if self._read_done:  # stopped meanwhile (_stop_reading):
+                                data = b""  # (break, below; mypyc has no break in a try)
+                            else:
+                                data = stream.receive_nowait()
+                                if data is None:
+                                    data = await stream.receive(wait_first=True)
                         else:
                             data = await self._read()
                     finally:
@@ -278,7 +294,7 @@ class WebSocketReader:
         # with epoll (one epoll_ctl per wait otherwise); wait only when it has not.
         stream = self._stream
         if stream.fast:
-            await trio.lowlevel.checkpoint()
+            await _checkpoint()
             if self._read_done:  # stopped meanwhile (_stop_reading)
                 return b""
             data = stream.receive_nowait()
@@ -365,14 +381,14 @@ class WebSocketReader:
         self._set_disconnect(code, reason)
         self._end_reading()
         self._failure = (int(code), reason)
-        self._failure_deadline = trio.current_time() + FAILURE_CLOSE_DELAY
+        self._failure_deadline = _current_time() + FAILURE_CLOSE_DELAY
         self._rewatch()
 
     # -- the watcher ----------------------------------------------------------------------
 
     def _arm_idle_check(self) -> None:
         self._receives_at_check = self._receives
-        self._idle_check_at = trio.current_time() + IDLE_READ_DELAY
+        self._idle_check_at = _current_time() + IDLE_READ_DELAY
         self._rewatch()
 
     def _rewatch(self) -> None:
@@ -394,7 +410,7 @@ class WebSocketReader:
             with trio.CancelScope(deadline=deadline) as self._watch_scope:
                 await trio.sleep_forever()
             self._watch_scope = None
-            now = trio.current_time()
+            now = _current_time()
             if now >= self._failure_deadline:
                 self._send_failure()  # the app did not read the earlier messages in time
             if now >= self._close_deadline and not self._read_done:

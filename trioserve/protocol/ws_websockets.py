@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Generator, Iterator
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Close, Frame, Opcode
@@ -45,8 +45,17 @@ _PONG: Final = Opcode.PONG
 _CLOSE: Final = Opcode.CLOSE
 _UTF8Decoder: Final = codecs.getincrementaldecoder("utf-8")
 _RECV_FRAME: Final = ServerProtocol.recv_frame
+_C = TypeVar("_C", bound=type)
 
 
+def _interpreted(cls: _C) -> _C:
+    """(A class decorator mypyc does not know keeps the class an ordinary Python class in
+    the compiled build: websockets' own interpreted code reads and writes its attributes
+    per frame, and its base class is an interpreted one.)"""
+    return cls
+
+
+@_interpreted
 class _Protocol(ServerProtocol):
     """websockets' server protocol with the Close, the pong and the failure deferred
     (see the module docstring)."""
