@@ -154,6 +154,19 @@ async def test_a_request_is_timed_from_the_clock_its_date_header_read(
     assert (fast, now["request_duration_seconds|bucket|0.5"]) == ((0, 1) if duration else (1, 1))
 
 
+async def test_a_clock_stepped_back_during_a_request_counts_no_negative_duration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # (Timed by the wall clock, as the Date header: a step back of 1 s mid-request.)
+    monkeypatch.setattr(state_module, "time", lambda: 1000.0)
+    monkeypatch.setattr(request_cycle_module, "time", lambda: 999.0)
+    async with run_server(Recorder(), metrics=True) as server:
+        assert (await exchange(server, CLOSE)).startswith(b"HTTP/1.1 200 ")
+        now = await settled(server, connections_open=0)
+    assert now["request_duration_seconds|sum"] == 0.0
+    assert now["request_duration_seconds|bucket|0.005"] == 1
+
+
 async def test_an_http2_request_is_timed_by_the_request_cycle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -275,7 +275,7 @@ class RequestCycle:
         if self.attention is not None:
             self.attention.set()
         if self._start_time:
-            duration = time() - self._start_time
+            duration = max(time() - self._start_time, 0.0)  # (0: the wall clock stepped back)
             state = self.channel.state
             metrics = state.metrics
             if metrics is not None:
