@@ -12,7 +12,20 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeVar
+
+__all__ = ["COMPILED_MODULES", "build_description", "compiled_modules", "mypyc_attr"]
+
+_T = TypeVar("_T")
+
+try:  # mypyc's class options, for the compiled modules' classes
+    from mypy_extensions import mypyc_attr
+except ImportError:  # (it comes with mypy, which a pure install may lack: a no-op then)
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
+        return lambda cls: cls
+
 
 # The request path, in the order a request meets it: the sans-IO protocol layer, then the
 # connection code that runs for every request. Every other module stays pure Python.

@@ -48,9 +48,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Protocol, TypeVar
+from typing import Any, ClassVar, Final, Protocol
 
 import h11
 import trio
@@ -62,6 +62,7 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
 from ..app.call import call_app
+from ..compiled import mypyc_attr
 from ..errors import ClientDisconnected
 from ..protocol.http1_messages import ResponseWriter, error_response
 from ..protocol.http1_parser import HTTPParser
@@ -89,16 +90,6 @@ from .state import ServerState, log_access
 from .stream import ByteStream, ConnectionStream
 from .ws_outbox import Outbox
 from .ws_reader import WebSocketReader
-
-_T = TypeVar("_T")
-
-try:  # (mypyc's class options)
-    from mypy_extensions import mypyc_attr
-except ImportError:  # (mypy's, which a pure install may lack: a no-op at run time)
-
-    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
-        return lambda cls: cls
-
 
 logger = logging.getLogger(__name__)
 

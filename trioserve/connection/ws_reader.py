@@ -35,11 +35,12 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any, Final, TypeVar
+from collections.abc import Iterator
+from typing import Any, Final
 
 import trio
 
+from ..compiled import mypyc_attr
 from ..protocol.ws_engine import Closed, Event, PingReceived, PongReceived, WebSocketEngine
 from ..protocol.ws_messages import (
     CLOSE_ABNORMAL,
@@ -62,14 +63,6 @@ READER_PAUSE_OUTBOX: Final = 1024 * 1024
 # An app that has stayed away from receive() this long gets a reader of its own.
 IDLE_READ_DELAY: Final = 0.25
 _NEVER: Final = math.inf
-_T = TypeVar("_T")
-
-try:  # (mypyc's class options)
-    from mypy_extensions import mypyc_attr
-except ImportError:  # (mypy's, which a pure install may lack: a no-op at run time)
-
-    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
-        return lambda cls: cls
 
 
 _checkpoint: Final = trio.lowlevel.checkpoint
