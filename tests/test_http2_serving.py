@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import socket
 import subprocess
 import warnings
@@ -342,6 +343,71 @@ async def test_reset_stream_makes_send_raise_client_disconnected() -> None:
                 head, _ = await c.response(await c.request("/next"))
     assert len(outcome) == 1 and isinstance(outcome[0], ClientDisconnected)
     assert head[b":status"] == b"200"
+
+
+async def test_client_goaway_ends_the_streams_in_flight_as_disconnects(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """h2 sends nothing after a GOAWAY it received (h2load sends one when its run ends,
+    with streams in flight): a stream whose app is waiting sees a disconnect (its send()
+    raises ClientDisconnected), a request that arrived with the GOAWAY reaches no app, and
+    nothing is logged as an app's error."""
+    outcome: list[BaseException] = []
+    called: list[str] = []
+    waiting = trio.Event()
+    release = trio.Event()
+    done = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        called.append(scope["path"])
+        if scope["path"] != "/held":
+            return await hello(scope, receive, send)
+        try:
+            waiting.set()
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"late"})
+        except ClientDisconnected as exc:
+            outcome.append(exc)
+            raise
+        finally:
+            done.set()
+
+    async with run_server(app) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            c = Client(stream)
+            await c.flush()
+            await c.request("/held")
+            with trio.fail_after(5):
+                await waiting.wait()
+                # A new request and the GOAWAY in one write: h2 reads both at once.
+                sid = c.conn.get_next_available_stream_id()
+                c.conn.send_headers(
+                    sid,
+                    [
+                        (b":method", b"GET"),
+                        (b":scheme", b"http"),
+                        (b":path", b"/late"),
+                        (b":authority", b"x"),
+                    ],
+                    end_stream=True,
+                )
+                c.conn.close_connection()
+                await c.flush()
+                while await stream.receive_some(65536):
+                    pass  # (the server closes the connection)
+                release.set()
+                await done.wait()
+        with trio.fail_after(5):  # (the server serves the next client as before)
+            fresh = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with fresh:
+                c = Client(fresh)
+                head, _ = await c.response(await c.request("/next"))
+    assert head[b":status"] == b"200"
+    assert called == ["/held", "/next"]
+    assert len(outcome) == 1 and isinstance(outcome[0], ClientDisconnected)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 async def test_graceful_shutdown_sends_goaway_and_lets_the_stream_in_flight_finish() -> None:

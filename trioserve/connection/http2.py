@@ -167,6 +167,11 @@ class HTTP2Connection:
         self._writer_exited = False
         self._writer_done: trio.Event | None = None
 
+    @property
+    def closed(self) -> bool:
+        """h2 sends nothing more: a GOAWAY was received or sent."""
+        return self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -232,7 +237,7 @@ class HTTP2Connection:
                     await self._idle.wait()
         if not self.broken:
             with contextlib.suppress(h2.exceptions.ProtocolError):
-                if self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
+                if not self.closed:
                     self.h2.close_connection(last_stream_id=self._last_stream_id)
             self.wake_writer()
             with trio.move_on_after(LINGER_TIMEOUT):
@@ -381,10 +386,28 @@ class HTTP2Connection:
             elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
                 self.open_windows()
             elif isinstance(event, h2.events.ConnectionTerminated):
-                self._closing = True
+                self._peer_went_away(event)
                 return False
         self.wake_writer()
         return True
+
+    def _peer_went_away(self, event: h2.events.ConnectionTerminated) -> None:
+        """The peer's GOAWAY. h2 sends nothing more after it (its connection state is
+        CLOSED), so no stream in flight can be answered: the apps not called yet are not
+        called, the others see a disconnect (``http.disconnect``; ``send()`` raises
+        ClientDisconnected), as when the connection drops."""
+        logger.debug(
+            "%s - the peer sent GOAWAY (%s), %d stream(s) in flight",
+            self.peer,
+            event.error_code,
+            len(self.streams),
+        )
+        self._closing = True
+        for stream in self._to_start:
+            stream.abandon()
+        self._to_start = []
+        for stream in list(self.streams.values()):
+            stream.was_reset()
 
     def _spend_budget(self) -> bool:
         """Count a reset in the budget (rapid reset, MadeYouReset); False when it is spent."""

@@ -295,8 +295,8 @@ class HTTP2Stream:
                 self.conn.h2.send_headers(self.stream_id, trailers, end_stream=True)
                 self._ended = True
                 self.conn.wake_writer()
-        except h2.exceptions.StreamClosedError:
-            raise ClientDisconnected(f"{self.conn.peer} closed stream {self.stream_id}") from None
+        except h2.exceptions.ProtocolError as exc:
+            raise self._closed_error(exc) from None
         if end:
             self._signal()  # (a receive_body() waiting for the end of the response)
             # The writer sends it once this task waits; a response that ends here need
@@ -521,8 +521,15 @@ class HTTP2Stream:
         side). Raises ClientDisconnected when the stream was reset or already closed."""
         try:
             await self._send_data(data, end_stream=end_stream)
-        except h2.exceptions.StreamClosedError:
-            raise ClientDisconnected(f"{self.conn.peer} closed stream {self.stream_id}") from None
+        except h2.exceptions.ProtocolError as exc:
+            raise self._closed_error(exc) from None
+
+    def _closed_error(self, exc: h2.exceptions.ProtocolError) -> Exception:
+        """What a send refused by h2 raises: ClientDisconnected when the stream or the
+        connection is closed (a reset, the peer's GOAWAY), else h2's error (our bug)."""
+        if isinstance(exc, h2.exceptions.StreamClosedError) or self.reset or self.conn.closed:
+            return ClientDisconnected(f"{self.conn.peer} closed stream {self.stream_id}")
+        return exc
 
     # -- the reader's side ------------------------------------------------------------------
 
