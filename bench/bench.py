@@ -266,7 +266,16 @@ class ServerSpec:
 
 H2_SCENARIOS = frozenset({"h2-hello", "h2-json", "h2-stream1m"})
 # Who speaks h2c with prior knowledge (the HTTP/2 rows): the others would only fail.
-H2C_SERVERS = frozenset({"trioserve", "trioserve-httptools", "hypercorn-trio", "hypercorn-asyncio"})
+H2C_SERVERS = frozenset(
+    {
+        "trioserve",
+        "trioserve-httptools",
+        "trioserve-compiled",
+        "trioserve-httptools-compiled",
+        "hypercorn-trio",
+        "hypercorn-asyncio",
+    }
+)
 # h2load's load for the HTTP/2 rows: 10 connections of 10 concurrent streams; the HTTP/1.1
 # row keeps the same 100 requests in flight on 100 connections (no pipelining).
 H2LOAD_ARGS = ("-c", "10", "-m", "10")
@@ -445,6 +454,11 @@ def parse_wrk(output: str) -> Sample:
         p99_ms=_duration_ms(p99.group(1)) if p99 else None,
         errors=errors,
     )
+
+
+def serves_h2c(spec: ServerSpec) -> bool:
+    """Whether ``spec`` takes the HTTP/2 rows (a --baseline twin as its original does)."""
+    return (spec.base or spec.name) in H2C_SERVERS
 
 
 def baseline_twin(spec: ServerSpec, tree: str) -> ServerSpec:
@@ -761,7 +775,7 @@ def measure(
     if spec.scenarios is not None and scenario.name not in spec.scenarios:
         return Sample(rate=None, note="-")
     h2c = scenario.kind == "h2load" or scenario.name == H2_IDLE
-    if h2c and spec.name not in H2C_SERVERS | {"trioserve-h1"}:
+    if h2c and not serves_h2c(spec) and spec.name != "trioserve-h1":
         return Sample(rate=None, note="-")
     lua_path = None
     if scenario.lua is not None:
@@ -1171,7 +1185,7 @@ def run_instructions(servers: Sequence[str], scenarios: Sequence[str]) -> str:
         for name in servers:
             spec = ALL_SERVERS[name]
             value: float | None = None
-            h2c_only = scenario.kind == "h2load" and name not in H2C_SERVERS
+            h2c_only = scenario.kind == "h2load" and not serves_h2c(spec)
             if (spec.scenarios is None or scenario_name in spec.scenarios) and not h2c_only:
                 try:
                     totals = (

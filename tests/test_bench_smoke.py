@@ -340,3 +340,7 @@ def test_baseline_twins_run_the_same_command_from_the_baseline_tree(tmp_path: Pa
     # Started in the baseline tree, `python -m trioserve` imports that tree's package.
     assert (twin.cwd, twin.pythonpath[0]) == (tree, tree)
     assert original.cwd is None
+    # A twin takes the HTTP/2 rows its original takes; the compiled builds take them too.
+    assert bench.serves_h2c(twin)
+    assert bench.serves_h2c(bench.ALL_SERVERS["trioserve-compiled"])
+    assert not bench.serves_h2c(bench.ALL_SERVERS["uvicorn-h11"])

@@ -9,6 +9,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
+import hyperframe.frame
 import pytest
 from h2.errors import ErrorCodes
 
@@ -405,3 +406,36 @@ def test_request_header_blocks_decode_as_hpacks_own_however_the_table_churns() -
             fields.append((b"x-big", b"v" * 5000))  # larger than the whole table
         assert list(ours.decode(stock.encode(fields), raw=True)) == fields, n
         assert list(ours.header_table.dynamic_entries) == list(stock.header_table.dynamic_entries)
+
+
+def test_closed_streams_are_forgotten_under_constant_load_and_at_idle() -> None:
+    # h2 forgets closed streams only when it counts open ones; the server connection
+    # counts only now and then (protocol.http2.ServerH2Connection), so what it holds
+    # must stay bounded while streams keep coming, and be empty once asked at idle.
+    conn = _server_after_preface()
+    encoder = hpack.Encoder()
+    held = []
+    for n in range(500):
+        sid = 2 * n + 1
+        block = encoder.encode([*BASE, (b":authority", b"a")])
+        events = conn.receive_data(_frame(0x1, 0x5, sid, block))
+        assert isinstance(events[0], h2.events.RequestReceived)
+        conn.send_headers(sid, [(b":status", b"204")], end_stream=True)
+        held.append(len(conn.streams))
+    assert max(held) <= 2 * 16 + 16  # (never more than the sweep bound)
+    assert min(held[100:]) < max(held)  # (swept again and again)
+    conn.forget_closed_streams()  # type: ignore[attr-defined]
+    assert conn.streams == {}
+
+
+def test_received_frames_keep_their_kind_and_a_cheap_repr() -> None:
+    # (The frame buffer hands h2 subclasses whose repr h2's trace log may format cheaply.)
+    conn = _server_after_preface()
+    block = hpack.Encoder().encode([*BASE, (b":authority", b"a")])
+    conn.incoming_buffer.add_data(_frame(0x1, 0x5, 1, block) + _frame(0x6, 0x0, 0, b"p" * 8))
+    frames = list(conn.incoming_buffer)
+    assert [type(f).__mro__[1] for f in frames] == [
+        hyperframe.frame.HeadersFrame,
+        hyperframe.frame.PingFrame,
+    ]
+    assert repr(frames[0]) == "HeadersFrame(stream_id=1)"

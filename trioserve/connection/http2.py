@@ -138,7 +138,7 @@ class HTTP2Connection:
         self._upgrade_settings = upgrade_settings
         self._upgrade_head = upgrade_head
         self._upgrade_admitted = upgrade_admitted
-        self.h2: h2.connection.H2Connection = h2_connection(state.config)
+        self.h2 = h2_connection(state.config)
         self.streams: dict[int, HTTP2Stream] = {}
         self.websockets: set[H2WebSocket] | None = None  # (drain() closes them with 1012)
         # Streams whose task still runs, reset or not: what counts against the limit.
@@ -526,7 +526,7 @@ class HTTP2Connection:
         if not self.running:
             # Let h2 forget its closed streams now (it does so only when the next one
             # opens): an idle connection keeps no finished stream.
-            self.h2.open_inbound_streams  # noqa: B018 (a property with that side effect)
+            self.h2.forget_closed_streams()
         self._stop_reading_if_done()
 
     def wake_writer(self) -> None:

@@ -59,12 +59,16 @@ _DUE: Final = [b""]  # "something is due on the wire" (the head, or the end of t
 class StreamOwner(Protocol):
     """What a stream uses of its connection (``connection.http2.HTTP2Connection``)."""
 
-    h2: h2.connection.H2Connection
     state: ServerState
     peer: str
     broken: bool
     draining: bool
     nursery: trio.Nursery
+
+    @property
+    def h2(self) -> h2.connection.H2Connection: ...
+    @property
+    def closed(self) -> bool: ...  # (h2 sends nothing more: a GOAWAY came or went)
 
     def wake_writer(self) -> None: ...
     def credit(self, stream_id: int, size: int) -> None: ...

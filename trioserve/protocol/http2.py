@@ -38,6 +38,7 @@ import h2.settings
 import hpack
 import hpack.table
 from h2.errors import ErrorCodes
+from hyperframe.frame import FRAMES, ExtensionFrame
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -80,7 +81,7 @@ SEND_BATCH_BYTES: Final = 64 * 1024
 # --h2-max-header-list-size, and refuses a frame as soon as its header announces it too long.
 
 
-class _ServerConnection(h2.connection.H2Connection):
+class ServerH2Connection(h2.connection.H2Connection):
     """``H2Connection`` that leaves the concurrent-stream limit to trioserve.
 
     h2 answers a stream past ``SETTINGS_MAX_CONCURRENT_STREAMS`` with a *connection*
@@ -89,10 +90,44 @@ class _ServerConnection(h2.connection.H2Connection):
     cannot know. The connection task refuses such streams with REFUSED_STREAM instead.
     """
 
+    # h2 asks for ``open_inbound_streams`` on every new stream; its count walks every
+    # stream it holds and forgets the closed ones. trioserve needs only the forgetting
+    # (the count is 0 here), so it is done once the table has doubled since the last
+    # sweep: amortized O(1) per stream instead of O(streams), memory still bounded.
+    _sweep_at = 16
+
     @property
     def open_inbound_streams(self) -> int:
-        super().open_inbound_streams  # noqa: B018 (its side effect forgets closed streams)
+        if len(self.streams) >= self._sweep_at:
+            self.forget_closed_streams()
         return 0
+
+    def forget_closed_streams(self) -> None:
+        """Drop h2's state of every closed stream now (an idle connection keeps none)."""
+        super().open_inbound_streams  # noqa: B018 (its side effect forgets closed streams)
+        self._sweep_at = 2 * len(self.streams) + 16
+
+
+def _quiet_frame_class(kind: type[Frame]) -> type[Frame]:
+    """A subclass of hyperframe's frame class ``kind`` with a cheap ``repr``.
+
+    h2 formats ``repr(frame)`` of every frame it receives for a trace log line, eagerly,
+    whether its logger (here always h2's no-op one) writes it or not: hyperframe's repr
+    formats the flags and body, ~2 % of an HTTP/2 request. :class:`_FrameBuffer` hands
+    frames over as these classes (only the repr differs; h2 dispatches on the class,
+    :class:`_FrameDispatch`).
+    """
+
+    def __repr__(self: Frame) -> str:
+        return f"{kind.__name__}(stream_id={self.stream_id})"
+
+    return type(kind.__name__, (kind,), {"__repr__": __repr__, "__module__": __name__})
+
+
+# hyperframe's frame classes -> their quiet subclasses.
+_QUIET_FRAMES: Final = {
+    kind: _quiet_frame_class(kind) for kind in (*FRAMES.values(), ExtensionFrame)
+}
 
 
 class _FrameDispatch:
@@ -109,7 +144,10 @@ class _FrameDispatch:
     def __init__(self, conn: h2.connection.H2Connection) -> None:
         if not _FrameDispatch._names:
             table = conn._frame_dispatch_table
-            _FrameDispatch._names = {kind: handler.__name__ for kind, handler in table.items()}
+            names = {kind: handler.__name__ for kind, handler in table.items()}
+            for kind, quiet in _QUIET_FRAMES.items():
+                names[quiet] = names[kind]
+            _FrameDispatch._names = names
         self._conn = conn
 
     def __getitem__(self, kind: type[Frame]) -> Any:
@@ -330,7 +368,9 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
     def __next__(self) -> Frame:
         if len(self._data) >= 9:
             self._validate_frame_length(int.from_bytes(self._data[:3], "big"))
-        return super().__next__()
+        frame = super().__next__()
+        frame.__class__ = _QUIET_FRAMES[frame.__class__]
+        return frame
 
     def _update_header_buffer(self, f: Frame | None) -> Frame | None:
         f = super()._update_header_buffer(f)
@@ -344,7 +384,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         return f
 
 
-def h2_connection(config: Config) -> h2.connection.H2Connection:
+def h2_connection(config: Config) -> ServerH2Connection:
     """A server-side ``H2Connection`` with trioserve's settings, not yet initiated.
 
     The caller sends the preface with ``initiate_connection()`` (prior knowledge, ALPN) or
@@ -360,7 +400,7 @@ def h2_connection(config: Config) -> h2.connection.H2Connection:
         validate_outbound_headers=False,  # response_header_list() makes them valid
         normalize_outbound_headers=False,
     )
-    conn = _ServerConnection(config=h2_config)
+    conn = ServerH2Connection(config=h2_config)
     conn._frame_dispatch_table = _FrameDispatch(conn)  # type: ignore[assignment]
     conn.encoder.header_table = _HeaderTable()  # (before any use: h2 has sent nothing)
     conn.remote_settings = _Settings(client=True)  # (the defaults, as h2 made them)
