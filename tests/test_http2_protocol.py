@@ -340,9 +340,21 @@ def test_response_header_blocks_are_hpacks_own_however_the_table_churns() -> Non
         ]
         if n % 97 == 0:
             fields.append((b"x-big", b"v" * 5000))  # larger than the whole table
-        assert ours.encode(fields) == stock.encode(fields), n
-        table = ours.header_table
-        assert list(table.dynamic_entries) == list(stock.header_table.dynamic_entries)
+        for _ in range(1 + n % 3):  # (repeats: the memo of a table-neutral block answers)
+            assert ours.encode(fields) == stock.encode(fields), n
+            table = ours.header_table
+            assert list(table.dynamic_entries) == list(stock.header_table.dynamic_entries)
+    # A list encoded again with the table unchanged is answered from the memo; once
+    # another list added entries (the indexes moved), it is encoded anew.
+    fields = [(b":status", b"200"), (b"server", b"trioserve"), (b"x-a", b"1")]
+    for _ in range(2):
+        assert ours.encode(fields) == stock.encode(fields)
+    assert ours.encode(list(fields)) is ours.encode(fields)
+    stock.encode(fields)
+    stock.encode(fields)
+    other = [(b":status", b"200"), (b"x-b", b"2")]
+    assert ours.encode(other) == stock.encode(other)
+    assert ours.encode(fields) == stock.encode(fields)
 
 
 def test_settings_of_an_idle_connection_stay_small() -> None:
@@ -404,8 +416,15 @@ def test_request_header_blocks_decode_as_hpacks_own_however_the_table_churns() -
         ]
         if n % 97 == 0:
             fields.append((b"x-big", b"v" * 5000))  # larger than the whole table
-        assert list(ours.decode(stock.encode(fields), raw=True)) == fields, n
-        assert list(ours.header_table.dynamic_entries) == list(stock.header_table.dynamic_entries)
+        for _ in range(1 + n % 3):  # (repeats: the memo of a table-neutral block answers)
+            assert list(ours.decode(stock.encode(fields), raw=True)) == fields, n
+            entries = list(ours.header_table.dynamic_entries)
+            assert entries == list(stock.header_table.dynamic_entries)
+    assert ours._memo is not None  # (made by the repeats)
+    # A table size update in a block that repeats a memo's fields is still applied.
+    stock.header_table_size = 512
+    assert list(ours.decode(stock.encode(fields), raw=True)) == fields
+    assert ours.header_table.maxsize == 512
 
 
 def test_closed_streams_are_forgotten_under_constant_load_and_at_idle() -> None:

@@ -28,7 +28,7 @@ import base64
 import binascii
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import h2.config
 import h2.connection
@@ -165,19 +165,71 @@ class CompressionError(h2.exceptions.ProtocolError):
     error_code = ErrorCodes.COMPRESSION_ERROR
 
 
+# HPACK's output is a function of its input and its dynamic table: a header block that
+# neither added to nor resized the table (every field indexed, or literal without
+# indexing, as a client repeating its request sends, and as a server repeating its
+# response fields sends once they are in the table) comes out the same for the same input
+# as long as the table has not changed since. _Encoder and _Decoder keep the last such
+# block and answer it again without HPACK's per-field work (about a tenth of a small
+# HTTP/2 request's instructions). The table's state is told by the number of entries ever
+# added and its size limit; a memo is made only after a block that changed neither, so a
+# connection that served one request holds none (idle memory).
+
+
+class _Encoder(hpack.Encoder):
+    """HPACK's encoder, with the last table-neutral header list's block kept (above)."""
+
+    _memo: tuple[list[Any], int, int, bool, bytes] | None = None
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        table = cast("_HeaderTable", self.header_table)
+        memo = self._memo
+        if (
+            memo is not None
+            and memo[1] == table._added
+            and memo[2] == table.maxsize
+            and memo[3] is huffman
+            and memo[0] == headers
+            and not self.table_size_changes
+        ):
+            return memo[4]
+        added, size = table._added, table.maxsize
+        neutral = type(headers) is list and not self.table_size_changes
+        block = super().encode(headers, huffman)
+        if neutral and table._added == added and table.maxsize == size:
+            self._memo = (list(headers), added, size, huffman, block)
+        return block
+
+
 class _Decoder(hpack.Decoder):
-    """HPACK's decoder raising :class:`CompressionError` for a block it cannot decode.
+    """HPACK's decoder raising :class:`CompressionError` for a block it cannot decode,
+    with the last table-neutral block's header list kept (above).
 
     ``OversizedHeaderListError`` stays what it is: h2 answers it with ENHANCE_YOUR_CALM.
     """
 
+    _memo: tuple[bytes, bool, tuple[int, int, int, int], list[hpack.HeaderTuple]] | None = None
+
     def decode(self, data: bytes, raw: bool = False) -> Iterable[hpack.HeaderTuple]:
+        table = cast("_DecoderTable", self.header_table)
+        state = (
+            table._added,
+            table.maxsize,
+            self.max_header_list_size,
+            self.max_allowed_table_size,
+        )
+        memo = self._memo
+        if memo is not None and memo[2] == state and memo[1] is raw and memo[0] == data:
+            return list(memo[3])
         try:
-            return super().decode(data, raw)
+            headers = super().decode(data, raw)
         except hpack.OversizedHeaderListError:
             raise
         except (hpack.HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise CompressionError(f"Error decoding header block: {exc}") from exc
+        if table._added == state[0] and table.maxsize == state[1] and type(headers) is list:
+            self._memo = (bytes(data), raw, state, list(headers))
+        return headers
 
 
 class _Values(list[int]):
@@ -266,11 +318,18 @@ class _Entries(list[tuple[bytes, bytes]]):
 
 
 class _DecoderTable(hpack.table.HeaderTable):
-    """HPACK's header table (the decoder's side) with its entries in an :class:`_Entries`."""
+    """HPACK's header table (the decoder's side) with its entries in an :class:`_Entries`,
+    counting the entries ever added (:class:`_Decoder`'s memo)."""
+
+    _added = 0
 
     def __init__(self) -> None:
         super().__init__()
         self.dynamic_entries = _Entries()  # type: ignore[assignment]
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self._added += 1
+        super().add(name, value)
 
 
 class _HeaderTable(hpack.table.HeaderTable):
@@ -402,6 +461,7 @@ def h2_connection(config: Config) -> ServerH2Connection:
     )
     conn = ServerH2Connection(config=h2_config)
     conn._frame_dispatch_table = _FrameDispatch(conn)  # type: ignore[assignment]
+    conn.encoder = _Encoder()
     conn.encoder.header_table = _HeaderTable()  # (before any use: h2 has sent nothing)
     conn.remote_settings = _Settings(client=True)  # (the defaults, as h2 made them)
     conn.local_settings = _Settings(
