@@ -15,14 +15,13 @@ from h2.errors import ErrorCodes
 
 from trioserve.config import Config
 from trioserve.errors import ConfigError
+from trioserve.protocol.h2_engine import h2_connection, header_block_pending
 from trioserve.protocol.http2 import (
     PREFACE,
     ResetBudget,
     StreamError,
     connection_window_increment,
-    h2_connection,
     h2c_settings,
-    header_block_pending,
     preface_state,
     request_head,
     response_header_list,
@@ -321,7 +320,7 @@ def test_header_list_limit_applies_from_the_first_request() -> None:
 
 
 def test_response_header_blocks_are_hpacks_own_however_the_table_churns() -> None:
-    # The server's encoder looks fields up by dict (protocol.http2._HeaderTable); its
+    # The server's encoder looks fields up by dict (protocol.h2_engine._HeaderTable); its
     # blocks must be byte for byte those of hpack's scanning encoder, through evictions
     # (a changing date, varying lengths), a field larger than the table, and resizes
     # (the client's SETTINGS_HEADER_TABLE_SIZE, down to 0 and up again).
@@ -382,7 +381,7 @@ def test_settings_of_an_idle_connection_stay_small() -> None:
 
 def test_settings_tables_are_shared_while_no_change_is_in_flight() -> None:
     # Memory per idle connection: connections with the same settings share one table
-    # (protocol.http2._Settings); a change in flight gives its connection a table of its
+    # (protocol.h2_engine._Settings); a change in flight gives its connection a table of its
     # own, and the acknowledgement shares it again.
     a, b = _server_after_preface(), _server_after_preface()
     assert a.local_settings._settings is b.local_settings._settings
@@ -400,7 +399,7 @@ def test_settings_tables_are_shared_while_no_change_is_in_flight() -> None:
 
 
 def test_request_header_blocks_decode_as_hpacks_own_however_the_table_churns() -> None:
-    # The server's decoder keeps its dynamic table in a list (protocol.http2._Entries):
+    # The server's decoder keeps its dynamic table in a list (protocol.h2_engine._Entries):
     # every block a stock encoder makes decodes to its fields, through evictions, a field
     # larger than the table and table size updates.
     ours = _server_after_preface().decoder
@@ -429,7 +428,7 @@ def test_request_header_blocks_decode_as_hpacks_own_however_the_table_churns() -
 
 def test_closed_streams_are_forgotten_under_constant_load_and_at_idle() -> None:
     # h2 forgets closed streams only when it counts open ones; the server connection
-    # counts only now and then (protocol.http2.ServerH2Connection), so what it holds
+    # counts only now and then (protocol.h2_engine.ServerH2Connection), so what it holds
     # must stay bounded while streams keep coming, and be empty once asked at idle.
     conn = _server_after_preface()
     encoder = hpack.Encoder()

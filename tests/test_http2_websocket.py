@@ -33,7 +33,7 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 
 from trioserve.config import Config
-from trioserve.protocol.http2 import h2_connection
+from trioserve.protocol.h2_engine import h2_connection
 
 pytestmark = pytest.mark.usefixtures("both_ws_engines")
 

@@ -36,6 +36,9 @@ except ImportError:  # (it comes with mypy, which a pure install may lack: a no-
 # object per request, and CPython's specialized attribute access works only on ordinary
 # instances: compiled, the h11 default cost more instructions per request than pure.
 #
+# HTTP/2's connection, stream and heads are compiled; protocol.h2_engine is not: its
+# classes subclass h2's, hpack's and hyperframe's, whose own interpreted code uses them.
+#
 # The WebSocket path is compiled too, but for protocol.ws_deflate (its class subclasses
 # wsproto's PerMessageDeflate, and it runs only with permessage-deflate). ws_websockets'
 # subclass of websockets' ServerProtocol stays an ordinary class there (websockets' own code
@@ -57,6 +60,9 @@ COMPILED_MODULES: Final = (
     "trioserve.connection.ws_outbox",
     "trioserve.connection.ws_reader",
     "trioserve.connection.websocket",
+    "trioserve.protocol.http2",
+    "trioserve.connection.http2_stream",
+    "trioserve.connection.http2",
 )
 
 

@@ -63,20 +63,20 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from ..errors import ClientDisconnected
+from ..protocol.h2_engine import h2_connection
 from ..protocol.http2 import (
     MAX_OUTBOUND_BACKLOG,
     RequestHead,
     ResetBudget,
     StreamError,
     connection_window_increment,
-    h2_connection,
     request_head,
 )
 from ..protocol.scope import ConnectionFacts, http_scope
 from .http2_stream import HTTP2Stream
 from .http2_websocket import H2WebSocket
 from .state import ServerState
-from .stream import ConnectionStream
+from .stream import LINGER_TIMEOUT, ConnectionStream
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,6 @@ RECEIVE_SIZE: Final = 64 * 1024
 WRITER_TASK: Final = "h2 writer"  # (started again after the connection was idle)
 READER_TASK: Final = "h2 reader"  # (the reader, after an app it called waited)
 _LAST_STREAM_ID: Final = 2**31 - 1
-# After the last GOAWAY: how long, and how many bytes, to read and drop before the close.
-LINGER_TIMEOUT: Final = 1.0
-MAX_LINGER_BYTES: Final = 1024 * 1024
 
 
 class HTTP2Connection:
@@ -167,11 +164,6 @@ class HTTP2Connection:
         self._writer_exited = False
         self._writer_done: trio.Event | None = None
 
-    @property
-    def closed(self) -> bool:
-        """h2 sends nothing more: a GOAWAY was received or sent."""
-        return self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -189,7 +181,7 @@ class HTTP2Connection:
             logger.exception("%s - internal error in HTTP/2 connection task", self.peer)
         finally:
             self.state.connections.discard(self)
-            await trio.aclose_forcefully(self.stream)
+            await self.io.aclose()  # (lingering after our GOAWAY, forcefully if cancelled)
 
     def _start(self, nursery: trio.Nursery) -> None:
         conn = self.h2
@@ -237,7 +229,7 @@ class HTTP2Connection:
                     await self._idle.wait()
         if not self.broken:
             with contextlib.suppress(h2.exceptions.ProtocolError):
-                if not self.closed:
+                if not self.h2.closed:
                     self.h2.close_connection(last_stream_id=self._last_stream_id)
             self.wake_writer()
             with trio.move_on_after(LINGER_TIMEOUT):
@@ -247,25 +239,12 @@ class HTTP2Connection:
                 if not self._writer_exited:
                     self._writer_done = trio.Event()
                     await self._writer_done.wait()
-                await self._linger()
+                # Let the GOAWAY arrive: a close with unread bytes would reset the connection
+                # (RFC 9113 §6.8: the sender of a GOAWAY keeps the connection open a while).
+                self.io.linger_on_close()
         for stream in self.streams.values():
             stream.was_reset()
         nursery.cancel_scope.cancel()
-
-    async def _linger(self) -> None:
-        """Let the GOAWAY arrive: a close with unread bytes would reset the connection
-        (RFC 9113 §6.8 asks the sender of a GOAWAY to keep the connection open a while)."""
-        try:
-            if isinstance(self.stream, trio.abc.HalfCloseableStream):
-                await self.stream.send_eof()
-            discarded = 0
-            while discarded < MAX_LINGER_BYTES:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    return
-                discarded += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -392,16 +371,9 @@ class HTTP2Connection:
         return True
 
     def _peer_went_away(self, event: h2.events.ConnectionTerminated) -> None:
-        """The peer's GOAWAY. h2 sends nothing more after it (its connection state is
-        CLOSED), so no stream in flight can be answered: the apps not called yet are not
-        called, the others see a disconnect (``http.disconnect``; ``send()`` raises
-        ClientDisconnected), as when the connection drops."""
-        logger.debug(
-            "%s - the peer sent GOAWAY (%s), %d stream(s) in flight",
-            self.peer,
-            event.error_code,
-            len(self.streams),
-        )
+        """The peer's GOAWAY: h2 sends nothing more, so no stream in flight can be answered.
+        Apps not called yet are not called; the others see a disconnect, as on a drop."""
+        logger.debug("%s - GOAWAY (%s) received", self.peer, event.error_code)
         self._closing = True
         for stream in self._to_start:
             stream.abandon()

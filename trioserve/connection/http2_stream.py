@@ -16,8 +16,7 @@ messages, write turns, coalescing, ``http.disconnect``, 500 / 499, the access li
   something is due on the wire; ``write`` reads the head, the trailers and whether the
   response ended from the encoder.
 
-The stream never imports the connection (``connection.http2``): what it needs of it is
-:class:`StreamOwner`.
+It never imports the connection (``connection.http2``): it needs :class:`StreamOwner`.
 """
 
 from __future__ import annotations
@@ -29,12 +28,12 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
-import h2.connection
 import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 
 from ..errors import AppProtocolError, ClientDisconnected
+from ..protocol.h2_engine import ServerH2Connection
 from ..protocol.http1_messages import REASONS
 from ..protocol.http2 import SEND_BATCH_BYTES, SEND_WINDOW_TIMEOUT, response_header_list
 from ..protocol.response_extensions import FileRegion, early_hint_fields, trailer_fields
@@ -66,9 +65,7 @@ class StreamOwner(Protocol):
     nursery: trio.Nursery
 
     @property
-    def h2(self) -> h2.connection.H2Connection: ...
-    @property
-    def closed(self) -> bool: ...  # (h2 sends nothing more: a GOAWAY came or went)
+    def h2(self) -> ServerH2Connection: ...
 
     def wake_writer(self) -> None: ...
     def credit(self, stream_id: int, size: int) -> None: ...
@@ -529,11 +526,10 @@ class HTTP2Stream:
             raise self._closed_error(exc) from None
 
     def _closed_error(self, exc: h2.exceptions.ProtocolError) -> Exception:
-        """What a send refused by h2 raises: ClientDisconnected when the stream or the
-        connection is closed (a reset, the peer's GOAWAY), else h2's error (our bug)."""
-        if isinstance(exc, h2.exceptions.StreamClosedError) or self.reset or self.conn.closed:
+        """ClientDisconnected for a send h2 refused on a closed stream or connection."""
+        if isinstance(exc, h2.exceptions.StreamClosedError) or self.reset or self.conn.h2.closed:
             return ClientDisconnected(f"{self.conn.peer} closed stream {self.stream_id}")
-        return exc
+        return exc  # (our bug)
 
     # -- the reader's side ------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """A WebSocket over an HTTP/2 stream (RFC 8441) (layer 4).
 
 A client that saw ``SETTINGS_ENABLE_CONNECT_PROTOCOL = 1`` (sent when ``--ws`` is not
-``none``: ``protocol.http2.h2_connection``) opens a WebSocket with an *extended CONNECT*:
+``none``: ``protocol.h2_engine.h2_connection``) opens a WebSocket with an *extended CONNECT*:
 ``:method CONNECT``, ``:protocol websocket``, ``:scheme``, ``:path`` and ``:authority``,
 without Upgrade, Connection or Sec-WebSocket-Key (RFC 8441 §4-5). The stream is then the
 WebSocket's byte stream: its DATA frames carry the WebSocket frames, both ways.
