@@ -99,10 +99,15 @@ async def _keep_alive_client(port: int, stop: trio.Event, load: KeepAliveLoad) -
                     break
 
 
-async def under_load(server: ServerProcess, event: Callable[[], Awaitable[None]]) -> KeepAliveLoad:
-    """Keep-alive load for ``WARM_UP`` seconds, then ``event()``, then ``COOL_DOWN`` more."""
+async def under_load(
+    server: ServerProcess,
+    event: Callable[[], Awaitable[None]],
+    load: KeepAliveLoad | None = None,
+) -> KeepAliveLoad:
+    """Keep-alive load for ``WARM_UP`` seconds, then ``event()``, then ``COOL_DOWN`` more
+    (counted in ``load``, when given, so that ``event`` can watch it)."""
     stop = trio.Event()
-    load = KeepAliveLoad()
+    load = KeepAliveLoad() if load is None else load
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keep_alive_load, server.port, stop, load)
         await trio.sleep(WARM_UP)
@@ -174,12 +179,18 @@ async def test_sigttou_removes_workers_under_keep_alive_load_without_a_failed_re
         async with started_process(worker_args(app_dir, workers=3)) as server:
             workers = await server.wait_ready(3)
 
+            load = KeepAliveLoad()
+
             async def remove_two() -> None:
+                # (Every worker serves before two go: on a busy machine the warm-up alone
+                # may not reach the third.)
+                while load.pids != set(workers):
+                    await trio.sleep(0.05)
                 for count in (1, 2):
                     server.signal(signal.SIGTTOU)
                     await server.wait_for(r"Worker process \[\d+\] stopped", count=count)
 
-            load = await under_load(server, remove_two)
+            await under_load(server, remove_two, load)
             assert_no_failure(load, server)
             assert load.pids == set(workers)
             assert load.closes > 0  # the two drained with kept-alive connections busy
