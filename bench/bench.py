@@ -261,6 +261,8 @@ class ServerSpec:
             ]
         if self.name == "trio-h11-min":
             return [py, str(BENCH_DIR / "apps" / "trio_h11_min.py"), p]
+        if self.name == "trio-httptools-min":
+            return [py, str(BENCH_DIR / "apps" / "trio_httptools_min.py"), p]
         raise ValueError(self.name)
 
 
@@ -306,6 +308,11 @@ SERVERS: dict[str, ServerSpec] = {
         ServerSpec(
             "trio-h11-min",
             "bare trio + h11 loop, no ASGI (bench/apps/trio_h11_min.py)",
+            frozenset({"hello", "close", "idle"}),
+        ),
+        ServerSpec(
+            "trio-httptools-min",
+            "bare trio + httptools loop, no ASGI (bench/apps/trio_httptools_min.py)",
             frozenset({"hello", "close", "idle"}),
         ),
         ServerSpec(
@@ -1044,6 +1051,7 @@ INSTRUCTION_SERVERS = (
     "uvicorn-h11",
     "uvicorn-httptools",
     "trio-h11-min",
+    "trio-httptools-min",
 )
 
 

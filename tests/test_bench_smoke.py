@@ -344,3 +344,38 @@ def test_baseline_twins_run_the_same_command_from_the_baseline_tree(tmp_path: Pa
     assert bench.serves_h2c(twin)
     assert bench.serves_h2c(bench.ALL_SERVERS["trioserve-compiled"])
     assert not bench.serves_h2c(bench.ALL_SERVERS["uvicorn-h11"])
+
+
+def test_trio_httptools_floor_serves_keep_alive_and_honours_close() -> None:
+    # The bench's floor row (bench/apps/trio_httptools_min.py): real process, real socket.
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = Path(bench.BENCH_DIR) / "apps" / "trio_httptools_min.py"
+    proc = subprocess.Popen([sys.executable, str(app), str(port)])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the floor server did not start"
+                time.sleep(0.05)
+        with sock:
+            get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            sock.sendall(get + get + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+    finally:
+        proc.kill()
+        proc.wait()
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert received.count(b"\r\n\r\nHello, world!") == 3
+    assert received.endswith(b"connection: close\r\n\r\nHello, world!")
