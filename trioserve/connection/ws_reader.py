@@ -226,9 +226,7 @@ class WebSocketReader:
                 self._send_failure()
                 return self._disconnect or disconnect_message(CLOSE_ABNORMAL)
         elif self._idle_check_at == _NEVER and not self._read_done:
-            self._receives += 1
             self._arm_idle_check()
-            return inbox.popleft()
         self._receives += 1
         return inbox.popleft()
 
