@@ -7,8 +7,10 @@ Usage: python bench/apps/trio_h11_min.py PORT
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 
 import h11
@@ -61,9 +63,10 @@ async def handle(stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def main(port: int) -> None:
-    await trio.serve_tcp(handle, port, host="127.0.0.1")
+def serve(handler: Callable[[trio.SocketStream], Awaitable[None]]) -> None:
+    """Serve ``handler`` on 127.0.0.1, on the port the command line names, until stopped."""
+    trio.run(functools.partial(trio.serve_tcp, handler, int(sys.argv[1]), host="127.0.0.1"))
 
 
 if __name__ == "__main__":
-    trio.run(main, int(sys.argv[1]))
+    serve(handle)

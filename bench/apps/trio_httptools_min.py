@@ -10,11 +10,9 @@ Usage: python bench/apps/trio_httptools_min.py PORT
 
 from __future__ import annotations
 
-import sys
-
 import httptools
 import trio
-from trio_h11_min import BODY, date_header
+from trio_h11_min import BODY, date_header, serve
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 13\r\n"
 
@@ -66,9 +64,5 @@ async def handle(stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def main(port: int) -> None:
-    await trio.serve_tcp(handle, port, host="127.0.0.1")
-
-
 if __name__ == "__main__":
-    trio.run(main, int(sys.argv[1]))
+    serve(handle)
