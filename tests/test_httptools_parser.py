@@ -153,6 +153,7 @@ UPGRADE_HEAD = b"POST /u HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection
 @settings(max_examples=500, deadline=None)
 @given(raw=http_like, cut=st.integers(min_value=0, max_value=512))
 @example(raw=UPGRADE_HEAD + b"Content-Length: 5\r\n\r\nhello", cut=90)
+@example(raw=b"GET 0 HTTP/2.0\r\n\r\n", cut=1)
 @example(raw=UPGRADE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", cut=100)
 def test_httptools_accepts_only_what_h11_accepts_with_the_same_events(raw: bytes, cut: int) -> None:
     raw = b"GET /v HTTP/1.1\r\nHost: t\r\n\r\n" * (cut % 2) + raw
@@ -162,8 +163,11 @@ def test_httptools_accepts_only_what_h11_accepts_with_the_same_events(raw: bytes
     if accepted(ours):
         assert ours == theirs, (raw, ours, theirs)
     refused = [events[-1][1] for events in (ours, theirs) if events and events[-1][0] == "error"]
-    if len(refused) == 2 and "eof" not in refused:
-        # Both refuse a complete head: with the same class of status (4xx/5xx).
+    if len(refused) == 2 and "eof" not in refused and sorted(refused) != [400, 505]:
+        # Both refuse a complete head: with the same class of status (4xx/5xx). (But for
+        # a head with two faults, a version other than 1.x and another: llhttp meets the
+        # other first, say a target it refuses, where h11 accepts that and trioserve then
+        # answers the version with 505: "GET 0 HTTP/2.0".)
         assert refused[0] // 100 == refused[1] // 100, (raw, ours, theirs)
 
 
@@ -294,6 +298,39 @@ def test_httptools_refuses_where_llhttp_alone_would_be_lenient(raw: bytes, statu
     for pieces in ([raw], [raw[i : i + 1] for i in range(len(raw))]):
         events = events_of(HttptoolsConnection(max_incomplete_event_size=16 * 1024), pieces)
         assert events[-1] == ("error", status), events[-3:]
+
+
+@pytest.mark.parametrize(
+    ("pieces", "versions"),
+    [
+        ([b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n"], [b"1.1"]),
+        ([b"GET /a HTTP/1.0\r\nX: a HTTP/1.1\r\n\r\n"], [b"1.0"]),
+        ([b"GET /HTTP/1.1 HTTP/1.0\r\n\r\n"], [b"1.0"]),
+        ([b"GET /a HTTP/1", b".1\r\nHost: t\r\n\r\n"], [b"1.1"]),
+        ([b"GET /a HTTP/1.0\r\nHo", b"st: t\r\n\r\n"], [b"1.0"]),
+        # Pipelined in one read: only the first head begins it.
+        (
+            [b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.0\r\nHost: t\r\n\r\n"],
+            [b"1.1", b"1.0"],
+        ),
+        (
+            [b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\n"],
+            [b"1.1", b"1.1"],
+        ),
+        ([b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HT", b"TP/1.0\r\n\r\n"], [b"1.1", b"1.0"]),
+    ],
+)
+def test_the_version_is_the_request_line_s_whichever_read_brings_it(
+    pieces: list[bytes], versions: list[bytes]
+) -> None:
+    """The HTTP/1.1 of a head that begins a read is read off its request line, not asked of
+    llhttp: a pipelined or split head, or "HTTP/1.1" elsewhere in the head, must not fool it."""
+    ours = events_of(HttptoolsConnection(), pieces, every_request=True)
+    theirs = events_of(
+        H11Connection(max_incomplete_event_size=16 * 1024), pieces, every_request=True
+    )
+    assert [event[3] for event in ours if event[0] == "request"] == versions
+    assert ours == theirs
 
 
 def test_pipelined_bytes_wait_unparsed_until_the_next_cycle() -> None:

@@ -134,102 +134,116 @@ def h(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in pairs]
 
 
-@pytest.mark.parametrize(
-    ("headers", "client", "scheme"),
-    [
-        pytest.param(h(("x-forwarded-for", "203.0.113.7")), ("203.0.113.7", 0), None, id="one-hop"),
-        pytest.param(
-            h(("x-forwarded-for", "203.0.113.7, 10.0.0.2, 10.0.0.3")),
-            ("203.0.113.7", 0),
-            None,
-            id="skip-trusted-proxies",
-        ),
-        pytest.param(
-            h(("x-forwarded-for", "6.6.6.6, 203.0.113.7, 10.0.0.2")),
-            ("203.0.113.7", 0),
-            None,
-            id="spoofed-left-part-ignored",
-        ),
-        pytest.param(
-            h(("x-forwarded-for", "10.0.0.5, 10.0.0.2")),
-            ("10.0.0.5", 0),
-            None,
-            id="all-trusted-leftmost",
-        ),
-        pytest.param(
-            h(("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "203.0.113.7")),
-            ("203.0.113.7", 0),
-            None,
-            id="repeated-header-joined",
-        ),
-        pytest.param(
-            h(("x-forwarded-for", "garbage, 10.0.0.2")),
-            ("10.0.0.2", 0),
-            None,
-            id="unparsable-hop-stops-walk",
-        ),
-        pytest.param(
-            h(("x-forwarded-for", "10.0.0.2, garbage")),
-            None,
-            None,
-            id="unparsable-rightmost-ignored",
-        ),
-        pytest.param(h(("x-forwarded-for", "")), None, None, id="empty"),
-        pytest.param(
-            h(("x-forwarded-for", "[2001:db8::1]:4711")),
-            ("2001:db8::1", 4711),
-            None,
-            id="ipv6-with-port",
-        ),
-        pytest.param(h(("x-forwarded-proto", "https")), None, "https", id="proto-only"),
-        pytest.param(h(("x-forwarded-proto", "HTTPS ")), None, "https", id="proto-case"),
-        pytest.param(h(("x-forwarded-proto", "gopher")), None, None, id="proto-unknown"),
-        pytest.param(
-            h(("x-forwarded-for", "203.0.113.7, 10.0.0.2"), ("x-forwarded-proto", "https, http")),
-            ("203.0.113.7", 0),
-            "https",
-            id="proto-per-hop",
-        ),
-        pytest.param(
-            h(("x-forwarded-for", "203.0.113.7, 10.0.0.2"), ("x-forwarded-proto", "wss")),
-            ("203.0.113.7", 0),
-            "wss",
-            id="proto-single-value",
-        ),
-        pytest.param(
-            h(("forwarded", 'for=203.0.113.7;proto=https, for="10.0.0.2:80"')),
-            ("203.0.113.7", 0),
-            "https",
-            id="forwarded",
-        ),
-        pytest.param(
-            h(("forwarded", "for=10.0.0.9;proto=https, for=10.0.0.2;proto=http")),
-            ("10.0.0.9", 0),
-            "https",
-            id="forwarded-all-trusted",
-        ),
-        pytest.param(
-            h(("forwarded", "for=unknown;proto=https")), None, "https", id="forwarded-unknown"
-        ),
-        pytest.param(
-            h(("forwarded", "for=203.0.113.7"), ("x-forwarded-for", "198.51.100.1")),
-            ("203.0.113.7", 0),
-            None,
-            id="forwarded-wins",
-        ),
-        pytest.param(
-            h(("forwarded", 'for="broken'), ("x-forwarded-for", "198.51.100.1")),
-            ("198.51.100.1", 0),
-            None,
-            id="malformed-forwarded-falls-back",
-        ),
-        pytest.param(h(("host", "example.com")), None, None, id="no-headers"),
-    ],
-)
+RESOLVE_CASES = [
+    pytest.param(h(("x-forwarded-for", "203.0.113.7")), ("203.0.113.7", 0), None, id="one-hop"),
+    pytest.param(
+        h(("x-forwarded-for", "203.0.113.7, 10.0.0.2, 10.0.0.3")),
+        ("203.0.113.7", 0),
+        None,
+        id="skip-trusted-proxies",
+    ),
+    pytest.param(
+        h(("x-forwarded-for", "6.6.6.6, 203.0.113.7, 10.0.0.2")),
+        ("203.0.113.7", 0),
+        None,
+        id="spoofed-left-part-ignored",
+    ),
+    pytest.param(
+        h(("x-forwarded-for", "10.0.0.5, 10.0.0.2")),
+        ("10.0.0.5", 0),
+        None,
+        id="all-trusted-leftmost",
+    ),
+    pytest.param(
+        h(("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "203.0.113.7")),
+        ("203.0.113.7", 0),
+        None,
+        id="repeated-header-joined",
+    ),
+    pytest.param(
+        h(("x-forwarded-for", "garbage, 10.0.0.2")),
+        ("10.0.0.2", 0),
+        None,
+        id="unparsable-hop-stops-walk",
+    ),
+    pytest.param(
+        h(("x-forwarded-for", "10.0.0.2, garbage")),
+        None,
+        None,
+        id="unparsable-rightmost-ignored",
+    ),
+    pytest.param(h(("x-forwarded-for", "")), None, None, id="empty"),
+    pytest.param(
+        h(("x-forwarded-for", "[2001:db8::1]:4711")),
+        ("2001:db8::1", 4711),
+        None,
+        id="ipv6-with-port",
+    ),
+    pytest.param(h(("x-forwarded-proto", "https")), None, "https", id="proto-only"),
+    pytest.param(h(("x-forwarded-proto", "HTTPS ")), None, "https", id="proto-case"),
+    pytest.param(h(("x-forwarded-proto", "gopher")), None, None, id="proto-unknown"),
+    pytest.param(
+        h(("x-forwarded-for", "203.0.113.7, 10.0.0.2"), ("x-forwarded-proto", "https, http")),
+        ("203.0.113.7", 0),
+        "https",
+        id="proto-per-hop",
+    ),
+    pytest.param(
+        h(("x-forwarded-for", "203.0.113.7, 10.0.0.2"), ("x-forwarded-proto", "wss")),
+        ("203.0.113.7", 0),
+        "wss",
+        id="proto-single-value",
+    ),
+    pytest.param(
+        h(("forwarded", 'for=203.0.113.7;proto=https, for="10.0.0.2:80"')),
+        ("203.0.113.7", 0),
+        "https",
+        id="forwarded",
+    ),
+    pytest.param(
+        h(("forwarded", "for=10.0.0.9;proto=https, for=10.0.0.2;proto=http")),
+        ("10.0.0.9", 0),
+        "https",
+        id="forwarded-all-trusted",
+    ),
+    pytest.param(
+        h(("forwarded", "for=unknown;proto=https")), None, "https", id="forwarded-unknown"
+    ),
+    pytest.param(
+        h(("forwarded", "for=203.0.113.7"), ("x-forwarded-for", "198.51.100.1")),
+        ("203.0.113.7", 0),
+        None,
+        id="forwarded-wins",
+    ),
+    pytest.param(
+        h(("forwarded", 'for="broken'), ("x-forwarded-for", "198.51.100.1")),
+        ("198.51.100.1", 0),
+        None,
+        id="malformed-forwarded-falls-back",
+    ),
+    pytest.param(h(("host", "example.com")), None, None, id="no-headers"),
+]
+
+
+@pytest.mark.parametrize(("headers", "client", "scheme"), RESOLVE_CASES)
 def test_resolve_forwarded_table(
     headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None, scheme: str | None
 ) -> None:
     assert resolve_forwarded(headers, PROXIES) == (client, scheme)
+
+
+@pytest.mark.parametrize(("headers", "client", "scheme"), RESOLVE_CASES)
+def test_apply_proxy_headers_sets_what_resolve_forwarded_finds(
+    headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None, scheme: str | None
+) -> None:
+    """The scope takes what the headers report, whichever of them reports it (the scope's
+    own look for a forwarding field must not miss one)."""
+    peer = ("10.0.0.2", 4000)
+    scope: dict[str, Any] = {"type": "http", "scheme": "http", "client": peer, "headers": headers}
+    apply_proxy_headers(scope, PROXIES)
+    assert scope["client"] == (client or peer)
+    as_http = {"ws": "http", "wss": "https"}  # (an http scope's scheme)
+    assert scope["scheme"] == as_http.get(scheme or "http", scheme or "http")
 
 
 @pytest.mark.parametrize(
