@@ -263,8 +263,8 @@ class HTTPConnection(HTTP1Body):
                 # cross-CPU interrupt; in bursts it takes several per wake-up. (Issue
                 # 21: 0.29 -> 0.12 interrupts and 1.35 -> 0.74 context switches per
                 # hello request under wrk, 3 % less CPU per request in all, though
-                # the trip itself costs ~0.8 us.) A hard stop that came meanwhile
-                # ends the connection here, before the app is called.
+                # the trip itself costs ~0.8 us.) A hard stop that came meanwhile ends the
+                # connection here, before the app is called.
                 await _checkpoint()
                 reusable = await self._handle_request(*head, tasks)
                 # (Not kept while the connection waits for its next request: the last

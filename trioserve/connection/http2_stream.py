@@ -273,10 +273,11 @@ class HTTP2Stream:
     def peer(self) -> str:
         return self.conn.peer
 
-    async def write(self, data: bytes | list[bytes]) -> None:
+    async def write(self, data: bytes | list[bytes], *, last: bool = False) -> None:
         """Queue the response so far on ``h2``: HEADERS first, then DATA as the windows
         allow, then the end of the stream (with the trailers) once the encoder says the
-        response is complete. ClientDisconnected when the stream was reset."""
+        response is complete (so ``last`` is not needed). ClientDisconnected when the
+        stream was reset."""
         encoder = self.encoder
         body = data if isinstance(data, bytes) or len(data) > 1 else data[0]
         end = encoder.complete and not self._more_file

@@ -101,8 +101,8 @@ class StreamBytes:
     def write_nowait(self, data: bytes | bytearray | memoryview) -> int:
         return 0  # (not fast: never called)
 
-    async def write(self, data: bytes | list[bytes]) -> None:
-        """Send ``data`` as DATA frames as the windows allow.
+    async def write(self, data: bytes | list[bytes], *, last: bool = False) -> None:
+        """Send ``data`` as DATA frames as the windows allow (``last``: unused here).
 
         Raises:
             ClientDisconnected: the client reset the stream (or the connection is gone).

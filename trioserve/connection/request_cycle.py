@@ -66,8 +66,9 @@ class ResponseStream(Protocol):
     @property
     def peer(self) -> str: ...  # for log lines and errors
 
-    async def write(self, data: bytes | list[bytes]) -> None:
-        """Write all of ``data`` (pieces back to back); ClientDisconnected if the peer left."""
+    async def write(self, data: bytes | list[bytes], *, last: bool = False) -> None:
+        """Write all of ``data`` (pieces back to back); ClientDisconnected if the peer left.
+        ``last``: these bytes complete the response (see ``ConnectionStream.write``)."""
 
     async def write_file(self, pieces: list[bytes | FileRegion]) -> None:
         """Write ``pieces``, some of them file regions (``http.response.pathsend``): the
@@ -365,7 +366,9 @@ class RequestCycle:
             if pieces:
                 self._writing = True
                 try:
-                    await stream.write(pieces[0] if len(pieces) == 1 else pieces)
+                    await stream.write(
+                        pieces[0] if len(pieces) == 1 else pieces, last=self.writer.complete
+                    )
                 except ClientDisconnected:
                     self._finish(aborted=True)
                     raise
