@@ -8,6 +8,7 @@ produce the same events.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from trioserve.config import http_implementation
 from trioserve.connection.state import ServerState
 from trioserve.errors import AppProtocolError, ConfigError
 from trioserve.protocol.http1_messages import ResponseWriter, check_request
-from trioserve.protocol.http1_parser import H11Connection, HTTPParser
+from trioserve.protocol.http1_parser import FilledRequest, H11Connection, HTTPParser
 from trioserve.protocol.httptools_parser import HttptoolsConnection
 from trioserve.protocol.response_heads import ResponseHeads
 
@@ -115,7 +116,7 @@ def events_of(parser: HTTPParser, pieces: list[bytes], *, every_request: bool = 
                 return [*out, ("error", exc.error_status_hint)]
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
-            if type(event) is h11.Request:
+            if isinstance(event, h11.Request):
                 problem = check_request(event, max_head_size=16 * 1024)
                 if problem is not None:
                     return [*out, ("error", problem[0])]
@@ -262,7 +263,7 @@ def test_an_upgrade_request_s_body_waits_unparsed_until_it_is_read() -> None:
         after = b"\r\n\r\n\x81\x05hello"  # (not HTTP: any parse of it would be refused)
         for parser in (HttptoolsConnection(), H11Connection(max_incomplete_event_size=16384)):
             parser.receive_data(POST_UPGRADE + framing + b"\r\n" + body + after)
-            assert type(parser.next_event()) is h11.Request
+            assert isinstance(parser.next_event(), h11.Request)
             assert parser.trailing_data == (body + after, False)
             assert parser.next_event().data == b"hello"
             assert type(parser.next_event()) is h11.EndOfMessage
@@ -336,7 +337,7 @@ def test_the_version_is_the_request_line_s_whichever_read_brings_it(
 def test_pipelined_bytes_wait_unparsed_until_the_next_cycle() -> None:
     parser = HttptoolsConnection()
     parser.receive_data(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert type(parser.next_event()) is h11.Request
+    assert isinstance(parser.next_event(), h11.Request)
     assert type(parser.next_event()) is h11.EndOfMessage
     parser.receive_data(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
     assert parser.trailing_data == (b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n", False)
@@ -345,7 +346,7 @@ def test_pipelined_bytes_wait_unparsed_until_the_next_cycle() -> None:
     parser.send(h11.EndOfMessage())
     parser.start_next_cycle()
     request = parser.next_event()
-    assert type(request) is h11.Request
+    assert isinstance(request, h11.Request)
     assert request.target == b"/2"
     assert parser.trailing_data == (b"", False)
 
@@ -356,7 +357,7 @@ def test_bytes_after_an_upgrade_head_are_left_for_the_new_protocol() -> None:
         b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         b"\x81\x05hello"
     )
-    assert type(parser.next_event()) is h11.Request
+    assert isinstance(parser.next_event(), h11.Request)
     assert type(parser.next_event()) is h11.EndOfMessage
     assert parser.trailing_data == (b"\x81\x05hello", False)
 
@@ -429,7 +430,7 @@ def test_response_bytes_are_the_ones_h11_writes(
     written = []
     for parser in parsers:
         parser.receive_data(request_head)
-        assert type(parser.next_event()) is h11.Request
+        assert isinstance(parser.next_event(), h11.Request)
         reason = {200: b"OK", 204: b"No Content"}[status]
         data = b"".join(parser.send_response_head(status, reason, list(headers)))
         data += b"".join(parser.send_body(body, True))
@@ -487,7 +488,7 @@ def response_outcome(
     parser: HTTPParser, head: bytes, status: int, fields: list[tuple[bytes, bytes]], body: bytes
 ) -> tuple[Any, ...]:
     parser.receive_data(head)
-    assert type(parser.next_event()) is h11.Request
+    assert isinstance(parser.next_event(), h11.Request)
     assert type(parser.next_event()) is h11.EndOfMessage
     try:
         data = b"".join(parser.send_response_head(status, b"R", list(fields)))
@@ -532,7 +533,7 @@ def writer_outcome(
 ) -> tuple[Any, ...]:
     parser.receive_data(head)
     request = parser.next_event()
-    assert type(request) is h11.Request
+    assert isinstance(request, h11.Request)
     assert type(parser.next_event()) is h11.EndOfMessage
     writer = ResponseWriter(parser, request.method, defaults, heads)
     data = b""
@@ -649,3 +650,16 @@ def test_a_bug_in_a_parser_callback_is_raised_not_swallowed() -> None:
     with pytest.raises(httptools.HttpParserCallbackError) as info:
         conn.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert isinstance(info.value.__context__, ZeroDivisionError)
+
+
+def test_the_httptools_request_is_an_h11_request_filled_in_directly() -> None:
+    parser = HttptoolsConnection()
+    parser.receive_data(b"GET /a?b HTTP/1.1\r\nHost: t\r\nX-A: 1\r\n\r\n")
+    request = parser.next_event()
+    assert isinstance(request, h11.Request)
+    assert type(request) is FilledRequest
+    assert (request.method, request.target, request.http_version) == (b"GET", b"/a?b", b"1.1")
+    assert list(request.headers) == [(b"host", b"t"), (b"x-a", b"1")]
+    assert not hasattr(request, "__dict__")  # (slots only, as h11's)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # (h11's own stay frozen)
+        h11.Request(method="GET", target="/", headers=[("Host", "t")]).method = b"PUT"

@@ -51,7 +51,7 @@ from ..protocol.http1_messages import (
     screen_request,
     upgrade_offered,
 )
-from ..protocol.http1_parser import refusal
+from ..protocol.http1_parser import FilledRequest, refusal
 from ..protocol.http2 import CONNECTION_SPECIFIC, H2C_SWITCHING, RequestHead, h2c_settings
 from ..protocol.scope import ConnectionFacts, http_scope
 from .http1_body import HTTP1Body
@@ -74,6 +74,7 @@ _CONTINUE_TASK_NAME: Final = "trioserve.connection.http1.HTTPConnection.continue
 # attribute look-ups per use.)
 _NEED_DATA: Final = h11.NEED_DATA
 _REQUEST: Final = h11.Request
+_FILLED_REQUEST: Final = FilledRequest
 _SEND_BODY: Final = h11.SEND_BODY
 _DONE: Final = h11.DONE
 _checkpoint: Final = trio.lowlevel.checkpoint
@@ -340,7 +341,7 @@ class HTTPConnection(HTTP1Body):
                     seen = _appended(seen, data) if seen else data
                 continue
             # (type() checks: h11's events derive from an ABC, so isinstance() is dear.)
-            if type(event) is _REQUEST:
+            if type(event) is _FILLED_REQUEST or type(event) is _REQUEST:
                 headers = header_list(event)  # one pass over h11's Headers per request
                 config = self.state.config
                 screened = screen_request(

@@ -4,7 +4,8 @@
 task, keep-alive and framing policy, scope builder and response path are the ones h11 uses
 (:mod:`.http_connection`, :mod:`.http_messages`). It offers the part of h11's API trioserve
 calls (:class:`.http_parser.HTTPParser`) with h11's semantics, and hands out h11's own event
-objects and exceptions, so the code above cannot tell the two apart:
+objects and exceptions (the request as a ``FilledRequest``, an ``h11.Request`` whose fields
+are set directly), so the code above cannot tell the two apart:
 
 * reading: llhttp parses each chunk as it arrives (push); the events wait in a queue and
   :meth:`next_event` hands them out one at a time (pull), stopping at the end of a request
@@ -57,7 +58,7 @@ from .http1_framing import (
     primed_parser,
     response_head,
 )
-from .http1_parser import transfer_coding_problem
+from .http1_parser import FilledRequest, transfer_coding_problem
 from .response_extensions import FileRegion
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
@@ -67,7 +68,7 @@ _SEND_BODY: Final = h11.SEND_BODY
 _DONE: Final = h11.DONE
 _DATA: Final = h11.Data
 _END: Final = h11.EndOfMessage
-_REQUEST: Final = h11.Request
+_REQUEST: Final = FilledRequest  # (an h11.Request whose fields are set directly)
 _SEND_RESPONSE: Final = h11.SEND_RESPONSE
 _ERROR: Final = h11.ERROR
 _NEED_DATA: Final = h11.NEED_DATA
@@ -78,7 +79,6 @@ _LAST_CHUNK: Final = b"0\r\n\r\n"
 _OWS: Final = b" \t"
 _OWS_BYTES: Final = (b" ", b"\t")
 _new: Final = object.__new__
-_set: Final = object.__setattr__  # (h11's events are frozen dataclasses)
 # A well-formed request line (as h11 reads one), to tell a method llhttp does not know
 # (501) from garbage (400); and the beginnings that may still become one.
 _REQUEST_LINE: Final = re.compile(
@@ -224,13 +224,13 @@ class HttptoolsConnection:
         # The h11 event, filled in directly: llhttp has checked the method, target and
         # fields (and the Content-Length), on_header the Host and Transfer-Encoding rules, so
         # h11's constructor would only check them again (a tenth of a small request's time).
-        request = _new(_REQUEST)
-        _set(request, "method", parser.get_method())
-        _set(request, "target", self._url)
-        _set(request, "http_version", http_version)
+        request: Any = _new(_REQUEST)
+        request.method = parser.get_method()
+        request.target = self._url
+        request.http_version = http_version
         fields = _new(Headers)  # (what Headers(headers) does, minus its Python frame; a
         fields._full_items = headers  # plain attribute: Headers is not frozen)
-        _set(request, "headers", fields)
+        request.headers = fields
         # What next_event needs when it hands this request out (later, if pipelined).
         self._flags.append((self._close or http_version < b"1.1", self._expect))
         self._url = b""
