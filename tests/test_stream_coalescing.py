@@ -9,12 +9,16 @@ app that pauses, bytes in order, nothing lost when the app ends early, fewer sys
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import pytest
 import trio
 from conftest import run_server
 from wire import connect, parse_responses, read_until_eof, receive_until
+
+from trioserve.connection.stream import JOIN_BYTES, ConnectionStream
+from trioserve.protocol.scope import ConnectionFacts
 
 pytestmark = pytest.mark.usefixtures("both_parsers")  # every test on h11 and httptools
 
@@ -181,3 +185,46 @@ async def test_a_large_streamed_response_to_a_slow_reader_arrives_whole() -> Non
                 await trio.sleep(0)
     [(_, body)] = parse_responses(data)
     assert body == chunk * 256
+
+
+@pytest.mark.parametrize("body_size", [5, JOIN_BYTES - 4, JOIN_BYTES + 1])
+async def test_a_head_and_its_body_reach_a_reader_whole_when_the_socket_is_full(
+    body_size: int,
+) -> None:
+    """Two pieces are joined into one write up to JOIN_BYTES, else written as pieces:
+    either way, a write that finds the socket full waits and sends the rest in order."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a.setblocking(False)
+    filler = bytearray()
+    while True:  # the socket full: the write below cannot go out at once
+        try:
+            filler += b"f" * a.send(b"f" * 4096)
+        except BlockingIOError:
+            break
+    broken: list[bool] = []
+    server = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    client = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    stream = ConnectionStream(
+        server,
+        memoryview(bytearray(1024)),
+        ConnectionFacts(None, None),
+        lambda: broken.append(True),
+    )
+    head, body = b"HTTP/1.1 200 OK\r\n\r\n", b"b" * body_size
+    expected = bytes(filler) + head + body
+    received = bytearray()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def read_all() -> None:
+                # (Runs only once the write below has found the socket full and waits.)
+                while len(received) < len(expected):
+                    received.extend(await client.receive_some(65536))
+
+            nursery.start_soon(read_all)
+            await stream.write([head, body], last=True)
+    await server.aclose()
+    await client.aclose()
+    assert bytes(received) == expected
+    assert not broken

@@ -44,6 +44,8 @@ RECEIVE_SIZE: Final = 64 * 1024  # per read from a TLS or other wrapped stream
 FAIR_SHARE_BYTES: Final = 256 * 1024
 # At most this many pieces per vectored write (the kernel's IOV_MAX is 1024).
 MAX_WRITE_PIECES: Final = 512
+# Two pieces to write (a head and its body) up to this size together are joined first.
+JOIN_BYTES: Final = 2048
 # Files (http.response.pathsend): a region up to this size is read and written together
 # with the bytes around it (one pread and one writev beat a writev and a sendfile, and
 # the head and a small file leave in one segment); a larger one is sent by os.sendfile.
@@ -321,6 +323,13 @@ class ConnectionStream:
                 await _checkpoint_if_cancelled()
             try:
                 if isinstance(data, bytes):
+                    total = len(data)
+                    sent = _write(self._fd, data)
+                elif len(data) == 2 and len(data[0]) + len(data[1]) <= JOIN_BYTES:
+                    # A head and a small body, the common response: joined, one plain
+                    # write (copying ~100 bytes costs less than writev's set-up per piece
+                    # and the size sum below, ~0.17 us).
+                    data = data[0] + data[1]
                     total = len(data)
                     sent = _write(self._fd, data)
                 else:  # one vectored write: the pieces (a large body) are not copied

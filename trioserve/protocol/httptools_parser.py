@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from http import HTTPStatus
 from typing import Any, Final
 
 import h11
@@ -62,6 +63,12 @@ from .http1_parser import FilledRequest, transfer_coding_problem
 from .response_extensions import FileRegion
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+# The status line of each registered status with its reason phrase (send_encoded_head).
+_STATUS_LINES: Final = {
+    status.value: (phrase, b"HTTP/1.1 %d %s\r\n" % (status.value, phrase))
+    for status in HTTPStatus
+    for phrase in [status.phrase.encode("ascii")]
+}
 # (h11's names bound once: the hot paths below look each up per request.)
 _IDLE: Final = h11.IDLE
 _SEND_BODY: Final = h11.SEND_BODY
@@ -579,6 +586,9 @@ class HttptoolsConnection:
         self.our_state = _SEND_BODY
         self.they_are_waiting_for_100_continue = False
         end = b"\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
+        known = _STATUS_LINES.get(status)
+        if known is not None and known[0] == reason:  # (concatenated: a third of a format)
+            return [known[1] + lines + end]
         return [b"HTTP/1.1 %d %s\r\n%s%s" % (status, reason, lines, end)]
 
     def send_response_head(
