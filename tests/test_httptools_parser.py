@@ -27,8 +27,8 @@ from trioserve.config import http_implementation
 from trioserve.connection.state import ServerState
 from trioserve.errors import AppProtocolError, ConfigError
 from trioserve.protocol.http1_messages import ResponseWriter, check_request
-from trioserve.protocol.http1_parser import FilledRequest, H11Connection, HTTPParser
-from trioserve.protocol.httptools_parser import HttptoolsConnection
+from trioserve.protocol.http1_parser import H11Connection, HTTPParser
+from trioserve.protocol.httptools_parser import FilledRequest, HttptoolsConnection
 from trioserve.protocol.response_heads import ResponseHeads
 
 # -- choosing the parser ---------------------------------------------------------------

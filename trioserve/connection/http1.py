@@ -51,7 +51,7 @@ from ..protocol.http1_messages import (
     screen_request,
     upgrade_offered,
 )
-from ..protocol.http1_parser import FilledRequest, refusal
+from ..protocol.http1_parser import refusal
 from ..protocol.http2 import CONNECTION_SPECIFIC, H2C_SWITCHING, RequestHead, h2c_settings
 from ..protocol.scope import ConnectionFacts, http_scope
 from .http1_body import HTTP1Body
@@ -73,8 +73,6 @@ _CONTINUE_TASK_NAME: Final = "trioserve.connection.http1.HTTPConnection.continue
 # (Bound once: compiled, ``h11.X``, ``trio.X`` and ``trio.lowlevel.X`` are module
 # attribute look-ups per use.)
 _NEED_DATA: Final = h11.NEED_DATA
-_REQUEST: Final = h11.Request
-_FILLED_REQUEST: Final = FilledRequest
 _SEND_BODY: Final = h11.SEND_BODY
 _DONE: Final = h11.DONE
 _checkpoint: Final = trio.lowlevel.checkpoint
@@ -255,18 +253,6 @@ class HTTPConnection(HTTP1Body):
                 if first and metrics is not None:  # (just before it is admitted or refused)
                     metrics.first_requests += 1
                     first = False
-                # Reads first, apps after: each request head read takes one trip through
-                # the scheduler before its app is called, so that under load the
-                # connections' reads run together and their responses then leave
-                # together, as in asyncio's I/O phase and callback phase. Responses
-                # spread evenly over the whole cycle wake a peer on the same host (a
-                # proxy, a load generator) once per response, each wake-up a
-                # cross-CPU interrupt; in bursts it takes several per wake-up. (Issue
-                # 21: 0.29 -> 0.12 interrupts and 1.35 -> 0.74 context switches per
-                # hello request under wrk, 3 % less CPU per request in all, though
-                # the trip itself costs ~0.8 us.) A hard stop that came meanwhile ends the
-                # connection here, before the app is called.
-                await _checkpoint()
                 reusable = await self._handle_request(*head, tasks)
                 # (Not kept while the connection waits for its next request: the last
                 # request's event and header list, ~0.6 KiB per idle connection.)
@@ -341,7 +327,7 @@ class HTTPConnection(HTTP1Body):
                     seen = _appended(seen, data) if seen else data
                 continue
             # (type() checks: h11's events derive from an ABC, so isinstance() is dear.)
-            if type(event) is _FILLED_REQUEST or type(event) is _REQUEST:
+            if type(event) is conn.request_type:
                 headers = header_list(event)  # one pass over h11's Headers per request
                 config = self.state.config
                 screened = screen_request(
@@ -427,6 +413,22 @@ class HTTPConnection(HTTP1Body):
             parser.they_are_waiting_for_100_continue,
             True,  # (the writer's Date header was just read from the clock: the start)
         )
+        # Reads first, apps after: each request, once read and made ready to call its app,
+        # takes one trip through the scheduler, so that under load the connections' reads
+        # run together and their responses then leave together, as in asyncio's I/O phase
+        # and callback phase. Responses spread evenly over the whole cycle wake a peer on
+        # the same host (a proxy, a load generator) once per response, each wake-up a
+        # cross-CPU interrupt; in bursts it takes several per wake-up. (Issue 21: 0.29 ->
+        # 0.12 interrupts and 1.35 -> 0.74 context switches per hello request under wrk,
+        # 3 % less CPU per request in all, though the trip itself costs ~0.8 us. The
+        # request is made ready first so that the code doing it runs for every connection
+        # in a row, its instructions and data still in the caches.) A hard stop that came
+        # meanwhile ends the connection here, before the app is called.
+        try:
+            await _checkpoint()
+        except BaseException:
+            state.release()  # (admitted above; the app call that would release it never runs)
+            raise
 
         # The app is called in this task; only if it waits for anything (I/O, a lock, a
         # sleep, a write that blocks) does the connection move on to a new task (a sibling
@@ -446,7 +448,7 @@ class HTTPConnection(HTTP1Body):
         if detached:
             return False  # this task only ran the app; the new one serves the connection
         # The request's second trip through the scheduler (the first is before its app,
-        # in _serve_requests): other connections run before this one reads its next
+        # above): other connections run before this one reads its next
         # request (fairness; a pipelining client cannot hog the loop), and by then that
         # request has usually arrived: it is taken without a wait. A hard stop that came
         # meanwhile ends the connection here, before another request is read (the

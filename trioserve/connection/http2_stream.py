@@ -276,8 +276,7 @@ class HTTP2Stream:
     async def write(self, data: bytes | list[bytes], *, last: bool = False) -> None:
         """Queue the response so far on ``h2``: HEADERS first, then DATA as the windows
         allow, then the end of the stream (with the trailers) once the encoder says the
-        response is complete (so ``last`` is not needed). ClientDisconnected when the
-        stream was reset."""
+        response is complete (``last`` is not needed). ClientDisconnected on a reset."""
         encoder = self.encoder
         body = data if isinstance(data, bytes) or len(data) > 1 else data[0]
         end = encoder.complete and not self._more_file

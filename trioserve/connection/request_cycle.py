@@ -40,8 +40,8 @@ from .stream import MAX_WRITE_PIECES
 
 logger = logging.getLogger(__name__)
 
-# Streamed body chunks the app hands over back to back (without awaiting anything in
-# between) are written together, up to this many bytes: one syscall instead of several.
+# Streamed body chunks the app hands over back to back (awaiting nothing in between) are
+# written together, up to this many bytes: one syscall instead of several.
 COALESCE_BYTES: Final = 256 * 1024
 
 # What receive() answers once the request is over for the app (one shared dict).
@@ -67,8 +67,7 @@ class ResponseStream(Protocol):
     def peer(self) -> str: ...  # for log lines and errors
 
     async def write(self, data: bytes | list[bytes], *, last: bool = False) -> None:
-        """Write all of ``data`` (pieces back to back); ClientDisconnected if the peer left.
-        ``last``: these bytes complete the response (see ``ConnectionStream.write``)."""
+        """Write ``data`` whole (``last``: it ends the response); ClientDisconnected if gone."""
 
     async def write_file(self, pieces: list[bytes | FileRegion]) -> None:
         """Write ``pieces``, some of them file regions (``http.response.pathsend``): the
@@ -366,9 +365,8 @@ class RequestCycle:
             if pieces:
                 self._writing = True
                 try:
-                    await stream.write(
-                        pieces[0] if len(pieces) == 1 else pieces, last=self.writer.complete
-                    )
+                    last = self.writer.complete
+                    await stream.write(pieces[0] if len(pieces) == 1 else pieces, last=last)
                 except ClientDisconnected:
                     self._finish(aborted=True)
                     raise

@@ -7,7 +7,8 @@ decides them, so that :mod:`.httptools_parser` produces and consumes exactly h11
   (Content-Length or chunked), so that no byte after it is parsed before the server has
   answered (``HttptoolsConnection._unskip_body``); :func:`primed_parser` is the llhttp
   parser both use to read such a body on its own.
-* the response side: :func:`framing_fields` applies h11's checks to the framing fields an
+* the response side: :class:`ResponseSide` is the parser's response half (states and
+  serialising); :func:`framing_fields` applies h11's checks to the framing fields an
   app sent (one Content-Length, a lone "chunked" transfer coding; h11's error messages and
   status hints); :func:`response_head` decides the body's framing and whether the
   connection stays open (chunked or Content-Length, HTTP/1.0 peers, HEAD/204/304,
@@ -20,16 +21,33 @@ it cost when they lived in the parser's module.
 
 from __future__ import annotations
 
-from typing import Final
+from http import HTTPStatus
+from typing import Any, Final
 
 import h11
 import httptools
+
+from .response_extensions import FileRegion
 
 # Body framing of the response being sent (what send_body does with each piece).
 FRAMED_BY_LENGTH: Final = 0
 CHUNKED: Final = 1
 UNTIL_CLOSE: Final = 2  # an HTTP/1.0 peer and no Content-Length: the close ends the body
 EMPTY_BODY: Final = (204, 304)  # statuses without a body (RFC 9110 §15.3.5, §15.4.5)
+# (h11's names bound once: the hot paths below look each up per request.)
+_IDLE: Final = h11.IDLE
+_SEND_BODY: Final = h11.SEND_BODY
+_SEND_RESPONSE: Final = h11.SEND_RESPONSE
+_DONE: Final = h11.DONE
+_DATA: Final = h11.Data
+_END: Final = h11.EndOfMessage
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+# The status line of each registered status with its reason phrase (send_encoded_head).
+_STATUS_LINES: Final = {
+    status.value: (phrase, b"HTTP/1.1 %d %s\r\n" % (status.value, phrase))
+    for status in HTTPStatus
+    for phrase in [status.phrase.encode("ascii")]
+}
 
 
 def primed_parser(protocol: object, length: int) -> httptools.HttpRequestParser:
@@ -261,3 +279,171 @@ def response_head(
         fields = without(fields, b"connection") + [(b"Connection", t) for t in sorted(tokens)]
         closes = True
     return encode_head(status, reason, fields, host), framing, body_left, keep_alive and not closes
+
+
+class ResponseSide:
+    """The response half of the httptools parser's ``h11.Connection`` (its base class): h11's
+    states for both sides, and the serialising of a response with h11's framing rules
+    (:func:`framing_fields`, :func:`response_head`), producing the bytes h11 would. The
+    reading half (``httptools_parser.HttptoolsConnection``) moves the states as requests
+    arrive."""
+
+    __slots__ = (
+        "_body_left",
+        "_framing",
+        "_keep_alive",
+        "_request_method",
+        "our_state",
+        "their_http_version",
+        "their_state",
+        "they_are_waiting_for_100_continue",
+    )
+
+    def __init__(self) -> None:
+        self._request_method: bytes | None = None
+        self._keep_alive = True
+        self._framing = FRAMED_BY_LENGTH
+        self._body_left = 0
+        self.our_state: Any = _IDLE
+        self.their_state: Any = _IDLE
+        self.their_http_version: bytes | None = None
+        self.they_are_waiting_for_100_continue = False
+
+    def send(self, event: Any) -> bytes | None:
+        """Serialise ``event`` (a response head, body data or its end) as h11 would."""
+        pieces = self.send_with_data_passthrough(event)
+        if pieces is None:
+            return None
+        return b"".join(pieces)
+
+    def send_with_data_passthrough(self, event: Any) -> list[Any] | None:
+        """Like :meth:`send`, leaving body data uncopied in the returned pieces.
+
+        Raises:
+            h11.LocalProtocolError: an event the state does not allow, or a body that
+                contradicts its Content-Length; our state is then ERROR, as in h11.
+        """
+        try:
+            kind = type(event)
+            state = self.our_state
+            if kind is _DATA:
+                return self.send_body(event.data, False)
+            if kind is _END:
+                return self.send_body(b"", True)
+            if kind is h11.Response:  # (h11 validated the event's fields)
+                return self.send_response_head(
+                    event.status_code, event.reason, event.headers.raw_items()
+                )
+            if kind is h11.InformationalResponse:
+                if state is not _SEND_RESPONSE:
+                    raise h11.LocalProtocolError(f"can't send a 1xx response in state {state}")
+                self.they_are_waiting_for_100_continue = False
+                return [
+                    encode_head(event.status_code, event.reason, event.headers.raw_items(), True)
+                ]
+            raise h11.LocalProtocolError(f"can't send {kind.__name__}")
+        except BaseException:
+            self.our_state = h11.ERROR
+            raise
+
+    def send_body(self, data: bytes | FileRegion, end: bool) -> list[Any]:
+        """Body bytes and, if ``end``, the response's end (``HTTPParser``'s addition)."""
+        state = self.our_state
+        if state is not _SEND_BODY:
+            self.our_state = h11.ERROR
+            raise h11.LocalProtocolError(f"can't send a body in state {state}")
+        framing = self._framing
+        if framing is CHUNKED:
+            pieces = [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
+        else:
+            pieces = [data] if data else []
+            if framing is FRAMED_BY_LENGTH:
+                left = self._body_left - len(data)
+                if left < 0 or (end and left):
+                    self.our_state = h11.ERROR
+                    raise h11.LocalProtocolError(
+                        "Too much data for declared Content-Length"
+                        if left < 0
+                        else "Too little data for declared Content-Length"
+                    )
+                self._body_left = left
+        if end:
+            self.our_state = _DONE
+            if not self._keep_alive:
+                self._must_close()
+            if framing is CHUNKED:
+                pieces.append(_LAST_CHUNK)
+        return pieces
+
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> list[Any]:
+        """The end of a chunked body with trailer fields (``HTTPParser``'s addition)."""
+        if self._framing is not CHUNKED:
+            raise h11.LocalProtocolError("trailers require a chunked response body")
+        pieces = self.send_body(b"", True)
+        pieces[-1] = b"0\r\n%s\r\n" % b"".join(b"%s: %s\r\n" % field for field in fields)
+        return pieces
+
+    def _must_close(self) -> None:
+        """h11's rule once keep-alive is off: a side whose message is DONE must close."""
+        if self.our_state is _DONE:
+            self.our_state = h11.MUST_CLOSE
+        if self.their_state is _DONE:
+            self.their_state = h11.MUST_CLOSE
+
+    def send_encoded_head(
+        self, status: int, reason: bytes, lines: bytes, length: int
+    ) -> list[Any] | None:
+        """A head of plain fields with one Content-Length, already encoded (``HTTPParser``'s
+        addition); None when h11's rules would change it (the caller then sends it through
+        :meth:`send_response_head`).
+
+        The common case: an HTTP/1.1 exchange, a response that is neither to HEAD nor a 204
+        or 304, whose fields h11 leaves as they are but for "Connection: close" when the
+        client asked for it.
+        """
+        if (
+            self.our_state is not _SEND_RESPONSE
+            or self._request_method == b"HEAD"
+            or self.their_http_version != b"1.1"
+            or status in EMPTY_BODY
+        ):
+            return None
+        self._framing = FRAMED_BY_LENGTH
+        self._body_left = length
+        self.our_state = _SEND_BODY
+        self.they_are_waiting_for_100_continue = False
+        end = b"\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
+        known = _STATUS_LINES.get(status)
+        if known is not None and known[0] == reason:  # (concatenated: a third of a format)
+            return [known[1] + lines + end]
+        return [b"HTTP/1.1 %d %s\r\n%s%s" % (status, reason, lines, end)]
+
+    def send_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> list[Any]:
+        """The head's bytes, h11's framing rules applied (``HTTPParser``'s addition).
+
+        Raises:
+            h11.LocalProtocolError: bad framing headers (nothing changed), or a response the
+                state does not allow (our state is then ERROR).
+        """
+        state = self.our_state
+        framing = framing_fields(headers)  # (raises before any state changes)
+        if state is not _IDLE and state is not _SEND_RESPONSE:
+            self.our_state = h11.ERROR
+            raise h11.LocalProtocolError(f"can't send a response in state {state}")
+        head, self._framing, self._body_left, self._keep_alive = response_head(
+            status,
+            reason,
+            *framing,
+            self._request_method,
+            self.their_http_version,
+            self._keep_alive,
+        )
+        self.our_state = _SEND_BODY
+        self.they_are_waiting_for_100_continue = False
+        return [head]
+
+    def send_failed(self) -> None:
+        """A write failed part-way: nothing more can be sent (as ``h11.Connection``)."""
+        self.our_state = h11.ERROR

@@ -17,6 +17,8 @@ plus these additions:
 * :meth:`HTTPParser.send_trailers`: the end of a chunked response with trailer fields.
 * ``rejects_obs_fold``: whether the parser refuses obs-fold itself (llhttp does); h11
   unfolds it silently, so trioserve screens heads for it when the parser does not.
+* ``request_type``: the class of its request events: ``h11.Request``, or a subclass
+  (what ``next_event`` hands out is told apart by ``type()``, as the cheapest check).
 
 Both parsers judge a request's Transfer-Encoding by :func:`transfer_coding_problem` (h11
 refuses every value but a lone "chunked" with 501, without saying which it saw:
@@ -90,28 +92,6 @@ def data_of(event: h11.Data) -> bytes | bytearray:
     return data
 
 
-class FilledRequest(h11.Request):
-    """An ``h11.Request`` whose fields a parser fills in itself (the httptools one, which
-    has checked them as h11's constructor would): its attributes are set as any object's.
-
-    h11's events are frozen: each field of an ``h11.Request`` made without its constructor
-    is set through ``object.__setattr__``, a call that costs three times a plain attribute
-    store (~1.2 k instructions per request). It is still an ``h11.Request`` to everyone
-    reading it; the connection tells a request by :data:`REQUEST_TYPES`.
-    """
-
-    __slots__ = ()
-    # (object's own slot wrappers, both: one C slot serves setting and deleting, and
-    # CPython stores attributes directly, as for any class without methods of its own
-    # there, only when neither is a Python function, as dataclass's frozen ones are.)
-    __setattr__ = object.__setattr__
-    __delattr__ = object.__delattr__
-
-
-# The request events of either parser (h11's own, or the httptools parser's).
-REQUEST_TYPES: Final = (h11.Request, FilledRequest)
-
-
 class HTTPParser(Protocol):
     """The server side of one HTTP/1.1 connection, as trioserve drives it (h11's API)."""
 
@@ -120,6 +100,9 @@ class HTTPParser(Protocol):
 
     @property
     def takes_encoded_heads(self) -> bool: ...  # (whether send_encoded_head may accept)
+
+    @property
+    def request_type(self) -> type[h11.Request]: ...  # (the class of its requests)
 
     @property
     def our_state(self) -> Any: ...  # (h11's state sentinels, h11.IDLE ... h11.ERROR)
@@ -192,6 +175,7 @@ class H11Connection(h11.Connection):
 
     rejects_obs_fold = False
     takes_encoded_heads = False
+    request_type = h11.Request
 
     def __init__(self, *, max_incomplete_event_size: int) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)

@@ -41,48 +41,30 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from http import HTTPStatus
 from typing import Any, Final
 
 import h11
+import h11._events  # (for mypyc: FilledRequest's base class is defined there)
 import httptools
 from h11._headers import Headers  # (the type of h11.Request.headers)
 
-from .http1_framing import (
-    CHUNKED,
-    EMPTY_BODY,
-    FRAMED_BY_LENGTH,
-    BodyEnd,
-    encode_head,
-    framing_fields,
-    has_token,
-    primed_parser,
-    response_head,
-)
-from .http1_parser import FilledRequest, transfer_coding_problem
-from .response_extensions import FileRegion
+from ..compiled import mypyc_attr
+from .http1_framing import BodyEnd, ResponseSide, has_token, primed_parser
+from .http1_parser import transfer_coding_problem
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
-# The status line of each registered status with its reason phrase (send_encoded_head).
-_STATUS_LINES: Final = {
-    status.value: (phrase, b"HTTP/1.1 %d %s\r\n" % (status.value, phrase))
-    for status in HTTPStatus
-    for phrase in [status.phrase.encode("ascii")]
-}
 # (h11's names bound once: the hot paths below look each up per request.)
 _IDLE: Final = h11.IDLE
 _SEND_BODY: Final = h11.SEND_BODY
 _DONE: Final = h11.DONE
 _DATA: Final = h11.Data
 _END: Final = h11.EndOfMessage
-_REQUEST: Final = FilledRequest  # (an h11.Request whose fields are set directly)
 _SEND_RESPONSE: Final = h11.SEND_RESPONSE
 _ERROR: Final = h11.ERROR
 _NEED_DATA: Final = h11.NEED_DATA
 # Request fields on_header looks at (any other is only kept).
 _NOTED_FIELDS: Final = frozenset({b"host", b"transfer-encoding", b"connection", b"expect"})
 _END_OF_MESSAGE: Final = h11.EndOfMessage()
-_LAST_CHUNK: Final = b"0\r\n\r\n"
 _OWS: Final = b" \t"
 _OWS_BYTES: Final = (b" ", b"\t")
 _new: Final = object.__new__
@@ -103,8 +85,36 @@ class _Stop(Exception):
     """Raised in a parser callback to stop llhttp (the reason is already queued)."""
 
 
-class HttptoolsConnection:
-    """A server-side ``h11.Connection`` whose reading is done by llhttp.
+@mypyc_attr(native_class=False)  # (a subclass of h11's event, a Python class)
+class FilledRequest(h11.Request):
+    """The ``h11.Request`` this parser hands out, its fields set directly: llhttp and
+    :meth:`HttptoolsConnection.on_headers_complete` have checked them as h11's
+    constructor would.
+
+    h11's events are frozen: each field of an ``h11.Request`` made without its constructor
+    would be set through ``object.__setattr__``, a call that costs three times a plain
+    attribute store (~1.2 k instructions per request). It is an ``h11.Request`` to every
+    reader.
+    """
+
+    __slots__ = ()
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: Headers
+    # (object's own slot wrappers, both: one C slot serves setting and deleting, and
+    # CPython stores attributes directly, as for any class without methods of its own
+    # there, only when neither is a Python function, as dataclass's frozen ones are.)
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
+
+
+_REQUEST: Final = FilledRequest
+
+
+class HttptoolsConnection(ResponseSide):
+    """A server-side ``h11.Connection`` whose reading is done by llhttp (its writing is
+    :class:`.http1_framing.ResponseSide`'s).
 
     Args:
         max_incomplete_event_size: the largest request head buffered before 431.
@@ -112,39 +122,33 @@ class HttptoolsConnection:
 
     rejects_obs_fold = True  # (llhttp: "Unexpected whitespace after header value")
     takes_encoded_heads = True
+    request_type = FilledRequest
 
     __slots__ = (
         "_between",
         "_body_end",
-        "_body_left",
         "_close",
         "_coded",
         "_ends_queued",
         "_events",
         "_expect",
         "_flags",
-        "_framing",
         "_head_fed",
         "_headers",
         "_hosts",
         "_http11",
         "_in_head",
-        "_keep_alive",
         "_line",
         "_max_head",
         "_method_refused",
         "_parser",
         "_raw",
         "_raw_closed",
-        "_request_method",
         "_url",
-        "our_state",
-        "their_http_version",
-        "their_state",
-        "they_are_waiting_for_100_continue",
     )
 
     def __init__(self, *, max_incomplete_event_size: int = 16 * 1024) -> None:
+        super().__init__()
         self._parser = httptools.HttpRequestParser(self)
         self._max_head = max_incomplete_event_size
         self._events: deque[Any] = deque()  # events, then maybe a RemoteProtocolError
@@ -164,14 +168,6 @@ class HttptoolsConnection:
         self._coded = self._close = self._expect = False  # (_coded: a Transfer-Encoding)
         # (keep-alive refused, 100-continue expected) of each queued request
         self._flags: deque[tuple[bool, bool]] = deque()
-        self._request_method: bytes | None = None
-        self._keep_alive = True
-        self._framing = FRAMED_BY_LENGTH
-        self._body_left = 0
-        self.our_state: Any = _IDLE
-        self.their_state: Any = _IDLE
-        self.their_http_version: bytes | None = None
-        self.they_are_waiting_for_100_continue = False
 
     # -- llhttp's callbacks (called while feeding) ----------------------------------------
 
@@ -479,144 +475,3 @@ class HttptoolsConnection:
         self.their_state = _IDLE
         self._request_method = None
         self.they_are_waiting_for_100_continue = False
-
-    # -- writing --------------------------------------------------------------------------
-
-    def send(self, event: Any) -> bytes | None:
-        """Serialise ``event`` (a response head, body data or its end) as h11 would."""
-        pieces = self.send_with_data_passthrough(event)
-        if pieces is None:
-            return None
-        return b"".join(pieces)
-
-    def send_with_data_passthrough(self, event: Any) -> list[Any] | None:
-        """Like :meth:`send`, leaving body data uncopied in the returned pieces.
-
-        Raises:
-            h11.LocalProtocolError: an event the state does not allow, or a body that
-                contradicts its Content-Length; our state is then ERROR, as in h11.
-        """
-        try:
-            kind = type(event)
-            state = self.our_state
-            if kind is _DATA:
-                return self.send_body(event.data, False)
-            if kind is _END:
-                return self.send_body(b"", True)
-            if kind is h11.Response:  # (h11 validated the event's fields)
-                return self.send_response_head(
-                    event.status_code, event.reason, event.headers.raw_items()
-                )
-            if kind is h11.InformationalResponse:
-                if state is not _SEND_RESPONSE:
-                    raise h11.LocalProtocolError(f"can't send a 1xx response in state {state}")
-                self.they_are_waiting_for_100_continue = False
-                return [
-                    encode_head(event.status_code, event.reason, event.headers.raw_items(), True)
-                ]
-            raise h11.LocalProtocolError(f"can't send {kind.__name__}")
-        except BaseException:
-            self.our_state = h11.ERROR
-            raise
-
-    def send_body(self, data: bytes | FileRegion, end: bool) -> list[Any]:
-        """Body bytes and, if ``end``, the response's end (``HTTPParser``'s addition)."""
-        state = self.our_state
-        if state is not _SEND_BODY:
-            self.our_state = h11.ERROR
-            raise h11.LocalProtocolError(f"can't send a body in state {state}")
-        framing = self._framing
-        if framing is CHUNKED:
-            pieces = [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
-        else:
-            pieces = [data] if data else []
-            if framing is FRAMED_BY_LENGTH:
-                left = self._body_left - len(data)
-                if left < 0 or (end and left):
-                    self.our_state = h11.ERROR
-                    raise h11.LocalProtocolError(
-                        "Too much data for declared Content-Length"
-                        if left < 0
-                        else "Too little data for declared Content-Length"
-                    )
-                self._body_left = left
-        if end:
-            self.our_state = _DONE
-            if not self._keep_alive:
-                self._must_close()
-            if framing is CHUNKED:
-                pieces.append(_LAST_CHUNK)
-        return pieces
-
-    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> list[Any]:
-        """The end of a chunked body with trailer fields (``HTTPParser``'s addition)."""
-        if self._framing is not CHUNKED:
-            raise h11.LocalProtocolError("trailers require a chunked response body")
-        pieces = self.send_body(b"", True)
-        pieces[-1] = b"0\r\n%s\r\n" % b"".join(b"%s: %s\r\n" % field for field in fields)
-        return pieces
-
-    def _must_close(self) -> None:
-        """h11's rule once keep-alive is off: a side whose message is DONE must close."""
-        if self.our_state is _DONE:
-            self.our_state = h11.MUST_CLOSE
-        if self.their_state is _DONE:
-            self.their_state = h11.MUST_CLOSE
-
-    def send_encoded_head(
-        self, status: int, reason: bytes, lines: bytes, length: int
-    ) -> list[Any] | None:
-        """A head of plain fields with one Content-Length, already encoded (``HTTPParser``'s
-        addition); None when h11's rules would change it (the caller then sends it through
-        :meth:`send_response_head`).
-
-        The common case: an HTTP/1.1 exchange, a response that is neither to HEAD nor a 204
-        or 304, whose fields h11 leaves as they are but for "Connection: close" when the
-        client asked for it.
-        """
-        if (
-            self.our_state is not _SEND_RESPONSE
-            or self._request_method == b"HEAD"
-            or self.their_http_version != b"1.1"
-            or status in EMPTY_BODY
-        ):
-            return None
-        self._framing = FRAMED_BY_LENGTH
-        self._body_left = length
-        self.our_state = _SEND_BODY
-        self.they_are_waiting_for_100_continue = False
-        end = b"\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
-        known = _STATUS_LINES.get(status)
-        if known is not None and known[0] == reason:  # (concatenated: a third of a format)
-            return [known[1] + lines + end]
-        return [b"HTTP/1.1 %d %s\r\n%s%s" % (status, reason, lines, end)]
-
-    def send_response_head(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> list[Any]:
-        """The head's bytes, h11's framing rules applied (``HTTPParser``'s addition).
-
-        Raises:
-            h11.LocalProtocolError: bad framing headers (nothing changed), or a response the
-                state does not allow (our state is then ERROR).
-        """
-        state = self.our_state
-        framing = framing_fields(headers)  # (raises before any state changes)
-        if state is not _IDLE and state is not _SEND_RESPONSE:
-            self.our_state = h11.ERROR
-            raise h11.LocalProtocolError(f"can't send a response in state {state}")
-        head, self._framing, self._body_left, self._keep_alive = response_head(
-            status,
-            reason,
-            *framing,
-            self._request_method,
-            self.their_http_version,
-            self._keep_alive,
-        )
-        self.our_state = _SEND_BODY
-        self.they_are_waiting_for_100_continue = False
-        return [head]
-
-    def send_failed(self) -> None:
-        """A write failed part-way: nothing more can be sent (as ``h11.Connection``)."""
-        self.our_state = h11.ERROR
