@@ -232,6 +232,7 @@ class HTTPConnection(HTTP1Body):
         with trio.CancelScope() as timeout:
             self._timeout_scope = timeout
             # (Below, what the keep-alive wait read: the start of the next head.)
+            waited = True  # the next head comes after a wait (see _handle_request)
             while True:
                 head = await self._read_head(timeout, config.timeout_request_header, received)
                 if head is None:
@@ -246,6 +247,7 @@ class HTTPConnection(HTTP1Body):
                     received = await self.stream.receive(wait_first=True)
                     conn.receive_data(received)
                     self.idle = False
+                    waited = True
                     continue
                 received = b""
                 if timeout.deadline != math.inf:
@@ -253,7 +255,8 @@ class HTTPConnection(HTTP1Body):
                 if first and metrics is not None:  # (just before it is admitted or refused)
                     metrics.first_requests += 1
                     first = False
-                reusable = await self._handle_request(*head, tasks)
+                reusable = await self._handle_request(*head, tasks, waited)
+                waited = False
                 # (Not kept while the connection waits for its next request: the last
                 # request's event and header list, ~0.6 KiB per idle connection.)
                 del head
@@ -375,10 +378,12 @@ class HTTPConnection(HTTP1Body):
         headers: list[tuple[bytes, bytes]],
         has_upgrade: bool,
         tasks: trio.Nursery,
+        waited: bool = True,
     ) -> bool:
         """Run one request to response completion; True if the connection can be reused.
 
-        ``has_upgrade``: the request has an ``Upgrade`` field (see :meth:`_read_head`)."""
+        ``has_upgrade``: the request has an ``Upgrade`` field (see :meth:`_read_head`).
+        ``waited``: the connection waited for this request (see below)."""
         state = self.state
         # A WebSocket session is one app call like a request: --limit-concurrency answers
         # its upgrade with 503 too, and --limit-max-requests counts its handshake. (Admitted
@@ -413,22 +418,21 @@ class HTTPConnection(HTTP1Body):
             parser.they_are_waiting_for_100_continue,
             True,  # (the writer's Date header was just read from the clock: the start)
         )
-        # Reads first, apps after: each request, once read and made ready to call its app,
-        # takes one trip through the scheduler, so that under load the connections' reads
-        # run together and their responses then leave together, as in asyncio's I/O phase
-        # and callback phase. Responses spread evenly over the whole cycle wake a peer on
-        # the same host (a proxy, a load generator) once per response, each wake-up a
-        # cross-CPU interrupt; in bursts it takes several per wake-up. (Issue 21: 0.29 ->
-        # 0.12 interrupts and 1.35 -> 0.74 context switches per hello request under wrk,
-        # 3 % less CPU per request in all, though the trip itself costs ~0.8 us. The
-        # request is made ready first so that the code doing it runs for every connection
-        # in a row, its instructions and data still in the caches.) A hard stop that came
-        # meanwhile ends the connection here, before the app is called.
-        try:
-            await _checkpoint()
-        except BaseException:
-            state.release()  # (admitted above; the app call that would release it never runs)
-            raise
+        # Under load, reads first, apps after: a request that had arrived before its
+        # connection was ready for it takes one trip through the scheduler, once made
+        # ready, before its app is called. The busy connections' reads then run together
+        # and their responses leave together (asyncio's I/O phase, then its callbacks): a
+        # peer on the same host wakes once per burst, not per response, each wake-up a
+        # cross-CPU interrupt (issue 21: 0.29 -> 0.11 per hello under wrk; 3 % less CPU in
+        # all, the trip costing ~0.8 us). A request the connection waited for goes straight
+        # to its app: a lone client would pay the trip (68 -> 84 us) for no burst. A hard
+        # stop that came meanwhile ends the connection here, before the app is called.
+        if not waited:
+            try:
+                await _checkpoint()
+            except BaseException:
+                state.release()  # (admitted above; the app call that releases it never runs)
+                raise
 
         # The app is called in this task; only if it waits for anything (I/O, a lock, a
         # sleep, a write that blocks) does the connection move on to a new task (a sibling
@@ -447,12 +451,10 @@ class HTTPConnection(HTTP1Body):
         detached = await UntilFirstWait(cycle.run(), _copy_context(), move_on)
         if detached:
             return False  # this task only ran the app; the new one serves the connection
-        # The request's second trip through the scheduler (the first is before its app,
-        # above): other connections run before this one reads its next
-        # request (fairness; a pipelining client cannot hog the loop), and by then that
-        # request has usually arrived: it is taken without a wait. A hard stop that came
-        # meanwhile ends the connection here, before another request is read (the
-        # response is complete).
+        # A trip through the scheduler: other connections run before this one reads its
+        # next request (fairness: a pipelining client cannot hog the loop), which by then
+        # has usually arrived. A hard stop that came meanwhile ends the connection here,
+        # before another request is read (the response is complete).
         await _checkpoint()
         return await self._after_response(cycle)
 
