@@ -168,8 +168,7 @@ class HTTPConnection(HTTP1Body):
         app call that waits for anything hands the serving over to a new task there (see
         :meth:`_handle_request`); this call then returns once its app call has returned.
         The connection is closed when the serving has ended and every app call has returned,
-        by whichever task finishes last; forcefully on cancellation. (No nursery per
-        connection: an idle keep-alive connection costs ~1.3 KiB less without one.)
+        by whichever task finishes last; forcefully on cancellation.
         """
         self.state.connections.add(self)
         self._holders = 1
@@ -218,10 +217,13 @@ class HTTPConnection(HTTP1Body):
 
     # -- the request loop -----------------------------------------------------------------
 
-    async def _serve_requests(self, tasks: trio.Nursery, received: bytes = b"") -> None:
-        # ``received``: what was read and fed to the parser before (connection.edge's).
-        # (A task serving a connection checkpoints before each read, here or at the end of
-        # each request: a hard stop never lets it start another app call.)
+    async def _serve_requests(
+        self, tasks: trio.Nursery, received: bytes = b"", waited: bool = True
+    ) -> None:
+        # ``received``: what edge read and fed to the parser; ``waited``: the next head
+        # comes after a wait (a new connection's does: the accept). (A task serving a
+        # connection checkpoints before each read, here or at the end of each request: a
+        # hard stop never lets it start another app call.)
         await _checkpoint_if_cancelled()
         config = self.state.config
         conn = self.parser
@@ -232,7 +234,6 @@ class HTTPConnection(HTTP1Body):
         with trio.CancelScope() as timeout:
             self._timeout_scope = timeout
             # (Below, what the keep-alive wait read: the start of the next head.)
-            waited = True  # the next head comes after a wait (see _handle_request)
             while True:
                 head = await self._read_head(timeout, config.timeout_request_header, received)
                 if head is None:
@@ -382,8 +383,8 @@ class HTTPConnection(HTTP1Body):
     ) -> bool:
         """Run one request to response completion; True if the connection can be reused.
 
-        ``has_upgrade``: the request has an ``Upgrade`` field (see :meth:`_read_head`).
-        ``waited``: the connection waited for this request (see below)."""
+        ``has_upgrade``: the request has an ``Upgrade`` field (see :meth:`_read_head`);
+        ``waited``: the connection waited for it (see below)."""
         state = self.state
         # A WebSocket session is one app call like a request: --limit-concurrency answers
         # its upgrade with 503 too, and --limit-max-requests counts its handshake. (Admitted
@@ -472,7 +473,7 @@ class HTTPConnection(HTTP1Body):
                 cycle = None  # (not kept while the connection waits for its next request)
                 if reusable:
                     self.parser.start_next_cycle()
-                    await self._serve_requests(tasks)
+                    await self._serve_requests(tasks, waited=False)
             finally:
                 await self._release()
         except Exception:
