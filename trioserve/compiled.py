@@ -48,6 +48,7 @@ COMPILED_MODULES: Final = (
     "trioserve.protocol.http1_framing",
     "trioserve.protocol.http1_messages",
     "trioserve.protocol.response_heads",
+    "trioserve.protocol.proxy_headers",
     "trioserve.protocol.scope",
     "trioserve.protocol.ws_messages",
     "trioserve.protocol.ws_engine",

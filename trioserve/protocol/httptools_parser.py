@@ -272,23 +272,22 @@ class HttptoolsConnection(ResponseSide):
             self._line += data
             self._judge_method()
             return
-        # (Compared as ints: ``bytes in bytes`` first tries the operand as an int, and the
-        # TypeError it raises and clears cost ~2 k instructions per request.)
-        if self._between and (not data or data[0] == 13 or data[0] == 10):
-            # An empty line where a request line belongs: h11 answers 400 (llhttp would
-            # skip any number of them, RFC 9112 §2.2's leniency).
-            self._fail("no request line received")
-            self._between = False
-            return
-        # A head that begins this read and whose request line is in it says "HTTP/1.1"
-        # right before the line's CRLF, or llhttp refuses it ("Expected CRLF after
-        # version"): read here, its version costs no get_http_version() call, which
-        # formats a new string (~2 k instructions, a fortieth of a small request).
-        if self._between:
+        self._http11 = False
+        if self._between:  # (a message begins with this read)
+            # (Compared as ints: ``bytes in bytes`` first tries the operand as an int, and
+            # the TypeError it raises and clears costs ~2 k instructions per request.)
+            if not data or data[0] == 13 or data[0] == 10:
+                # An empty line where a request line belongs: h11 answers 400 (llhttp would
+                # skip any number of them, RFC 9112 §2.2's leniency).
+                self._fail("no request line received")
+                self._between = False
+                return
+            # If its request line is in this read, it says "HTTP/1.1" right before the
+            # line's CRLF, or llhttp refuses it ("Expected CRLF after version"): read here,
+            # its version costs no get_http_version() call, which formats a new string
+            # (~2 k instructions, a fortieth of a small request).
             end = data.find(b"\r\n")
             self._http11 = end > 0 and data.endswith(b" HTTP/1.1", 0, end)
-        else:
-            self._http11 = False
         body_end = self._body_end
         if body_end is not None:  # (an upgrade request's body: see _unskip_body)
             size = body_end.measure(data)
